@@ -1,0 +1,71 @@
+"""The ``icl-metarl`` command line: one subcommand per stage of a study.
+
+Each subcommand is a ``_add_<name>(subparsers)`` function that declares its options and the handler
+it calls; the handlers import the heavy modules lazily so ``icl-metarl --help`` stays fast. Bad user
+input raises ``UsageError`` anywhere below and is printed here as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from icl_metarl.errors import UsageError
+
+
+def _add_suites(sub) -> None:
+    p = sub.add_parser("suites", help="list the suites and their train/test environments")
+    p.add_argument("suite", nargs="?", help="one suite to show, e.g. ML10 or ML1:reach-v3")
+    p.add_argument("--seed", type=int, default=0, help="benchmark seed for the task lists")
+    p.set_defaults(handler=_run_suites)
+
+
+def _run_suites(args) -> None:
+    from icl_metarl.suites import env_names, get_suite
+
+    if args.suite is None:
+        for name in ("ML10", "ML45"):
+            s = get_suite(name)
+            print(f"{name}: {len(s.train_envs)} train environments, {len(s.test_envs)} test environments")
+            print(f"  test: {', '.join(s.test_envs)}")
+        print(f"ML1:<env>: 50 train and 50 test goals of one environment; env is one of {len(env_names())}:")
+        for i in range(0, len(env_names()), 6):
+            print("  " + ", ".join(env_names()[i : i + 6]))
+        print("`icl-metarl suites NAME` shows one suite with its task counts.")
+        return
+    s = get_suite(args.suite)
+    print(f"{s.name}")
+    for split in ("train", "test"):
+        tasks = s.tasks(split, args.seed)
+        print(f"  {split}: {len(tasks)} tasks over {len(s.envs(split))} environments (seed {args.seed})")
+        print(f"    {', '.join(s.envs(split))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icl-metarl",
+        description="In-context against gradient-based meta-RL on Meta-World, under one evaluator.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_suites(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except UsageError as e:
+        print(f"icl-metarl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    except KeyboardInterrupt:
+        print(f"icl-metarl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

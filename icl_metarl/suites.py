@@ -1,0 +1,291 @@
+"""Meta-World task suites shared by both learners: task lists, trial environments, scripted experts.
+
+A suite name (``ML1:reach-v3``, ``ML10``, ``ML45``), a split and a seed give a deterministic list of
+``TaskSpec`` (environment name + Meta-World's random vector, JSON-serialisable). Trial environments
+play one task for many episodes with the goal hidden; the true goal travels only in ``info["goal"]``,
+which only the expert (and the oracle baseline) may read. Not for: agents, data, evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from icl_metarl.errors import UsageError, choice_error
+from icl_metarl.files import atomic_write_json, versions
+
+SPLITS = ("train", "test")
+OBS_DIM = 39
+ACT_DIM = 4
+DEFAULT_EPISODE_LENGTH = 500
+
+
+# --------------------------------------------------------------------------------------------- suites
+@dataclass(frozen=True)
+class TaskSpec:
+    """One Meta-World task: an environment and one of its goal/object variations."""
+
+    env_name: str
+    rand_vec: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {"env_name": self.env_name, "rand_vec": list(self.rand_vec)}
+
+    @staticmethod
+    def from_json(d: dict) -> "TaskSpec":
+        return TaskSpec(str(d["env_name"]), tuple(float(x) for x in d["rand_vec"]))
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A Meta-World ML benchmark: its name and the environments of each split."""
+
+    name: str
+    train_envs: tuple[str, ...]
+    test_envs: tuple[str, ...]
+
+    def envs(self, split: str) -> tuple[str, ...]:
+        check_split(split)
+        return self.train_envs if split == "train" else self.test_envs
+
+    def tasks(self, split: str, seed: int = 0) -> list[TaskSpec]:
+        """The benchmark's tasks of a split, in Meta-World's order; the same for the same seed."""
+        check_split(split)
+        return [TaskSpec.from_json(t) for t in _benchmark_tasks(self.name, int(seed))[split]]
+
+
+@lru_cache(maxsize=1)
+def _env_names() -> tuple[str, ...]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return tuple(sorted(ALL_V3_ENVIRONMENTS))
+
+
+def env_names() -> list[str]:
+    """All 50 Meta-World v3 environment names."""
+    return list(_env_names())
+
+
+def suite_names() -> list[str]:
+    """Every suite name this toolkit accepts."""
+    return ["ML10", "ML45"] + [f"ML1:{e}" for e in env_names()]
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise choice_error("split", split, SPLITS)
+    return split
+
+
+def get_suite(name: str) -> Suite:
+    """Parse a suite name: ``ML1:<env>-v3``, ``ML10`` or ``ML45``."""
+    from metaworld import env_dict
+
+    if not isinstance(name, str):
+        raise UsageError(f"suite name must be a string, got {name!r}")
+    if name.upper().startswith("ML1:"):
+        env = name.split(":", 1)[1]
+        if env not in env_dict.ALL_V3_ENVIRONMENTS:
+            raise choice_error("Meta-World environment", env, env_names())
+        return Suite(f"ML1:{env}", (env,), (env,))
+    table = {"ML10": env_dict.ML10_V3, "ML45": env_dict.ML45_V3}
+    if name.upper() in table:
+        d = table[name.upper()]
+        return Suite(name.upper(), tuple(d["train"]), tuple(d["test"]))
+    raise UsageError(
+        f"unknown suite {name!r}; valid: ML10, ML45, or ML1:<env> with env one of the 50 v3 "
+        f"environments (e.g. ML1:reach-v3; `icl-metarl suites` lists them)"
+    )
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ICL_METARL_CACHE") or Path.home() / ".cache" / "icl_metarl"
+    return Path(root) / "tasks"
+
+
+@lru_cache(maxsize=16)
+def _benchmark_tasks(suite_name: str, seed: int) -> dict[str, list[dict]]:
+    """Both splits of a benchmark, as JSON task dicts, cached on disk (ML45 takes ~25 s to build)."""
+    import metaworld
+
+    mw = versions()["metaworld"]
+    cache = _cache_dir() / f"{suite_name.replace(':', '_')}-seed{seed}-mw{mw}.json"
+    if cache.exists():
+        try:
+            return json.loads(cache.read_text())
+        except json.JSONDecodeError:
+            pass  # a damaged cache file is rebuilt below
+    if suite_name.startswith("ML1:"):
+        bench = metaworld.ML1(suite_name[4:], seed=seed)
+    else:
+        bench = {"ML10": metaworld.ML10, "ML45": metaworld.ML45}[suite_name](seed=seed)
+    out = {}
+    for split, tasks in (("train", bench.train_tasks), ("test", bench.test_tasks)):
+        # The Task bytes were made by metaworld in this process, not read from a user's file.
+        out[split] = [
+            TaskSpec(t.env_name, tuple(float(x) for x in pickle.loads(t.data)["rand_vec"])).to_json()
+            for t in tasks
+        ]
+    atomic_write_json(cache, out)
+    return out
+
+
+def sample_new_tasks(
+    env_names_: Sequence[str], count: int, seed: int, exclude: Sequence[TaskSpec] = ()
+) -> list[TaskSpec]:
+    """Draw ``count`` new tasks with each environment's own sampler, round-robin over environments.
+
+    Never returns a task equal to one in ``exclude`` (pass the test tasks) or a repeat.
+    """
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    if count < 1:
+        raise UsageError(f"task count must be >= 1, got {count}")
+    banned = {(t.env_name, t.rand_vec) for t in exclude}
+    rng = np.random.default_rng(seed)
+    samplers = {}
+    out: list[TaskSpec] = []
+    tries = 0
+    while len(out) < count:
+        name = env_names_[len(out) % len(env_names_)]
+        if name not in samplers:
+            env = ALL_V3_ENVIRONMENTS[name]()
+            samplers[name] = env._random_reset_space
+            env.close()
+        space = samplers[name]
+        vec = tuple(float(x) for x in rng.uniform(space.low, space.high).astype(np.float64))
+        tries += 1
+        if (name, vec) in banned:
+            if tries > 100 * count:
+                raise UsageError(f"cannot draw {count} distinct new tasks for {list(env_names_)}")
+            continue
+        banned.add((name, vec))
+        out.append(TaskSpec(name, vec))
+    return out
+
+
+# ----------------------------------------------------------------------------------- trial envs
+def make_metaworld_env(task: TaskSpec, seed: int = 0):
+    """A raw Meta-World environment set to ``task`` with the goal hidden (as the ML benchmarks do)."""
+    from metaworld import Task
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    if task.env_name not in ALL_V3_ENVIRONMENTS:
+        raise choice_error("Meta-World environment", task.env_name, env_names())
+    cls = ALL_V3_ENVIRONMENTS[task.env_name]
+    env = cls()
+    data = {"rand_vec": np.asarray(task.rand_vec, dtype=np.float64), "env_cls": cls, "partially_observable": True}
+    env.set_task(Task(env_name=task.env_name, data=pickle.dumps(data)))
+    env.seed(seed)
+    return env
+
+
+class TrialEnv(gym.Env):
+    """One task played for many episodes of a fixed length; goal hidden, true goal in ``info["goal"]``.
+
+    Episodes never terminate early (Meta-World's never do); each is truncated at ``episode_length``.
+    ``info["success"]`` is Meta-World's per-step flag, passed through as a float.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, task: TaskSpec, episode_length: int = DEFAULT_EPISODE_LENGTH, seed: int = 0):
+        check_episode_length(episode_length)
+        self.task = task
+        self.episode_length = int(episode_length)
+        self._env = make_metaworld_env(task, seed)
+        self._env.max_path_length = self.episode_length
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+        self._t = 0
+
+    def _info(self, info: dict) -> dict:
+        return {
+            "success": float(info.get("success", 0.0)),
+            "goal": np.asarray(self._env._get_pos_goal(), dtype=np.float64).copy(),
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self._env.reset()
+        self._t = 0
+        return obs, self._info(info)
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        obs, reward, _, _, info = self._env.step(action)
+        self._t += 1
+        return obs, float(reward), False, self._t >= self.episode_length, self._info(info)
+
+    def close(self):
+        self._env.close()
+
+
+def check_episode_length(episode_length) -> int:
+    if not isinstance(episode_length, (int, np.integer)) or episode_length < 1:
+        raise UsageError(f"episode length must be a positive integer, got {episode_length!r}")
+    return int(episode_length)
+
+
+VECTOR_MODES = ("sync", "async")
+
+
+def make_trial_envs(
+    tasks: Sequence[TaskSpec],
+    episode_length: int = DEFAULT_EPISODE_LENGTH,
+    seed: int = 0,
+    mode: str = "sync",
+) -> gym.vector.VectorEnv:
+    """A gymnasium vector environment with one trial per task, stepped in lockstep.
+
+    Autoreset is off: every trial's episode ends at the same step, and the caller resets all of
+    them to start the next episode of the trials (the task stays, only ``make_trial_envs`` changes it).
+    """
+    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+    check_episode_length(episode_length)
+    if mode not in VECTOR_MODES:
+        raise choice_error("vector mode", mode, VECTOR_MODES)
+    if len(tasks) == 0:
+        raise UsageError("no tasks to play")
+    for t in tasks:
+        if t.env_name not in env_names():
+            raise choice_error("Meta-World environment", t.env_name, env_names())
+    fns = [_env_fn(t, episode_length, seed + i) for i, t in enumerate(tasks)]
+    if mode == "sync":
+        return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    return AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context="spawn")
+
+
+def _env_fn(task: TaskSpec, episode_length: int, seed: int):
+    def make():
+        return TrialEnv(task, episode_length, seed)
+
+    return make
+
+
+# ------------------------------------------------------------------------------------- experts
+@lru_cache(maxsize=None)
+def expert_policy(env_name: str):
+    """Meta-World's scripted expert for an environment (reads the goal from ``obs[-3:]``)."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    if env_name not in ENV_POLICY_MAP:
+        raise choice_error("Meta-World environment", env_name, sorted(ENV_POLICY_MAP))
+    return ENV_POLICY_MAP[env_name]()
+
+
+def expert_actions(env_names_: Sequence[str], obs: np.ndarray, goals: np.ndarray) -> np.ndarray:
+    """The expert's action for each row of ``obs`` (goal hidden), told the true ``goals``: (B, 4)."""
+    obs = np.array(obs, dtype=np.float64, copy=True)  # (B, 39)
+    obs[:, -3:] = goals
+    return np.stack(
+        [np.clip(expert_policy(n).get_action(o), -1.0, 1.0) for n, o in zip(env_names_, obs)]
+    ).astype(np.float32)
