@@ -17,12 +17,20 @@ def _add_suites(sub) -> None:
     p = sub.add_parser("suites", help="list the suites and their train/test environments")
     p.add_argument("suite", nargs="?", help="one suite to show, e.g. ML10 or ML1:reach-v3")
     p.add_argument("--seed", type=int, default=0, help="benchmark seed for the task lists")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="play the scripted expert (told the goal) and a random policy on N tasks and print success")
+    p.add_argument("--split", default="test", help="split for --check: train or test")
+    p.add_argument("--episode-length", type=int, default=500, help="episode length for --check")
     p.set_defaults(handler=_run_suites)
 
 
 def _run_suites(args) -> None:
-    from icl_metarl.suites import env_names, get_suite
+    from icl_metarl.suites import check_episode_length, check_split, env_names, get_suite
 
+    check_split(args.split)
+    check_episode_length(args.episode_length)
+    if args.check < 0:
+        raise UsageError(f"--check must be >= 0 tasks, got {args.check}")
     if args.suite is None:
         for name in ("ML10", "ML45"):
             s = get_suite(name)
@@ -39,6 +47,15 @@ def _run_suites(args) -> None:
         tasks = s.tasks(split, args.seed)
         print(f"  {split}: {len(tasks)} tasks over {len(s.envs(split))} environments (seed {args.seed})")
         print(f"    {', '.join(s.envs(split))}")
+    if args.check:
+        from icl_metarl.suites import check_suite
+
+        tasks = s.tasks(args.split, args.seed)[: args.check]
+        r = check_suite(tasks, args.episode_length, seed=args.seed)
+        print(f"check on {len(tasks)} {args.split} tasks, episodes of {args.episode_length} steps "
+              f"(goal hidden in every observation: {r['goal_hidden']}):")
+        print(f"  expert told the goal: success {r['expert_success']:.2f}; random: success {r['random_success']:.2f}; "
+              f"{r['steps_per_s']:.0f} env steps/s")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "icl_metarl.cli", *args], capture_output=True, text=True)
+
+
+def test_suites_lists_and_shows():
+    out = run_cli("suites")
+    assert out.returncode == 0, out.stderr
+    assert "ML10" in out.stdout and "drawer-open-v3" in out.stdout and "reach-v3" in out.stdout
+    one = run_cli("suites", "ML1:reach-v3")
+    assert one.returncode == 0 and "test: 50 tasks" in one.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["suites", "ML11"], "'ML11'"),
+        (["suites", "ML1:nope-v3"], "'nope-v3'"),
+        (["suites", "ML1:reach-v3", "--split", "val"], "'val'"),
+        (["suites", "ML1:reach-v3", "--check", "1", "--episode-length", "-5"], "-5"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, fragment):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert fragment in lines[0]
+    assert "valid" in lines[0] or "positive" in lines[0]
+    assert "Traceback" not in out.stderr

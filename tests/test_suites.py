@@ -1,0 +1,129 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from icl_metarl.errors import UsageError
+from icl_metarl.suites import (
+    TaskSpec,
+    expert_actions,
+    get_suite,
+    make_trial_envs,
+    sample_new_tasks,
+    suite_names,
+)
+
+
+def _tasks_in_new_process(suite, split, seed, cache):
+    code = (
+        "import json; from icl_metarl.suites import get_suite; "
+        f"print(json.dumps([t.to_json() for t in get_suite({suite!r}).tasks({split!r}, {seed})]))"
+    )
+    env = dict(os.environ, ICL_METARL_CACHE=str(cache))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return [TaskSpec.from_json(d) for d in json.loads(out.stdout)]
+
+
+def test_same_name_split_seed_give_same_tasks_in_a_new_process(tmp_path):
+    here = get_suite("ML1:reach-v3").tasks("test", 3)
+    # Built from scratch (empty cache) in another process, and again read back from that cache.
+    fresh = _tasks_in_new_process("ML1:reach-v3", "test", 3, tmp_path)
+    cached = _tasks_in_new_process("ML1:reach-v3", "test", 3, tmp_path)
+    assert here == fresh == cached
+    assert len(here) == 50
+    other_seed = get_suite("ML1:reach-v3").tasks("test", 4)
+    assert other_seed != here
+
+
+def test_ml1_train_and_test_goals_are_disjoint():
+    s = get_suite("ML1:reach-v3")
+    train = {t.rand_vec for t in s.tasks("train", 0)}
+    test = {t.rand_vec for t in s.tasks("test", 0)}
+    assert len(train) == 50 and len(test) == 50
+    assert not train & test
+
+
+@pytest.mark.parametrize("name", ["ML10", "ML45"])
+def test_ml10_ml45_test_environments_are_not_trained_on(name):
+    s = get_suite(name)
+    assert len(s.test_envs) == 5
+    assert len(s.train_envs) == {"ML10": 10, "ML45": 45}[name]
+    assert not set(s.train_envs) & set(s.test_envs)
+
+
+@pytest.mark.parametrize("env", ["reach-v3", "push-v3"])
+def test_goal_hidden_and_expert_with_true_goal_solves_test_tasks(env):
+    tasks = get_suite(f"ML1:{env}").tasks("test", 0)[:5]
+    envs = make_trial_envs(tasks, episode_length=500, seed=0)
+    obs, info = envs.reset()
+    success = np.zeros(len(tasks))
+    for _ in range(500):
+        assert np.all(obs[:, -3:] == 0)
+        obs, _, _, truncated, info = envs.step(expert_actions([t.env_name for t in tasks], obs, info["goal"]))
+        success = np.maximum(success, info["success"])
+    assert truncated.all()
+    assert success.mean() >= 0.8
+    envs.close()
+
+
+def test_trial_keeps_its_task_across_episodes_and_sync_equals_async():
+    tasks = get_suite("ML1:push-v3").tasks("test", 0)[:2]
+    rng = np.random.default_rng(0)
+    acts = rng.uniform(-1, 1, (2, 20, 2, 4)).astype(np.float32)  # (episode, step, trial, act)
+    runs = {}
+    for mode in ("sync", "async"):
+        envs = make_trial_envs(tasks, episode_length=20, seed=0, mode=mode)
+        trace = []
+        for ep in range(2):
+            obs, info = envs.reset()
+            trace.append((obs.copy(), info["goal"].copy()))
+            for t in range(20):
+                obs, r, _, trunc, info = envs.step(acts[ep, t])
+                trace.append((obs.copy(), r.copy()))
+            assert trunc.all()
+        envs.close()
+        runs[mode] = trace
+    # Same task in both episodes: the first observation and the goal repeat.
+    first, second = runs["sync"][0], runs["sync"][21]
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(first[1][0], first[1][1])  # two trials, two goals
+    for (a, b), (c, d) in zip(runs["sync"], runs["async"]):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+
+
+def test_new_tasks_never_equal_test_tasks_and_are_distinct():
+    s = get_suite("ML1:reach-v3")
+    test = s.tasks("test", 0)
+    new = sample_new_tasks(s.train_envs, 200, seed=1, exclude=test)
+    assert len({t.rand_vec for t in new}) == 200
+    assert not {t.rand_vec for t in new} & {t.rand_vec for t in test}
+    assert new == sample_new_tasks(s.train_envs, 200, seed=1, exclude=test)
+    # Excluding the first draw forces different tasks.
+    again = sample_new_tasks(s.train_envs, 5, seed=1, exclude=new[:5])
+    assert not set(again) & set(new[:5])
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda: get_suite("ML11"), "ML11"),
+        (lambda: get_suite("ML1:reach-v2"), "reach-v2"),
+        (lambda: get_suite("ML1:reach-v3").tasks("val"), "'val'"),
+        (lambda: make_trial_envs(get_suite("ML1:reach-v3").tasks("test")[:1], episode_length=0), "got 0"),
+        (lambda: make_trial_envs(get_suite("ML1:reach-v3").tasks("test")[:1], mode="threads"), "threads"),
+    ],
+)
+def test_bad_input_names_the_value(call, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        call()
+
+
+def test_suite_names_cover_all_environments():
+    names = suite_names()
+    assert "ML10" in names and "ML45" in names and "ML1:reach-v3" in names
+    assert len(names) == 52
