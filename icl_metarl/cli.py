@@ -58,6 +58,47 @@ def _run_suites(args) -> None:
               f"{r['steps_per_s']:.0f} env steps/s")
 
 
+def _add_generate(sub) -> None:
+    from dataclasses import fields
+
+    from icl_metarl.histories import NOISE_KINDS, NOISE_SCHEDULES, GenerateConfig
+
+    d = {f.name: f.default for f in fields(GenerateConfig)}
+    p = sub.add_parser("generate", help="play annealed-noise expert trials and store them as histories")
+    p.add_argument("--suite", default=d["suite"], help=f"ML1:<env>-v3, ML10 or ML45 (default {d['suite']})")
+    p.add_argument("--out", required=True, help="histories directory; rerun the same command to finish it")
+    p.add_argument("--split", default=d["split"], help="train (default) or test (held-out histories)")
+    p.add_argument("--task-pool", default=d["task_pool"],
+                   help="benchmark (the split's tasks, default), N (N distinct new train tasks), fresh (one per trial)")
+    p.add_argument("--trials", type=int, default=d["trials"], help=f"trials to play (default {d['trials']})")
+    p.add_argument("--episodes", type=int, default=d["episodes_per_trial"],
+                   help=f"episodes per trial (default {d['episodes_per_trial']})")
+    p.add_argument("--episode-length", type=int, default=d["episode_length"],
+                   help=f"steps per episode (default {d['episode_length']})")
+    p.add_argument("--noise-kind", default=d["noise_kind"], help=f"{' or '.join(NOISE_KINDS)} (default {d['noise_kind']})")
+    p.add_argument("--noise-schedule", default=d["noise_schedule"],
+                   help=f"{', '.join(NOISE_SCHEDULES)}: noise from --noise-max in episode 1 to 0 in the last (default {d['noise_schedule']})")
+    p.add_argument("--noise-max", type=float, default=d["noise_max"], help=f"first episode's noise level (default {d['noise_max']})")
+    p.add_argument("--trials-per-shard", type=int, default=d["trials_per_shard"],
+                   help=f"trials per shard (default {d['trials_per_shard']})")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of noise, task order and pool (default 0)")
+    p.add_argument("--suite-seed", type=int, default=d["suite_seed"], help="Meta-World benchmark seed (default 0)")
+    p.add_argument("--workers", type=int, default=d["workers"], help="worker processes (default 0 = one per core)")
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args) -> None:
+    from icl_metarl.histories import GenerateConfig, generate
+
+    cfg = GenerateConfig(
+        suite=args.suite, split=args.split, task_pool=args.task_pool, trials=args.trials,
+        episodes_per_trial=args.episodes, episode_length=args.episode_length, noise_kind=args.noise_kind,
+        noise_schedule=args.noise_schedule, noise_max=args.noise_max, trials_per_shard=args.trials_per_shard,
+        seed=args.seed, suite_seed=args.suite_seed, workers=args.workers,
+    )
+    generate(cfg, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icl-metarl",
@@ -65,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_suites(sub)
+    _add_generate(sub)
     return parser
 
 

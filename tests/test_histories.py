@@ -1,0 +1,214 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icl_metarl.errors import UsageError
+from icl_metarl.histories import (
+    GenerateConfig,
+    build_task_pool,
+    generate,
+    load_histories,
+    noise_levels,
+    perturb,
+)
+from icl_metarl.suites import expert_actions, get_suite
+
+# 6 shards of one trial, 3 episodes of 50 steps: big enough to kill between shards, small enough to be quick.
+SMALL = GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=3, episode_length=50,
+                       trials_per_shard=1, workers=1)
+
+
+def cli_args(cfg: GenerateConfig, out: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "icl_metarl.cli", "generate", "--out", str(out), "--suite", cfg.suite,
+            "--trials", str(cfg.trials), "--episodes", str(cfg.episodes_per_trial),
+            "--episode-length", str(cfg.episode_length), "--trials-per-shard", str(cfg.trials_per_shard),
+            "--workers", str(workers)]
+
+
+def all_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "h"
+    generate(SMALL, out, progress=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- maths
+def test_noise_levels_by_hand():
+    assert np.allclose(noise_levels("linear", 4, 1.0), [1, 2 / 3, 1 / 3, 0])
+    assert np.allclose(noise_levels("linear", 3, 0.5), [0.5, 0.25, 0])
+    assert np.allclose(noise_levels("cosine", 3, 1.0), [1, 0.5, 0])
+    assert np.allclose(noise_levels("none", 3, 1.0), 0)
+    with pytest.raises(UsageError, match="'exp'"):
+        noise_levels("exp", 3, 1.0)
+
+
+def test_perturb_uniform_and_gaussian():
+    expert = np.random.default_rng(0).uniform(-1, 1, (20000, 4)).astype(np.float32)
+    rng = lambda: np.random.default_rng(1)  # noqa: E731
+    assert np.array_equal(perturb(expert, "uniform", 0.0, rng()), expert)
+    assert np.array_equal(perturb(expert, "gaussian", 0.0, rng()), expert)
+    full = perturb(expert, "uniform", 1.0, rng())
+    assert not np.any(np.all(full == expert, axis=1)) and np.abs(full).max() <= 1.0
+    half = perturb(expert, "uniform", 0.3, rng())
+    replaced = np.mean(np.any(half != expert, axis=1))
+    assert 0.28 < replaced < 0.32  # 20,000 Bernoulli(0.3): standard error 0.003
+    # Same randoms at any level: rows kept at level 0.3 are also kept at 0.2 (monotone replacement).
+    lower = perturb(expert, "uniform", 0.2, rng())
+    assert np.all(np.any(half != expert, axis=1) >= np.any(lower != expert, axis=1))
+    g = perturb(expert, "gaussian", 0.5, rng())
+    noise = np.random.default_rng(1).standard_normal(expert.shape) * 0.5
+    assert np.allclose(g, np.clip(expert + noise, -1, 1), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ generation
+def test_trials_improve_and_fields_are_consistent(tmp_path):
+    cfg = GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=4, episode_length=100,
+                         trials_per_shard=3, workers=1)
+    generate(cfg, tmp_path / "h", progress=False)
+    h = load_histories(tmp_path / "h")
+    K, L = 4, 100
+    success = np.concatenate([np.asarray(s["successes"]).reshape(-1, K, L).max(-1) for s in h.shards])  # (T, K)
+    assert success.shape == (6, K)
+    assert success[:, -1].mean() > success[:, 0].mean()  # each trial shows a learner getting better
+    shard = h.shards[0]
+    assert np.array_equal(shard["step"][:L], np.arange(L)) and np.array_equal(shard["episode"][::L], [0, 1, 2, 3] * 3)
+    assert np.all(np.asarray(shard["obs"])[:, -3:] == 0)  # goal hidden
+    # Last episode has no noise: the action taken is the expert's.
+    last = np.asarray(shard["episode"]) == K - 1
+    assert np.array_equal(shard["actions"][last], shard["expert_actions"][last])
+    # Stored expert actions agree with the expert called directly, told the task's goal (float32 obs).
+    goal = np.asarray(h.tasks[int(shard["trial_task"][0])].rand_vec[-3:])
+    obs = np.asarray(shard["obs"][:5], dtype=np.float64)
+    again = expert_actions(["reach-v3"] * 5, obs, np.tile(goal, (5, 1)))
+    assert np.allclose(again, shard["expert_actions"][:5], atol=1e-3)
+
+
+def test_kill_then_rerun_equals_uninterrupted(tmp_path, reference):
+    out = tmp_path / "h"
+    proc = subprocess.Popen(cli_args(SMALL, out, workers=1), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    manifest = out / "manifest.json"
+    # The progress bar prints once per finished shard, after the manifest lists it: kill at the first one.
+    while True:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, "generation ended before a shard was written"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    done = len(json.loads(manifest.read_text())["shards"])
+    assert 1 <= done < SMALL.trials, done
+    with pytest.raises(UsageError, match="did not finish"):
+        load_histories(out)
+    rerun = subprocess.run(cli_args(SMALL, out, workers=2), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "steps/s" in rerun.stdout
+    load_histories(out)  # validates
+    assert all_bytes(out) == all_bytes(reference)
+
+
+def test_other_settings_on_existing_dir_are_refused(tmp_path, reference):
+    with pytest.raises(UsageError, match="episode_length=50, not 60"):
+        generate(replace(SMALL, episode_length=60), reference, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not a histories directory"):
+        generate(SMALL, tmp_path, progress=False)
+
+
+# ----------------------------------------------------------------------------------- task pools
+def test_task_pools_never_hold_test_tasks():
+    test = {(t.env_name, t.rand_vec) for t in get_suite("ML1:reach-v3").tasks("test", 0)}
+    train = {(t.env_name, t.rand_vec) for t in get_suite("ML1:reach-v3").tasks("train", 0)}
+    for pool, distinct in (("benchmark", 50), ("7", 7), ("fresh", 20)):
+        tasks, trial_tasks = build_task_pool(replace(SMALL, trials=20, task_pool=pool))
+        keys = {(t.env_name, t.rand_vec) for t in tasks}
+        assert len(keys) == len(tasks) == distinct
+        assert not keys & test
+        assert (keys <= train) == (pool == "benchmark")
+        assert len(trial_tasks) == 20 and len(set(trial_tasks)) == min(distinct, 20)
+
+
+def test_pool_records_in_manifest(tmp_path):
+    cfg = replace(SMALL, trials=2, episode_length=5, task_pool="2", trials_per_shard=2)
+    m = generate(cfg, tmp_path / "h", progress=False)
+    assert m["pool"] == {"kind": "count", "distinct_tasks": 2, "disjoint_from_test_tasks": True}
+    assert m["settings"]["task_pool"] == "2" and len(m["tasks"]) == 2
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"task_pool": "0"}, "'0'"),
+        ({"task_pool": "some"}, "'some'"),
+        ({"task_pool": "100"}, "trials=6"),
+        ({"split": "test", "task_pool": "fresh"}, "'fresh'"),
+        ({"episodes_per_trial": 1}, "episodes_per_trial"),
+        ({"noise_max": 1.5}, "1.5"),
+    ],
+)
+def test_settings_that_cannot_be_met(tmp_path, change, fragment):
+    with pytest.raises(UsageError, match=fragment) as err:
+        generate(replace(SMALL, **change), tmp_path / "h", progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "h").exists()
+
+
+# --------------------------------------------------------------------------------------- loading
+def one_line_error(path: Path, fragment: str):
+    with pytest.raises(UsageError) as err:
+        load_histories(path)
+    msg = str(err.value)
+    assert "\n" not in msg and fragment in msg, msg
+
+
+def test_damaged_directories_give_one_line_errors(tmp_path, reference):
+    def fresh_copy(name):
+        dst = tmp_path / name
+        shutil.copytree(reference, dst)
+        return dst
+
+    d = fresh_copy("truncated")
+    f = d / "shards" / "00002" / "obs.npy"
+    f.write_bytes(f.read_bytes()[:-100])
+    one_line_error(d, str(f))
+
+    d = fresh_copy("edited")
+    f = d / "shards" / "00001" / "rewards.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    one_line_error(d, str(f))
+
+    d = fresh_copy("missing_file")
+    (d / "shards" / "00000" / "expert_actions.npy").unlink()
+    one_line_error(d, str(d / "shards" / "00000" / "expert_actions.npy"))
+
+    d = fresh_copy("no_manifest")
+    (d / "manifest.json").unlink()
+    one_line_error(d, str(d / "manifest.json"))
+
+    d = fresh_copy("schema")
+    m = json.loads((d / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    one_line_error(d, str(d / "manifest.json"))
+    with pytest.raises(UsageError, match="schema version 99"):
+        generate(SMALL, d, progress=False)
+
+    load_histories(reference)  # the original is untouched and valid
+
+
+def test_cli_bad_pool_is_one_line_exit_2(tmp_path):
+    out = subprocess.run(cli_args(SMALL, tmp_path / "h", 1) + ["--task-pool", "many"], capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "'many'" in out.stderr
