@@ -99,6 +99,52 @@ def _run_generate(args) -> None:
     generate(cfg, args.out)
 
 
+def _add_evaluate(sub) -> None:
+    from icl_metarl.evaluation import EvalConfig
+
+    d = EvalConfig()
+    p = sub.add_parser("evaluate", help="play agents on the same test tasks and seeds; results.json, report.md, plots")
+    p.add_argument("agents", nargs="+", metavar="AGENT",
+                   help="baseline name (random, oracle) or checkpoint directory (type read from its config.json)")
+    p.add_argument("--suite", required=True, help="ML1:<env>-v3, ML10 or ML45")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("-K", "--adaptation-episodes", type=int, default=d.adaptation_episodes, help="adaptation episodes per trial")
+    p.add_argument("-E", "--evaluation-episodes", type=int, default=d.evaluation_episodes, help="evaluation episodes per trial")
+    p.add_argument("--episode-length", type=int, default=d.episode_length, help="steps per episode")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="evaluation seeds (envs and agents)")
+    p.add_argument("--tasks", type=int, default=None, metavar="N", help="play only the first N tasks of the split")
+    p.add_argument("--task-seed", type=int, default=d.task_seed, help="benchmark seed that fixes the task list")
+    p.add_argument("--split", default=d.split, help="test, or train as a labelled diagnostic")
+    p.add_argument("--vector", default=d.vector, help="sync or async vector environments")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="trials played in parallel")
+    p.add_argument("--non-adaptive", action="store_true",
+                   help="also evaluate each checkpoint's non-adaptive variant (context wiped / no adaptation step)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    from icl_metarl.evaluation import EvalConfig, evaluate, load_agents
+    from icl_metarl.report import write_report
+
+    config = EvalConfig(
+        suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
+        evaluation_episodes=args.evaluation_episodes, episode_length=args.episode_length,
+        seeds=tuple(args.seeds), num_tasks=args.tasks, task_seed=args.task_seed, batch_size=args.batch_size,
+        vector=args.vector, progress=not args.no_progress,
+    ).check()
+    if args.bootstrap < 1:
+        raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    config.tasks()  # a bad --tasks fails before any checkpoint is loaded
+    agents = load_agents(args.agents, non_adaptive=args.non_adaptive)
+    results = evaluate(agents, config, args.out)
+    report = write_report(results, args.out, args.bootstrap)
+    for f in results["failures"]:
+        print(f"agent {f['agent']} failed at seed {f['seed']}: {f['error']} (earlier records kept)", file=sys.stderr)
+    print(f"wrote {args.out}/results.json and {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icl-metarl",
@@ -107,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_suites(sub)
     _add_generate(sub)
+    _add_evaluate(sub)
     return parser
 
 

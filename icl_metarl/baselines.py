@@ -1,0 +1,68 @@
+"""Reference agents that bracket every learner: uniform random actions (the floor) and the scripted
+expert told the true goal (the ceiling). Both are memoryless, so they need no adaptation.
+
+Not for: learners; the non-adaptive variants of learners live with the learners (``load_agent``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from icl_metarl.agent import Agent, Privileged
+from icl_metarl.errors import choice_error
+from icl_metarl.suites import ACT_DIM, expert_actions
+
+
+class RandomAgent(Agent):
+    """Uniform random actions in [-1, 1]; seeded by ``start_trials`` so a run repeats exactly."""
+
+    name = "random"
+
+    def __init__(self) -> None:
+        self._rng = np.random.default_rng(0)
+        self._num_trials = 0
+
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._num_trials = int(num_trials)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self._rng.uniform(-1.0, 1.0, (len(obs), ACT_DIM)).astype(np.float32)
+
+    def end_episodes(self, done: np.ndarray) -> None:
+        """Episodes may end in some trials only (Meta-World's evaluation); nothing to remember."""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "task_pool": "none (baseline, not trained)"}
+
+
+class OracleAgent(Agent):
+    """Meta-World's scripted expert for each trial's environment, handed the true goal: the ceiling."""
+
+    name = "oracle"
+    privileged = True
+
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        pass  # deterministic and memoryless
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the oracle acts only through act_privileged (it must be told the goal)")
+
+    def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
+        return expert_actions(privileged.env_names, obs, privileged.goals)
+
+    def end_episodes(self, done: np.ndarray) -> None:
+        """Episodes may end in some trials only (Meta-World's evaluation); nothing to remember."""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "task_pool": "none (scripted expert told the goal)"}
+
+
+BASELINES = {"random": RandomAgent, "oracle": OracleAgent}
+
+
+def make_baseline(name: str) -> Agent:
+    """A baseline agent by name: ``random`` or ``oracle``."""
+    if name not in BASELINES:
+        raise choice_error("baseline", name, BASELINES)
+    return BASELINES[name]()

@@ -1,0 +1,238 @@
+"""Tables and plots from an evaluation's results.json: adaptation curves with 95% bootstrap intervals,
+the success definitions papers use (each labelled), per-environment tables, steps to first success.
+
+Not for: playing agents (``evaluation.py``); every figure here is recomputed from the raw records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from icl_metarl.files import atomic_write_bytes, atomic_write_text
+
+#: describe() keys an agent may use to say which task pool trained it, in order of preference
+POOL_KEYS = ("task_pool", "training_pool", "train_pool", "pool")
+
+
+# ----------------------------------------------------------------------------------------- maths
+def bootstrap_ci(values: np.ndarray, num_resamples: int = 2000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """Mean of ``values`` (tasks, seeds) and its percentile bootstrap interval.
+
+    Two-level resampling: tasks with replacement, then seeds within each drawn task, because seeds
+    are nested in tasks (a deterministic agent repeats itself across seeds; treating its (task, seed)
+    cells as independent would shrink the interval). NaN cells (a failed run) are left out.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.all(np.isnan(values), axis=1)]  # tasks with no record at all
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    T, S = values.shape
+    tasks = rng.integers(T, size=(num_resamples, T))  # (R, T)
+    seeds = rng.integers(S, size=(num_resamples, T, S))  # (R, T, S)
+    draws = values[tasks[:, :, None], seeds]  # (R, T, S)
+    means = np.nanmean(draws.reshape(num_resamples, -1), axis=1)  # (R,)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.nanquantile(means, [alpha, 1.0 - alpha])
+    return float(np.nanmean(values)), float(lo), float(hi)
+
+
+def episode_array(records: Sequence[dict], agent: str, key: str, num_tasks: int, seeds: Sequence[int],
+                  num_episodes: int, episode_length: int | None = None) -> np.ndarray:
+    """One agent's records as an array (episodes, tasks, seeds); NaN where no record exists.
+
+    ``key="steps_to_success"`` counts an episode without success as ``episode_length`` (censored), so
+    the mean stays defined and an agent that never succeeds sits at the top of the plot.
+    """
+    out = np.full((num_episodes, num_tasks, len(seeds)), np.nan)
+    col = {s: i for i, s in enumerate(seeds)}
+    for r in records:
+        if r["agent"] != agent:
+            continue
+        v = r[key]
+        if key == "steps_to_success" and v is None:
+            v = episode_length
+        out[r["episode"], r["task"], col[r["seed"]]] = float(v)
+    return out
+
+
+def success_within(success: np.ndarray, k: int) -> np.ndarray:
+    """(tasks, seeds): 1 if the trial succeeded in any of its first ``k`` episodes (success: (episodes, tasks, seeds))."""
+    first_k = success[:k]
+    any_ = np.nanmax(np.where(np.isnan(first_k), -np.inf, first_k), axis=0)
+    return np.where(np.isinf(any_), np.nan, any_)
+
+
+# ---------------------------------------------------------------------------------------- report
+def _pool(description: dict) -> str:
+    for k in POOL_KEYS:
+        if k in description:
+            return str(description[k])
+    return "not stated by the agent"
+
+
+def _fmt(ci: tuple[float, float, float], digits: int = 2) -> str:
+    m, lo, hi = ci
+    if np.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+class _View:
+    """The arrays one report needs, built once from results.json."""
+
+    def __init__(self, results: dict, num_resamples: int):
+        s = results["settings"]
+        self.results = results
+        self.K, self.E, self.L = s["adaptation_episodes"], s["evaluation_episodes"], s["episode_length"]
+        self.seeds = list(results["seeds"])
+        self.tasks = results["tasks"]
+        self.agents = list(results["agents"])
+        self.R = num_resamples
+        n = self.K + self.E
+        self.arr = {
+            key: {a: episode_array(results["records"], a, key, len(self.tasks), self.seeds, n, self.L)
+                  for a in self.agents}
+            for key in ("success", "return", "steps_to_success")
+        }
+
+    def ci(self, values: np.ndarray) -> tuple[float, float, float]:
+        return bootstrap_ci(values, self.R)
+
+    def curve(self, key: str, agent: str) -> np.ndarray:
+        """(episodes, 3): mean, low, high at every episode index."""
+        return np.array([self.ci(ep) for ep in self.arr[key][agent]])
+
+
+def success_definitions(view: _View, agent: str) -> dict[str, tuple[float, float, float]]:
+    """The success figures papers report, each under the name the report prints."""
+    succ = view.arr["success"][agent]  # (episodes, tasks, seeds)
+    K, E = view.K, view.E
+    out = {"first episode": view.ci(succ[0])}
+    if K > 0:
+        out[f"last adaptation episode ({K})"] = view.ci(succ[K - 1])
+    if E > 0:
+        span = f"episode {K + 1}" if E == 1 else f"episodes {K + 1}-{K + E}"
+        out[f"evaluation {span}, mean (Meta-World's figure)"] = view.ci(np.nanmean(succ[K:], axis=0))
+    out[f"last episode ({K + E})"] = view.ci(succ[K + E - 1])
+    best = np.nanmax(np.nanmean(succ, axis=(1, 2))) if not np.all(np.isnan(succ)) else np.nan
+    out["best episode index (max over the curve; optimistic)"] = (float(best), float("nan"), float("nan"))
+    for k in sorted({1, 3, K + E} - {0}):
+        if k <= K + E:
+            out[f"within {k} attempts"] = view.ci(success_within(succ, k))
+    return out
+
+
+def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[str] = ()) -> str:
+    """report.md as a string."""
+    v = _View(results, num_resamples)
+    s = results["settings"]
+    lines = [f"# Evaluation: {s['suite']}, {s['split']} split", ""]
+    if results.get("diagnostic"):
+        lines += ["**Diagnostic only: train split.** The agents may have trained on these tasks; these figures say "
+                  "nothing about adaptation to new tasks.", ""]
+    lines += [
+        f"{len(v.tasks)} tasks (benchmark seed {s['task_seed']}), seeds {v.seeds}; per trial {v.K} adaptation then "
+        f"{v.E} evaluation episodes of {v.L} steps. An episode succeeds if `info[\"success\"]` is ever 1 in it. "
+        f"Brackets: 95% bootstrap interval over tasks and seeds within tasks ({num_resamples} resamples).",
+        "",
+        "## Agents", "",
+        "| agent | status | trained on (task pool) | type | source |", "|---|---|---|---|---|",
+    ]
+    for a, info in results["agents"].items():
+        d = info.get("description", {})
+        lines.append(f"| {a} | {info['status']} | {_pool(d)} | {d.get('type', '?')} | {info.get('spec', '')} |")
+    lines.append("")
+
+    lines += ["## Success, by the definitions papers use", "",
+              "Each row is one definition; say which one when you put a figure beside a published one. "
+              "'Best episode index' is the maximum of the mean curve and has no interval (it is biased upwards).", ""]
+    defs = {a: success_definitions(v, a) for a in v.agents}
+    names = list(next(iter(defs.values()))) if defs else []
+    lines += ["| definition | " + " | ".join(v.agents) + " |", "|---|" + "---|" * len(v.agents)]
+    for n in names:
+        cells = [_fmt(defs[a][n]) if not np.isnan(defs[a][n][1]) else f"{defs[a][n][0]:.2f}" for a in v.agents]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    for key, title, digits, note in (
+        ("success", "Adaptation curve: success per episode index", 2, ""),
+        ("return", "Adaptation curve: return per episode index", 1, ""),
+        ("steps_to_success", "Steps to first success per episode index", 0,
+         f"An episode without success counts as {v.L} steps (censored at the episode length)."),
+    ):
+        lines += [f"## {title}", ""] + ([note, ""] if note else [])
+        curves = {a: v.curve(key, a) for a in v.agents}
+        lines += ["| episode | phase | " + " | ".join(v.agents) + " |", "|---|---|" + "---|" * len(v.agents)]
+        for e in range(v.K + v.E):
+            phase = "adaptation" if e < v.K else "evaluation"
+            lines.append(f"| {e + 1} | {phase} | " + " | ".join(_fmt(tuple(curves[a][e]), digits) for a in v.agents) + " |")
+        lines.append("")
+
+    env_names = sorted({t["env_name"] for t in v.tasks})
+    if len(env_names) > 1 and v.E > 0:
+        lines += ["## Per environment: success in the evaluation episodes (Meta-World's figure)", "",
+                  "| environment | tasks | " + " | ".join(v.agents) + " |", "|---|---|" + "---|" * len(v.agents)]
+        for env in env_names:
+            idx = [t["index"] for t in v.tasks if t["env_name"] == env]
+            cells = [_fmt(v.ci(np.nanmean(v.arr["success"][a][v.K:, idx], axis=0))) for a in v.agents]
+            lines.append(f"| {env} | {len(idx)} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    if results["failures"]:
+        lines += ["## Failures", "", "Records played before each failure are kept and counted above.", ""]
+        for f in results["failures"]:
+            lines.append(f"- {f['agent']}, seed {f['seed']}: `{f['error']}`")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    vers = ", ".join(f"{k} {val}" for k, val in results["versions"].items())
+    lines += [f"Versions: {vers}.", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, out_dir: str | Path, num_resamples: int = 2000) -> list[str]:
+    """success.png, return.png, steps_to_success.png: one line per agent, 95% band; file names returned."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = _View(results, num_resamples)
+    x = np.arange(1, v.K + v.E + 1)
+    names = []
+    for key, ylabel in (("success", "success rate"), ("return", "episode return"),
+                        ("steps_to_success", f"steps to first success (no success = {v.L})")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for a in v.agents:
+            c = v.curve(key, a)
+            ax.plot(x, c[:, 0], marker="o", ms=3, label=a)
+            ax.fill_between(x, c[:, 1], c[:, 2], alpha=0.2)
+        if v.K > 0 and v.E > 0:
+            ax.axvline(v.K + 0.5, color="grey", ls="--", lw=1)  # adaptation | evaluation
+        ax.set_xlabel("episode index in the trial (dashed: adaptation | evaluation)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{results['settings']['suite']} {results['settings']['split']}: {key.replace('_', ' ')}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        name = f"{key}.png"
+        atomic_write_bytes(Path(out_dir) / name, buf.getvalue())
+        names.append(name)
+    return names
+
+
+def write_report(results: dict, out_dir: str | Path, num_resamples: int = 2000) -> Path:
+    """Write report.md and the PNG plots into ``out_dir``; return report.md's path."""
+    plots = plot_curves(results, out_dir, num_resamples)
+    path = Path(out_dir) / "report.md"
+    atomic_write_text(path, report_markdown(results, num_resamples, plots))
+    return path
