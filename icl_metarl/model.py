@@ -1,0 +1,512 @@
+"""The in-context policy: a causal Transformer over one token per timestep that predicts the action.
+
+A ``transformers`` config/model pair (``save_pretrained`` / ``from_pretrained`` give a directory with
+``config.json`` and ``model.safetensors``). Not for: rollouts (``icl_agent.py``) or training loops.
+
+Why the backbone is written here and not taken from ``transformers``: the agent runs one new token per
+step for a batch of trials, so per-step latency bounds the rollout speed. Measured on the 2-core CPU
+(batch 20, d=128, 4 layers, 4 heads, 400 cached steps, torch 2 threads): HF ``LlamaModel`` with a
+``DynamicCache`` 9.5 ms/step, HF ``GPT2Model`` 3.5 ms/step, the nanoGPT-style blocks below with a
+preallocated static KV cache and SDPA 1.9 ms/step. Ten reach-v3 trials step at ~5 ms per vector step,
+so only the last one leaves the agent at >= 0.7x a random policy's speed (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from icl_metarl.errors import UsageError, choice_error
+from icl_metarl.files import atomic_write_bytes, atomic_write_text
+
+ACTION_HEADS = ("deterministic", "tanh_gaussian")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+TARGETS = ("expert", "taken")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LOG_STD_RANGE = (-5.0, 2.0)
+# Expert actions saturate at exactly +-1 (clipped); atanh needs them strictly inside, so the
+# tanh-Gaussian likelihood reads them at +-(1 - ATANH_EPS), i.e. atanh = +-3.8.
+ATANH_EPS = 1e-3
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------- config
+class ICLPolicyConfig(PretrainedConfig):
+    """Shape and behaviour of the in-context policy; defaults train on a CPU (0.9M parameters).
+
+    Args:
+        obs_dim: observation size (Meta-World: 39).
+        act_dim: action size (Meta-World: 4).
+        d_model: width of the token embedding and of every layer.
+        n_layer: number of Transformer blocks.
+        n_head: attention heads per block (must divide d_model).
+        max_episode_length: size of the step-in-episode embedding; longer episodes are an error.
+        max_context_episodes: the trained context, in whole episodes; positions = this x max_episode_length.
+        action_head: "deterministic" (tanh of a linear map, MSE loss) or "tanh_gaussian" (NLL loss).
+        reward_scale: previous rewards are multiplied by this before embedding (reach rewards reach 10).
+        dropout: dropout on embeddings, attention and residuals during training.
+        attn_implementation: "sdpa", "eager" (returns attention weights) or "flash_attention_2".
+    """
+
+    model_type = "icl_metarl_policy"
+
+    def __init__(
+        self,
+        obs_dim: int = 39,
+        act_dim: int = 4,
+        d_model: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        max_episode_length: int = 500,
+        max_context_episodes: int = 4,
+        action_head: str = "deterministic",
+        reward_scale: float = 0.1,
+        dropout: float = 0.0,
+        attn_implementation: str = "sdpa",
+        **kwargs,
+    ):
+        # transformers keeps its own private attention setting; ours is a plain field so that it is
+        # saved in config.json and never sent to the hub-kernel loader of transformers.
+        kwargs.pop("_attn_implementation", None)
+        super().__init__(**kwargs)
+        for name, value in (
+            ("obs_dim", obs_dim), ("act_dim", act_dim), ("d_model", d_model), ("n_layer", n_layer),
+            ("n_head", n_head), ("max_episode_length", max_episode_length),
+            ("max_context_episodes", max_context_episodes),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if d_model % n_head:
+            raise UsageError(f"n_head={n_head} must divide d_model={d_model}")
+        if action_head not in ACTION_HEADS:
+            raise choice_error("action_head", action_head, ACTION_HEADS)
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise choice_error("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise UsageError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.obs_dim = obs_dim
+        self.act_dim = act_dim
+        self.d_model = d_model
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.max_episode_length = max_episode_length
+        self.max_context_episodes = max_context_episodes
+        self.action_head = action_head
+        self.reward_scale = float(reward_scale)
+        self.dropout = float(dropout)
+        self.attn_implementation = attn_implementation
+
+    @property
+    def max_positions(self) -> int:
+        """Tokens in the trained context: whole episodes of the longest allowed length."""
+        return self.max_context_episodes * self.max_episode_length
+
+
+# ------------------------------------------------------------------------------- pure functions
+def shift_previous(
+    actions: torch.Tensor, rewards: torch.Tensor, episode_start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous step's action (B,T,A) and reward (B,T) at every step; zeros at episode starts.
+
+    The first token of a sequence has no previous step in it, so it gets zeros too (windows start
+    at an episode start, where zeros are right anyway).
+    """
+    prev_actions = F.pad(actions[:, :-1], (0, 0, 1, 0))  # (B, T, A)
+    prev_rewards = F.pad(rewards[:, :-1], (1, 0))  # (B, T)
+    keep = ~episode_start.bool()
+    prev_actions = torch.where(rearrange(keep, "b t -> b t 1"), prev_actions, torch.zeros_like(prev_actions))
+    prev_rewards = torch.where(keep, prev_rewards, torch.zeros_like(prev_rewards))
+    return prev_actions, prev_rewards
+
+
+def tanh_gaussian_nll(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """-log p(actions) per token (B,T) under tanh(N(mean, exp(log_std))), summed over action dims.
+
+    Change of variables (Haarnoja et al. 2018, SAC, appendix C): log p(a) = log N(u) - sum log(1 - a^2),
+    u = atanh(a); 1 - a^2 is written as 4 / (e^u + e^-u)^2 through softplus for stability.
+    """
+    a = actions.clamp(-1.0 + ATANH_EPS, 1.0 - ATANH_EPS)
+    u = torch.atanh(a)
+    normal_logp = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2)
+    return -(normal_logp - log_det).sum(-1)
+
+
+def action_loss(output: "ICLPolicyOutput", target_actions: torch.Tensor) -> torch.Tensor:
+    """Scalar loss over all tokens: MSE of the action for the deterministic head, NLL for the Gaussian."""
+    target = target_actions.float()
+    if output.log_std is None:
+        return F.mse_loss(output.action.float(), target)
+    return tanh_gaussian_nll(output.mean.float(), output.log_std.float(), target).mean()
+
+
+# ------------------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values of every layer, preallocated once: (L, B, nh, capacity, hs); ``length`` filled.
+
+    Static so that a rollout step writes one slot per layer instead of concatenating a growing tensor.
+    The model's forward writes into it in place and advances ``length``.
+    """
+
+    def __init__(self, n_layer, batch, n_head, head_dim, capacity, device=None, dtype=torch.float32):
+        self.keys = torch.zeros(n_layer, batch, n_head, capacity, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        """Forget every token; the memory stays allocated for the next trial."""
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's k, v (B,nh,T,hs) after the cached tokens; return all (B,nh,S,hs)."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------- attention functions
+def _causal_mask(t: int, s: int, device) -> torch.Tensor:
+    """(T, S) bool, True where query i (absolute position S-T+i) may attend key j."""
+    past = s - t
+    return torch.arange(s, device=device)[None, :] <= (past + torch.arange(t, device=device))[:, None]
+
+
+def sdpa_attention(q, k, v, dropout_p: float):
+    """PyTorch's fused attention; q (B,nh,T,hs), k/v (B,nh,S,hs) -> (B,nh,T,hs), no weights."""
+    t, s = q.shape[2], k.shape[2]
+    if t == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p), None
+    if t == s:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
+    # is_causal aligns the mask top-left; several new tokens after a cache need it bottom-right.
+    mask = _causal_mask(t, s, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+
+
+def eager_attention(q, k, v, dropout_p: float):
+    """Attention written out, returning the weights (B,nh,T,S) for probes."""
+    t, s = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = scores.masked_fill(~_causal_mask(t, s, q.device), float("-inf"))
+    weights = scores.float().softmax(-1).to(q.dtype)
+    return F.dropout(weights, dropout_p) @ v, weights
+
+
+def flash_attention(q, k, v, dropout_p: float):
+    """flash-attn 2 on CUDA in fp16/bf16; anything else goes to SDPA (said once)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        _warn_once(f"flash_attention_2 needs CUDA and fp16/bf16 (got {q.device.type}, {q.dtype}); using sdpa")
+        return sdpa_attention(q, k, v, dropout_p)
+    from flash_attn import flash_attn_func
+
+    # flash-attn wants (B, T, nh, hs); its causal mask is bottom-right aligned, as a cache needs.
+    q, k, v = (rearrange(x, "b h t d -> b t h d") for x in (q, k, v))
+    y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+    return rearrange(y, "b t h d -> b h t d"), None
+
+
+ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention, "flash_attention_2": flash_attention}
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """The implementation that will run: flash_attention_2 without flash-attn or CUDA becomes sdpa."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise choice_error("attn_implementation", requested, ATTN_IMPLEMENTATIONS)
+    if requested == "flash_attention_2":
+        missing = [w for w, ok in (("the flash-attn package", importlib.util.find_spec("flash_attn") is not None),
+                                   ("CUDA", torch.cuda.is_available())) if not ok]
+        if missing:
+            _warn_once(f"attn_implementation='flash_attention_2' needs {' and '.join(missing)}; using 'sdpa'")
+            return "sdpa"
+    return requested
+
+
+# ---------------------------------------------------------------------------------------- blocks
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ICLPolicyConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attend, cache: KVCache | None, layer: int):
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # (B, nh, S, hs)
+        y, weights = attend(q, k, v, self.dropout if self.training else 0.0)
+        y = rearrange(y, "b h t d -> b t (h d)")
+        return self.resid_dropout(self.proj(y)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ICLPolicyConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, 4 * config.d_model)
+        self.proj = nn.Linear(4 * config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block (nanoGPT layout)."""
+
+    def __init__(self, config: ICLPolicyConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attend, cache: KVCache | None, layer: int):
+        a, weights = self.attn(self.ln_1(x), attend, cache, layer)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), weights
+
+
+# ----------------------------------------------------------------------------------------- model
+@dataclass
+class ICLPolicyOutput(ModelOutput):
+    """action: (B,T,A) in [-1,1], the deterministic action tanh(mean); mean: (B,T,A) before tanh;
+    log_std: (B,T,A) for the Gaussian head, else None; cache: the KVCache when use_cache (also
+    readable as ``past_key_values``: transformers 5 renamed the field); attentions: per layer
+    (B,nh,T,S) when output_attentions (eager only)."""
+
+    action: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    log_std: torch.Tensor | None = None
+    cache: KVCache | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> KVCache | None:
+        return self.cache
+
+
+class ICLPolicy(PreTrainedModel):
+    """Causal Transformer policy: tokens (obs, previous action, previous reward, episode start) + step
+    and position embeddings -> blocks -> action head."""
+
+    config_class = ICLPolicyConfig
+    base_model_prefix = "icl_policy"
+    main_input_name = "obs"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: ICLPolicyConfig):
+        super().__init__(config)
+        d = config.d_model
+        # obs, previous action, previous reward, episode-start flag -> one token
+        self.token_in = nn.Linear(config.obs_dim + config.act_dim + 2, d)
+        self.step_emb = nn.Embedding(config.max_episode_length, d)
+        self.pos_emb = nn.Embedding(config.max_positions, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        out = config.act_dim * (2 if config.action_head == "tanh_gaussian" else 1)
+        self.head = nn.Linear(d, out)
+        self.gradient_checkpointing = False
+        self.set_attn_implementation(config.attn_implementation)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def set_attn_implementation(self, attn_implementation: str, **_) -> None:
+        """Choose the attention kernel ("sdpa", "eager", "flash_attention_2"); flash falls back once."""
+        self.attn_implementation = resolve_attn_implementation(attn_implementation)
+        self.config.attn_implementation = attn_implementation
+        self._attend = ATTENTION_FUNCTIONS[self.attn_implementation]
+
+    def gradient_checkpointing_enable(self, **_) -> None:
+        """Recompute each block's activations in backward (training without a cache only)."""
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+
+        self._set_gradient_checkpointing(True, partial(checkpoint, use_reentrant=False))
+
+    def new_cache(self, batch: int, capacity: int | None = None, device=None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (default: the trained context)."""
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, capacity or c.max_positions,
+                       device=device or self.device, dtype=self.dtype)
+
+    def forward(
+        self,
+        obs: torch.Tensor,
+        prev_actions: torch.Tensor,
+        prev_rewards: torch.Tensor,
+        episode_start: torch.Tensor,
+        step_in_episode: torch.Tensor,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+    ) -> ICLPolicyOutput:
+        """Actions for T new tokens (B,T,...) after the ``past_key_values`` tokens (written into it)."""
+        c = self.config
+        b, t = obs.shape[:2]
+        if output_attentions and self.attn_implementation != "eager":
+            raise UsageError(f"output_attentions needs attn_implementation='eager', got {self.attn_implementation!r}")
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache(b, device=obs.device)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        past = cache.length if cache is not None else 0
+        if past + t > c.max_positions or (cache is not None and past + t > cache.capacity):
+            raise UsageError(f"context of {past + t} tokens exceeds the model's {c.max_positions} "
+                             f"(max_context_episodes x max_episode_length)")
+        if int(step_in_episode.max()) >= c.max_episode_length:
+            raise UsageError(f"step_in_episode {int(step_in_episode.max())} >= max_episode_length {c.max_episode_length}")
+
+        dtype = self.dtype
+        tokens = torch.cat(
+            [obs.to(dtype), prev_actions.to(dtype),
+             rearrange(prev_rewards.to(dtype) * c.reward_scale, "b t -> b t 1"),
+             rearrange(episode_start.to(dtype), "b t -> b t 1")],
+            dim=-1,
+        )  # (B, T, obs + act + 2)
+        positions = torch.arange(past, past + t, device=obs.device)  # (T,), shared by the lockstep batch
+        x = self.token_in(tokens) + self.step_emb(step_in_episode.long()) + self.pos_emb(positions)
+        x = self.drop(x)  # (B, T, d)
+
+        attentions = []
+        for layer, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, weights = self._gradient_checkpointing_func(block.__call__, x, self._attend, None, layer)
+            else:
+                x, weights = block(x, self._attend, cache, layer)
+            if output_attentions:
+                attentions.append(weights)
+        if cache is not None:
+            cache.length += t
+
+        head = self.head(self.ln_f(x))  # (B, T, A) or (B, T, 2A)
+        if c.action_head == "tanh_gaussian":
+            mean, log_std = rearrange(head, "b t (two a) -> two b t a", two=2)
+            log_std = log_std.clamp(*LOG_STD_RANGE)
+        else:
+            mean, log_std = head, None
+        return ICLPolicyOutput(
+            action=torch.tanh(mean),
+            mean=mean,
+            log_std=log_std,
+            cache=cache if use_cache else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def loss(self, batch: dict, target: str = "expert") -> torch.Tensor:
+        """Loss on a windows batch (B,W,...): predict the expert's action (DPT) or the one taken (AD)."""
+        if target not in TARGETS:
+            raise choice_error("target", target, TARGETS)
+        prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
+        out = self(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
+        return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
+
+    # ---------------------------------------------------------------------------------- files
+    def save_pretrained(self, save_directory, **_) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``save_directory``, each atomically."""
+        from safetensors.torch import save
+
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+        atomic_write_text(path / CONFIG_NAME, self.config.to_json_string(use_diff=False))
+
+    @classmethod
+    def from_pretrained(cls, path, attn_implementation: str | None = None, device=None, dtype=None, **_):
+        """Load a directory written by ``save_pretrained``; any problem is one UsageError naming the file."""
+        config = load_config(path)
+        if attn_implementation is not None:
+            config.attn_implementation = attn_implementation
+        weights = Path(path) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UsageError(f"missing weights file {weights}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"cannot read weights {weights}: {str(e).splitlines()[0]}") from None
+        model = cls(config)
+        _check_state_matches(model.state_dict(), state, weights, Path(path) / CONFIG_NAME)
+        model.load_state_dict(state, strict=True)
+        model.to(device=device, dtype=dtype)
+        return model.eval()
+
+
+def load_config(path) -> ICLPolicyConfig:
+    """The ``config.json`` of a checkpoint directory, validated; errors name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"checkpoint directory {path} does not exist")
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise UsageError(f"missing config file {file}")
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or d.get("model_type") != ICLPolicyConfig.model_type:
+        got = d.get("model_type") if isinstance(d, dict) else type(d).__name__
+        raise UsageError(f"{file} has model_type {got!r}; expected {ICLPolicyConfig.model_type!r}")
+    try:
+        return ICLPolicyConfig.from_dict(d)
+    except UsageError as e:
+        raise UsageError(f"{file}: {e}") from None
+    except TypeError as e:
+        raise UsageError(f"{file}: bad field: {e}") from None
+
+
+def _check_state_matches(expected: dict, found: dict, weights: Path, config: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and found[k].shape != v.shape]
+    problems = [f"{what}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
+    if problems:
+        raise UsageError(f"weights {weights} do not match {config} ({'; '.join(problems)})")
+
+
+AutoConfig.register(ICLPolicyConfig.model_type, ICLPolicyConfig, exist_ok=True)
+AutoModel.register(ICLPolicyConfig, ICLPolicy, exist_ok=True)
