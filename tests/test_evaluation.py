@@ -1,0 +1,208 @@
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from icl_metarl.agent import Agent
+from icl_metarl.baselines import make_baseline
+from icl_metarl.cli import main
+from icl_metarl.errors import UsageError
+from icl_metarl.evaluation import (
+    EvalAgent,
+    EvalConfig,
+    evaluate,
+    load_agent,
+    load_agents,
+    load_results,
+    trial_seed,
+    without_timing,
+)
+from icl_metarl.suites import expert_actions, make_trial_envs
+
+TINY = dict(suite="ML1:reach-v3", num_tasks=4, adaptation_episodes=1, evaluation_episodes=1,
+            episode_length=40, seeds=(0,), progress=False)
+
+
+class Spy(Agent):
+    """Records everything the evaluator shows it; privileged so that it also sees the goals."""
+
+    privileged = True
+
+    def __init__(self, name):
+        self.name = name
+        self.log = []
+
+    def start_trials(self, num_trials, seed):
+        self.log.append(("start", num_trials, seed))
+
+    def act(self, obs):
+        raise AssertionError("a privileged agent is called through act_privileged")
+
+    def act_privileged(self, obs, privileged):
+        if not self.log or self.log[-1][0] != "step":
+            self.log.append(("first_obs", obs.copy(), privileged.goals.copy(), list(privileged.env_names)))
+        self.log.append(("step",))
+        return np.zeros((len(obs), 4), dtype=np.float32)
+
+    def end_episode(self):
+        self.log.append(("end",))
+
+
+class Crashes(Agent):
+    name = "crashes"
+
+    def __init__(self, after_steps):
+        self.after, self.steps = after_steps, 0
+
+    def start_trials(self, num_trials, seed):
+        pass
+
+    def act(self, obs):
+        self.steps += 1
+        if self.steps > self.after:
+            raise RuntimeError("boom")
+        return np.zeros((len(obs), 4), dtype=np.float32)
+
+
+def test_oracle_succeeds_and_random_does_not_on_reach():
+    cfg = EvalConfig(**{**TINY, "num_tasks": 6, "episode_length": 150})
+    res = evaluate([EvalAgent("oracle", make_baseline("oracle")), EvalAgent("random", make_baseline("random"))], cfg)
+    rate = {a: np.mean([r["success"] for r in res["records"] if r["agent"] == a]) for a in ("oracle", "random")}
+    assert rate["oracle"] >= 0.8
+    assert rate["random"] <= 0.2
+    assert len(res["records"]) == 2 * 6 * 2 and not res["failures"]
+
+
+def test_records_match_a_hand_written_loop():
+    cfg = EvalConfig(**{**TINY, "num_tasks": 2, "episode_length": 120, "adaptation_episodes": 0})
+    res = evaluate([EvalAgent("oracle", make_baseline("oracle"))], cfg)
+    tasks = cfg.tasks()
+    envs = make_trial_envs(tasks, 120, seed=trial_seed(0, 0))  # second way: play the expert directly
+    obs, info = envs.reset()
+    ret, first = np.zeros(2), [None, None]
+    for t in range(120):
+        obs, r, _, _, info = envs.step(expert_actions([x.env_name for x in tasks], obs, info["goal"]))
+        ret += r
+        for i in range(2):
+            if first[i] is None and info["success"][i] >= 1:
+                first[i] = t + 1
+    for i, rec in enumerate(res["records"]):
+        assert rec["task"] == i and rec["phase"] == "evaluation"
+        assert rec["return"] == pytest.approx(ret[i])
+        assert rec["steps_to_success"] == first[i]
+        assert rec["success"] == (first[i] is not None)
+
+
+def test_two_agents_see_the_same_tasks_and_seeds():
+    spies = [Spy("a"), Spy("b")]
+    cfg = EvalConfig(**{**TINY, "seeds": (0, 1), "batch_size": 3})
+    res = evaluate([EvalAgent(s.name, s) for s in spies], cfg)
+    a, b = spies[0].log, spies[1].log
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x[0] == y[0]
+        for u, v in zip(x[1:], y[1:]):
+            np.testing.assert_array_equal(u, v)
+    starts = [x for x in a if x[0] == "start"]
+    assert [s[1] for s in starts] == [3, 1, 3, 1]  # two batches per seed
+    goals = np.concatenate([x[2] for x in a if x[0] == "first_obs"][::2][:2])  # (4, 3): seed 0, episode 0 of each batch
+    assert len({tuple(g) for g in goals}) == 4  # distinct tasks really were played
+    strip = lambda agent: [{k: v for k, v in t.items() if k != "agent"} for t in res["trials"] if t["agent"] == agent]
+    assert strip("a") == strip("b")
+    assert strip("a")[1]["env_seeds"] == [trial_seed(0, 3)]
+
+
+def test_same_command_twice_gives_identical_results(tmp_path):
+    argv = ["evaluate", "random", "oracle", "--suite", "ML1:reach-v3", "--tasks", "2", "-K", "1", "-E", "1",
+            "--episode-length", "30", "--seeds", "0", "1", "--no-progress", "--bootstrap", "50"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    ra, rb = load_results(tmp_path / "a"), load_results(tmp_path / "b")
+    assert ra["timing"] and without_timing(ra) == without_timing(rb)
+    assert (tmp_path / "a" / "report.md").read_text() == (tmp_path / "b" / "report.md").read_text()
+    assert (tmp_path / "a" / "success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_agent_that_raises_loses_nothing(tmp_path):
+    cfg = EvalConfig(**{**TINY, "adaptation_episodes": 2, "episode_length": 10})
+    agents = [EvalAgent("crashes", Crashes(after_steps=15)), EvalAgent("random", make_baseline("random"))]
+    evaluate(agents, cfg, tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["agents"]["crashes"]["status"] == "failed"
+    assert res["agents"]["random"]["status"] == "ok"
+    assert "RuntimeError: boom" in res["failures"][0]["error"]
+    crashed = [r for r in res["records"] if r["agent"] == "crashes"]
+    assert [r["episode"] for r in crashed] == [0] * 4  # its first episode finished before it raised
+    assert len([r for r in res["records"] if r["agent"] == "random"]) == 4 * 3
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"adaptation_episodes": -1}, "-K"), ({"evaluation_episodes": -2}, "-E"),
+    ({"adaptation_episodes": 0, "evaluation_episodes": 0}, "at least 1"),
+    ({"split": "val"}, "split 'val'"), ({"seeds": ()}, "seed"), ({"vector": "threads"}, "vector mode"),
+    ({"suite": "ML2"}, "ML2"), ({"num_tasks": 0}, "--tasks"),
+])
+def test_bad_settings_are_one_line_errors(change, match):
+    with pytest.raises(UsageError, match=match) as e:
+        EvalConfig(**{**TINY, **change}).check()
+    assert "\n" not in str(e.value)
+
+
+def test_too_many_tasks():
+    with pytest.raises(UsageError, match="--tasks 51 exceeds the 50"):
+        EvalConfig(**{**TINY, "num_tasks": 51}).tasks()
+
+
+def test_load_agent_errors(tmp_path):
+    with pytest.raises(UsageError, match="'expert' is neither a baseline \\(random, oracle\\)"):
+        load_agent("expert")
+    with pytest.raises(UsageError, match="nor an existing checkpoint"):
+        load_agent(str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match="no config.json"):
+        load_agent(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UsageError, match="unknown model_type.*'bert'; valid: icl_metarl_policy, gradient_meta_rl"):
+        load_agent(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not a JSON object"):
+        load_agent(str(tmp_path))
+
+
+def test_cli_bad_input_exit_code_2(tmp_path, capsys):
+    base = ["evaluate", "--suite", "ML1:reach-v3", "--out", str(tmp_path), "--no-progress"]
+    assert main(base + ["random", "-E", "-1"]) == 2
+    assert main(base + ["nope"]) == 2
+    assert main(base + [str(tmp_path / "nodir")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("icl-metarl evaluate: error:") for line in err)
+
+
+class _FakeCheckpointAgent(Agent):
+    def __init__(self, path, **kwargs):
+        self.name, self.path, self.kwargs = "fake", str(path), kwargs
+
+    def start_trials(self, num_trials, seed):
+        pass
+
+    def act(self, obs):
+        return np.zeros((len(obs), 4), dtype=np.float32)
+
+
+def test_dispatch_by_model_type(tmp_path, monkeypatch):
+    icl = types.ModuleType("icl_metarl.icl_agent")
+    icl.InContextAgent = type("InContextAgent", (), {
+        "from_pretrained": staticmethod(lambda p, wipe_context_each_episode: _FakeCheckpointAgent(p, wipe=wipe_context_each_episode))})
+    grad = types.ModuleType("gradient_meta.rl_agent")
+    grad.load_agent = lambda p, adaptive: _FakeCheckpointAgent(p, adaptive=adaptive)
+    monkeypatch.setitem(sys.modules, "icl_metarl.icl_agent", icl)
+    monkeypatch.setitem(sys.modules, "gradient_meta.rl_agent", grad)
+    for name, model_type in (("icl", "icl_metarl_policy"), ("maml", "gradient_meta_rl")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": model_type}))
+    agents = load_agents([str(tmp_path / "icl"), "random", str(tmp_path / "maml")], non_adaptive=True)
+    assert [a.label for a in agents] == ["fake", "fake [non-adaptive]", "random", "fake #2", "fake [non-adaptive] #2"]
+    assert [a.agent.kwargs for a in agents if a.spec != "random"] == [
+        {"wipe": False}, {"wipe": True}, {"adaptive": True}, {"adaptive": False}]
+    assert [a.adaptive for a in agents] == [True, False, True, True, False]
