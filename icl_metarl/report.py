@@ -6,6 +6,7 @@ Not for: playing agents (``evaluation.py``); every figure here is recomputed fro
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +36,9 @@ def bootstrap_ci(values: np.ndarray, num_resamples: int = 2000, level: float = 0
     tasks = rng.integers(T, size=(num_resamples, T))  # (R, T)
     seeds = rng.integers(S, size=(num_resamples, T, S))  # (R, T, S)
     draws = values[tasks[:, :, None], seeds]  # (R, T, S)
-    means = np.nanmean(draws.reshape(num_resamples, -1), axis=1)  # (R,)
+    with warnings.catch_warnings():  # a resample of only missing cells is NaN, and skipped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(draws.reshape(num_resamples, -1), axis=1)  # (R,)
     alpha = (1.0 - level) / 2.0
     lo, hi = np.nanquantile(means, [alpha, 1.0 - alpha])
     return float(np.nanmean(values)), float(lo), float(hi)

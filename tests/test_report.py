@@ -1,0 +1,108 @@
+import copy
+
+import numpy as np
+import pytest
+
+from icl_metarl.report import (
+    bootstrap_ci,
+    episode_array,
+    report_markdown,
+    success_definitions,
+    success_within,
+    write_report,
+    _View,
+)
+
+
+def test_bootstrap_matches_normal_approximation():
+    rng = np.random.default_rng(1)
+    x = rng.binomial(1, 0.3, size=(400, 1)).astype(float)
+    m, lo, hi = bootstrap_ci(x, num_resamples=4000)
+    assert m == pytest.approx(x.mean())
+    half = 1.96 * x.std() / np.sqrt(len(x))  # second way: the normal interval of a mean
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert lo < m < hi
+
+
+def test_bootstrap_treats_seeds_as_nested_in_tasks():
+    rng = np.random.default_rng(2)
+    per_task = rng.normal(size=(30, 1))
+    repeated = np.repeat(per_task, 3, axis=1)  # a deterministic agent: the same value on every seed
+    assert bootstrap_ci(repeated, 500) == pytest.approx(bootstrap_ci(per_task, 500))
+
+
+def test_bootstrap_skips_missing_cells():
+    x = np.array([[1.0, np.nan], [0.0, 0.0], [np.nan, np.nan]])
+    m, lo, hi = bootstrap_ci(x, 200)
+    assert m == pytest.approx(1 / 3) and 0 <= lo <= hi <= 1
+
+
+def test_success_within_k_matches_a_loop():
+    rng = np.random.default_rng(3)
+    s = rng.binomial(1, 0.2, size=(6, 5, 2)).astype(float)
+    for k in (1, 3, 6):
+        want = np.array([[float(any(s[e, t, j] for e in range(k))) for j in range(2)] for t in range(5)])
+        np.testing.assert_array_equal(success_within(s, k), want)
+
+
+def _results(split="test"):
+    """A hand-made results dict: two environments, two tasks each, two seeds, K=2, E=1, L=10."""
+    tasks = [{"index": i, "env_name": n, "rand_vec": [0.0]} for i, n in enumerate(["a-v3", "a-v3", "b-v3", "b-v3"])]
+    records = []
+    for agent, p in (("good", 1), ("bad", 0)):
+        for seed in (0, 1):
+            for t in range(4):
+                for e in range(3):
+                    ok = bool(p and e >= t % 2)  # "good" fails the first episode of odd tasks
+                    records.append({"agent": agent, "seed": seed, "task": t, "env_name": tasks[t]["env_name"],
+                                    "episode": e, "phase": "adaptation" if e < 2 else "evaluation",
+                                    "success": ok, "return": float(e + p), "steps_to_success": 4 if ok else None})
+    return {
+        "format": "icl_metarl.evaluation/1",
+        "settings": {"suite": "ML10", "split": split, "adaptation_episodes": 2, "evaluation_episodes": 1,
+                     "episode_length": 10, "task_seed": 0},
+        "diagnostic": split != "test", "tasks": tasks, "seeds": [0, 1], "versions": {"numpy": "x"},
+        "agents": {"good": {"spec": "g", "adaptive": True, "status": "ok",
+                            "description": {"type": "G", "task_pool": "fresh goal per trial"}},
+                   "bad": {"spec": "b", "adaptive": True, "status": "failed", "description": {"type": "B"}}},
+        "trials": [], "failures": [{"agent": "bad", "seed": 1, "error": "RuntimeError: boom"}],
+        "records": records, "timing": {},
+    }
+
+
+def test_episode_array_and_censoring():
+    r = _results()
+    a = episode_array(r["records"], "good", "steps_to_success", 4, [0, 1], 3, episode_length=10)
+    assert a.shape == (3, 4, 2)
+    assert a[0, 1, 0] == 10 and a[1, 1, 0] == 4  # censored at the episode length, then solved
+
+
+def test_success_definitions_on_hand_made_records():
+    d = success_definitions(_View(_results(), 200), "good")
+    assert d["first episode"][0] == pytest.approx(0.5)
+    assert d["last adaptation episode (2)"][0] == 1.0
+    assert d["evaluation episode 3, mean (Meta-World's figure)"][0] == 1.0
+    assert d["within 1 attempts"][0] == pytest.approx(0.5)
+    assert d["within 3 attempts"][0] == 1.0
+    assert d["best episode index (max over the curve; optimistic)"][0] == 1.0
+
+
+def test_report_tables(tmp_path):
+    text = report_markdown(_results(), 200)
+    assert "| good | ok | fresh goal per trial |" in text
+    assert "| bad | failed | not stated by the agent |" in text
+    assert "## Per environment" in text and "| a-v3 | 2 |" in text
+    assert "Steps to first success" in text and "RuntimeError: boom" in text
+    assert "Diagnostic only" not in text
+    assert "Diagnostic only: train split" in report_markdown(_results("train"), 200)
+    one_env = copy.deepcopy(_results())
+    for t in one_env["tasks"]:
+        t["env_name"] = "a-v3"
+    assert "## Per environment" not in report_markdown(one_env, 200)
+
+
+def test_write_report_makes_plots(tmp_path):
+    path = write_report(_results(), tmp_path, 100)
+    assert path.read_text().count("![") == 3
+    for name in ("success.png", "return.png", "steps_to_success.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
