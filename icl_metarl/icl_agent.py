@@ -1,0 +1,194 @@
+"""The in-context agent: an ``ICLPolicy`` stepping a batch of parallel trials with a KV cache.
+
+One new token per step per trial; the context persists across the episodes of a trial and is wiped by
+``start_trials`` (or every episode, for the non-adaptive baseline). Not for: training, evaluation loops.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from icl_metarl.agent import Agent
+from icl_metarl.errors import UsageError
+from icl_metarl.model import ICLPolicy
+
+TRAINING_INFO = "training.json"
+
+
+class InContextAgent(Agent):
+    """Acts with an in-context policy; the window holds whole episodes, at most ``max_context_episodes``.
+
+    When a new episode would not fit, the oldest episode is dropped at the boundary and the remaining
+    window is re-encoded once into a fresh cache: the model always sees a context that starts at an
+    episode start with positions from 0, as in training. ``use_cache=False`` recomputes the whole
+    window every step (same actions, for checking and benchmarking only).
+    """
+
+    def __init__(
+        self,
+        model: ICLPolicy,
+        deterministic: bool = True,
+        wipe_context_each_episode: bool = False,
+        device: str | torch.device = "cpu",
+        use_cache: bool = True,
+    ):
+        if not deterministic and model.config.action_head != "tanh_gaussian":
+            raise UsageError(
+                f"deterministic=False needs action_head 'tanh_gaussian', the model has {model.config.action_head!r}"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.deterministic = deterministic
+        self.wipe_context_each_episode = wipe_context_each_episode
+        self.use_cache = use_cache
+        self.checkpoint: str | None = None
+        self.name = "icl-wiped" if wipe_context_each_episode else "icl"
+        self._warned_window = False
+        self._num_trials = 0
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "InContextAgent":
+        """An agent over the checkpoint directory ``path`` (config.json + model.safetensors)."""
+        agent = cls(ICLPolicy.from_pretrained(path), **kwargs)
+        agent.checkpoint = str(path)
+        return agent
+
+    # ----------------------------------------------------------------------------- protocol
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        if not isinstance(num_trials, (int, np.integer)) or num_trials < 1:
+            raise UsageError(f"num_trials must be a positive integer, got {num_trials!r}")
+        c, b, n, dev = self.model.config, int(num_trials), self.model.config.max_positions, self.device
+        self._num_trials = b
+        # The window's tokens, kept to re-encode it when the oldest episode is dropped.
+        self._obs = torch.zeros(b, n, c.obs_dim, device=dev)
+        self._prev_actions = torch.zeros(b, n, c.act_dim, device=dev)
+        self._prev_rewards = torch.zeros(b, n, device=dev)
+        self._episode_start = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        self._step = torch.zeros(b, n, dtype=torch.long, device=dev)
+        self._length = 0  # tokens in the window
+        self._episodes: list[int] = []  # lengths of the finished episodes in the window, oldest first
+        self._t = 0  # step in the current episode
+        self._cache = self.model.new_cache(b, device=dev) if self.use_cache else None
+        self._last_action = torch.zeros(b, c.act_dim, device=dev)
+        self._last_reward = torch.zeros(b, device=dev)
+        self._awaiting_observe = False
+        self._generator = torch.Generator(device=dev).manual_seed(int(seed))
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        c = self.model.config
+        if self._num_trials == 0:
+            raise UsageError("act called before start_trials")
+        obs = np.asarray(obs)
+        if obs.shape != (self._num_trials, c.obs_dim):
+            raise UsageError(f"observations of shape {obs.shape}; expected ({self._num_trials}, {c.obs_dim})")
+        if self._awaiting_observe:
+            raise UsageError("act called twice without observe in between")
+        if self._t >= c.max_episode_length:
+            raise UsageError(
+                f"episode longer than the model's max_episode_length {c.max_episode_length}; end_episode was not called"
+            )
+        if self._t == 0:
+            self._make_room_for_episode()
+
+        i = self._length
+        self._obs[:, i] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        first = self._t == 0
+        self._prev_actions[:, i] = 0.0 if first else self._last_action
+        self._prev_rewards[:, i] = 0.0 if first else self._last_reward
+        self._episode_start[:, i] = first
+        self._step[:, i] = self._t
+        self._length += 1
+        self._t += 1
+
+        if self.use_cache:
+            out = self._forward(i, i + 1, self._cache)
+        else:
+            out = self._forward(0, i + 1, None)
+        mean, log_std = out.mean[:, -1].float(), out.log_std
+        if self.deterministic:
+            action = torch.tanh(mean)
+        else:
+            noise = torch.randn(mean.shape, generator=self._generator, device=self.device)
+            action = torch.tanh(mean + log_std[:, -1].float().exp() * noise)
+        self._last_action = action
+        self._awaiting_observe = True
+        return action.cpu().numpy().astype(np.float32)
+
+    def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
+        reward = np.asarray(reward, dtype=np.float32)
+        if reward.shape != (self._num_trials,):
+            raise UsageError(f"rewards of shape {reward.shape}; expected ({self._num_trials},)")
+        self._last_reward = torch.as_tensor(reward, device=self.device)
+        self._awaiting_observe = False
+
+    def end_episode(self) -> None:
+        if self._t > 0:
+            self._episodes.append(self._t)
+        self._t = 0
+        self._awaiting_observe = False
+
+    def describe(self) -> dict:
+        c = self.model.config
+        out = {
+            "name": self.name,
+            "type": type(self).__name__,
+            "checkpoint": self.checkpoint,
+            "deterministic": self.deterministic,
+            "wipe_context_each_episode": self.wipe_context_each_episode,
+            "model": {
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",
+                                              "max_context_episodes", "action_head", "reward_scale")},
+                "attn_implementation": self.model.attn_implementation,
+            },
+        }
+        if self.checkpoint is not None:
+            info = Path(self.checkpoint) / TRAINING_INFO
+            if info.is_file():
+                try:
+                    out["training"] = json.loads(info.read_text())
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{info} is not valid JSON: {e}") from None
+        return out
+
+    # ------------------------------------------------------------------------------- window
+    def _forward(self, start: int, end: int, cache):
+        return self.model(
+            self._obs[:, start:end],
+            self._prev_actions[:, start:end],
+            self._prev_rewards[:, start:end],
+            self._episode_start[:, start:end],
+            self._step[:, start:end],
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+
+    def _make_room_for_episode(self) -> None:
+        """At an episode boundary: wipe, or drop the oldest episode and re-encode, if the window is full."""
+        if self.wipe_context_each_episode:
+            self._episodes, self._length = [], 0
+        elif len(self._episodes) >= self.model.config.max_context_episodes:
+            if not self._warned_window:
+                self._warned_window = True
+                warnings.warn(
+                    f"trials are longer than the trained context ({self.model.config.max_context_episodes} "
+                    f"episodes): at each episode boundary the oldest episode is dropped and the window re-encoded",
+                    stacklevel=4,  # the caller of act, past the inference_mode wrapper
+                )
+            drop = self._episodes.pop(0)
+            keep = self._length - drop
+            for buf in (self._obs, self._prev_actions, self._prev_rewards, self._episode_start, self._step):
+                buf[:, :keep] = buf[:, drop : self._length].clone()
+            self._length = keep
+        else:
+            return
+        if self._cache is not None:
+            self._cache.reset()
+            if self._length > 0:
+                self._forward(0, self._length, self._cache)  # re-encode the kept episodes once

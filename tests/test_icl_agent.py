@@ -1,0 +1,163 @@
+"""Tests for icl_metarl.icl_agent: cached rollout == full forward over the same window, window
+re-encoding, wiping, seeding, errors, describe."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from icl_metarl.errors import UsageError
+from icl_metarl.icl_agent import InContextAgent
+from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+
+B = 3
+LENGTHS = [5, 7, 4, 6, 7, 3]  # episode lengths (lockstep across trials, varying across episodes)
+
+
+def tiny(**kw) -> ICLPolicy:
+    torch.manual_seed(0)
+    cfg = dict(d_model=32, n_layer=2, n_head=4, max_episode_length=8, max_context_episodes=3)
+    cfg.update(kw)
+    return ICLPolicy(ICLPolicyConfig(**cfg)).eval()
+
+
+def play(agent, lengths=LENGTHS, seed=0):
+    """Drive the agent through one batch of trials with random observations and rewards.
+
+    Returns per episode the (obs, actions, rewards) arrays, each (B, T, ...).
+    """
+    rng = np.random.default_rng(seed)
+    agent.start_trials(B, seed=seed)
+    episodes = []
+    for t_len in lengths:
+        obs, acts, rews = [], [], []
+        for _ in range(t_len):
+            o = rng.normal(size=(B, 39))
+            a = agent.act(o)
+            r = rng.uniform(0, 10, size=B)
+            agent.observe(r, np.zeros(B))
+            obs.append(o), acts.append(a), rews.append(r)
+        agent.end_episode()
+        episodes.append(tuple(np.stack(x, 1) for x in (obs, acts, rews)))
+    return episodes
+
+
+def full_forward_actions(model, episodes):
+    """The deterministic actions of one full forward over whole episodes, built independently of the agent."""
+    obs = torch.as_tensor(np.concatenate([e[0] for e in episodes], 1), dtype=torch.float32)
+    prev_a, prev_r, start, step = [], [], [], []
+    for o, a, r in episodes:
+        t = o.shape[1]
+        prev_a.append(np.concatenate([np.zeros((B, 1, 4)), a[:, :-1]], 1))
+        prev_r.append(np.concatenate([np.zeros((B, 1)), r[:, :-1]], 1))
+        start.append(np.arange(t) == 0)
+        step.append(np.arange(t))
+    f = lambda xs: torch.as_tensor(np.concatenate(xs, -1 if xs[0].ndim == 1 else 1))
+    start = f(start).expand(B, -1)
+    step = f(step).expand(B, -1)
+    with torch.no_grad():
+        out = model(obs, f(prev_a).float(), f(prev_r).float(), start, step)
+    return out.action.numpy()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rollout_equals_full_forward_over_the_same_window(use_cache):
+    model = tiny()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        episodes = play(InContextAgent(model, use_cache=use_cache))
+    window_msgs = [w for w in caught if "oldest episode is dropped" in str(w.message)]
+    assert len(window_msgs) == 1  # 6 episodes > 3: re-encoded 3 times, said once
+    m = model.config.max_context_episodes
+    worst = 0.0
+    for k in range(len(episodes)):
+        window = episodes[max(0, k - m + 1) : k + 1]
+        expected = full_forward_actions(model, window)[:, -LENGTHS[k] :]
+        worst = max(worst, np.abs(expected - episodes[k][1]).max())
+    assert worst <= 1e-4, worst
+    # and the window mattered: the same last episode without its context acts differently
+    alone = full_forward_actions(model, episodes[-1:])
+    assert np.abs(alone - episodes[-1][1]).max() > 1e-3
+
+
+def test_wipe_context_each_episode_sees_only_the_current_episode():
+    model = tiny()
+    episodes = play(InContextAgent(model, wipe_context_each_episode=True))
+    for e in episodes:
+        assert np.abs(full_forward_actions(model, [e]) - e[1]).max() <= 1e-4
+    assert InContextAgent(model, wipe_context_each_episode=True).name == "icl-wiped"
+
+
+def test_start_trials_forgets_the_previous_trials():
+    agent = InContextAgent(tiny())
+    first = play(agent, seed=3)
+    play(agent, seed=4)  # other trials in between
+    again = play(agent, seed=3)
+    for a, b in zip(first, again):
+        assert np.array_equal(a[1], b[1])
+
+
+def test_stochastic_actions_are_seeded():
+    model = tiny(action_head="tanh_gaussian")
+    a = play(InContextAgent(model, deterministic=False), lengths=[4, 4], seed=1)
+    b = play(InContextAgent(model, deterministic=False), lengths=[4, 4], seed=1)
+    c = play(InContextAgent(model, deterministic=False), lengths=[4, 4], seed=2)
+    d = play(InContextAgent(model, deterministic=True), lengths=[4, 4], seed=1)
+    assert np.array_equal(a[1][1], b[1][1])
+    assert not np.allclose(a[0][1], c[0][1]) and not np.allclose(a[0][1], d[0][1])
+    assert np.abs(a[0][1]).max() <= 1.0
+    with pytest.raises(UsageError, match="tanh_gaussian"):
+        InContextAgent(tiny(), deterministic=False)
+
+
+def test_protocol_errors():
+    agent = InContextAgent(tiny())
+    with pytest.raises(UsageError, match="start_trials"):
+        agent.act(np.zeros((B, 39)))
+    agent.start_trials(B, seed=0)
+    with pytest.raises(UsageError, match="shape"):
+        agent.act(np.zeros((B + 1, 39)))
+    agent.act(np.zeros((B, 39)))
+    with pytest.raises(UsageError, match="observe"):
+        agent.act(np.zeros((B, 39)))
+    agent.start_trials(B, seed=0)
+    for _ in range(8):
+        agent.act(np.zeros((B, 39)))
+        agent.observe(np.zeros(B), np.zeros(B))
+    with pytest.raises(UsageError, match="max_episode_length 8"):
+        agent.act(np.zeros((B, 39)))
+
+
+def test_from_pretrained_and_describe(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    agent = InContextAgent.from_pretrained(tmp_path)
+    assert "training" not in agent.describe()
+    (tmp_path / "training.json").write_text(json.dumps({"task_pool": {"suite": "ML1:reach-v3", "tasks": 400}}))
+    d = agent.describe()
+    assert d["checkpoint"] == str(tmp_path) and d["training"]["task_pool"]["tasks"] == 400
+    assert d["model"]["n_layer"] == 2 and d["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+    a = play(agent, lengths=[3])[0][1]
+    b = play(InContextAgent(model), lengths=[3])[0][1]
+    assert np.array_equal(a, b)
+    with pytest.raises(UsageError, match="missing"):
+        InContextAgent.from_pretrained(tmp_path / "missing")
+
+
+def test_runs_real_trial_envs():
+    from icl_metarl.suites import get_suite, make_trial_envs
+
+    tasks = get_suite("ML1:reach-v3").tasks("test")[:2]
+    envs = make_trial_envs(tasks, episode_length=5)
+    agent = InContextAgent(tiny(max_episode_length=5))
+    agent.start_trials(2, seed=0)
+    for _ in range(2):
+        obs, _ = envs.reset()
+        for _ in range(5):
+            obs, reward, _, _, info = envs.step(agent.act(obs))
+            agent.observe(reward, info["success"])
+        agent.end_episode()
+    envs.close()
+    assert agent._length == 10 and agent._cache.length == 10
