@@ -255,7 +255,10 @@ def _generate_shard(job: dict) -> dict:
         data = _npy_bytes(arrays[field])
         atomic_write_bytes(shard_dir / f"{field}.npy", data)
         checksums[field] = hashlib.sha256(data).hexdigest()
-    return {"index": job["index"], "trials": len(tasks), "steps": int(arrays["obs"].shape[0]), "sha256": checksums}
+    # Trials (of this shard) that succeeded at least once in each episode: the improvement, at a glance.
+    succeeded = rearrange(arrays["successes"], "(t k l) -> t k l", t=len(tasks), k=cfg.episodes_per_trial).max(-1)
+    return {"index": job["index"], "trials": len(tasks), "steps": int(arrays["obs"].shape[0]),
+            "successful_trials_per_episode": [int(x) for x in succeeded.sum(0)], "sha256": checksums}
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -367,6 +370,8 @@ def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dic
     seconds = time.perf_counter() - start
     if progress:
         rate = new_steps / seconds if seconds > 0 else float("nan")
+        per_episode = np.sum([r["successful_trials_per_episode"] for r in manifest["shards"].values()], 0) / cfg.trials
+        print(f"success rate per episode: {' '.join(f'{x:.2f}' for x in per_episode)}")
         print(f"generated {new_steps} steps in {seconds:.1f} s: {rate:,.0f} steps/s with {workers} worker(s); "
               f"{out} holds {cfg.trials} trials, {len(spans)} shards, complete")
     return manifest
