@@ -1,0 +1,103 @@
+"""Reptile (Nichol et al. 2018): train each task for k steps, move the initialisation toward the result.
+
+The inner loop (SGD or Adam, written as pure functions so it vmaps over tasks) needs no second
+derivative and no query batch; the meta-update is any torch optimizer fed with theta - mean(phi).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from gradient_meta.functional import (LossFn, Params, all_reduce_mean, apply_gradient, check_inner_steps,
+                                      check_step_size)
+from icl_metarl.errors import choice_error
+
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class ReptileConfig:
+    """Settings of Reptile's inner training and its meta-update."""
+
+    inner_steps: int = 5
+    """k: optimizer steps on a task's support batch (full batch each step)."""
+    inner_lr: float = 0.01
+    """Learning rate of the inner optimizer."""
+    inner_optimizer: str = "sgd"
+    """'sgd' or 'adam' (Adam state starts fresh for every task)."""
+    meta_lr: float = 0.1
+    """epsilon: fraction of the way the initialisation moves toward the mean adapted weights."""
+    meta_optimizer: str = "sgd"
+    """'sgd' (plain interpolation, the paper's rule) or 'adam' applied to theta - mean(phi)."""
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    """Inner Adam betas; beta1 = 0 as in the Reptile paper's experiments."""
+
+    def __post_init__(self):
+        check_inner_steps(self.inner_steps)
+        check_step_size(self.inner_lr, "inner_lr")
+        check_step_size(self.meta_lr, "meta_lr")
+        for what, v in (("inner optimizer", self.inner_optimizer), ("meta optimizer", self.meta_optimizer)):
+            if v not in INNER_OPTIMIZERS:
+                raise choice_error(what, v, INNER_OPTIMIZERS)
+
+
+def sgd_train(loss: LossFn, params: Params, batch, steps: int, lr: float) -> Params:
+    """``steps`` plain SGD steps on one task."""
+    for _ in range(steps):
+        g = grad(loss)(params, batch)
+        params = {k: p - lr * g[k] for k, p in params.items()}
+    return params
+
+
+def adam_train(loss: LossFn, params: Params, batch, steps: int, lr: float,
+               betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> Params:
+    """``steps`` Adam steps on one task (Kingma & Ba 2015, Algorithm 1), state starting at zero."""
+    b1, b2 = betas
+    m = {k: torch.zeros_like(p) for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    for t in range(1, steps + 1):
+        g = grad(loss)(params, batch)
+        m = {k: b1 * m[k] + (1 - b1) * g[k] for k in params}
+        v = {k: b2 * v[k] + (1 - b2) * g[k] ** 2 for k in params}
+        params = {k: p - lr * (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + eps)
+                  for k, p in params.items()}
+    return params
+
+
+def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConfig) -> tuple[Params, Tensor]:
+    """theta - mean_i(phi_i) over the tasks of ``support`` (leading task axis), and each task's final loss.
+
+    Reptile (Nichol et al. 2018), Algorithm 2 (batched): theta <- theta + eps * mean_i(phi_i - theta);
+    handing theta - mean(phi) to SGD with learning rate eps is exactly that update.
+    """
+    params = {k: v.detach() for k, v in params.items()}
+
+    def one_task(batch):
+        if config.inner_optimizer == "adam":
+            phi = adam_train(loss, params, batch, config.inner_steps, config.inner_lr, config.adam_betas)
+        else:
+            phi = sgd_train(loss, params, batch, config.inner_steps, config.inner_lr)
+        return phi, loss(phi, batch)
+
+    phis, losses = vmap(one_task)(support)  # each phi: (T, *param.shape)
+    return {k: params[k] - phis[k].mean(0) for k in params}, losses
+
+
+class Reptile:
+    """An initialisation and its meta-optimizer, moved toward the weights each task trains to."""
+
+    def __init__(self, params: Params, inner_loss: LossFn, config: ReptileConfig, accelerator=None):
+        self.config, self.inner_loss, self.accelerator = config, inner_loss, accelerator
+        self.params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        opt = torch.optim.SGD if config.meta_optimizer == "sgd" else torch.optim.Adam
+        self.optimizer = opt(list(self.params.values()), lr=config.meta_lr)
+
+    def step(self, support, query=None) -> float:
+        """One meta-update from a batch of tasks; ``query`` is ignored (Reptile has no outer loss)."""
+        direction, losses = reptile_direction(self.inner_loss, self.params, support, self.config)
+        apply_gradient(self.optimizer, self.params, all_reduce_mean(direction, self.accelerator))
+        return float(losses.mean())
