@@ -1,0 +1,260 @@
+"""Policy-gradient pieces of gradient meta-RL: a sampler over trial environments, returns/GAE, losses.
+
+The sampler plays a meta-batch of trials in lockstep on one ``make_trial_envs`` vector environment,
+each trial with its own parameters (leading task axis) or all with the same ones. Returns, advantages
+and losses are pure functions of tensors. Not for: the meta-training loop (``meta_rl.py``).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import einops
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from gradient_meta.policy import Params, baseline_features, entropy, fit_linear_baseline, log_prob, policy_mean
+from icl_metarl.suites import OBS_DIM, TaskSpec, make_trial_envs
+
+OBS_CLIP = 10.0
+
+
+# ------------------------------------------------------------------------------ observation norm
+@dataclass
+class ObsNorm:
+    """Running mean and variance of raw observations (Chan et al. parallel update); frozen when used."""
+
+    mean: Tensor = field(default_factory=lambda: torch.zeros(OBS_DIM, dtype=torch.float64))
+    var: Tensor = field(default_factory=lambda: torch.ones(OBS_DIM, dtype=torch.float64))
+    count: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+
+    def __call__(self, obs: np.ndarray | Tensor) -> Tensor:
+        """Normalised, clipped float32 observations of the same shape."""
+        x = torch.as_tensor(obs, dtype=torch.float64)
+        # Constant slots (the hidden goal is always 0) have variance 0; the floor keeps them at 0.
+        z = (x - self.mean) / torch.sqrt(self.var + 1e-8)
+        return z.clamp(-OBS_CLIP, OBS_CLIP).float()
+
+    def update(self, count: Tensor, mean: Tensor, var: Tensor) -> None:
+        """Merge the moments of a new batch (count, mean (D,), population var (D,)) into the running ones."""
+        self.count, self.mean, self.var = merge_moments(self.count, self.mean, self.var, count, mean, var)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone()}
+
+    @staticmethod
+    def from_state(d: dict[str, Tensor]) -> "ObsNorm":
+        return ObsNorm(d["mean"].double().clone(), d["var"].double().clone(), d["count"].double().clone())
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, population variance) of the rows of ``x`` (N, D), in float64."""
+    x = x.double()
+    return torch.tensor(float(x.shape[0]), dtype=torch.float64), x.mean(0), x.var(0, unbiased=False)
+
+
+def merge_moments(n_a: Tensor, mean_a: Tensor, var_a: Tensor, n_b: Tensor, mean_b: Tensor, var_b: Tensor):
+    """Moments of the union of two samples from the moments of each (Chan, Golub & LeVeque 1979)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    m2 = var_a * n_a + var_b * n_b + delta**2 * n_a * n_b / n
+    return n, mean, m2 / n
+
+
+# ------------------------------------------------------------------------------------ sampler
+@dataclass
+class Rollout:
+    """Episodes of a meta-batch of trials; leading axes (T tasks, E episodes, L steps)."""
+
+    obs: Tensor
+    """(T, E, L, 39) normalised observations the policy saw."""
+    raw_obs: Tensor
+    """(T, E, L, 39) raw observations, for the running normaliser."""
+    act: Tensor
+    """(T, E, L, 4) actions taken (before the environment's clipping)."""
+    logp: Tensor
+    """(T, E, L) log-probability of each action under the sampling policy."""
+    rew: Tensor
+    """(T, E, L) rewards."""
+    success: Tensor
+    """(T, E) 1.0 where the episode succeeded at any step."""
+
+    @property
+    def steps(self) -> int:
+        return int(self.rew.numel())
+
+
+def set_tasks(envs, tasks: Sequence[TaskSpec]) -> None:
+    """Switch the trials of a sync ``make_trial_envs`` vector env to new tasks of the same environments.
+
+    Building Meta-World environments costs ~0.2 s each, as much as 300 steps; a meta-batch reuses
+    them. Reaches into ``TrialEnv`` (``task``, ``_env``), which keeps no other per-task state.
+    """
+    from metaworld import Task
+
+    subs = envs.envs
+    if len(subs) != len(tasks):
+        raise ValueError(f"{len(tasks)} tasks for {len(subs)} environments")
+    for sub, task in zip(subs, tasks):
+        if sub.task.env_name != task.env_name:
+            raise ValueError(f"cannot switch a {sub.task.env_name} trial to a {task.env_name} task")
+        data = {"rand_vec": np.asarray(task.rand_vec, dtype=np.float64), "env_cls": type(sub._env),
+                "partially_observable": True}
+        sub._env.set_task(Task(env_name=task.env_name, data=pickle.dumps(data)))
+        sub._env.max_path_length = sub.episode_length
+        sub.task = task
+
+
+class Sampler:
+    """Plays a meta-batch of trials on one vector environment, reused across meta-batches."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], episode_length: int, seed: int = 0):
+        self.episode_length, self.seed = episode_length, seed
+        self.envs = make_trial_envs(list(tasks), episode_length, seed, mode="sync")
+        self.tasks = list(tasks)
+
+    def set_tasks(self, tasks: Sequence[TaskSpec]) -> None:
+        if [t.env_name for t in tasks] == [t.env_name for t in self.tasks]:
+            set_tasks(self.envs, tasks)
+        else:  # a different mix of environments (ML10/ML45): rebuild
+            self.envs.close()
+            self.envs = make_trial_envs(list(tasks), self.episode_length, self.seed, mode="sync")
+        self.tasks = list(tasks)
+
+    def close(self) -> None:
+        self.envs.close()
+
+    def sample(self, params: Params, norm: ObsNorm, episodes: int, generator: torch.Generator,
+               per_task: bool, deterministic: bool = False) -> Rollout:
+        """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...)."""
+        return sample_episodes(self.envs, params, norm, episodes, self.episode_length, generator, per_task,
+                               deterministic)
+
+
+def _mean_fn(per_task: bool):
+    return vmap(policy_mean) if per_task else policy_mean
+
+
+def sample_episodes(envs, params: Params, norm: ObsNorm, episodes: int, episode_length: int,
+                    generator: torch.Generator, per_task: bool, deterministic: bool = False) -> Rollout:
+    """Play ``episodes`` lockstep episodes on ``envs`` with a Gaussian policy; see ``Sampler.sample``."""
+    n = envs.num_envs
+    mean_fn = _mean_fn(per_task)
+    # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
+    # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _play(envs, params, norm, episodes, episode_length, generator, mean_fn, per_task, deterministic)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _play(envs, params, norm, episodes, episode_length, generator, mean_fn, per_task, deterministic) -> Rollout:
+    n = envs.num_envs
+    params = {k: v.detach() for k, v in params.items()}
+    std = torch.exp(params["log_std"])  # (A,) or (T, A)
+    shape = (n, episodes, episode_length)
+    obs_b = torch.zeros(*shape, OBS_DIM)
+    raw_b = torch.zeros(*shape, OBS_DIM, dtype=torch.float64)
+    act_b = torch.zeros(*shape, std.shape[-1])
+    rew_b = torch.zeros(*shape)
+    succ = torch.zeros(n, episodes)
+    with torch.no_grad():
+        for e in range(episodes):
+            raw, _ = envs.reset()
+            for t in range(episode_length):
+                obs = norm(raw)  # (T, 39)
+                mean = mean_fn(params, obs)  # (T, A)
+                act = mean if deterministic else \
+                    mean + std * torch.randn(mean.shape, generator=generator)
+                raw_b[:, e, t], obs_b[:, e, t], act_b[:, e, t] = torch.as_tensor(raw), obs, act
+                raw, rew, _, _, info = envs.step(act.numpy())
+                rew_b[:, e, t] = torch.as_tensor(rew, dtype=torch.float32)
+                succ[:, e] = torch.maximum(succ[:, e], torch.as_tensor(info["success"], dtype=torch.float32))
+        logp = rollout_log_prob(params, obs_b, act_b, per_task)
+    return Rollout(obs_b, raw_b, act_b, logp, rew_b, succ)
+
+
+def rollout_log_prob(params: Params, obs: Tensor, act: Tensor, per_task: bool) -> Tensor:
+    """log pi(act | obs) for (T, E, L, .) rollouts; (T, E, L)."""
+    if per_task:
+        return vmap(log_prob)(params, obs, act)
+    return log_prob(params, obs, act)
+
+
+# ------------------------------------------------------------------------------- returns / GAE
+def discounted_returns(rew: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go sum_k gamma^k r_{t+k} along the last axis (episodes end at the last step)."""
+    out = torch.zeros_like(rew)
+    running = torch.zeros_like(rew[..., 0])
+    for t in range(rew.shape[-1] - 1, -1, -1):
+        running = rew[..., t] + gamma * running
+        out[..., t] = running
+    return out
+
+
+def gae(rew: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
+    """Generalised advantage estimates (Schulman et al. 2016, eq. 16) along the last axis.
+
+    ``values`` (..., L) are the baseline at each step; the value after the last step is 0 (the episode
+    ends, as in MAML-RL, whose time features let the baseline learn the truncation).
+    """
+    next_values = torch.cat([values[..., 1:], torch.zeros_like(values[..., :1])], dim=-1)
+    delta = rew + gamma * next_values - values
+    return discounted_returns(delta, gamma * lam)
+
+
+def advantages(rollout: Rollout, gamma: float, lam: float, reward_scale: float = 1.0) -> Tensor:
+    """Per-task GAE with a linear baseline fitted on that task's own episodes, normalised per task: (T, E, L).
+
+    Fitting the baseline per task on the same episodes follows MAML-RL (Finn et al. 2017); normalising
+    per task keeps the inner step's size independent of the reward scale.
+    """
+    rew = rollout.rew * reward_scale
+    t_count, e_count, length = rew.shape
+    returns = discounted_returns(rew, gamma)  # (T, E, L)
+    step = einops.repeat(torch.arange(length, dtype=torch.float32) / 100.0, "l -> t e l", t=t_count, e=e_count)
+    feats = baseline_features(rollout.obs, step)  # (T, E, L, F)
+    flat = einops.rearrange(feats, "t e l f -> t (e l) f")
+    weights = torch.stack([fit_linear_baseline(flat[i], returns[i].reshape(-1)) for i in range(t_count)])
+    values = torch.einsum("telf,tf->tel", feats, weights)
+    adv = gae(rew, values, gamma, lam)
+    mu = adv.mean(dim=(1, 2), keepdim=True)
+    sd = adv.std(dim=(1, 2), keepdim=True)
+    return (adv - mu) / (sd + 1e-8)
+
+
+def to_batch(rollout: Rollout, adv: Tensor) -> dict[str, Tensor]:
+    """The per-task batch a loss reads: every leaf (T, N) with N = episodes * steps."""
+    flat = lambda x: einops.rearrange(x, "t e l ... -> t (e l) ...")  # noqa: E731
+    return {"obs": flat(rollout.obs), "act": flat(rollout.act), "logp": flat(rollout.logp),
+            "adv": flat(adv).detach()}
+
+
+# --------------------------------------------------------------------------------------- losses
+def inner_loss(params: Params, batch: dict[str, Tensor]) -> Tensor:
+    """REINFORCE with a baseline on one task's episodes, written as a likelihood ratio to the sampler.
+
+    At the sampling parameters its gradient is REINFORCE's, -mean(grad log pi * A); its Hessian is the
+    low-variance curvature estimate of ProMP (Rothfuss et al. 2019, eq. 13), and further inner steps
+    on the same episodes are importance-weighted.
+    """
+    ratio = torch.exp(log_prob(params, batch["obs"], batch["act"]) - batch["logp"])
+    return -(ratio * batch["adv"]).mean()
+
+
+def make_outer_loss(clip: float = 0.2, entropy_coef: float = 0.0):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) on one task's post-adaptation episodes."""
+    def outer_loss(params: Params, batch: dict[str, Tensor]) -> Tensor:
+        ratio = torch.exp(log_prob(params, batch["obs"], batch["act"]) - batch["logp"])
+        adv = batch["adv"]
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+        return -surrogate.mean() - entropy_coef * entropy(params)
+
+    return outer_loss
