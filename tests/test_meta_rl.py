@@ -1,0 +1,131 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradient_meta.functional import meta_gradient
+from gradient_meta.meta_rl import (KILL_ENV, MetaRLConfig, build_pool, draw_tasks, meta_train)
+from gradient_meta.policy import PolicyConfig, init_policy
+from gradient_meta.rl import ObsNorm, Sampler, advantages, inner_loss, make_outer_loss, to_batch
+from icl_metarl.errors import UsageError
+from icl_metarl.suites import get_suite
+
+TIMING = ("sample_s", "learn_s")
+
+
+@pytest.fixture(scope="module")
+def rl_batches():
+    """Support and query episodes of 3 reach tasks, as meta-training builds them."""
+    tasks = get_suite("ML1:reach-v3").tasks("train")[:3]
+    params = init_policy(PolicyConfig(hidden=(16,)), torch.Generator().manual_seed(0))
+    params = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in params.items()}
+    sampler = Sampler(tasks, 12)
+    g = torch.Generator().manual_seed(2)
+    pre = sampler.sample(params, ObsNorm(), 2, g, per_task=False)
+    support = to_batch(pre, advantages(pre, 0.99, 0.95))
+    from gradient_meta.functional import adapt_tasks
+    post = sampler.sample(adapt_tasks(inner_loss, params, support, 0.1), ObsNorm(), 1, g, per_task=True)
+    sampler.close()
+    return params, support, to_batch(post, advantages(post, 0.99, 0.95))
+
+
+def _loop_meta_gradient(params, step, support, query, steps, outer):
+    """The same meta-gradient with torch.autograd, one task at a time (create_graph through the inner step)."""
+    p = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    a = {k: v.detach().double().requires_grad_() for k, v in step.items()} if isinstance(step, dict) else step
+    total = 0.0
+    n = support["obs"].shape[0]
+    for i in range(n):
+        s = {k: v[i].double() for k, v in support.items()}
+        q = {k: v[i].double() for k, v in query.items()}
+        phi = p
+        for _ in range(steps):
+            g = torch.autograd.grad(inner_loss(phi, s), list(phi.values()), create_graph=True)
+            phi = {k: phi[k] - (a[k] if isinstance(a, dict) else a) * gk for k, gk in zip(phi, g)}
+        total = total + outer(phi, q) / n
+    leaves = list(p.values()) + (list(a.values()) if isinstance(a, dict) else [])
+    grads = torch.autograd.grad(total, leaves)
+    return dict(zip(p, grads[: len(p)])), (dict(zip(a, grads[len(p):])) if isinstance(a, dict) else None)
+
+
+@pytest.mark.parametrize("steps,learned", [(1, False), (2, False), (1, True)])
+def test_rl_meta_gradient_equals_a_per_task_autograd_loop(rl_batches, steps, learned):
+    params, support, query = rl_batches
+    outer = make_outer_loss(0.2, 0.01)
+    step = {k: torch.full_like(v, 0.05) + 0.01 * torch.rand(v.shape) for k, v in params.items()} if learned else 0.05
+    # float64 on both sides, so the comparison measures the maths, not rounding
+    p64 = {k: v.double() for k, v in params.items()}
+    s64 = {k: v.double() for k, v in step.items()} if learned else step
+    sup = {k: v.double() for k, v in support.items()}
+    qry = {k: v.double() for k, v in query.items()}
+    got = meta_gradient(inner_loss, outer, p64, sup, qry, s64, steps, learn_step_size=learned, vectorise=True)
+    want_p, want_a = _loop_meta_gradient(params, step, support, query, steps, outer)
+    for k in params:
+        torch.testing.assert_close(got.params[k], want_p[k], atol=1e-5, rtol=1e-5)
+        if learned:
+            torch.testing.assert_close(got.step_size[k], want_a[k], atol=1e-5, rtol=1e-5)
+    assert max(float(v.abs().max()) for v in want_p.values()) > 1e-4  # not a vacuous match
+
+
+def test_task_draws_are_reproducible_and_pools_avoid_test_tasks():
+    cfg = MetaRLConfig(task_pool="7", meta_batch=4, episode_length=10)
+    pool = build_pool(cfg)
+    test = set(get_suite(cfg.suite).tasks("test"))
+    assert len(pool) == 7 and not (set(pool) & test)
+    assert draw_tasks(cfg, pool, 3) == draw_tasks(cfg, build_pool(cfg), 3)
+    assert draw_tasks(cfg, pool, 3) != draw_tasks(cfg, pool, 4)
+    fresh = MetaRLConfig(task_pool="fresh", meta_batch=3, episode_length=10)
+    assert not (set(draw_tasks(fresh, None, 1)) & test)
+
+
+@pytest.mark.parametrize("bad,match", [({"algo": "ppo"}, "algorithm"), ({"task_pool": "many"}, "task pool"),
+                                       ({"meta_batch": 0}, "meta-batch"), ({"inner_lr": -1.0}, "inner-lr"),
+                                       ({"suite": "ML2"}, "suite")])
+def test_bad_settings_are_usage_errors(bad, match):
+    with pytest.raises(UsageError, match=match):
+        MetaRLConfig(**bad)
+
+
+TINY = ["--meta-batch", "2", "--episode-length", "8", "--iterations", "5", "--checkpoint-every", "2",
+        "--hidden", "8", "--ppo-epochs", "2", "--no-progress"]
+
+
+def _cli(out, algo, env=None):
+    cmd = [sys.executable, "-m", "icl_metarl.cli", "meta-train", "--algo", algo, "--out", str(out), *TINY]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def _strip(log):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in log]
+
+
+@pytest.mark.parametrize("algo", ["meta-sgd"])
+def test_resume_after_sigkill_continues_the_same_run(tmp_path, algo):
+    whole = _cli(tmp_path / "whole", algo)
+    assert whole.returncode == 0, whole.stderr
+    killed = _cli(tmp_path / "run", algo, {KILL_ENV: "3"})
+    assert killed.returncode == -9  # SIGKILL after logging iteration 3, past the checkpoint of iteration 2
+    logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [1, 2, 3]
+    resumed = _cli(tmp_path / "run", algo)
+    assert resumed.returncode == 0, resumed.stderr
+    read = lambda d: [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["iteration"] for r in read(tmp_path / "run")] == [1, 2, 3, 4, 5]
+    assert _strip(read(tmp_path / "run")) == _strip(read(tmp_path / "whole"))
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "whole" / "state.safetensors"), load_file(tmp_path / "run" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    cfg = MetaRLConfig(iterations=1, meta_batch=2, episode_length=6, hidden=(4,), checkpoint_every=1)
+    log = meta_train(cfg, tmp_path, progress=False)
+    assert len(log) == 1 and 0.0 <= log[0]["success_post"] <= 1.0
+    with pytest.raises(UsageError, match="other settings"):
+        meta_train(MetaRLConfig(iterations=2, meta_batch=2, episode_length=6, hidden=(4,), inner_lr=0.2),
+                   tmp_path, progress=False)
+    cfg_json = json.loads((tmp_path / "config.json").read_text())
+    assert cfg_json["model_type"] == "gradient_meta_rl"
