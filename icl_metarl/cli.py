@@ -145,6 +145,53 @@ def _run_evaluate(args) -> None:
     print(f"wrote {args.out}/results.json and {report}")
 
 
+def _add_probe(sub) -> None:
+    from dataclasses import fields
+
+    from icl_metarl.probes import CONTEXT_CONDITIONS, ProbeConfig
+
+    d = {f.name: f.default for f in fields(ProbeConfig)}
+    p = sub.add_parser("probe", help="attention probes of an in-context policy: where it looks, what it uses")
+    p.add_argument("checkpoint", help="in-context policy directory (config.json + model.safetensors)")
+    p.add_argument("--suite", default=d["suite"], help=f"ML1:<env>-v3, ML10 or ML45 (default {d['suite']})")
+    p.add_argument("--out", required=True, help="output directory: metrics.json, PNG heatmaps, probe.md")
+    p.add_argument("--split", default=d["split"], help="test (default) or train tasks")
+    p.add_argument("--trials", type=int, default=d["trials"], help=f"parallel trials (default {d['trials']})")
+    p.add_argument("--episodes", type=int, default=d["episodes"],
+                   help="episodes per trial, >= 2; the last is probed (default: the model's max_context_episodes)")
+    p.add_argument("--episode-length", type=int, default=d["episode_length"],
+                   help="steps per episode (default: the model's max_episode_length)")
+    p.add_argument("--conditions", default=",".join(d["conditions"]),
+                   help=f"comma-separated context interventions, any of {', '.join(CONTEXT_CONDITIONS)} (default all)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the one-head-zeroed replays")
+    p.add_argument("--heads", default="", help="extra heads to draw as query x key maps, e.g. 0.1,2.3 (layer.head)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="environment and shuffle seed (default 0)")
+    p.add_argument("--suite-seed", type=int, default=d["suite_seed"], help="Meta-World benchmark seed (default 0)")
+    p.add_argument("--threads", type=int, default=d["torch_threads"], help=f"torch CPU threads (default {d['torch_threads']})")
+    p.set_defaults(handler=_run_probe)
+
+
+def _run_probe(args) -> None:
+    from icl_metarl.probes import ProbeConfig, probe
+
+    heads = []
+    for item in filter(None, args.heads.split(",")):
+        try:
+            layer, head = (int(x) for x in item.split("."))
+        except ValueError:
+            raise UsageError(f"--heads item {item!r} is not LAYER.HEAD, e.g. 0.1") from None
+        heads.append((layer, head))
+    cfg = ProbeConfig(
+        suite=args.suite, split=args.split, trials=args.trials, episodes=args.episodes,
+        episode_length=args.episode_length, conditions=tuple(filter(None, args.conditions.split(","))),
+        ablate_heads=not args.no_ablation, heads=tuple(heads), seed=args.seed, suite_seed=args.suite_seed,
+        torch_threads=args.threads,
+    )
+    result = probe(args.checkpoint, config=cfg, progress=print)
+    paths = result.save(args.out)
+    print(f"probe took {result.timing['total_s']:.0f} s; wrote {', '.join(p.name for p in paths)} to {args.out}")
+
+
 def _add_meta_train(sub) -> None:
     from gradient_meta.meta_rl import add_arguments
 
@@ -166,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_suites(sub)
-    _add_meta_train(sub)
     _add_generate(sub)
     _add_evaluate(sub)
+    _add_probe(sub)
     return parser
 
 
