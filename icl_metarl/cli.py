@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_suites(sub)
+    _add_meta_train(sub)
     _add_generate(sub)
     _add_evaluate(sub)
     _add_probe(sub)
