@@ -1,0 +1,158 @@
+"""The gradient meta-RL agent: plays a meta-trained policy and adapts it with policy-gradient steps.
+
+It implements ``icl_metarl.agent.Agent``: every ``adapt_every`` episodes of a trial (up to
+``max_adaptations`` times) it takes the inner step(s) on the episodes it just played; ``start_trials``
+forgets the adapted weights. ``adaptive=False`` is the non-adaptive baseline (never steps).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import einops
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from torch.func import vmap
+
+from gradient_meta.functional import adapt
+from gradient_meta.policy import Params, log_prob, policy_mean
+from gradient_meta.rl import ObsNorm, Rollout, advantages, inner_loss, to_batch
+from icl_metarl.agent import Agent
+from icl_metarl.errors import UsageError
+
+MODEL_TYPE = "gradient_meta_rl"
+
+
+@dataclass
+class RLAgentConfig:
+    """How the agent adapts within a trial; defaults repeat what meta-training did."""
+
+    adapt_every: int = 1
+    """Take the inner step(s) after every this many episodes, on those episodes."""
+    max_adaptations: int = 1
+    """Adaptation rounds per trial (meta-training takes one); 0 = never (the non-adaptive baseline)."""
+    inner_steps: int = 1
+    """Policy-gradient steps per adaptation round."""
+    inner_lr: float = 0.1
+    """Step size when the checkpoint has no learned (Meta-SGD) step sizes."""
+    gamma: float = 0.99
+    """Discount of the inner loss's advantages."""
+    gae_lambda: float = 0.95
+    """GAE lambda of the inner loss's advantages."""
+    deterministic: bool = False
+    """Play the policy's mean action instead of sampling (adaptation still learns from what was played)."""
+
+    def __post_init__(self):
+        if not isinstance(self.adapt_every, int) or self.adapt_every < 1:
+            raise UsageError(f"adapt_every must be an integer >= 1, got {self.adapt_every!r}")
+        if not isinstance(self.max_adaptations, int) or self.max_adaptations < 0:
+            raise UsageError(f"max_adaptations must be an integer >= 0, got {self.max_adaptations!r}")
+
+
+class GradientRLAgent(Agent):
+    """A meta-trained Gaussian policy per trial, adapted by the shared inner loop of ``functional.py``."""
+
+    name = "gradient-meta-rl"
+
+    def __init__(self, params: Params, norm: ObsNorm, config: RLAgentConfig, step_sizes: Params | None = None,
+                 name: str | None = None, source: str | None = None):
+        self.params = {k: v.detach().float() for k, v in params.items()}
+        self.step_sizes = {k: v.detach().float() for k, v in step_sizes.items()} if step_sizes else None
+        self.norm, self.config = norm, config
+        self.source = source
+        if name:
+            self.name = name
+        self.start_trials(1, 0)
+
+    # ---- protocol
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        self.trial_params = {k: einops.repeat(v, "... -> b ...", b=num_trials).clone() for k, v in self.params.items()}
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.episodes: list[dict[str, torch.Tensor]] = []  # since the last adaptation
+        self.steps: dict[str, list[torch.Tensor]] = {"obs": [], "act": [], "rew": []}
+        self.adaptations = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        x = self.norm(obs)  # (B, 39)
+        with torch.no_grad():
+            mean = vmap(policy_mean)(self.trial_params, x)  # (B, 4)
+            act = mean if self.config.deterministic else \
+                mean + torch.exp(self.trial_params["log_std"]) * torch.randn(mean.shape, generator=self.generator)
+        self.steps["obs"].append(x)
+        self.steps["act"].append(act)
+        return act.clamp(-1.0, 1.0).numpy()
+
+    def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
+        self.steps["rew"].append(torch.as_tensor(reward, dtype=torch.float32))
+
+    def end_episode(self) -> None:
+        if not self.steps["obs"]:
+            return
+        ep = {k: torch.stack(v, dim=1) for k, v in self.steps.items()}  # (B, L, ...)
+        self.steps = {"obs": [], "act": [], "rew": []}
+        if self.adaptations >= self.config.max_adaptations:
+            return  # nothing more to learn from this trial: keep no buffers
+        self.episodes.append(ep)
+        if len(self.episodes) == self.config.adapt_every:
+            self._adapt()
+            self.episodes = []
+            self.adaptations += 1
+
+    # ---- adaptation
+    def _adapt(self) -> None:
+        """The inner step(s) on this trial's last episodes, from the current (per-trial) parameters."""
+        stack = lambda k: torch.stack([e[k] for e in self.episodes], dim=1)  # noqa: E731  (B, E, L, ...)
+        obs, act, rew = stack("obs"), stack("act"), stack("rew")
+        with torch.no_grad():
+            logp = vmap(log_prob)(self.trial_params, obs, act)  # (B, E, L)
+        rollout = Rollout(obs, obs.double(), act, logp, rew, torch.zeros(obs.shape[:2]))
+        support = to_batch(rollout, advantages(rollout, self.config.gamma, self.config.gae_lambda))
+        step = self.step_sizes if self.step_sizes is not None else self.config.inner_lr
+        steps = self.config.inner_steps
+        self.trial_params = vmap(lambda p, s: adapt(inner_loss, p, s, step, steps, first_order=True))(
+            self.trial_params, support)
+        self.trial_params = {k: v.detach() for k, v in self.trial_params.items()}
+
+    def describe(self) -> dict:
+        from dataclasses import asdict
+
+        return {"name": self.name, "type": type(self).__name__, "checkpoint": self.source,
+                "learned_step_sizes": self.step_sizes is not None, **asdict(self.config)}
+
+
+def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> GradientRLAgent:
+    """The agent of a ``meta-train`` run directory; ``adaptive=False`` never takes an inner step.
+
+    ``overrides`` replace RLAgentConfig fields (e.g. ``deterministic=True``, ``max_adaptations=3``).
+    """
+    path = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise UsageError(f"checkpoint {str(path)!r} has no {name}; expected a directory written by "
+                             f"`icl-metarl meta-train`")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        tensors = st_load((path / "model.safetensors").read_bytes())
+    except Exception as e:  # JSON or safetensors errors: the file is not ours or is damaged
+        raise UsageError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    if config.get("model_type") != MODEL_TYPE:
+        raise UsageError(f"checkpoint {str(path)!r} has model_type {config.get('model_type')!r}; "
+                         f"valid: {MODEL_TYPE!r}")
+    run = config["config"]
+    params = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
+    steps = {k[len("step_size."):]: v for k, v in tensors.items() if k.startswith("step_size.")} or None
+    norm = ObsNorm.from_state({k: tensors[f"obs_norm.{k}"] for k in ("mean", "var", "count")})
+    settings = dict(adapt_every=run["adapt_episodes"], max_adaptations=1, inner_steps=run["inner_steps"],
+                    inner_lr=run["inner_lr"], gamma=run["gamma"], gae_lambda=run["gae_lambda"])
+    settings.update(overrides)
+    if not adaptive:
+        settings["max_adaptations"] = 0
+    try:
+        cfg = RLAgentConfig(**settings)
+    except TypeError as e:
+        raise UsageError(f"bad agent setting: {e}") from None
+    label = f"{run['algo']}-{path.name}"
+    return GradientRLAgent(params, norm, cfg, steps, name=label, source=str(path))
