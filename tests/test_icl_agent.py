@@ -161,3 +161,11 @@ def test_runs_real_trial_envs():
         agent.end_episode()
     envs.close()
     assert agent._length == 10 and agent._cache.length == 10
+
+
+def test_cpu_threads_are_restored_after_each_step():
+    before = torch.get_num_threads()
+    agent = InContextAgent(tiny(), cpu_threads=1)
+    agent.start_trials(B, seed=0)
+    agent.act(np.zeros((B, 39)))
+    assert torch.get_num_threads() == before
