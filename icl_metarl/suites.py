@@ -144,25 +144,34 @@ def sample_new_tasks(
 ) -> list[TaskSpec]:
     """Draw ``count`` new tasks with each environment's own sampler, round-robin over environments.
 
-    Never returns a task equal to one in ``exclude`` (pass the test tasks) or a repeat.
+    Draws as Meta-World builds its benchmarks (an unfrozen, seeded environment reset, so each
+    environment's own rejection rules apply, e.g. goals not too close to the object). Never returns
+    a task equal to one in ``exclude`` (pass the test tasks) or a repeat.
     """
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     if count < 1:
         raise UsageError(f"task count must be >= 1, got {count}")
+    for name in env_names_:
+        if name not in ALL_V3_ENVIRONMENTS:
+            raise choice_error("Meta-World environment", name, env_names())
     banned = {(t.env_name, t.rand_vec) for t in exclude}
-    rng = np.random.default_rng(seed)
     samplers = {}
     out: list[TaskSpec] = []
     tries = 0
     while len(out) < count:
-        name = env_names_[len(out) % len(env_names_)]
+        i = len(out) % len(env_names_)
+        name = env_names_[i]
         if name not in samplers:
             env = ALL_V3_ENVIRONMENTS[name]()
-            samplers[name] = env._random_reset_space
-            env.close()
-        space = samplers[name]
-        vec = tuple(float(x) for x in rng.uniform(space.low, space.high).astype(np.float64))
+            env._set_task_called = True
+            env._freeze_rand_vec = False
+            env.seeded_rand_vec = True
+            env.seed(int(np.random.default_rng([seed, i]).integers(2**31)))
+            samplers[name] = env
+        env = samplers[name]
+        env.reset()
+        vec = tuple(float(x) for x in np.asarray(env._last_rand_vec, dtype=np.float64))
         tries += 1
         if (name, vec) in banned:
             if tries > 100 * count:
@@ -170,6 +179,8 @@ def sample_new_tasks(
             continue
         banned.add((name, vec))
         out.append(TaskSpec(name, vec))
+    for env in samplers.values():
+        env.close()
     return out
 
 
