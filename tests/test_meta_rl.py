@@ -102,6 +102,7 @@ def _strip(log):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in log]
 
 
+@pytest.mark.slow  # three subprocesses: ~60-90 s on the shared 2 cores
 @pytest.mark.parametrize("algo", ["meta-sgd"])
 def test_resume_after_sigkill_continues_the_same_run(tmp_path, algo):
     whole = _cli(tmp_path / "whole", algo)
