@@ -2,6 +2,7 @@
 (c) the same agent recomputing the whole context every step, on parallel ML1 trials (sync vector env).
 
     python scripts/bench_rollout.py --trials 10 20 --episodes 4 --episode-length 100
+    python scripts/bench_rollout.py --backbones      # per-step cached forward: ours vs HF Llama / GPT-2
 
 The model is the default ``ICLPolicyConfig`` (untrained: speed does not depend on the weights). Each
 figure is the best of ``--repeats`` runs, since the machine is shared; ratios are within this run.
@@ -36,6 +37,43 @@ def steps_per_second(agent, envs, num_trials: int, episodes: int, episode_length
     return num_trials * episodes * episode_length / elapsed
 
 
+def backbone_ms_per_step(batch: int = 20, steps: int = 300) -> dict[str, float]:
+    """Per-step cached forward latency (ms) at the default size: this model vs transformers backbones
+    fed ``inputs_embeds`` (the reason model.py writes its own blocks)."""
+    from transformers import DynamicCache, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    c = ICLPolicyConfig()
+    d, n_pos = c.d_model, c.max_positions
+    hf = {
+        "transformers LlamaModel": LlamaModel(LlamaConfig(
+            hidden_size=d, intermediate_size=4 * d, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_head, vocab_size=1, max_position_embeddings=n_pos, bos_token_id=None,
+            eos_token_id=None, pad_token_id=None, attn_implementation="sdpa")),
+        "transformers GPT2Model": GPT2Model(GPT2Config(
+            n_embd=d, n_layer=c.n_layer, n_head=c.n_head, vocab_size=1, n_positions=n_pos, bos_token_id=None,
+            eos_token_id=None, attn_implementation="sdpa")),
+    }
+    out = {}
+    x = torch.randn(batch, 1, d)
+    with torch.inference_mode():
+        for name, model in hf.items():
+            model.eval()
+            cache = DynamicCache()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                cache = model(inputs_embeds=x, past_key_values=cache, use_cache=True).past_key_values
+            out[name] = (time.perf_counter() - t0) / steps * 1e3
+        ours = ICLPolicy(c).eval()
+        cache = ours.new_cache(batch)
+        o, a, r = torch.randn(batch, 1, c.obs_dim), torch.zeros(batch, 1, c.act_dim), torch.zeros(batch, 1)
+        start, step = torch.zeros(batch, 1, dtype=torch.bool), torch.zeros(batch, 1, dtype=torch.long)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ours(o, a, r, start, step, past_key_values=cache, use_cache=True)
+        out["ICLPolicy (static cache, sdpa)"] = (time.perf_counter() - t0) / steps * 1e3
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="ML1:reach-v3")
@@ -44,7 +82,16 @@ def main() -> None:
     p.add_argument("--episode-length", type=int, default=100, help="steps per episode (short, to keep it quick)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting; the best is reported")
     p.add_argument("--skip-recompute", action="store_true", help="leave out (c), the slowest")
+    p.add_argument("--backbones", action="store_true", help="only time one cached step of each backbone")
     args = p.parse_args()
+    if args.backbones:
+        torch.set_num_threads(1)  # as the agent runs its steps (InContextAgent.cpu_threads)
+        times = backbone_ms_per_step()
+        ours = times["ICLPolicy (static cache, sdpa)"]
+        print(f"one cached step, batch 20, default size, torch threads {torch.get_num_threads()}:")
+        for name, ms in times.items():
+            print(f"  {name:32s} {ms:6.2f} ms/step  ({ms / ours:.1f}x ours)")
+        return
 
     config = ICLPolicyConfig()  # the default model, max_context_episodes=4 >= --episodes: no re-encoding
     torch.manual_seed(0)
