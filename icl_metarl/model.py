@@ -7,8 +7,9 @@ Why the backbone is written here and not taken from ``transformers``: the agent 
 step for a batch of trials, so per-step latency bounds the rollout speed. Measured on the 2-core CPU
 (batch 20, d=128, 4 layers, 4 heads, 400 cached steps, torch 2 threads): HF ``LlamaModel`` with a
 ``DynamicCache`` 9.5 ms/step, HF ``GPT2Model`` 3.5 ms/step, the nanoGPT-style blocks below with a
-preallocated static KV cache and SDPA 1.9 ms/step. Ten reach-v3 trials step at ~5 ms per vector step,
-so only the last one leaves the agent at >= 0.7x a random policy's speed (docs/benchmarks.md).
+preallocated static KV cache and SDPA 1.9 ms/step (2.1x / 1.3x / 1x again under heavy load). Ten
+reach-v3 trials step at ~5 ms per vector step, so the step cost of the model decides whether the agent
+keeps >= 0.7x of a random policy's speed (docs/benchmarks.md).
 """
 
 from __future__ import annotations
