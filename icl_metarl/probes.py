@@ -617,7 +617,7 @@ def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin=None, vmax=None, c
     v = np.asarray(values, dtype=np.float64)
     norm = None
     if center is not None and np.isfinite(v).any():
-        span = max(np.nanmax(np.abs(v - center)), 1e-9)
+        span = max(np.nanmax(np.abs(v - center)), 0.05)  # all-equal grids get a readable scale
         norm = mcolors.TwoSlopeNorm(vcenter=center, vmin=center - span, vmax=center + span)
     im = ax.imshow(np.ma.masked_invalid(v), cmap=cmap, vmin=None if norm else vmin, vmax=None if norm else vmax,
                    norm=norm, aspect="auto")
