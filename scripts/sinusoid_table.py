@@ -60,7 +60,7 @@ def main() -> None:
         cells += [f"{paper[k][0]:.2f} ± {paper[k][1]:.2f}" if k in paper else "-" for k in args.shots]
         print(f"| {algo} | " + " | ".join(cells) + " |")
     total = sum(r["train_seconds"] for r in rows)
-    print(f"\ntotal training time {total:.0f}s; {args.iterations} iterations per run, meta-batch 25, "
+    print(f"\ntotal training wall-clock {total:.0f}s; {args.iterations} iterations per run, meta-batch 25, "
           f"{args.eval_tasks} test tasks x 100 query points")
 
 
