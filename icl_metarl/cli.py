@@ -99,6 +99,20 @@ def _run_generate(args) -> None:
     generate(cfg, args.out)
 
 
+def _add_pretrain(sub) -> None:
+    from icl_metarl.train import add_arguments
+
+    p = sub.add_parser("pretrain", help="pretrain the in-context policy on histories (same as python -m icl_metarl.train)")
+    add_arguments(p)
+    p.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args) -> None:
+    from icl_metarl.train import run_from_args
+
+    run_from_args(args)
+
+
 def _add_evaluate(sub) -> None:
     from icl_metarl.evaluation import EvalConfig
 
@@ -247,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suites(sub)
     _add_meta_train(sub)
     _add_generate(sub)
+    _add_pretrain(sub)
     _add_evaluate(sub)
     _add_probe(sub)
     _add_sinusoid(sub)

@@ -167,6 +167,10 @@ class WindowSampler(Sampler[int]):
             return np.arange(self.num_windows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
 
+    def window_at(self, position: int) -> int:
+        """The window at ``position`` of the global stream (the same on every rank)."""
+        return int(self._epoch_order(position // self.num_windows)[position % self.num_windows])
+
     def __iter__(self) -> Iterator[int]:
         end = None if self.epochs is None else self.epochs * self.num_windows
         pos = self.start + self.rank

@@ -1,0 +1,401 @@
+"""Pretraining of the in-context policy: one loop for one CPU, several processes, GPUs and nodes.
+
+    python -m icl_metarl.train --data data/reach --out runs/icl-reach          # one process
+    icl-metarl pretrain --data data/reach --out runs/icl-reach                 # the same
+    accelerate launch --num_processes 2 -m icl_metarl.train --data ... --out ...  # data parallel
+
+The loop reads top to bottom: batch, loss, backward, step, log, checkpoint. Every process takes its
+own share of each global batch (disjoint windows), so N processes with batch b equal one with N*b.
+Checkpoints are accelerate ``save_state`` directories written under a temporary name and renamed.
+Not for: data generation (histories.py) or evaluation (evaluation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icl_metarl.errors import UsageError, choice_error
+from icl_metarl.files import atomic_write_json, versions
+
+MIXED_PRECISION = ("auto", "no", "bf16")
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run depends on; saved as ``train_config.json`` in the run directory."""
+
+    data: list[str] = field(default_factory=list)
+    """history directories written by `icl-metarl generate` (several: relabelled rounds add theirs)"""
+    out: str = "runs/icl"
+    """run directory: final model (config.json, model.safetensors), log.jsonl, checkpoints/"""
+    target: str = "expert"
+    """training target: 'expert' (DPT: the expert's action for the state) or 'taken' (AD-eps)"""
+    episodes_per_window: int = 4
+    """whole consecutive episodes of one trial per training window (the model's trained context)"""
+    batch_size: int = 8
+    """windows per optimizer step over all processes (each process takes batch_size / processes)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (each of batch_size / grad_accum windows)"""
+    steps: int = 1000
+    """optimizer steps"""
+    lr: float = 1e-3
+    """peak learning rate of AdamW"""
+    min_lr_ratio: float = 0.1
+    """the cosine schedule ends at lr * min_lr_ratio"""
+    warmup_steps: int = 50
+    """linear warm-up steps before the cosine decay"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (matrices only)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'no' or 'bf16'"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, ~30% slower)"""
+    d_model: int = 128
+    """model width"""
+    n_layer: int = 4
+    """Transformer blocks"""
+    n_head: int = 4
+    """attention heads"""
+    action_head: str = "deterministic"
+    """'deterministic' (MSE) or 'tanh_gaussian' (NLL)"""
+    dropout: float = 0.0
+    """dropout during training"""
+    log_every: int = 10
+    """steps between log lines"""
+    checkpoint_every: int = 200
+    """steps between full training-state checkpoints (0: only at the end)"""
+    keep_checkpoints: int = 2
+    """complete checkpoints kept (the oldest are deleted)"""
+    seed: int = 0
+    """seed of the model initialisation and the window order"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in out/checkpoints"""
+    progress: bool = True
+    """show a progress bar"""
+    kill_after: int = 0
+    """simulate a crash: SIGKILL this process after this many steps of this invocation (tests; 0: never)"""
+    trace_windows: bool = False
+    """append the stream positions and windows each process trained on to windows-rank<r>.jsonl (tests)"""
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    if not cfg.data:
+        raise UsageError("no --data directory given")
+    for d in cfg.data:
+        if not Path(d).is_dir():
+            raise UsageError(f"data directory {d} does not exist")
+    if cfg.target not in ("expert", "taken"):
+        raise choice_error("target", cfg.target, ("expert", "taken"))
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise choice_error("mixed precision", cfg.mixed_precision, MIXED_PRECISION)
+    for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UsageError(f"lr must be > 0, got {cfg.lr}")
+    return cfg
+
+
+# -------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Checkpoint directories that were fully written, oldest first (a temporary one never counts)."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_NAME).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, run: Path, step: int, keep: int) -> None:
+    """accelerate ``save_state`` into a temporary directory, then one rename makes it complete."""
+    root = run / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / STATE_NAME, {"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint we resume from)."""
+    if not log.exists():
+        return
+    kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    from icl_metarl.files import atomic_write_text
+
+    atomic_write_text(log, "".join(l + "\n" for l in kept))
+
+
+# ------------------------------------------------------------------------------------------ data
+class WindowStream:
+    """The global, seeded stream of training windows; a step's batch is a slice of it.
+
+    Position p of the stream is the same window on every process, so process r of N taking
+    positions [first + r*b, first + (r+1)*b) makes N processes of batch b equal one of batch N*b.
+    """
+
+    def __init__(self, dirs, episodes_per_window: int, seed: int):
+        from icl_metarl.windows import WindowDataset, WindowSampler
+
+        self.dataset = WindowDataset(dirs, episodes_per_window)
+        self.sampler = WindowSampler(len(self.dataset), seed=seed)
+        manifest = self.dataset.sources[0].manifest
+        self.episode_length = self.dataset.episode_length
+        self.obs_dim, self.act_dim = int(manifest["obs_dim"]), int(manifest["act_dim"])
+        self.suite = manifest["settings"]["suite"]
+
+    def batch(self, positions: range) -> dict:
+        import torch
+
+        items = [self.dataset[self.sampler.window_at(p)] for p in positions]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}  # (B, W, ...)
+
+    def mean_action_mse(self, target: str, windows: int = 256) -> float:
+        """MSE of predicting the data's mean action for every step: the loss a model must beat."""
+        key = "expert_actions" if target == "expert" else "actions"
+        acts = self.batch(range(min(windows, len(self.dataset))))[key]  # (B, W, A)
+        return float(((acts - acts.mean(dim=(0, 1))) ** 2).mean())
+
+    def task_pools(self) -> list[dict]:
+        return [
+            {"dir": str(h.path), "split": h.manifest["settings"]["split"],
+             "task_pool": h.manifest["settings"].get("task_pool"), "tasks": len(h.manifest["tasks"]),
+             "source": h.manifest.get("source", "expert histories")}
+            for h in self.dataset.sources
+        ]
+
+
+# ------------------------------------------------------------------------------------------ loop
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops and its last good checkpoint stays."""
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) pretraining; returns the final log record."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+
+    check_config(cfg)
+    run = Path(cfg.out)
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    # cpu=True on a machine without CUDA makes several launched processes MULTI_CPU (gloo).
+    # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UsageError(
+            f"batch size {cfg.batch_size} must divide among {world} processes x {cfg.grad_accum} accumulation steps"
+        )
+    checkpoints = complete_checkpoints(run)
+    if checkpoints and not cfg.resume:
+        raise UsageError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
+
+    stream = WindowStream(cfg.data, episodes_per_window=cfg.episodes_per_window, seed=cfg.seed)
+    set_seed(cfg.seed)
+    model_config = ICLPolicyConfig(
+        d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, action_head=cfg.action_head,
+        dropout=cfg.dropout, max_episode_length=stream.episode_length,
+        max_context_episodes=cfg.episodes_per_window, obs_dim=stream.obs_dim, act_dim=stream.act_dim,
+    )
+    model = ICLPolicy(model_config)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start = 0
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        start = json.loads((checkpoints[-1] / STATE_NAME).read_text())["step"]
+    log = run / "log.jsonl"
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run / "train_config.json", dataclasses.asdict(cfg))
+        _trim_log(log, start)
+        if start == 0:
+            baseline = stream.mean_action_mse(cfg.target)
+            atomic_write_json(run / "baseline.json", {"mean_action_mse": baseline, "target": cfg.target})
+
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    tokens_per_step = cfg.batch_size * cfg.episodes_per_window * stream.episode_length
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
+               desc="pretrain", unit="step", dynamic_ncols=True)
+    record: dict = {}
+    t_last, steps_since = time.perf_counter(), 0
+    model.train()
+    for step in range(start, cfg.steps):
+        # sample: this process's share of the global batch `step`, in grad_accum micro-batches
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=accelerator.device)
+        for k in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + k) * micro * world + rank * micro
+            batch = {n: v.to(accelerator.device) for n, v in stream.batch(range(first, first + micro)).items()}
+            if cfg.trace_windows:
+                with open(run / f"windows-rank{rank}.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "windows": batch["window"].tolist()}) + "\n")
+            # compute
+            with accelerator.autocast():
+                loss = batch_loss(model, batch, cfg.target)
+            accelerator.backward(loss / cfg.grad_accum)
+            total += loss.detach() / cfg.grad_accum
+        mean_loss = accelerator.reduce(total, reduction="mean").item()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(
+                f"loss became {mean_loss} at step {step}; stopped without saving. The last good checkpoint "
+                f"in {run / 'checkpoints'} is intact (lower --lr or check the data)"
+            )
+        # update
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        steps_since += 1
+        done = step + 1
+        # log
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            record = {
+                "step": done, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": steps_since * tokens_per_step / (now - t_last),
+                "tokens": done * tokens_per_step,
+            }
+            t_last, steps_since = now, 0
+            if accelerator.is_main_process:
+                with open(log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        # checkpoint
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints)
+        if cfg.kill_after and done - start >= cfg.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        final.save_pretrained(run)
+        atomic_write_json(run / "training.json", {
+            "data": [str(Path(d).resolve()) for d in cfg.data],
+            "task_pools": stream.task_pools(),
+            "suite": stream.suite,
+            "target": cfg.target,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "processes": world,
+            "final_loss": record.get("loss"),
+            "versions": versions(),
+        })
+    accelerator.wait_for_everyone()
+    return record
+
+
+def batch_loss(model, batch: dict, target: str):
+    """The action loss of a windows batch, called through the (possibly DDP-wrapped) model's forward
+    so that gradients are all-reduced in backward."""
+    from icl_metarl.model import shift_previous, action_loss
+
+    prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
+    out = model(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
+    return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
+
+
+# -------------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, with its docstring as help: one source of truth."""
+    docs = _field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "data":
+            p.add_argument(flag, nargs="+", required=True, help=docs[f.name])
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=kind, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
+
+
+def _field_docs() -> dict[str, str]:
+    """The string literal under each TrainConfig field, read from this file's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    record = train(config_from_args(args))
+    if record and int(os.environ.get("RANK", "0")) == 0:
+        print(f"step {record['step']}: loss {record['loss']:.5f}, {record['tokens_per_s']:.0f} tokens/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="icl_metarl.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        run_from_args(args)
+    except (UsageError, NonFiniteLoss) as e:
+        print(f"icl_metarl.train: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from icl_metarl.errors import UsageError
+from icl_metarl.histories import GenerateConfig, generate
+from icl_metarl.train import TrainConfig, lr_factor, train
+
+TINY = ["--episodes-per-window", "2", "--d-model", "16", "--n-layer", "1", "--n-head", "2", "--batch-size", "4", "--log-every", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hist") / "reach"
+    generate(GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=3, episode_length=20,
+                            trials_per_shard=3, workers=1), out, progress=False)
+    return out
+
+
+def _run(args, env=None):
+    return subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "icl_metarl.train", "--data", str(data), "--out", str(out), *TINY, *extra]
+
+
+def _weights(run):
+    return load_file(str(Path(run) / "model.safetensors"))
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run) / "log.jsonl").read_text().splitlines())}
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    f = [lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_two_processes_match_one_with_the_same_global_batch_and_see_disjoint_windows(data, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    r = _run(_train_cmd(data, single, "--steps", "4", "--trace-windows"))
+    assert r.returncode == 0, r.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617"]
+    r = _run(launch + ["-m", "icl_metarl.train"] + _train_cmd(data, multi, "--steps", "4", "--trace-windows")[3:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(single), _weights(multi)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert _losses(single) == pytest.approx(_losses(multi), rel=1e-5)
+    # The two ranks trained on disjoint windows whose union is the single process's batch.
+    ranks = [[json.loads(l) for l in (multi / f"windows-rank{i}.jsonl").read_text().splitlines()] for i in (0, 1)]
+    one = [json.loads(l) for l in (single / "windows-rank0.jsonl").read_text().splitlines()]
+    for step in range(4):
+        w0, w1 = ranks[0][step]["windows"], ranks[1][step]["windows"]
+        assert len(w0) == len(w1) == 2 and not set(w0) & set(w1)
+        assert sorted(w0 + w1) == sorted(one[step]["windows"])
+
+
+def test_resume_after_sigkill_equals_a_straight_run(data, tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    r = _run(_train_cmd(data, straight, "--steps", "8", "--checkpoint-every", "4", "--dropout", "0.1"))
+    assert r.returncode == 0, r.stderr
+    # Killed with SIGKILL two steps after its checkpoint at step 4: steps 5-6 are lost and redone.
+    r = _run(_train_cmd(data, crashed, "--steps", "8", "--checkpoint-every", "4", "--dropout", "0.1", "--kill-after", "6"))
+    assert r.returncode == -9
+    assert not (crashed / "model.safetensors").exists()
+    refused = _run(_train_cmd(data, crashed, "--steps", "8", "--checkpoint-every", "4", "--dropout", "0.1"))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    r = _run(_train_cmd(data, crashed, "--steps", "8", "--checkpoint-every", "4", "--dropout", "0.1", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert _losses(crashed) == _losses(straight)  # every step, bit for bit (dropout RNG restored too)
+    a, b = _weights(straight), _weights(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+    import icl_metarl.train as T
+
+    real = T.batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, target):
+        calls["n"] += 1
+        loss = real(model, batch, target)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(T, "batch_loss", poisoned)
+    cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=6, episodes_per_window=2, checkpoint_every=2, batch_size=2,
+                      d_model=16, n_layer=1, n_head=2, progress=False)
+    with pytest.raises(T.NonFiniteLoss, match="step 3"):
+        train(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002"]
+
+
+def test_bad_settings_are_one_line_errors(data, tmp_path):
+    r = _run(_train_cmd(data, tmp_path / "x", "--steps", "2", "--batch-size", "3", "--grad-accum", "2"))
+    assert r.returncode == 2 and "batch size 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _run(_train_cmd(tmp_path / "missing", tmp_path / "x", "--steps", "2"))
+    assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(UsageError, match="target"):
+        train(TrainConfig(data=[str(data)], target="reward"))
