@@ -72,6 +72,9 @@ class GenerateConfig:
     """Meta-World benchmark seed: which train/test tasks the suite has (use the evaluator's)."""
     workers: int = 0
     """Worker processes; 0 = one per core. Does not change the data."""
+    policy: str = ""
+    """On-policy relabelling: an in-context checkpoint that plays the trials with its own context
+    (noise settings unused); every step is still labelled with the expert's action. Empty: the expert."""
 
 
 # ------------------------------------------------------------------------------------------ noise
@@ -138,6 +141,8 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
         raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian, got {cfg.noise_max!r}")
     if not isinstance(cfg.workers, (int, np.integer)) or cfg.workers < 0:
         raise UsageError(f"workers must be >= 0 (0 = one per core), got {cfg.workers!r}")
+    if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
+        raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
     pool = parse_task_pool(cfg.task_pool)
     if cfg.split == "test" and pool != "benchmark":
         raise UsageError(f"task pool {cfg.task_pool!r} draws new train tasks; with split 'test' only 'benchmark' is valid")
@@ -179,6 +184,8 @@ def _settings(cfg: GenerateConfig) -> dict:
     d = asdict(cfg)
     d.pop("workers")
     d["task_pool"] = str(parse_task_pool(cfg.task_pool))
+    if cfg.policy:  # the policy's weights, not only its path, determine the data
+        d["policy_sha256"] = _sha256_file(Path(cfg.policy) / "model.safetensors")
     return d
 
 
@@ -209,16 +216,23 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
     reward_buf = np.empty((T, K, L), np.float32)
     success_buf = np.empty((T, K, L), np.uint8)
     envs = make_trial_envs(tasks, L, seed=shard_seed % (2**31 - T))
+    # The learner whose trials are recorded: the annealed-noise expert, or (relabelling) a policy
+    # playing with its own context, its actions taken and the expert's recorded as the label.
+    policy = _load_policy(cfg.policy, T, shard_seed) if cfg.policy else None
     try:
         for k in range(K):
             obs, info = envs.reset()  # autoreset is off: every trial starts episode k together
             for j in range(L):
                 expert = expert_actions(names, obs, info["goal"])  # (T, 4)
-                taken = perturb(expert, cfg.noise_kind, float(levels[k]), rng)
+                taken = policy.act(obs) if policy else perturb(expert, cfg.noise_kind, float(levels[k]), rng)
                 obs_buf[:, k, j], expert_buf[:, k, j], taken_buf[:, k, j] = obs, expert, taken
                 obs, reward, _, _, info = envs.step(taken)
                 reward_buf[:, k, j] = reward
                 success_buf[:, k, j] = np.asarray(info["success"]) > 0
+                if policy:
+                    policy.observe(reward_buf[:, k, j], success_buf[:, k, j])
+            if policy:
+                policy.end_episode()
     finally:
         envs.close()
     episode = np.broadcast_to(np.arange(K, dtype=np.int16)[None, :, None], (T, K, L))
@@ -233,6 +247,15 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
         "episode": flat(episode),  # (N,)
         "step": flat(step),  # (N,)
     }
+
+
+def _load_policy(path: str, trials: int, seed: int):
+    """The in-context agent of checkpoint ``path``, started on ``trials`` new trials."""
+    from icl_metarl.icl_agent import InContextAgent
+
+    agent = InContextAgent.from_pretrained(path)
+    agent.start_trials(trials, seed % (2**31))
+    return agent
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -269,6 +292,7 @@ def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "complete": False,
+        "source": f"trials of policy {cfg.policy}, expert-labelled" if cfg.policy else "annealed-noise expert",
         "settings": _settings(cfg),
         "pool": {
             "kind": pool if isinstance(pool, str) else "count",

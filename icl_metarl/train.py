@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from icl_metarl.errors import UsageError, choice_error
 from icl_metarl.files import atomic_write_json, versions
 
@@ -85,6 +87,14 @@ class TrainConfig:
     """continue from the newest complete checkpoint in out/checkpoints"""
     progress: bool = True
     """show a progress bar"""
+    init_from: str = ""
+    """initialise the weights from this in-context checkpoint directory (empty: random init)"""
+    relabel_rounds: int = 0
+    """on-policy relabelling (DAgger) rounds: training is cut into rounds+1 phases of steps/(rounds+1);
+    after each phase the policy plays trials on the data's task pool with its own context, every step
+    labelled with the expert's action, and those trials join the data of the next phase"""
+    relabel_trials: int = 0
+    """trials the policy plays per round (0: as many as the first data directory holds)"""
     kill_after: int = 0
     """simulate a crash: SIGKILL this process after this many steps of this invocation (tests; 0: never)"""
     trace_windows: bool = False
@@ -106,6 +116,12 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise UsageError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.relabel_rounds < 0 or cfg.relabel_trials < 0:
+        raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
+    if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:
+        raise UsageError(f"steps={cfg.steps} cannot be cut into {cfg.relabel_rounds + 1} phases (relabel rounds + 1)")
+    if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
+        raise UsageError(f"--init-from {cfg.init_from}: no model.safetensors there")
     return cfg
 
 
@@ -235,6 +251,15 @@ def train(cfg: TrainConfig) -> dict:
         max_context_episodes=cfg.episodes_per_window, obs_dim=stream.obs_dim, act_dim=stream.act_dim,
     )
     model = ICLPolicy(model_config)
+    if cfg.init_from:
+        start_model = ICLPolicy.from_pretrained(cfg.init_from)
+        shape = ("obs_dim", "act_dim", "d_model", "n_layer", "n_head", "action_head", "max_episode_length",
+                 "max_context_episodes")
+        differ = [k for k in shape if getattr(start_model.config, k) != getattr(model_config, k)]
+        if differ:
+            raise UsageError(f"--init-from {cfg.init_from} differs from this run's model in {', '.join(differ)}")
+        model.load_state_dict(start_model.state_dict())
+        model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -345,6 +370,57 @@ def batch_loss(model, batch: dict, target: str):
     return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
 
 
+# ------------------------------------------------------------------------------ relabel rounds
+def pretrain(cfg: TrainConfig) -> dict:
+    """Pretraining with ``relabel_rounds`` on-policy relabelling rounds (plain ``train`` for 0).
+
+    Round r lives in ``out/round-r``: its relabelled trials (r >= 1, a histories directory played by
+    round r-1's policy) and its training run (initialised from round r-1's weights). Every piece
+    resumes by itself, so rerunning with --resume continues a killed run where it stopped.
+    """
+    check_config(cfg)
+    if cfg.relabel_rounds == 0:
+        return train(cfg)
+    from icl_metarl.histories import GenerateConfig, generate, load_histories
+
+    run = Path(cfg.out)
+    if (run / "round-0").exists() and not cfg.resume:
+        raise UsageError(f"{run} already holds relabelling rounds; pass --resume to continue it, or choose another --out")
+    base = load_histories(cfg.data[0], verify=False).manifest["settings"]
+    phases = cfg.relabel_rounds + 1
+    data, init, record, rounds = list(cfg.data), cfg.init_from, {}, []
+    for r in range(phases):
+        phase = run / f"round-{r}"
+        if r > 0:
+            relabelled = phase / "relabelled"
+            gen = GenerateConfig(
+                suite=base["suite"], split="train", task_pool=base["task_pool"],
+                trials=cfg.relabel_trials or base["trials"], episodes_per_trial=base["episodes_per_trial"],
+                episode_length=base["episode_length"], trials_per_shard=base["trials_per_shard"],
+                seed=base["seed"], suite_seed=base["suite_seed"], workers=1, policy=str(init),
+            )
+            manifest = generate(gen, relabelled, progress=cfg.progress)
+            data.append(str(relabelled))
+            per_episode = np.sum([s["successful_trials_per_episode"] for s in manifest["shards"].values()], 0)
+            rounds.append({"round": r, "data": str(relabelled),
+                           "policy_success_per_episode": (per_episode / gen.trials).round(3).tolist()})
+        steps = cfg.steps // phases + (cfg.steps % phases if r == phases - 1 else 0)
+        phase_cfg = dataclasses.replace(cfg, data=data, out=str(phase / "train"), steps=steps,
+                                        relabel_rounds=0, init_from=str(init) if init else "",
+                                        resume=True, warmup_steps=min(cfg.warmup_steps, steps))
+        if not (phase / "train" / "model.safetensors").is_file():
+            record = train(phase_cfg)
+        init = phase / "train"
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(init / name, run / f".{name}.tmp")
+            os.replace(run / f".{name}.tmp", run / name)
+        training = json.loads((init / "training.json").read_text())
+        training.update({"relabel_rounds": rounds, "steps": cfg.steps, "data": [str(Path(d).resolve()) for d in data]})
+        atomic_write_json(run / "training.json", training)
+    return record
+
+
 # -------------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, with its docstring as help: one source of truth."""
@@ -379,7 +455,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    record = train(config_from_args(args))
+    record = pretrain(config_from_args(args))
     if record and int(os.environ.get("RANK", "0")) == 0:
         print(f"step {record['step']}: loss {record['loss']:.5f}, {record['tokens_per_s']:.0f} tokens/s")
 
