@@ -252,6 +252,20 @@ def _run_sinusoid(args) -> None:
     run_cli(args)
 
 
+def _add_quickstart(sub) -> None:
+    from icl_metarl.quickstart import add_arguments
+
+    p = sub.add_parser("quickstart", help="the whole study, small, on a CPU: generate, pretrain, MAML, evaluate, probe, report")
+    add_arguments(p)
+    p.set_defaults(handler=_run_quickstart)
+
+
+def _run_quickstart(args) -> None:
+    from icl_metarl.quickstart import run_from_args
+
+    run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icl-metarl",
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_probe(sub)
     _add_sinusoid(sub)
+    _add_quickstart(sub)
     return parser
 
 

@@ -1,0 +1,600 @@
+"""The whole study in one command: histories, in-context pretraining, MAML, evaluation of both against the
+baselines on the test split, attention probes, and one ``report.md`` linking the tables and figures.
+
+Each stage writes ``DIR/done/<stage>.json`` when it finishes, so a rerun reuses finished stages (and
+refuses one finished with other settings); generation, pretraining and meta-training resume a killed run
+by themselves. Not for: the stages' own logic, which lives in their modules. Study configurations are
+JSON files (``configs/``) read by ``load_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from icl_metarl.errors import UsageError, choice_error
+from icl_metarl.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# The stage modules (torch, Meta-World) are imported where used, so `icl-metarl --help` stays fast.
+
+STAGES = ("generate", "pretrain", "meta-train", "evaluate", "probe", "report")
+SIZES = ("tiny", "default")
+#: stages that may run under `accelerate launch` with several processes (the others would run N times)
+DISTRIBUTED_STAGES = ("pretrain", "meta-train")
+#: where each stage writes, under the quickstart directory
+DIRS = {"generate": "histories", "pretrain": "icl", "meta-train": "gradient", "evaluate": "eval", "probe": "probe"}
+DONE_DIR = "done"
+
+
+def _default_generate():
+    from icl_metarl.histories import GenerateConfig
+
+    # A fresh goal per trial: 50 benchmark goals are memorised, not searched for (DESIGN.md, first probe).
+    return GenerateConfig(task_pool="fresh", trials=400, episodes_per_trial=4, trials_per_shard=25, workers=1)
+
+
+def _default_pretrain():
+    from icl_metarl.train import TrainConfig
+
+    return TrainConfig(target="expert", episodes_per_window=4, batch_size=8, steps=1500, d_model=128, n_layer=4,
+                       n_head=4, checkpoint_every=250, log_every=25)
+
+
+def _default_meta_train():
+    from gradient_meta.meta_rl import MetaRLConfig
+
+    return MetaRLConfig(algo="maml", iterations=40, meta_batch=10, episode_length=100, checkpoint_every=5)
+
+
+def _default_evaluate():
+    from icl_metarl.evaluation import EvalConfig
+
+    return EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=20, batch_size=20)
+
+
+def _default_probe():
+    from icl_metarl.probes import ProbeConfig
+
+    return ProbeConfig(trials=5)
+
+
+@dataclass
+class QuickstartConfig:
+    """Every stage's settings; the defaults are the CPU quickstart (target: <= 20 minutes on 2 cores)."""
+
+    name: str = "quickstart"
+    """label of the study, printed in the report"""
+    description: str = "the whole study, small, on a CPU"
+    """one line saying what this configuration is for"""
+    budget: str = "about 20 minutes on a 2-core CPU"
+    """what a run costs (time, hardware), as measured or estimated; written into the report"""
+    suite: str = "ML1:reach-v3"
+    """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""
+    suite_seed: int = 0
+    """Meta-World benchmark seed of every stage: which tasks are train and test"""
+    episode_length: int = 100
+    """steps per episode in every stage (histories, model context, MAML, evaluation, probes)"""
+    stages: tuple[str, ...] = STAGES
+    """stages to run, in the order of STAGES (a study may leave some out)"""
+    generate: GenerateConfig = field(default_factory=_default_generate)
+    """history generation on the train split (suite, episode length, split are set from above)"""
+    pretrain: TrainConfig = field(default_factory=_default_pretrain)
+    """in-context pretraining (data, out and resume are set by the quickstart)"""
+    meta_train: MetaRLConfig = field(default_factory=_default_meta_train)
+    """gradient meta-RL (algo: maml, meta-sgd or reptile)"""
+    evaluate: EvalConfig = field(default_factory=_default_evaluate)
+    """the shared evaluator on the test split; every checkpoint also plays its non-adaptive variant"""
+    probe: ProbeConfig = field(default_factory=_default_probe)
+    """attention probes of the in-context policy on test tasks"""
+
+
+SECTIONS = {"generate": "generate", "pretrain": "pretrain", "meta_train": "meta-train", "evaluate": "evaluate",
+            "probe": "probe"}
+#: fields a section may not set: the quickstart sets them, from the top level or its directory layout
+OWNED = {
+    "generate": ("suite", "suite_seed", "episode_length", "split"),
+    "pretrain": ("data", "out", "resume"),
+    "meta_train": ("suite", "suite_seed", "episode_length"),
+    "evaluate": ("suite", "task_seed", "episode_length", "split"),
+    "probe": ("suite", "suite_seed", "episode_length", "split"),
+}
+#: settings that change how a stage runs, not what it produces: left out of the done-marker comparison
+NOT_RESULTS = ("workers", "progress", "resume", "kill_after", "trace_windows", "torch_threads", "vector")
+
+
+def tiny() -> QuickstartConfig:
+    """A reduced quickstart for tests and a first look (about a minute): every stage, tiny sizes."""
+    from gradient_meta.meta_rl import MetaRLConfig
+    from icl_metarl.evaluation import EvalConfig
+    from icl_metarl.histories import GenerateConfig
+    from icl_metarl.probes import ProbeConfig
+    from icl_metarl.train import TrainConfig
+
+    return QuickstartConfig(
+        name="quickstart-tiny", description="every stage at a toy size (tests, smoke runs)",
+        budget="about a minute on a 2-core CPU", episode_length=50,
+        generate=GenerateConfig(task_pool="fresh", trials=8, episodes_per_trial=4, trials_per_shard=4, workers=1),
+        pretrain=TrainConfig(episodes_per_window=4, batch_size=4, steps=10, warmup_steps=2, d_model=32, n_layer=1,
+                             n_head=2, checkpoint_every=5, log_every=2),
+        meta_train=MetaRLConfig(iterations=2, meta_batch=2, episode_length=50, hidden=(16, 16), ppo_epochs=1,
+                                checkpoint_every=1),
+        evaluate=EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=3, batch_size=3),
+        probe=ProbeConfig(trials=2),
+    )
+
+
+def preset(size: str) -> QuickstartConfig:
+    if size == "tiny":
+        return tiny()
+    if size == "default":
+        return QuickstartConfig()
+    raise choice_error("size", size, SIZES)
+
+
+# ------------------------------------------------------------------------------------ config files
+def _check_value(where: str, value, default):
+    """``value`` from JSON if it has the default's type (lists become tuples); else a UsageError."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        # task pools are 'fresh', 'benchmark' or a count: a JSON number is fine there
+        ok = isinstance(value, str) or (where.endswith("task_pool") and isinstance(value, int))
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, list)
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value) if ok else value
+    elif default is None:
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    else:
+        ok = True
+    if not ok:
+        raise UsageError(f"{where} must be like {default!r} ({type(default).__name__}), got {value!r}")
+    return value
+
+
+def _section(name: str, base, values) -> object:
+    if not isinstance(values, dict):
+        raise UsageError(f"section {name!r} must be a JSON object, got {values!r}")
+    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    for key, value in values.items():
+        if key in OWNED[name]:
+            raise UsageError(f"{name}.{key} is set by the quickstart (top-level suite/suite_seed/episode_length, "
+                             f"or its directory layout); remove it")
+        if key not in defaults:
+            raise choice_error(f"setting in section {name!r}:", key, [k for k in defaults if k not in OWNED[name]])
+        values[key] = _check_value(f"{name}.{key}", value, defaults[key])
+    try:
+        return dataclasses.replace(base, **values)
+    except TypeError as e:
+        raise UsageError(f"section {name!r}: {e}") from None
+
+
+def config_from_dict(data: dict, size: str | None = None) -> QuickstartConfig:
+    """A QuickstartConfig from a JSON object: its ``size`` preset (or ``size``) with its settings on top."""
+    if not isinstance(data, dict):
+        raise UsageError(f"a quickstart configuration must be a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    base = preset(data.pop("size", size or "default"))
+    top = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    changes = {}
+    for key, value in data.items():
+        if key not in top:
+            raise choice_error("configuration key", key, sorted(top | {"size"}))
+        if key in SECTIONS:
+            changes[key] = _section(key, getattr(base, key), dict(value) if isinstance(value, dict) else value)
+        else:
+            changes[key] = _check_value(key, value, getattr(base, key))
+    return check_config(dataclasses.replace(base, **changes))
+
+
+def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
+    """Read a study configuration (configs/*.json); any problem is a one-line UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"configuration file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return config_from_dict(data, size)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+
+
+def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
+    """Reject what no stage could run, before any stage starts."""
+    from icl_metarl.histories import check_config as check_generate
+    from icl_metarl.suites import check_episode_length, get_suite
+
+    get_suite(cfg.suite)
+    check_episode_length(cfg.episode_length)
+    for s in cfg.stages:
+        if s not in STAGES:
+            raise choice_error("stage", s, STAGES)
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise UsageError(f"stages must not repeat, got {list(cfg.stages)}")
+    cfg.stages = tuple(s for s in STAGES if s in cfg.stages)  # always in the order they depend on each other
+    check_generate(stage_config(cfg, "generate"))
+    stage_config(cfg, "meta-train")  # its __post_init__ validates
+    stage_config(cfg, "evaluate").check()
+    if cfg.pretrain.episodes_per_window > cfg.generate.episodes_per_trial:
+        raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
+                         f"{cfg.generate.episodes_per_trial} episodes of a generated trial")
+    return cfg
+
+
+def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
+    """The effective config a stage runs with: its section plus the settings the quickstart owns."""
+    out = Path(out)
+    common = {"suite": cfg.suite, "episode_length": cfg.episode_length}
+    if stage == "generate":
+        return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train")
+    if stage == "pretrain":
+        return dataclasses.replace(cfg.pretrain, data=[str(out / DIRS["generate"])], out=str(out / DIRS["pretrain"]),
+                                   resume=True)
+    if stage == "meta-train":
+        return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed)
+    if stage == "evaluate":
+        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split="test")
+    if stage == "probe":
+        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split="test")
+    raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
+
+
+def to_dict(cfg: QuickstartConfig) -> dict:
+    """The configuration as JSON (what ``config_from_dict`` reads back), owned fields left out."""
+    out = {k: v for k, v in asdict(cfg).items() if k not in SECTIONS}
+    for key in SECTIONS:
+        out[key] = {k: v for k, v in asdict(getattr(cfg, key)).items() if k not in OWNED[key]}
+    return json.loads(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------- done markers
+def stage_settings(cfg: QuickstartConfig, stage: str, out: str | Path) -> dict:
+    """What a stage's result depends on (JSON-normal); a finished stage is reused only if it is equal."""
+    if stage == "report":
+        return {}
+    d = asdict(stage_config(cfg, stage, out))
+    for key in NOT_RESULTS:
+        d.pop(key, None)
+    if stage == "evaluate":
+        d["agents"] = agent_specs(cfg, out)
+    return json.loads(json.dumps(d))
+
+
+def marker_path(out: str | Path, stage: str) -> Path:
+    return Path(out) / DONE_DIR / f"{stage}.json"
+
+
+def stage_done(out: str | Path, stage: str, settings: dict) -> bool:
+    """True if ``stage`` finished in ``out`` with these settings; a finish with others is a UsageError."""
+    path = marker_path(out, stage)
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())["settings"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return False  # not a marker we wrote whole: redo the stage
+    if old != settings:
+        key = next(k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+        raise UsageError(f"{out} finished stage {stage} with {key}={old.get(key)!r}, not {settings.get(key)!r}; "
+                         f"use another --out, or delete {path} to redo it")
+    return True
+
+
+def mark_done(out: str | Path, stage: str, settings: dict, seconds: float, summary: dict) -> None:
+    atomic_write_json(marker_path(out, stage), {"stage": stage, "settings": settings, "seconds": round(seconds, 1),
+                                                "summary": summary})
+
+
+# ----------------------------------------------------------------------------------- the stages
+def agent_specs(cfg: QuickstartConfig, out: str | Path) -> list[str]:
+    """What the evaluation plays: baselines, then the checkpoints this study trains (or already holds)."""
+    out = Path(out)
+    specs = ["random", "oracle"]
+    for stage in ("pretrain", "meta-train"):
+        if stage in cfg.stages or marker_path(out, stage).is_file():
+            specs.append(str(out / DIRS[stage]))
+    return specs
+
+
+def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
+    from icl_metarl.histories import generate
+
+    manifest = generate(stage_config(cfg, "generate", out), out / DIRS["generate"])
+    trials = manifest["settings"]["trials"]
+    per_episode = np.sum([r["successful_trials_per_episode"] for r in manifest["shards"].values()], 0) / trials
+    return {"trials": trials, "expert_success_per_episode": [round(float(x), 3) for x in per_episode]}
+
+
+def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
+    from icl_metarl.train import train
+
+    record = train(stage_config(cfg, "pretrain", out))
+    return {"final_loss": record.get("loss"), "tokens_per_s": record.get("tokens_per_s")}
+
+
+def run_meta_train(cfg: QuickstartConfig, out: Path) -> dict:
+    from gradient_meta.meta_rl import meta_train
+
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: tasks split among processes
+        import torch
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    log = meta_train(stage_config(cfg, "meta-train", out), out / DIRS["meta-train"], accelerator)
+    last = log[-1] if log else {}
+    return {"success_pre": last.get("success_pre"), "success_post": last.get("success_post")}
+
+
+def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
+    from icl_metarl.evaluation import evaluate, load_agents
+    from icl_metarl.report import write_report
+
+    config = stage_config(cfg, "evaluate", out).check()
+    agents = load_agents(agent_specs(cfg, out), non_adaptive=True)
+    results = evaluate(agents, config, out / DIRS["evaluate"])
+    write_report(results, out / DIRS["evaluate"])
+    for f in results["failures"]:
+        print(f"  agent {f['agent']} failed at seed {f['seed']}: {f['error']}", file=sys.stderr)
+    return {"agents": list(results["agents"]), "failures": len(results["failures"])}
+
+
+def run_probe(cfg: QuickstartConfig, out: Path) -> dict:
+    from icl_metarl.probes import probe
+
+    result = probe(out / DIRS["pretrain"], config=stage_config(cfg, "probe", out), progress=lambda m: print(f"  {m}"))
+    paths = result.save(out / DIRS["probe"])
+    return {"files": [p.name for p in paths], "seconds": round(result.timing["total_s"], 1)}
+
+
+def run_report(cfg: QuickstartConfig, out: Path) -> dict:
+    path = write_quickstart_report(cfg, out)
+    return {"report": str(path)}
+
+
+RUNNERS = {"generate": run_generate, "pretrain": run_pretrain, "meta-train": run_meta_train,
+           "evaluate": run_evaluate, "probe": run_probe, "report": run_report}
+
+
+def run_quickstart(cfg: QuickstartConfig, out: str | Path, say=print) -> Path:
+    """Run the configured stages into ``out`` in order, reusing finished ones; returns report.md's path."""
+    check_config(cfg)
+    out = Path(out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if world > 1 and any(s not in DISTRIBUTED_STAGES for s in cfg.stages):
+        raise UsageError(f"under accelerate launch ({world} processes) run only --stages "
+                         f"{','.join(DISTRIBUTED_STAGES)}; got {','.join(cfg.stages)}")
+    say = say if main_process else (lambda _m: None)
+    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        atomic_write_json(out / "quickstart_config.json", to_dict(cfg))
+    t_start = time.perf_counter()
+    for i, stage in enumerate(cfg.stages, 1):
+        head = f"[{i}/{len(cfg.stages)}] {stage}"
+        settings = stage_settings(cfg, stage, out)
+        if stage != "report" and stage_done(out, stage, settings):
+            say(f"{head}: already done in {out}, reused")
+            continue
+        say(f"{head}: running ({time.perf_counter() - t_start:.0f} s elapsed)")
+        t0 = time.perf_counter()
+        summary = RUNNERS[stage](cfg, out)
+        seconds = time.perf_counter() - t0
+        if main_process:
+            mark_done(out, stage, settings, seconds, summary)
+        say(f"{head}: done in {seconds:.0f} s ({time.perf_counter() - t_start:.0f} s elapsed)")
+    return out / "report.md"
+
+
+# -------------------------------------------------------------------------------------- report
+def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
+    """Per agent: success in the first and last adaptation episode, their paired difference, and for a
+    checkpoint its last adaptation episode minus its non-adaptive variant's; means with 95% bootstrap CIs."""
+    from icl_metarl.report import bootstrap_ci, episode_array
+
+    s = results["settings"]
+    K, E = s["adaptation_episodes"], s["evaluation_episodes"]
+    last = K - 1 if K >= 2 else K + E - 1
+    succ = {a: episode_array(results["records"], a, "success", len(results["tasks"]), results["seeds"], K + E)
+            for a in results["agents"]}  # (episodes, tasks, seeds)
+    wiped = {info["spec"]: a for a, info in results["agents"].items() if not info["adaptive"]}
+    rows = []
+    for a, info in results["agents"].items():
+        x = succ[a]
+        row = {"agent": a, "spec": info["spec"], "adaptive": info["adaptive"], "last_index": last + 1,
+               "first": bootstrap_ci(x[0], num_resamples), "last": bootstrap_ci(x[last], num_resamples),
+               "gain": bootstrap_ci(x[last] - x[0], num_resamples)}  # paired: same task and seed
+        if info["adaptive"] and info["spec"] in wiped:
+            row["vs_non_adaptive"] = bootstrap_ci(x[last] - succ[wiped[info["spec"]]][last], num_resamples)
+        rows.append(row)
+    return rows
+
+
+def _ci(c, digits: int = 2, sign: bool = False) -> str:
+    m, lo, hi = c
+    if np.isnan(m):
+        return "n/a"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+def _verdict(c) -> str:
+    m, lo, hi = c
+    if np.isnan(m):
+        return "n/a"
+    if lo > 0:
+        return "yes: the whole interval is above 0"
+    if hi < 0:
+        return "no: worse (the whole interval is below 0)"
+    return "not shown: the interval contains 0"
+
+
+def plot_training(out: Path) -> str | None:
+    """training.png: pretraining loss and meta-training success (before/after the inner step), if logged."""
+    logs = {}
+    for stage, name in (("pretrain", "log.jsonl"), ("meta-train", "log.jsonl")):
+        f = out / DIRS[stage] / name
+        if f.is_file():
+            logs[stage] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(5.5 * len(logs), 3.8), squeeze=False)
+    for ax, (stage, log) in zip(axes[0], logs.items()):
+        if stage == "pretrain":
+            ax.plot([r["step"] for r in log], [r["loss"] for r in log])
+            ax.set_yscale("log")
+            ax.set(xlabel="optimizer step", ylabel="action loss", title="in-context pretraining")
+        else:
+            it = [r["iteration"] for r in log]
+            ax.plot(it, [r["success_pre"] for r in log], label="before the inner step")
+            ax.plot(it, [r["success_post"] for r in log], label="after the inner step")
+            ax.set(xlabel="meta-iteration", ylabel="success (train tasks)", title="gradient meta-training")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out / "training.png", buf.getvalue())
+    return "training.png"
+
+
+def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
+    """DIR/report.md: the headline figures, with links to the evaluation, training and probe outputs."""
+    from icl_metarl.evaluation import load_results
+
+    out = Path(out)
+    lines = [f"# {cfg.name}: {cfg.suite}", "", f"{cfg.description}. Budget: {cfg.budget}.", "",
+             f"Configuration: [quickstart_config.json](quickstart_config.json). Episodes of {cfg.episode_length} "
+             f"steps, benchmark seed {cfg.suite_seed}.", "", "## Stages", "",
+             "| stage | output | seconds (when it ran) | summary |", "|---|---|---|---|"]
+    for stage in STAGES[:-1]:
+        m = marker_path(out, stage)
+        if m.is_file():
+            d = json.loads(m.read_text())
+            summary = ", ".join(f"{k}: {_short(v)}" for k, v in d["summary"].items() if k != "files")
+            lines.append(f"| {stage} | [{DIRS[stage]}/]({DIRS[stage]}/) | {d['seconds']:.0f} | {summary} |")
+        else:
+            lines.append(f"| {stage} | not run | | |")
+    lines.append("")
+
+    results_file = out / DIRS["evaluate"] / "results.json"
+    if results_file.is_file():
+        results = load_results(results_file)
+        s = results["settings"]
+        rows = adaptation_summary(results)
+        last = rows[0]["last_index"] if rows else 0
+        lines += [
+            "## Does each agent adapt?", "",
+            f"{len(results['tasks'])} test tasks x seeds {results['seeds']}; per trial {s['adaptation_episodes']} "
+            f"adaptation then {s['evaluation_episodes']} evaluation episode(s). Success of episode 1 and of episode "
+            f"{last} (the last adaptation episode); 'gain' is their difference paired by task and seed. Brackets: "
+            "95% bootstrap intervals over tasks (and seeds within tasks). An agent adapts here if its gain's "
+            "interval lies above 0, and beats its non-adaptive variant if that difference's interval does.", "",
+            f"| agent | success, episode 1 | success, episode {last} | gain | adapts? | episode {last} minus "
+            "non-adaptive variant | beats it? |", "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            vs = r.get("vs_non_adaptive")
+            lines.append(f"| {r['agent']} | {_ci(r['first'])} | {_ci(r['last'])} | {_ci(r['gain'], sign=True)} | "
+                         f"{_verdict(r['gain'])} | {_ci(vs, sign=True) if vs else ''} | {_verdict(vs) if vs else ''} |")
+        lines += ["", "## Adaptation curves", "",
+                  "Every agent on the same tasks with the same seeds; oracle (told the goal) and random bound the "
+                  f"plot. All tables (success definitions, returns, steps to success): [{DIRS['evaluate']}/report.md]"
+                  f"({DIRS['evaluate']}/report.md).", ""]
+        for name in ("success", "return", "steps_to_success"):
+            if (out / DIRS["evaluate"] / f"{name}.png").is_file():
+                lines.append(f"![{name}]({DIRS['evaluate']}/{name}.png)")
+        lines.append("")
+
+    training = plot_training(out)
+    if training:
+        lines += ["## Training", "", f"![training]({training})", "",
+                  f"Logs: [{DIRS['pretrain']}/log.jsonl]({DIRS['pretrain']}/log.jsonl), "
+                  f"[{DIRS['meta-train']}/log.jsonl]({DIRS['meta-train']}/log.jsonl).", ""]
+
+    probe_dir = out / DIRS["probe"]
+    if (probe_dir / "probe.md").is_file():
+        lines += ["## Attention probes of the in-context policy", "",
+                  f"What it attends to while it adapts and what changes when its context is altered: "
+                  f"[{DIRS['probe']}/probe.md]({DIRS['probe']}/probe.md), numbers in "
+                  f"[{DIRS['probe']}/metrics.json]({DIRS['probe']}/metrics.json).", ""]
+        for png in sorted(probe_dir.glob("*.png")):
+            lines.append(f"![{png.stem}]({DIRS['probe']}/{png.name})")
+        lines.append("")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="study directory; rerun the same command to reuse finished stages")
+    p.add_argument("--size", default=None,
+                   help="preset: tiny (a minute, a smoke test) or default (the CPU quickstart, ~20 min)")
+    p.add_argument("--config", default=None,
+                   help="study configuration JSON (configs/*.json), applied on top of its 'size' preset")
+    p.add_argument("--stages", default=None,
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: the configuration's)")
+
+
+def config_from_args(args) -> QuickstartConfig:
+    if args.size is not None and args.size not in SIZES:
+        raise choice_error("--size", args.size, SIZES)
+    cfg = load_config(args.config, args.size) if args.config else preset(args.size or "default")
+    if args.stages:
+        cfg.stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    return check_config(cfg)
+
+
+def run_from_args(args) -> None:
+    cfg = config_from_args(args)
+    report = run_quickstart(cfg, args.out)
+    if int(os.environ.get("RANK", "0")) == 0 and "report" in cfg.stages:
+        print(f"wrote {report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m icl_metarl.quickstart`` (also under ``accelerate launch`` for --stages pretrain)."""
+    p = argparse.ArgumentParser(prog="icl_metarl.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    try:
+        run_from_args(p.parse_args(argv))
+    except UsageError as e:
+        print(f"icl_metarl.quickstart: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
