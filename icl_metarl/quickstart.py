@@ -140,8 +140,10 @@ def preset(size: str) -> QuickstartConfig:
 
 
 # ------------------------------------------------------------------------------------ config files
-def _check_value(where: str, value, default):
+def _check_value(where: str, value, default, nullable: bool = False):
     """``value`` from JSON if it has the default's type (lists become tuples); else a UsageError."""
+    if value is None and nullable:
+        return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -167,13 +169,14 @@ def _section(name: str, base, values) -> object:
     if not isinstance(values, dict):
         raise UsageError(f"section {name!r} must be a JSON object, got {values!r}")
     defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    nullable = {f.name for f in dataclasses.fields(base) if "None" in str(f.type)}
     for key, value in values.items():
         if key in OWNED[name]:
             raise UsageError(f"{name}.{key} is set by the quickstart (top-level suite/suite_seed/episode_length, "
                              f"or its directory layout); remove it")
         if key not in defaults:
             raise choice_error(f"setting in section {name!r}:", key, [k for k in defaults if k not in OWNED[name]])
-        values[key] = _check_value(f"{name}.{key}", value, defaults[key])
+        values[key] = _check_value(f"{name}.{key}", value, defaults[key], key in nullable)
     try:
         return dataclasses.replace(base, **values)
     except TypeError as e:

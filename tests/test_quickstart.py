@@ -1,0 +1,209 @@
+"""Quickstart: configuration files, stage reuse and resume, the report's figures; one slow end-to-end run."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icl_metarl import quickstart as qs
+from icl_metarl.errors import UsageError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, obj, name="c.json"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+# ----------------------------------------------------------------------------------- config files
+def test_config_file_overrides_its_preset(tmp_path):
+    path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "evaluate": {"seeds": [3, 4], "num_tasks": 2},
+                            "meta_train": {"algo": "reptile", "hidden": [8]}, "stages": ["report", "generate"]})
+    cfg = qs.load_config(path)
+    expected = qs.tiny()  # the same configuration built by hand
+    assert cfg.suite == "ML1:push-v3" and cfg.episode_length == expected.episode_length
+    assert cfg.evaluate.seeds == (3, 4) and cfg.evaluate.num_tasks == 2
+    assert cfg.evaluate.adaptation_episodes == expected.evaluate.adaptation_episodes
+    assert cfg.meta_train.algo == "reptile" and cfg.meta_train.hidden == (8,)
+    assert cfg.pretrain == expected.pretrain
+    assert cfg.stages == ("generate", "report")  # put in dependency order
+    # the owned settings come from the top level, whatever the section's own default
+    assert qs.stage_config(cfg, "meta-train").suite == "ML1:push-v3"
+    assert qs.stage_config(cfg, "evaluate").split == "test" and qs.stage_config(cfg, "generate").split == "train"
+    assert qs.stage_config(cfg, "pretrain", tmp_path).data == [str(tmp_path / "histories")]
+
+
+def test_to_dict_round_trips():
+    cfg = qs.tiny()
+    again = qs.config_from_dict(json.loads(json.dumps(qs.to_dict(cfg))))
+    assert qs.to_dict(again) == qs.to_dict(cfg)
+    assert again.evaluate == cfg.evaluate and again.probe == cfg.probe
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "not valid JSON"),
+    ([1, 2], "JSON object"),
+    ({"sizes": "tiny"}, "'sizes'"),
+    ({"size": "huge"}, "'huge'"),
+    ({"suite": "ML11"}, "'ML11'"),
+    ({"pretrain": {"d_modle": 64}}, "'d_modle'"),
+    ({"pretrain": {"steps": "many"}}, "pretrain.steps"),
+    ({"pretrain": {"steps": True}}, "pretrain.steps"),
+    ({"pretrain": {"out": "elsewhere"}}, "pretrain.out"),
+    ({"evaluate": {"suite": "ML10"}}, "evaluate.suite"),
+    ({"evaluate": {"seeds": []}}, "seed"),
+    ({"meta_train": {"algo": "sgd"}}, "'sgd'"),
+    ({"generate": {"noise_kind": "pink"}}, "'pink'"),
+    ({"generate": 5}, "'generate'"),
+    ({"stages": ["generate", "train"]}, "'train'"),
+    ({"pretrain": {"episodes_per_window": 9}}, "episodes_per_window"),
+])
+def test_invalid_files_are_one_line_usage_errors(tmp_path, content, fragment):
+    path = write(tmp_path, content)
+    with pytest.raises(UsageError) as e:
+        qs.load_config(path, size="tiny")
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg and str(path) in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        qs.load_config(tmp_path / "nope.json")
+
+
+def test_shipped_configs_load():
+    files = sorted(CONFIGS.glob("*.json"))
+    assert len(files) >= 20
+    suites = set()
+    for f in files:
+        cfg = qs.load_config(f)
+        suites.add(cfg.suite)
+        assert cfg.budget and cfg.name == f.stem
+        gradient = "meta-train" in cfg.stages
+        assert gradient != ("pretrain" in cfg.stages)  # each file is one learner's study
+        if gradient:
+            assert cfg.meta_train.algo in f.stem
+    assert suites == {"ML1:reach-v3", "ML1:push-v3", "ML1:pick-place-v3", "ML10", "ML45"}
+    readme = (CONFIGS / "README.md").read_text()
+    for f in files:  # every file has its budget written beside it
+        assert f.name in readme
+
+
+def test_cli_bad_config_exits_2(tmp_path):
+    path = write(tmp_path, {"pretrain": {"steps": -1}, "size": "unknown"})
+    out = subprocess.run([sys.executable, "-m", "icl_metarl.cli", "quickstart", "--out", str(tmp_path / "o"),
+                          "--config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "'unknown'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- reuse and resume
+def test_stage_markers(tmp_path):
+    settings = {"a": 1, "b": [1, 2]}
+    assert not qs.stage_done(tmp_path, "pretrain", settings)
+    qs.mark_done(tmp_path, "pretrain", settings, 1.0, {})
+    assert qs.stage_done(tmp_path, "pretrain", json.loads(json.dumps(settings)))
+    with pytest.raises(UsageError, match=r"pretrain with b=\[1, 2\], not \[1, 3\]"):
+        qs.stage_done(tmp_path, "pretrain", {"a": 1, "b": [1, 3]})
+    qs.marker_path(tmp_path, "probe").write_text('{"settings": ')  # cut by a kill: redo, do not trust
+    assert not qs.stage_done(tmp_path, "probe", settings)
+
+
+def test_rerun_reuses_finished_stages_and_redoes_the_killed_one(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(stage):
+        def run(cfg, out):
+            calls.append(stage)
+            if stage == "pretrain" and fail["pretrain"]:
+                raise KeyboardInterrupt  # killed mid-stage
+            return {}
+        return run
+
+    fail = {"pretrain": True}
+    monkeypatch.setattr(qs, "RUNNERS", {s: fake(s) for s in qs.STAGES})
+    cfg = qs.tiny()
+    with pytest.raises(KeyboardInterrupt):
+        qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
+    assert calls == ["generate", "pretrain"]
+    assert qs.marker_path(tmp_path, "generate").is_file() and not qs.marker_path(tmp_path, "pretrain").exists()
+
+    fail["pretrain"], calls[:] = False, []
+    lines = []
+    qs.run_quickstart(cfg, tmp_path, say=lines.append)
+    assert calls == ["pretrain", "meta-train", "evaluate", "probe", "report"]
+    assert any("generate: already done" in l for l in lines)
+
+    calls.clear()
+    qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
+    assert calls == ["report"]  # only the report is rewritten
+
+    cfg.pretrain.steps += 1  # a finished stage with other settings is refused, not silently reused
+    with pytest.raises(UsageError, match="pretrain with steps=10, not 11"):
+        qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
+
+
+def test_only_distributed_stages_under_accelerate(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = qs.tiny()
+    with pytest.raises(UsageError, match="pretrain,meta-train"):
+        qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
+
+
+# ------------------------------------------------------------------------------------ the report
+def _results(success: dict[str, np.ndarray], adaptive: dict[str, bool], spec: dict[str, str]) -> dict:
+    """A results.json of hand-made success arrays (episodes, tasks, seeds)."""
+    e, t, s = next(iter(success.values())).shape
+    records = [{"agent": a, "seed": seed, "task": j, "episode": k, "success": bool(x[k, j, i]), "return": 0.0,
+                "steps_to_success": None}
+               for a, x in success.items() for k in range(e) for j in range(t) for i, seed in enumerate(range(s))]
+    return {"settings": {"adaptation_episodes": e - 1, "evaluation_episodes": 1}, "tasks": [{}] * t,
+            "seeds": list(range(s)), "records": records,
+            "agents": {a: {"spec": spec[a], "adaptive": adaptive[a]} for a in success}}
+
+
+def test_adaptation_summary_against_hand_counts():
+    rng = np.random.default_rng(0)
+    icl = (rng.random((4, 30, 2)) < np.array([0.1, 0.3, 0.6, 0.7])[:, None, None]).astype(float)
+    wiped = (rng.random((4, 30, 2)) < 0.1).astype(float)
+    rows = {r["agent"]: r for r in qs.adaptation_summary(
+        _results({"icl": icl, "icl-wiped": wiped}, {"icl": True, "icl-wiped": False}, {"icl": "run", "icl-wiped": "run"}),
+        num_resamples=500)}
+    r = rows["icl"]
+    assert r["last_index"] == 3
+    assert r["first"][0] == pytest.approx(icl[0].mean()) and r["last"][0] == pytest.approx(icl[2].mean())
+    assert r["gain"][0] == pytest.approx(icl[2].mean() - icl[0].mean())
+    assert r["vs_non_adaptive"][0] == pytest.approx(icl[2].mean() - wiped[2].mean())
+    assert r["gain"][1] > 0 and qs._verdict(r["gain"]).startswith("yes")
+    assert "vs_non_adaptive" not in rows["icl-wiped"]
+    assert qs._verdict(rows["icl-wiped"]["gain"]).startswith("not shown")
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_tiny_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "icl_metarl.cli", "quickstart", "--out", str(out), "--size", "tiny"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    for link in links:  # every link and image of the report exists
+        assert (out / link).exists(), link
+    pngs = {l for l in links if l.endswith(".png")}
+    assert {"eval/success.png", "training.png", "probe/attention_layer_head.png"} <= pngs
+    assert any(l.startswith("probe/attention_map_") for l in pngs)
+    assert "eval/report.md" in links and "probe/probe.md" in links
+    results = json.loads((out / "eval" / "results.json").read_text())
+    labels = set(results["agents"])
+    assert {"random", "oracle", "icl"} <= labels and any(l.startswith("maml") for l in labels)
+    assert sum("[non-adaptive]" in l for l in labels) == 2 and not results["failures"]
+    for label in labels:  # every agent's row is in the report's table
+        assert f"| {label} |" in report
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 0 and second.stdout.count("already done") == 5
