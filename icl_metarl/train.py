@@ -75,6 +75,8 @@ class TrainConfig:
     """'deterministic' (MSE) or 'tanh_gaussian' (NLL)"""
     dropout: float = 0.0
     """dropout during training"""
+    threads: int = 0
+    """torch CPU threads per process (0: torch's default); 1 is fastest on a busy 2-core machine"""
     log_every: int = 10
     """steps between log lines"""
     checkpoint_every: int = 200
@@ -226,6 +228,8 @@ def train(cfg: TrainConfig) -> dict:
     from icl_metarl.model import ICLPolicy, ICLPolicyConfig
 
     check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -368,6 +372,26 @@ def batch_loss(model, batch: dict, target: str):
     prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
     out = model(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
     return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
+
+
+def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert", max_windows: int = 512,
+                 batch_size: int = 16) -> float:
+    """Mean action loss of a trained policy on histories it never saw (e.g. the test split's tasks)."""
+    import torch
+
+    from icl_metarl.model import ICLPolicy
+    from icl_metarl.windows import WindowDataset
+
+    model = ICLPolicy.from_pretrained(model_dir).eval()
+    ds = WindowDataset(data, model.config.max_context_episodes, splits=("train", "test"))
+    n = min(max_windows, len(ds))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            items = [ds[i] for i in range(start, min(start + batch_size, n))]
+            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            total += float(batch_loss(model, batch, target)) * len(items)
+    return total / n
 
 
 # ------------------------------------------------------------------------------ relabel rounds
