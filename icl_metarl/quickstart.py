@@ -44,7 +44,7 @@ def _default_generate():
 def _default_pretrain():
     from icl_metarl.train import TrainConfig
 
-    return TrainConfig(target="expert", episodes_per_window=4, batch_size=8, steps=1500, d_model=128, n_layer=4,
+    return TrainConfig(target="expert", episodes_per_window=4, batch_size=8, steps=1200, d_model=128, n_layer=4,
                        n_head=4, checkpoint_every=250, log_every=25)
 
 
@@ -84,6 +84,9 @@ class QuickstartConfig:
     """steps per episode in every stage (histories, model context, MAML, evaluation, probes)"""
     stages: tuple[str, ...] = STAGES
     """stages to run, in the order of STAGES (a study may leave some out)"""
+    torch_threads: int = 1
+    """torch CPU threads while pretraining (0: torch's default); on a shared 2-core box one thread trained
+    at 8,800 tokens/s and two at 1,180 (they thrash when another process holds a core)"""
     generate: GenerateConfig = field(default_factory=_default_generate)
     """history generation on the train split (suite, episode length, split are set from above)"""
     pretrain: TrainConfig = field(default_factory=_default_pretrain)
@@ -226,6 +229,8 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     for s in cfg.stages:
         if s not in STAGES:
             raise choice_error("stage", s, STAGES)
+    if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 0:
+        raise UsageError(f"torch_threads must be an integer >= 0 (0: torch's default), got {cfg.torch_threads!r}")
     if len(set(cfg.stages)) != len(cfg.stages):
         raise UsageError(f"stages must not repeat, got {list(cfg.stages)}")
     cfg.stages = tuple(s for s in STAGES if s in cfg.stages)  # always in the order they depend on each other
@@ -269,11 +274,11 @@ def stage_settings(cfg: QuickstartConfig, stage: str, out: str | Path) -> dict:
     """What a stage's result depends on (JSON-normal); a finished stage is reused only if it is equal."""
     if stage == "report":
         return {}
-    d = asdict(stage_config(cfg, stage, out))
+    d = asdict(stage_config(cfg, stage, "DIR"))  # paths relative to the study: a moved one still matches
     for key in NOT_RESULTS:
         d.pop(key, None)
     if stage == "evaluate":
-        d["agents"] = agent_specs(cfg, out)
+        d["agents"] = [Path(a).name for a in agent_specs(cfg, out)]
     return json.loads(json.dumps(d))
 
 
@@ -323,8 +328,12 @@ def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
+    import torch
+
     from icl_metarl.train import train
 
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     record = train(stage_config(cfg, "pretrain", out))
     return {"final_loss": record.get("loss"), "tokens_per_s": record.get("tokens_per_s")}
 

@@ -63,6 +63,7 @@ def test_to_dict_round_trips():
     ({"generate": 5}, "'generate'"),
     ({"stages": ["generate", "train"]}, "'train'"),
     ({"pretrain": {"episodes_per_window": 9}}, "episodes_per_window"),
+    ({"torch_threads": -1}, "torch_threads"),
 ])
 def test_invalid_files_are_one_line_usage_errors(tmp_path, content, fragment):
     path = write(tmp_path, content)
