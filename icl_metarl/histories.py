@@ -32,7 +32,7 @@ from icl_metarl.files import atomic_write_bytes, atomic_write_json, versions
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
-NOISE_KINDS = ("uniform", "gaussian")
+NOISE_KINDS = ("uniform", "gaussian", "goal")
 NOISE_SCHEDULES = ("linear", "cosine", "none")
 POOL_WORDS = ("benchmark", "fresh")
 # Per-step fields (first axis = steps, trial-major: trial, episode, step) and per-trial fields.
@@ -59,7 +59,9 @@ class GenerateConfig:
     """Steps per episode (Meta-World's own limit is 500)."""
     noise_kind: str = "uniform"
     """'uniform': the expert's action is replaced by a uniform random one with probability level;
-    'gaussian': Gaussian noise of standard deviation level is added, then clipped to [-1, 1]."""
+    'gaussian': Gaussian noise of standard deviation level is added, then clipped to [-1, 1];
+    'goal': the learner heads for a wrong goal, the true one moved by Gaussian noise of standard
+    deviation level (metres, e.g. 0.15) drawn once per episode, so episodes explore whole places."""
     noise_schedule: str = "linear"
     """How the level falls across the episodes of a trial: linear or cosine from noise_max to 0, or none."""
     noise_max: float = 1.0
@@ -138,7 +140,7 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
     if cfg.noise_schedule not in NOISE_SCHEDULES:
         raise choice_error("noise schedule", cfg.noise_schedule, NOISE_SCHEDULES)
     if not 0.0 <= cfg.noise_max or (cfg.noise_kind == "uniform" and cfg.noise_max > 1.0):
-        raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian, got {cfg.noise_max!r}")
+        raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian or goal, got {cfg.noise_max!r}")
     if not isinstance(cfg.workers, (int, np.integer)) or cfg.workers < 0:
         raise UsageError(f"workers must be >= 0 (0 = one per core), got {cfg.workers!r}")
     if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
@@ -219,12 +221,19 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
     # The learner whose trials are recorded: the annealed-noise expert, or (relabelling) a policy
     # playing with its own context, its actions taken and the expert's recorded as the label.
     policy = _load_policy(cfg.policy, T, shard_seed) if cfg.policy else None
+    if cfg.noise_kind == "goal":  # drawn only for this kind, so the other kinds' random streams stay as they were
+        goal_offsets = levels[:, None, None] * rng.standard_normal((K, T, 3))  # (K, T, 3)
     try:
         for k in range(K):
             obs, info = envs.reset()  # autoreset is off: every trial starts episode k together
             for j in range(L):
                 expert = expert_actions(names, obs, info["goal"])  # (T, 4)
-                taken = policy.act(obs) if policy else perturb(expert, cfg.noise_kind, float(levels[k]), rng)
+                if policy:
+                    taken = policy.act(obs)
+                elif cfg.noise_kind == "goal":
+                    taken = expert_actions(names, obs, info["goal"] + goal_offsets[k])
+                else:
+                    taken = perturb(expert, cfg.noise_kind, float(levels[k]), rng)
                 obs_buf[:, k, j], expert_buf[:, k, j], taken_buf[:, k, j] = obs, expert, taken
                 obs, reward, _, _, info = envs.step(taken)
                 reward_buf[:, k, j] = reward

@@ -212,3 +212,84 @@ def test_damaged_directories_give_one_line_errors(tmp_path, reference):
 def test_cli_bad_pool_is_one_line_exit_2(tmp_path):
     out = subprocess.run(cli_args(SMALL, tmp_path / "h", 1) + ["--task-pool", "many"], capture_output=True, text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "'many'" in out.stderr
+
+
+def _tiny_policy(path, episode_length):
+    import torch
+
+    from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+
+    torch.manual_seed(0)
+    model = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=episode_length,
+                                      max_context_episodes=3))
+    model.save_pretrained(path)
+    return path
+
+
+def test_relabelled_trials_are_the_policys_states_labelled_by_the_expert(tmp_path):
+    """Relabelling (issue 12): taken = the policy's own actions on the states it reached, and the
+    label = the expert's action for exactly those states, checked against both called directly."""
+    from icl_metarl.icl_agent import InContextAgent
+    from icl_metarl.suites import TaskSpec, make_metaworld_env
+
+    L, K = 15, 3
+    policy = _tiny_policy(tmp_path / "policy", L)
+    cfg = GenerateConfig(suite="ML1:reach-v3", task_pool="fresh", trials=2, episodes_per_trial=K,
+                         episode_length=L, trials_per_shard=2, workers=1, policy=str(policy))
+    generate(cfg, tmp_path / "relabelled", progress=False)
+    h = load_histories(tmp_path / "relabelled")
+    assert "policy" in h.manifest["source"] and h.manifest["settings"]["policy_sha256"]
+    shard = h.shards[0]
+    obs = np.asarray(shard["obs"]).reshape(2, K, L, -1)
+    taken = np.asarray(shard["actions"]).reshape(2, K, L, -1)
+    labels = np.asarray(shard["expert_actions"]).reshape(2, K, L, -1)
+    rewards = np.asarray(shard["rewards"]).reshape(2, K, L)
+    successes = np.asarray(shard["successes"]).reshape(2, K, L)
+    tasks = [TaskSpec.from_json(h.manifest["tasks"][i]) for i in shard["trial_task"]]
+    def true_goal(task):
+        env = make_metaworld_env(task)
+        env.reset()
+        return env._target_pos.copy()
+
+    goals = np.stack([true_goal(t) for t in tasks])  # (2, 3)
+    # The labels are the expert's actions for the stored (policy-visited) states, told the true goal.
+    for k, j in [(0, 0), (1, 7), (2, L - 1)]:
+        np.testing.assert_allclose(labels[:, k, j], expert_actions([t.env_name for t in tasks], obs[:, k, j], goals),
+                                   atol=1e-6)
+    # The actions taken are the policy's own, fed its own context: replaying it reproduces them.
+    agent = InContextAgent.from_pretrained(policy)
+    agent.start_trials(2, 0)
+    for k in range(K):
+        for j in range(L):
+            np.testing.assert_allclose(agent.act(obs[:, k, j]), taken[:, k, j], atol=1e-5)
+            agent.observe(rewards[:, k, j], successes[:, k, j])
+        agent.end_episode()
+    assert not np.allclose(taken, labels, atol=1e-2)  # an untrained policy is no expert
+
+
+def test_goal_noise_explores_wrong_goals_then_the_true_one(tmp_path):
+    cfg = GenerateConfig(suite="ML1:reach-v3", task_pool="fresh", trials=2, episodes_per_trial=3, episode_length=40,
+                         trials_per_shard=2, workers=1, noise_kind="goal", noise_max=0.2)
+    generate(cfg, tmp_path / "goal", progress=False)
+    s = load_histories(tmp_path / "goal").shards[0]
+    taken = np.asarray(s["actions"]).reshape(2, 3, 40, 4)
+    expert = np.asarray(s["expert_actions"]).reshape(2, 3, 40, 4)
+    assert not np.allclose(taken[:, 0], expert[:, 0])  # episode 1 heads somewhere else
+    np.testing.assert_array_equal(taken[:, 2], expert[:, 2])  # the last episode is the expert's
+
+
+def test_relabel_settings_that_cannot_be_met(tmp_path):
+    with pytest.raises(UsageError, match="no model.safetensors"):
+        generate(GenerateConfig(trials=2, episodes_per_trial=2, episode_length=10, policy=str(tmp_path)),
+                 tmp_path / "x", progress=False)
+    from icl_metarl.train import TrainConfig, pretrain
+
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="4", trials=4, episodes_per_trial=2, episode_length=10, trials_per_shard=4,
+                            workers=1), data, progress=False)
+    with pytest.raises(UsageError, match="phases"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=2, relabel_rounds=2))
+    # A pool of 4 distinct tasks cannot be relabelled with 2 trials: each task needs one.
+    with pytest.raises(UsageError, match="task pool 4"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r2"), steps=2, relabel_rounds=1, relabel_trials=2,
+                             episodes_per_window=2, batch_size=2, d_model=16, n_layer=1, n_head=2, progress=False))
