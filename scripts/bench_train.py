@@ -1,0 +1,92 @@
+"""Training tokens per second of the in-context policy against a plain transformers GPT-2 backbone.
+
+    python scripts/bench_train.py --context-episodes 4 --episode-length 500 --batch 2 --steps 5
+
+Both models have the same width, depth, heads and token embedding, see the same batch at a context of
+episodes x length tokens (default 2,000), and take full AdamW steps; only the backbone differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+from transformers import GPT2Config, GPT2Model
+
+from icl_metarl.model import ICLPolicy, ICLPolicyConfig, action_loss, shift_previous
+
+
+class GPT2Policy(nn.Module):
+    """The same token embedding and head around transformers' GPT2Model (fed inputs_embeds)."""
+
+    def __init__(self, c: ICLPolicyConfig):
+        super().__init__()
+        self.token_in = nn.Linear(c.obs_dim + c.act_dim + 2, c.d_model)
+        self.step_emb = nn.Embedding(c.max_episode_length, c.d_model)
+        self.backbone = GPT2Model(GPT2Config(n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
+                                             n_positions=c.max_positions, vocab_size=1, bos_token_id=None,
+                                             eos_token_id=None,
+                                             attn_implementation="sdpa"))
+        self.head = nn.Linear(c.d_model, c.act_dim)
+        self.reward_scale = c.reward_scale
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        prev_a, prev_r = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
+        tokens = torch.cat([batch["obs"], prev_a, (prev_r * self.reward_scale)[..., None],
+                            batch["episode_start"].float()[..., None]], -1)
+        x = self.token_in(tokens) + self.step_emb(batch["step_in_episode"])
+        mean = self.head(self.backbone(inputs_embeds=x).last_hidden_state)
+        return ((torch.tanh(mean) - batch["expert_actions"]) ** 2).mean()
+
+
+def tokens_per_second(model, batch: dict, steps: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step warms up the allocator and kernels
+            times.append(time.perf_counter() - t0)
+    b, t = batch["obs"].shape[:2]
+    return b * t / min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context-episodes", type=int, default=4)
+    p.add_argument("--episode-length", type=int, default=500)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    c = ICLPolicyConfig(max_episode_length=args.episode_length, max_context_episodes=args.context_episodes)
+    B, T = args.batch, c.max_positions
+    step = torch.arange(T) % args.episode_length
+    batch = {"obs": torch.randn(B, T, 39), "actions": torch.rand(B, T, 4) * 2 - 1,
+             "expert_actions": torch.rand(B, T, 4) * 2 - 1, "rewards": torch.rand(B, T) * 10,
+             "episode_start": (step == 0).repeat(B, 1), "step_in_episode": step.repeat(B, 1)}
+    ours = ICLPolicy(c)
+    gpt2 = GPT2Policy(c)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # Interleave the two measurements so that load on the shared machine hits both alike.
+    a, b = [], []
+    for _ in range(2):
+        a.append(tokens_per_second(ours, batch, args.steps))
+        b.append(tokens_per_second(gpt2, batch, args.steps))
+    print(f"context {T} tokens, batch {B}, threads {torch.get_num_threads()}, device cpu")
+    print(f"  ICLPolicy (ours, {n(ours) / 1e6:.2f}M params): {max(a):8.0f} tokens/s")
+    print(f"  GPT-2 backbone ({n(gpt2) / 1e6:.2f}M params):  {max(b):8.0f} tokens/s")
+    print(f"  ratio ours / GPT-2: {max(a) / max(b):.2f}x   (GPT-2 attention: {gpt2.backbone.config._attn_implementation})")
+
+
+if __name__ == "__main__":
+    main()
