@@ -119,8 +119,15 @@ class GradientRLAgent(Agent):
     def describe(self) -> dict:
         from dataclasses import asdict
 
-        return {"name": self.name, "type": type(self).__name__, "checkpoint": self.source,
-                "learned_step_sizes": self.step_sizes is not None, **asdict(self.config)}
+        out = {"name": self.name, "type": type(self).__name__, "checkpoint": self.source,
+               "learned_step_sizes": self.step_sizes is not None, **asdict(self.config)}
+        config = Path(self.source) / "config.json" if self.source else None
+        if config is not None and config.is_file():  # the report's "trained on" column
+            meta = json.loads(config.read_text())
+            pool = meta.get("config", {}).get("task_pool")
+            if pool is not None:
+                out["task_pool"] = f"train {pool}"
+        return out
 
 
 def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> GradientRLAgent:

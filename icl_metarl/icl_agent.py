@@ -164,6 +164,8 @@ class InContextAgent(Agent):
                     out["training"] = json.loads(info.read_text())
                 except json.JSONDecodeError as e:
                     raise UsageError(f"{info} is not valid JSON: {e}") from None
+                if "task_pool" in out["training"]:  # the report's "trained on" column
+                    out["task_pool"] = out["training"]["task_pool"]
         return out
 
     # ------------------------------------------------------------------------------- window

@@ -213,6 +213,12 @@ class WindowStream:
         ]
 
 
+def pool_summary(pools: list[dict]) -> str:
+    """One line for reports: which task pools (and how many distinct tasks) trained the policy."""
+    return " + ".join(f"{p['split']} {p['task_pool']} ({p['tasks']} tasks"
+                      f"{', relabelled' if 'policy' in str(p['source']) else ''})" for p in pools)
+
+
 # ------------------------------------------------------------------------------------------ loop
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops and its last good checkpoint stays."""
@@ -352,6 +358,7 @@ def train(cfg: TrainConfig) -> dict:
         atomic_write_json(run / "training.json", {
             "data": [str(Path(d).resolve()) for d in cfg.data],
             "task_pools": stream.task_pools(),
+            "task_pool": pool_summary(stream.task_pools()),
             "suite": stream.suite,
             "target": cfg.target,
             "steps": cfg.steps,
@@ -440,7 +447,9 @@ def pretrain(cfg: TrainConfig) -> dict:
             shutil.copyfile(init / name, run / f".{name}.tmp")
             os.replace(run / f".{name}.tmp", run / name)
         training = json.loads((init / "training.json").read_text())
-        training.update({"relabel_rounds": rounds, "steps": cfg.steps, "data": [str(Path(d).resolve()) for d in data]})
+        training.update({"relabel_rounds": rounds, "steps": cfg.steps, "data": [str(Path(d).resolve()) for d in data],
+                         "task_pool": f"{pool_summary(training['task_pools'][:len(cfg.data)])}, "
+                                      f"+ {cfg.relabel_rounds} relabelling round(s)"})
         atomic_write_json(run / "training.json", training)
     return record
 

@@ -81,6 +81,10 @@ def test_resume_after_sigkill_equals_a_straight_run(data, tmp_path):
     assert _losses(crashed) == _losses(straight)  # every step, bit for bit (dropout RNG restored too)
     a, b = _weights(straight), _weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The evaluator's report reads the training task pool from the agent's description.
+    from icl_metarl.icl_agent import InContextAgent
+
+    assert InContextAgent.from_pretrained(crashed).describe()["task_pool"] == "train benchmark (50 tasks)"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
