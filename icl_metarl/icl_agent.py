@@ -27,7 +27,8 @@ class InContextAgent(Agent):
     When a new episode would not fit, the oldest episode is dropped at the boundary and the remaining
     window is re-encoded once into a fresh cache: the model always sees a context that starts at an
     episode start with positions from 0, as in training. ``use_cache=False`` recomputes the whole
-    window every step (same actions, for checking and benchmarking only). ``cpu_threads`` caps torch's
+    window every step (same actions, for checking and benchmarking only). ``deterministic=None`` samples
+    from a tanh-Gaussian head and takes the action of a deterministic one. ``cpu_threads`` caps torch's
     threads during the agent's CPU forwards (None: leave torch's setting): a one-token step is too
     small to split, and on a busy 2-core machine two threads spin against each other and the
     environment (measured 7.6 ms/step with 1 thread against 132 ms with 2, load average 14).
@@ -36,12 +37,16 @@ class InContextAgent(Agent):
     def __init__(
         self,
         model: ICLPolicy,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         wipe_context_each_episode: bool = False,
         device: str | torch.device = "cpu",
         use_cache: bool = True,
         cpu_threads: int | None = 1,
     ):
+        if deterministic is None:
+            # A policy trained to model a distribution acts by sampling it (posterior-sampling-like
+            # exploration, as DPT does); a deterministic head has nothing to sample.
+            deterministic = model.config.action_head != "tanh_gaussian"
         if not deterministic and model.config.action_head != "tanh_gaussian":
             raise UsageError(
                 f"deterministic=False needs action_head 'tanh_gaussian', the model has {model.config.action_head!r}"
