@@ -471,6 +471,7 @@ class ICLPolicy(PreTrainedModel):
         model = cls(config)
         _check_state_matches(model.state_dict(), state, weights, Path(path) / CONFIG_NAME)
         model.load_state_dict(state, strict=True)
+        model.name_or_path = str(path)  # where it came from, for reports
         model.to(device=device, dtype=dtype)
         return model.eval()
 
