@@ -124,7 +124,9 @@ def write_table(rows: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pools = list(dict.fromkeys(r["pool"] for r in rows.values()))
+    # Fewest distinct tasks first; 'fresh' (a new task per trial) last.
+    pools = sorted(dict.fromkeys(r["pool"] for r in rows.values()),
+                   key=lambda p: (not p.isdigit(), int(p) if p.isdigit() else 0, p))
     x = np.arange(len(pools))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for rounds in sorted({r["rounds"] for r in rows.values()}):
