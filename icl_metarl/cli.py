@@ -159,6 +159,38 @@ def _run_evaluate(args) -> None:
     print(f"wrote {args.out}/results.json and {report}")
 
 
+def _add_sinusoid(sub) -> None:
+    p = sub.add_parser("sinusoid", help="few-shot sinusoid regression: meta-train MAML/Meta-SGD/Reptile, evaluate")
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = acts.add_parser("train", help="meta-train one algorithm and write a checkpoint directory")
+    t.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
+    t.add_argument("--algo", help="maml, fomaml, meta-sgd, reptile or pretrain (default maml)")
+    # Defaults live in gradient_meta.sinusoid.SinusoidConfig; None here means "take the config's".
+    for name, typ, what in (("shots", int, "support points per task K (default 10)"),
+                            ("iterations", int, "meta-updates (default 2000; the papers use 70000)"),
+                            ("meta-batch", int, "tasks per meta-update, split among processes (default 25)"),
+                            ("inner-steps", int, "inner gradient steps (default 1)"),
+                            ("inner-lr", float, "inner step size (default 0.01)"),
+                            ("meta-lr", float, "meta-optimizer learning rate (default 0.001)"),
+                            ("seed", int, "seed of the initial weights and training tasks (default 0)"),
+                            ("log-every", int, "print the training loss every N iterations (default 500)")):
+        t.add_argument(f"--{name}", type=typ, help=what)
+    t.add_argument("--eval-tasks", type=int, default=1000, help="test tasks evaluated after training")
+    e = acts.add_parser("evaluate", help="post-adaptation MSE of a checkpoint, with a 95%% CI over test tasks")
+    e.add_argument("checkpoint", help="directory written by `icl-metarl sinusoid train`")
+    e.add_argument("--shots", type=int, help="support points per test task (default: the training K)")
+    e.add_argument("--steps", type=int, default=1, help="inner steps at test time (0: no adaptation)")
+    e.add_argument("--tasks", type=int, default=1000, help="number of test tasks")
+    e.add_argument("--seed", type=int, default=1234, help="seed of the test tasks")
+    p.set_defaults(handler=_run_sinusoid)
+
+
+def _run_sinusoid(args) -> None:
+    from gradient_meta.sinusoid import run_cli
+
+    run_cli(args)
+
+
 def _add_probe(sub) -> None:
     from dataclasses import fields
 
@@ -220,38 +252,6 @@ def _run_meta_train(args) -> None:
     run_from_args(args)
 
 
-def _add_sinusoid(sub) -> None:
-    p = sub.add_parser("sinusoid", help="few-shot sinusoid regression: meta-train MAML/Meta-SGD/Reptile, evaluate")
-    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    t = acts.add_parser("train", help="meta-train one algorithm and write a checkpoint directory")
-    t.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    t.add_argument("--algo", help="maml, fomaml, meta-sgd, reptile or pretrain (default maml)")
-    # Defaults live in gradient_meta.sinusoid.SinusoidConfig; None here means "take the config's".
-    for name, typ, what in (("shots", int, "support points per task K (default 10)"),
-                            ("iterations", int, "meta-updates (default 2000; the papers use 70000)"),
-                            ("meta-batch", int, "tasks per meta-update, split among processes (default 25)"),
-                            ("inner-steps", int, "inner gradient steps (default 1)"),
-                            ("inner-lr", float, "inner step size (default 0.01)"),
-                            ("meta-lr", float, "meta-optimizer learning rate (default 0.001)"),
-                            ("seed", int, "seed of the initial weights and training tasks (default 0)"),
-                            ("log-every", int, "print the training loss every N iterations (default 500)")):
-        t.add_argument(f"--{name}", type=typ, help=what)
-    t.add_argument("--eval-tasks", type=int, default=1000, help="test tasks evaluated after training")
-    e = acts.add_parser("evaluate", help="post-adaptation MSE of a checkpoint, with a 95%% CI over test tasks")
-    e.add_argument("checkpoint", help="directory written by `icl-metarl sinusoid train`")
-    e.add_argument("--shots", type=int, help="support points per test task (default: the training K)")
-    e.add_argument("--steps", type=int, default=1, help="inner steps at test time (0: no adaptation)")
-    e.add_argument("--tasks", type=int, default=1000, help="number of test tasks")
-    e.add_argument("--seed", type=int, default=1234, help="seed of the test tasks")
-    p.set_defaults(handler=_run_sinusoid)
-
-
-def _run_sinusoid(args) -> None:
-    from gradient_meta.sinusoid import run_cli
-
-    run_cli(args)
-
-
 def _add_quickstart(sub) -> None:
     from icl_metarl.quickstart import add_arguments
 
@@ -277,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_pretrain(sub)
     _add_evaluate(sub)
-    _add_probe(sub)
     _add_sinusoid(sub)
+    _add_probe(sub)
     _add_quickstart(sub)
     return parser
 
