@@ -143,7 +143,6 @@ def _mean_fn(per_task: bool):
 def sample_episodes(envs, params: Params, norm: ObsNorm, episodes: int, episode_length: int,
                     generator: torch.Generator, per_task: bool, deterministic: bool = False) -> Rollout:
     """Play ``episodes`` lockstep episodes on ``envs`` with a Gaussian policy; see ``Sampler.sample``."""
-    n = envs.num_envs
     mean_fn = _mean_fn(per_task)
     # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
     # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.

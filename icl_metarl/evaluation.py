@@ -17,7 +17,7 @@ import numpy as np
 
 from icl_metarl.agent import Agent, Privileged
 from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_json, versions
+from icl_metarl.files import atomic_write_json, read_json, versions
 from icl_metarl.suites import (
     ACT_DIM,
     DEFAULT_EPISODE_LENGTH,
@@ -314,10 +314,7 @@ def load_results(path: str | Path) -> dict:
         path = path / "results.json"
     if not path.is_file():
         raise UsageError(f"no results file at {str(path)!r}")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON: {e}") from None
+    results = read_json(path)
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
         raise UsageError(f"{path} is not an evaluation results file (format {RESULTS_FORMAT!r})")
     return results

@@ -35,6 +35,16 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | Path):
+    """The JSON value in ``path``; a file that is not JSON is a one-line UsageError naming it."""
+    from icl_metarl.errors import UsageError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages whose behaviour a result depends on."""
     out = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ import numpy as np
 from einops import rearrange
 
 from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, versions
+from icl_metarl.files import atomic_write_bytes, atomic_write_json, read_json, versions
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -436,10 +435,7 @@ def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.is_file():
         raise UsageError(f"missing {file}: not a histories directory, or its generation never started")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{file} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    manifest = read_json(file)
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         got = manifest.get("schema_version") if isinstance(manifest, dict) else None
         raise UsageError(f"{file} has schema version {got!r}; this toolkit reads {SCHEMA_VERSION}")

@@ -15,7 +15,6 @@ keeps >= 0.7x of a random policy's speed (docs/benchmarks.md).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_text
+from icl_metarl.files import atomic_write_bytes, atomic_write_text, read_json
 
 ACTION_HEADS = ("deterministic", "tanh_gaussian")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -484,10 +483,7 @@ def load_config(path) -> ICLPolicyConfig:
     file = path / CONFIG_NAME
     if not file.is_file():
         raise UsageError(f"missing config file {file}")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{file} is not valid JSON: {e}") from None
+    d = read_json(file)
     if not isinstance(d, dict) or d.get("model_type") != ICLPolicyConfig.model_type:
         got = d.get("model_type") if isinstance(d, dict) else type(d).__name__
         raise UsageError(f"{file} has model_type {got!r}; expected {ICLPolicyConfig.model_type!r}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from icl_metarl.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 # The stage modules (torch, Meta-World) are imported where used, so `icl-metarl --help` stays fast.
 
@@ -209,10 +209,7 @@ def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"configuration file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path)
     try:
         return config_from_dict(data, size)
     except UsageError as e:

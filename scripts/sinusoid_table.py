@@ -50,7 +50,7 @@ def main() -> None:
             print(f"{algo:9s} K={shots:2d}: MSE {res['mse']:.3f} ± {res['ci95']:.3f}  ({seconds:.0f}s)", flush=True)
             atomic_write_json(Path(args.out) / "results.json", rows)
 
-    print(f"\n| method | " + " | ".join(f"{k}-shot (ours)" for k in args.shots) + " | "
+    print("\n| method | " + " | ".join(f"{k}-shot (ours)" for k in args.shots) + " | "
           + " | ".join(f"{k}-shot (paper)" for k in args.shots) + " |")
     print("|---" * (1 + 2 * len(args.shots)) + "|")
     for algo in args.algos:
