@@ -367,22 +367,11 @@ def config_from_options(options: dict) -> MetaRLConfig:
 
 
 # ---------------------------------------------------------------------------------- command line
-def _field_docs() -> dict[str, str]:
-    """Each config field's one-line docstring, read from this module's source (the one source of help)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(MetaRLConfig))
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
-    return docs
-
-
 def add_arguments(parser) -> None:
     """``--<field>`` for every MetaRLConfig field (defaults and help from the dataclass), ``--out``."""
-    docs = _field_docs()
+    from icl_metarl.options import field_docs
+
+    docs = field_docs(MetaRLConfig)
     for f in fields(MetaRLConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{docs.get(f.name, '')} (default {f.default if f.name != 'hidden' else '64,64'})".replace("%", "%%")

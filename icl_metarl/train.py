@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_json, versions
+from icl_metarl.files import atomic_write_bytes, atomic_write_json, versions
+from icl_metarl.options import field_docs
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 STATE_NAME = "trainer_state.json"
@@ -193,10 +194,9 @@ class WindowStream:
         self.suite = manifest["settings"]["suite"]
 
     def batch(self, positions: range) -> dict:
-        import torch
+        from icl_metarl.windows import collate
 
-        items = [self.dataset[self.sampler.window_at(p)] for p in positions]
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}  # (B, W, ...)
+        return collate([self.dataset[self.sampler.window_at(p)] for p in positions])  # (B, W, ...)
 
     def mean_action_mse(self, target: str, windows: int = 256) -> float:
         """MSE of predicting the data's mean action for every step: the loss a model must beat."""
@@ -387,7 +387,7 @@ def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert",
     import torch
 
     from icl_metarl.model import ICLPolicy
-    from icl_metarl.windows import WindowDataset
+    from icl_metarl.windows import WindowDataset, collate
 
     model = ICLPolicy.from_pretrained(model_dir).eval()
     ds = WindowDataset(data, model.config.max_context_episodes, splits=("train", "test"))
@@ -395,9 +395,8 @@ def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert",
     total = 0.0
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            items = [ds[i] for i in range(start, min(start + batch_size, n))]
-            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-            total += float(batch_loss(model, batch, target)) * len(items)
+            batch = collate([ds[i] for i in range(start, min(start + batch_size, n))])
+            total += float(batch_loss(model, batch, target)) * batch["obs"].shape[0]
     return total / n
 
 
@@ -444,8 +443,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         init = phase / "train"
     if int(os.environ.get("RANK", "0")) == 0:
         for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(init / name, run / f".{name}.tmp")
-            os.replace(run / f".{name}.tmp", run / name)
+            atomic_write_bytes(run / name, (init / name).read_bytes())
         training = json.loads((init / "training.json").read_text())
         training.update({"relabel_rounds": rounds, "steps": cfg.steps, "data": [str(Path(d).resolve()) for d in data],
                          "task_pool": f"{pool_summary(training['task_pools'][:len(cfg.data)])}, "
@@ -457,7 +455,7 @@ def pretrain(cfg: TrainConfig) -> dict:
 # -------------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, with its docstring as help: one source of truth."""
-    docs = _field_docs()
+    docs = field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "data":
@@ -467,20 +465,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=kind, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
-
-
-def _field_docs() -> dict[str, str]:
-    """The string literal under each TrainConfig field, read from this file's source."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = b.value.value
-    return docs
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

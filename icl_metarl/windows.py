@@ -95,6 +95,11 @@ class WindowDataset(Dataset):
         }
 
 
+def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Windows (dicts of (W, ...) tensors) stacked into one batch of (B, W, ...) tensors."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
 def _merge_tasks(sources: list[Histories]) -> tuple[list, list[np.ndarray]]:
     """One task list over all dirs (equal tasks merged) and, per dir, its task index -> merged index."""
     merged, ids, maps = [], {}, []
