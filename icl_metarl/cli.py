@@ -77,7 +77,8 @@ def _add_generate(sub) -> None:
                    help=f"steps per episode (default {d['episode_length']})")
     p.add_argument("--noise-kind", default=d["noise_kind"], help=f"{' or '.join(NOISE_KINDS)} (default {d['noise_kind']})")
     p.add_argument("--noise-schedule", default=d["noise_schedule"],
-                   help=f"{', '.join(NOISE_SCHEDULES)}: noise from --noise-max in episode 1 to 0 in the last (default {d['noise_schedule']})")
+                   help=f"{', '.join(NOISE_SCHEDULES)}: noise from --noise-max in episode 1 to 0 in the last, or (random) "
+                        f"drawn from [0, --noise-max] for every episode (default {d['noise_schedule']})")
     p.add_argument("--noise-max", type=float, default=d["noise_max"], help=f"first episode's noise level (default {d['noise_max']})")
     p.add_argument("--trials-per-shard", type=int, default=d["trials_per_shard"],
                    help=f"trials per shard (default {d['trials_per_shard']})")

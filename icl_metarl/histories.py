@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 NOISE_KINDS = ("uniform", "gaussian", "goal")
-NOISE_SCHEDULES = ("linear", "cosine", "none")
+NOISE_SCHEDULES = ("linear", "cosine", "none", "random")
 POOL_WORDS = ("benchmark", "fresh")
 # Per-step fields (first axis = steps, trial-major: trial, episode, step) and per-trial fields.
 STEP_FIELDS = ("obs", "actions", "expert_actions", "rewards", "successes", "episode", "step")
@@ -62,7 +62,9 @@ class GenerateConfig:
     'goal': the learner heads for a wrong goal, the true one moved by Gaussian noise of standard
     deviation level (metres, e.g. 0.15) drawn once per episode, so episodes explore whole places."""
     noise_schedule: str = "linear"
-    """How the level falls across the episodes of a trial: linear or cosine from noise_max to 0, or none."""
+    """How the level falls across the episodes of a trial: linear or cosine from noise_max to 0, none, or
+    random: drawn uniformly from [0, noise_max] for every episode of every trial, independent of the
+    episode index, so a late episode's end point does not give the goal away (only its rewards do)."""
     noise_max: float = 1.0
     """Noise level of the first episode (probability for uniform, standard deviation for gaussian)."""
     trials_per_shard: int = 10
@@ -80,7 +82,12 @@ class GenerateConfig:
 
 # ------------------------------------------------------------------------------------------ noise
 def noise_levels(schedule: str, episodes: int, noise_max: float) -> np.ndarray:
-    """Noise level of each episode of a trial, from ``noise_max`` in the first to 0 in the last: (K,)."""
+    """Noise level of each episode of a trial, from ``noise_max`` in the first to 0 in the last: (K,).
+
+    The 'random' schedule has no fixed levels (see ``trial_noise_levels``); its (K,) are all NaN.
+    """
+    if schedule == "random":
+        return np.full(episodes, np.nan)
     frac = np.arange(episodes, dtype=np.float64) / max(episodes - 1, 1)  # 0 .. 1
     if schedule == "linear":
         return noise_max * (1.0 - frac)
@@ -91,14 +98,25 @@ def noise_levels(schedule: str, episodes: int, noise_max: float) -> np.ndarray:
     raise choice_error("noise schedule", schedule, NOISE_SCHEDULES)
 
 
-def perturb(expert: np.ndarray, kind: str, level: float, rng: np.random.Generator) -> np.ndarray:
-    """The action taken: the expert's (B, 4) perturbed at ``level``; draws the same randoms at any level."""
+def trial_noise_levels(schedule: str, trials: int, episodes: int, noise_max: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Noise level of every episode of every trial: (T, K); only 'random' draws from ``rng``."""
+    if schedule == "random":
+        return noise_max * rng.random((trials, episodes))
+    return np.broadcast_to(noise_levels(schedule, episodes, noise_max)[None, :], (trials, episodes))
+
+
+def perturb(expert: np.ndarray, kind: str, level, rng: np.random.Generator) -> np.ndarray:
+    """The action taken: the expert's (B, 4) perturbed at ``level`` (a float or one per row, (B,));
+    draws the same randoms at any level."""
+    level = np.asarray(level, dtype=np.float64)
     if kind == "uniform":
         replace = rng.random(expert.shape[0]) < level  # (B,)
         random = rng.uniform(-1.0, 1.0, expert.shape)
         return np.where(replace[:, None], random, expert).astype(np.float32)
     if kind == "gaussian":
-        return np.clip(expert + level * rng.standard_normal(expert.shape), -1.0, 1.0).astype(np.float32)
+        scale = level[:, None] if level.ndim else level
+        return np.clip(expert + scale * rng.standard_normal(expert.shape), -1.0, 1.0).astype(np.float32)
     raise choice_error("noise kind", kind, NOISE_KINDS)
 
 
@@ -209,8 +227,8 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
 
     T, K, L = len(tasks), cfg.episodes_per_trial, cfg.episode_length
     names = [t.env_name for t in tasks]
-    levels = noise_levels(cfg.noise_schedule, K, cfg.noise_max)
     rng = np.random.default_rng(shard_seed)
+    levels = trial_noise_levels(cfg.noise_schedule, T, K, cfg.noise_max, rng)  # (T, K)
     obs_buf = np.empty((T, K, L, OBS_DIM), np.float32)
     taken_buf = np.empty((T, K, L, ACT_DIM), np.float32)
     expert_buf = np.empty((T, K, L, ACT_DIM), np.float32)
@@ -221,7 +239,7 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
     # playing with its own context, its actions taken and the expert's recorded as the label.
     policy = _load_policy(cfg.policy, T, shard_seed) if cfg.policy else None
     if cfg.noise_kind == "goal":  # drawn only for this kind, so the other kinds' random streams stay as they were
-        goal_offsets = levels[:, None, None] * rng.standard_normal((K, T, 3))  # (K, T, 3)
+        goal_offsets = levels.T[:, :, None] * rng.standard_normal((K, T, 3))  # (K, T, 3)
     try:
         for k in range(K):
             obs, info = envs.reset()  # autoreset is off: every trial starts episode k together
@@ -232,7 +250,7 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
                 elif cfg.noise_kind == "goal":
                     taken = expert_actions(names, obs, info["goal"] + goal_offsets[k])
                 else:
-                    taken = perturb(expert, cfg.noise_kind, float(levels[k]), rng)
+                    taken = perturb(expert, cfg.noise_kind, levels[:, k], rng)
                 obs_buf[:, k, j], expert_buf[:, k, j], taken_buf[:, k, j] = obs, expert, taken
                 obs, reward, _, _, info = envs.step(taken)
                 reward_buf[:, k, j] = reward
@@ -310,7 +328,8 @@ def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
         "noise": {
             "kind": cfg.noise_kind,
             "schedule": cfg.noise_schedule,
-            "levels": [float(x) for x in noise_levels(cfg.noise_schedule, cfg.episodes_per_trial, cfg.noise_max)],
+            "levels": (f"uniform in [0, {cfg.noise_max}] per trial and episode" if cfg.noise_schedule == "random"
+                       else [float(x) for x in noise_levels(cfg.noise_schedule, cfg.episodes_per_trial, cfg.noise_max)]),
         },
         "obs_dim": OBS_DIM,
         "act_dim": ACT_DIM,

@@ -98,6 +98,15 @@ class TrainConfig:
     labelled with the expert's action, and those trials join the data of the next phase"""
     relabel_trials: int = 0
     """trials the policy plays per round (0: as many as the first data directory holds)"""
+    eval_every: int = 0
+    """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
+    monitor only: it never selects the checkpoint"""
+    eval_tasks: int = 10
+    """tasks of eval_split played by each periodic evaluation (one trial each, as many episodes as a window)"""
+    eval_split: str = "test"
+    """split whose first eval_tasks tasks the periodic evaluation plays"""
+    tensorboard: bool = True
+    """also log to out/tensorboard when the tensorboard package is installed"""
     kill_after: int = 0
     """simulate a crash: SIGKILL this process after this many steps of this invocation (tests; 0: never)"""
     trace_windows: bool = False
@@ -114,7 +123,12 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise choice_error("target", cfg.target, ("expert", "taken"))
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise choice_error("mixed precision", cfg.mixed_precision, MIXED_PRECISION)
-    for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every"):
+    from icl_metarl.suites import check_split
+
+    check_split(cfg.eval_split)
+    if cfg.eval_every < 0:
+        raise UsageError(f"eval-every must be >= 0 (0: no periodic evaluation), got {cfg.eval_every}")
+    for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every", "eval_tasks"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
@@ -242,8 +256,14 @@ def train(cfg: TrainConfig) -> dict:
         precision = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True on a machine without CUDA makes several launched processes MULTI_CPU (gloo).
     # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
+    from accelerate.utils import is_tensorboard_available
+
+    use_tb = cfg.tensorboard and is_tensorboard_available()
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False,
+                              log_with="tensorboard" if use_tb else None, project_dir=str(run))
+    if use_tb:
+        accelerator.init_trackers("tensorboard")
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(
@@ -340,10 +360,23 @@ def train(cfg: TrainConfig) -> dict:
                 "tokens": done * tokens_per_step,
             }
             t_last, steps_since = now, 0
+        if cfg.eval_every and done % cfg.eval_every == 0:
+            if accelerator.is_main_process:
+                logged = record if record.get("step") == done else {"step": done, "loss": mean_loss}
+                record = {**logged, **periodic_evaluation(accelerator.unwrap_model(model), stream, cfg)}
+                model.train()
+            accelerator.wait_for_everyone()
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        if record.get("step") == done:
             if accelerator.is_main_process:
                 with open(log, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if use_tb:
+                    accelerator.log(_scalars(record), step=done)
+                post = {"loss": f"{record.get('loss', mean_loss):.4f}", "tok_s": f"{record.get('tokens_per_s', 0):.0f}"}
+                if "eval_success" in record:
+                    post["eval"] = "/".join(f"{x:.2f}" for x in record["eval_success"])
+                bar.set_postfix(post)
         bar.update(1)
         # checkpoint
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
@@ -351,6 +384,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.kill_after and done - start >= cfg.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    if use_tb:
+        accelerator.end_training()
 
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
@@ -369,6 +404,31 @@ def train(cfg: TrainConfig) -> dict:
         })
     accelerator.wait_for_everyone()
     return record
+
+
+def periodic_evaluation(model, stream: "WindowStream", cfg: TrainConfig) -> dict:
+    """Success per episode of the in-context agent on the first ``eval_tasks`` tasks of ``eval_split``:
+    one trial per task of ``episodes_per_window`` episodes, deterministic actions, env seed 0."""
+    from icl_metarl.evaluation import play_trials
+    from icl_metarl.icl_agent import InContextAgent
+    from icl_metarl.suites import get_suite
+
+    tasks = get_suite(stream.suite).tasks(cfg.eval_split, 0)[: cfg.eval_tasks]
+    agent = InContextAgent(model, deterministic=True, device=next(model.parameters()).device)
+    episodes = list(play_trials(agent, tasks, env_seed=0, agent_seed=0, adaptation_episodes=cfg.episodes_per_window,
+                                evaluation_episodes=0, episode_length=stream.episode_length))
+    mean = lambda key: [float(np.mean([r[key] for r in records])) for records in episodes]  # noqa: E731
+    return {"eval_success": mean("success"), "eval_return": mean("return"), "eval_split": cfg.eval_split,
+            "eval_tasks": len(tasks)}
+
+
+def _scalars(record: dict) -> dict:
+    """The numbers of a log record as TensorBoard scalars (per-episode success as eval/success_ep<k>)."""
+    out = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "eval_tasks")}
+    for key in ("success", "return"):
+        for k, v in enumerate(record.get(f"eval_{key}", []), start=1):
+            out[f"eval/{key}_ep{k}"] = v
+    return out
 
 
 def batch_loss(model, batch: dict, target: str):

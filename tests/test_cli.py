@@ -33,3 +33,11 @@ def test_bad_input_is_one_line_exit_2(args, fragment):
     assert fragment in lines[0]
     assert "valid" in lines[0] or "positive" in lines[0]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "pretrain", "evaluate", "probe", "meta-train", "quickstart"])
+def test_every_help_renders(command):
+    # argparse formats help with %: a stray '%' in a docstring once printed the option's internals.
+    out = run_cli(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "option_strings" not in out.stdout and "Traceback" not in out.stderr

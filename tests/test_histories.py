@@ -18,6 +18,7 @@ from icl_metarl.histories import (
     load_histories,
     noise_levels,
     perturb,
+    trial_noise_levels,
 )
 from icl_metarl.suites import expert_actions, get_suite
 
@@ -70,6 +71,22 @@ def test_perturb_uniform_and_gaussian():
     g = perturb(expert, "gaussian", 0.5, rng())
     noise = np.random.default_rng(1).standard_normal(expert.shape) * 0.5
     assert np.allclose(g, np.clip(expert + noise, -1, 1), atol=1e-6)
+
+
+def test_random_schedule_draws_a_level_per_trial_and_episode():
+    levels = trial_noise_levels("random", 2000, 4, 0.15, np.random.default_rng(0))
+    assert levels.shape == (2000, 4) and levels.min() >= 0.0 and levels.max() <= 0.15
+    # Independent of the episode index: every episode's mean is the uniform's 0.075 (s.e. 0.001).
+    assert np.allclose(levels.mean(0), 0.075, atol=0.005)
+    assert np.array_equal(trial_noise_levels("linear", 3, 4, 1.0, np.random.default_rng(0)),
+                          np.tile(noise_levels("linear", 4, 1.0), (3, 1)))
+    # One level per row: rows at level 0 keep the expert's action, rows at level 1 lose it.
+    expert = np.random.default_rng(0).uniform(-1, 1, (6, 4)).astype(np.float32)
+    row_levels = np.array([0, 1, 0, 1, 0, 1.0])
+    for kind in ("uniform", "gaussian"):
+        taken = perturb(expert, kind, row_levels, np.random.default_rng(2))
+        kept = np.all(taken == expert, axis=1)
+        assert kept.tolist() == [True, False, True, False, True, False]
 
 
 # ------------------------------------------------------------------------------------ generation

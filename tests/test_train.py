@@ -114,3 +114,31 @@ def test_bad_settings_are_one_line_errors(data, tmp_path):
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(UsageError, match="target"):
         train(TrainConfig(data=[str(data)], target="reward"))
+
+
+def test_periodic_evaluation_and_tensorboard_log_beside_the_loss(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from icl_metarl.evaluation import play_trials
+    from icl_metarl.icl_agent import InContextAgent
+    from icl_metarl.suites import get_suite
+
+    run = tmp_path / "run"
+    train(TrainConfig(data=[str(data)], out=str(run), steps=4, episodes_per_window=2, batch_size=2, d_model=16,
+                      n_layer=1, n_head=2, log_every=3, eval_every=2, eval_tasks=2, progress=False))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval_success" in r}
+    assert sorted(evals) == [2, 4] and [r["step"] for r in records] == [2, 3, 4]
+    assert all(len(r["eval_success"]) == 2 and r["eval_tasks"] == 2 and "loss" in r for r in evals.values())
+    # The step-4 evaluation is the final model's, played directly through the evaluator's loop.
+    tasks = get_suite("ML1:reach-v3").tasks("test", 0)[:2]
+    direct = [[r["return"] for r in episode] for episode in play_trials(
+        InContextAgent.from_pretrained(run, deterministic=True), tasks, env_seed=0, agent_seed=0,
+        adaptation_episodes=2, evaluation_episodes=0, episode_length=20)]
+    assert evals[4]["eval_return"] == pytest.approx([sum(e) / 2 for e in direct], rel=1e-4)
+    assert evals[2]["eval_return"] != pytest.approx(evals[4]["eval_return"], rel=1e-4)  # it is not a stale copy
+    # TensorBoard holds the same loss curve and the per-episode success.
+    tb = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in tb.Scalars("loss")] == [2, 3, 4]
+    assert [e.value for e in tb.Scalars("loss")] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [e.step for e in tb.Scalars("eval/success_ep2")] == [2, 4]
