@@ -134,6 +134,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="trials played in parallel")
     p.add_argument("--non-adaptive", action="store_true",
                    help="also evaluate each checkpoint's non-adaptive variant (context wiped / no adaptation step)")
+    p.add_argument("--explore-episodes", type=int, default=None, metavar="N",
+                   help="in-context checkpoints: explore (a constant random action offset per episode) in the "
+                        "first N episodes of each trial (default: the checkpoint's config.json)")
+    p.add_argument("--explore-scale", type=float, default=None, metavar="S",
+                   help="in-context checkpoints: standard deviation of that offset (default: the checkpoint's)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_evaluate)
@@ -152,7 +157,9 @@ def _run_evaluate(args) -> None:
     if args.bootstrap < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     config.tasks()  # a bad --tasks fails before any checkpoint is loaded
-    agents = load_agents(args.agents, non_adaptive=args.non_adaptive)
+    explore = {k: v for k, v in (("explore_episodes", args.explore_episodes), ("explore_scale", args.explore_scale))
+               if v is not None}
+    agents = load_agents(args.agents, non_adaptive=args.non_adaptive, in_context=explore)
     results = evaluate(agents, config, args.out)
     report = write_report(results, args.out, args.bootstrap)
     for f in results["failures"]:

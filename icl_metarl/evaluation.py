@@ -113,11 +113,12 @@ def trial_seed(seed: int, task_index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- loading
-def load_agent(spec: str, adaptive: bool = True) -> Agent:
+def load_agent(spec: str, adaptive: bool = True, in_context: dict | None = None) -> Agent:
     """A baseline by name (random, oracle) or a checkpoint directory whose config.json names its type.
 
     ``adaptive=False`` gives a checkpoint's non-adaptive variant (in-context: context wiped every
-    episode; gradient: no adaptation step). The learners' modules are imported only when needed.
+    episode; gradient: no adaptation step). ``in_context``: keyword arguments for in-context agents
+    only (e.g. explore_episodes). The learners' modules are imported only when needed.
     """
     from icl_metarl.baselines import BASELINES, make_baseline
 
@@ -138,7 +139,7 @@ def load_agent(spec: str, adaptive: bool = True) -> Agent:
     if model_type == "icl_metarl_policy":
         from icl_metarl.icl_agent import InContextAgent
 
-        return InContextAgent.from_pretrained(path, wipe_context_each_episode=not adaptive)
+        return InContextAgent.from_pretrained(path, wipe_context_each_episode=not adaptive, **(in_context or {}))
     if model_type == "gradient_meta_rl":
         from gradient_meta.rl_agent import load_agent as load_gradient_agent
 
@@ -146,7 +147,7 @@ def load_agent(spec: str, adaptive: bool = True) -> Agent:
     raise choice_error(f"model_type in {config_file}", model_type, CHECKPOINT_TYPES)
 
 
-def load_agents(specs: Sequence[str], non_adaptive: bool = False) -> list[EvalAgent]:
+def load_agents(specs: Sequence[str], non_adaptive: bool = False, in_context: dict | None = None) -> list[EvalAgent]:
     """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant."""
     from icl_metarl.baselines import BASELINES
 
@@ -156,7 +157,7 @@ def load_agents(specs: Sequence[str], non_adaptive: bool = False) -> list[EvalAg
     for spec in specs:
         variants = [True] if spec in BASELINES or not non_adaptive else [True, False]
         for adaptive in variants:
-            agent = load_agent(spec, adaptive=adaptive)
+            agent = load_agent(spec, adaptive=adaptive, in_context=in_context)
             base = spec if spec in BASELINES else (getattr(agent, "name", "") or Path(spec).name)
             if base in ("agent", ""):
                 base = Path(spec).name

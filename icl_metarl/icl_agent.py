@@ -32,6 +32,13 @@ class InContextAgent(Agent):
     threads during the agent's CPU forwards (None: leave torch's setting): a one-token step is too
     small to split, and on a busy 2-core machine two threads spin against each other and the
     environment (measured 7.6 ms/step with 1 thread against 132 ms with 2, load average 14).
+
+    Exploration (``explore_episodes``, ``explore_scale``; None: the model config's acting defaults): in
+    the first ``explore_episodes`` episodes of a trial the agent adds a constant offset, drawn once per
+    trial and episode from N(0, explore_scale^2) per action dimension, to every action (then clips to
+    [-1, 1]); the context records the action actually taken. A posterior-mean policy otherwise repeats
+    the same path every episode and its context never tells it more; the later episodes exploit what the
+    exploratory ones found. The wiped-context variant explores in the same episodes of a trial.
     """
 
     def __init__(
@@ -42,6 +49,8 @@ class InContextAgent(Agent):
         device: str | torch.device = "cpu",
         use_cache: bool = True,
         cpu_threads: int | None = 1,
+        explore_episodes: int | None = None,
+        explore_scale: float | None = None,
     ):
         if deterministic is None:
             # A policy trained to model a distribution acts by sampling it (posterior-sampling-like
@@ -57,6 +66,12 @@ class InContextAgent(Agent):
         self.wipe_context_each_episode = wipe_context_each_episode
         self.use_cache = use_cache
         self.cpu_threads = cpu_threads
+        c = model.config
+        self.explore_episodes = int(c.explore_episodes if explore_episodes is None else explore_episodes)
+        self.explore_scale = float(c.explore_scale if explore_scale is None else explore_scale)
+        if self.explore_episodes < 0 or not self.explore_scale >= 0.0:
+            raise UsageError(f"explore_episodes must be >= 0 and explore_scale >= 0, got "
+                             f"{self.explore_episodes} and {self.explore_scale}")
         self.checkpoint: str | None = None
         self.name = "icl-wiped" if wipe_context_each_episode else "icl"
         self._warned_window = False
@@ -84,6 +99,8 @@ class InContextAgent(Agent):
         self._length = 0  # tokens in the window
         self._episodes: list[int] = []  # lengths of the finished episodes in the window, oldest first
         self._t = 0  # step in the current episode
+        self._episode_index = 0  # episodes of the trial played so far (wiping the context does not reset it)
+        self._offset = torch.zeros(b, c.act_dim, device=dev)  # this episode's exploration offset
         self._cache = self.model.new_cache(b, device=dev) if self.use_cache else None
         self._last_action = torch.zeros(b, c.act_dim, device=dev)
         self._last_reward = torch.zeros(b, device=dev)
@@ -109,6 +126,9 @@ class InContextAgent(Agent):
             )
         if self._t == 0:
             self._make_room_for_episode()
+            explore = self._episode_index < self.explore_episodes and self.explore_scale > 0
+            self._offset = (self.explore_scale * torch.randn(self._offset.shape, generator=self._generator,
+                                                            device=self.device)) if explore else torch.zeros_like(self._offset)
 
         i = self._length
         self._obs[:, i] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
@@ -130,6 +150,8 @@ class InContextAgent(Agent):
         else:
             noise = torch.randn(mean.shape, generator=self._generator, device=self.device)
             action = torch.tanh(mean + log_std[:, -1].float().exp() * noise)
+        if self._episode_index < self.explore_episodes:
+            action = (action + self._offset).clamp(-1.0, 1.0)
         self._last_action = action
         self._awaiting_observe = True
         return action.cpu().numpy().astype(np.float32)
@@ -144,6 +166,7 @@ class InContextAgent(Agent):
     def end_episode(self) -> None:
         if self._t > 0:
             self._episodes.append(self._t)
+            self._episode_index += 1
         self._t = 0
         self._awaiting_observe = False
 
@@ -155,6 +178,8 @@ class InContextAgent(Agent):
             "checkpoint": self.checkpoint,
             "deterministic": self.deterministic,
             "wipe_context_each_episode": self.wipe_context_each_episode,
+            "explore_episodes": self.explore_episodes,
+            "explore_scale": self.explore_scale,
             "model": {
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",

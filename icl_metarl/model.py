@@ -65,6 +65,11 @@ class ICLPolicyConfig(PretrainedConfig):
         reward_scale: previous rewards are multiplied by this before embedding (reach rewards reach 10).
         dropout: dropout on embeddings, attention and residuals during training.
         attn_implementation: "sdpa", "eager" (returns attention weights) or "flash_attention_2".
+        explore_episodes: acting default of the in-context agent: in the first this many episodes of a
+            trial, every trial adds a constant random offset to its actions (one draw per trial and
+            episode), so its early episodes go to different places; the context then holds the rewards of
+            places a posterior-mean policy would never visit. 0: no exploration.
+        explore_scale: standard deviation of that offset, in action units (actions lie in [-1, 1]).
     """
 
     model_type = "icl_metarl_policy"
@@ -82,6 +87,8 @@ class ICLPolicyConfig(PretrainedConfig):
         reward_scale: float = 0.1,
         dropout: float = 0.0,
         attn_implementation: str = "sdpa",
+        explore_episodes: int = 0,
+        explore_scale: float = 0.0,
         **kwargs,
     ):
         # transformers keeps its own private attention setting; ours is a plain field so that it is
@@ -101,6 +108,10 @@ class ICLPolicyConfig(PretrainedConfig):
             raise choice_error("action_head", action_head, ACTION_HEADS)
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise choice_error("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        if not isinstance(explore_episodes, int) or isinstance(explore_episodes, bool) or explore_episodes < 0:
+            raise UsageError(f"explore_episodes must be an integer >= 0, got {explore_episodes!r}")
+        if not float(explore_scale) >= 0.0:
+            raise UsageError(f"explore_scale must be >= 0, got {explore_scale!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {dropout!r}")
         self.obs_dim = obs_dim
@@ -114,6 +125,8 @@ class ICLPolicyConfig(PretrainedConfig):
         self.reward_scale = float(reward_scale)
         self.dropout = float(dropout)
         self.attn_implementation = attn_implementation
+        self.explore_episodes = explore_episodes
+        self.explore_scale = float(explore_scale)
 
     @property
     def max_positions(self) -> int:

@@ -90,6 +90,11 @@ class TrainConfig:
     """continue from the newest complete checkpoint in out/checkpoints"""
     progress: bool = True
     """show a progress bar"""
+    explore_episodes: int = 0
+    """the agent's exploration (saved in config.json, used by relabelling rounds and the evaluator): in the
+    first this many episodes of a trial it adds a constant random offset to its actions (0: none)"""
+    explore_scale: float = 0.0
+    """standard deviation of that offset per action dimension (actions lie in [-1, 1]), e.g. 0.5"""
     init_from: str = ""
     """initialise the weights from this in-context checkpoint directory (empty: random init)"""
     relabel_rounds: int = 0
@@ -279,6 +284,7 @@ def train(cfg: TrainConfig) -> dict:
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, action_head=cfg.action_head,
         dropout=cfg.dropout, max_episode_length=stream.episode_length,
         max_context_episodes=cfg.episodes_per_window, obs_dim=stream.obs_dim, act_dim=stream.act_dim,
+        explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
     )
     model = ICLPolicy(model_config)
     if cfg.init_from:

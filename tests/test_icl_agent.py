@@ -169,3 +169,44 @@ def test_cpu_threads_are_restored_after_each_step():
     agent.start_trials(B, seed=0)
     agent.act(np.zeros((B, 39)))
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("wipe", [False, True])
+def test_exploration_offsets_the_first_episodes_and_the_context_records_the_taken_actions(wipe):
+    model = tiny(explore_episodes=2, explore_scale=0.3)  # acting defaults from the config
+    agent = InContextAgent(model, wipe_context_each_episode=wipe)
+    assert (agent.explore_episodes, agent.explore_scale) == (2, 0.3)
+    episodes = play(agent)
+    m = 1 if wipe else model.config.max_context_episodes
+    offsets = []
+    for k, (_, taken, _) in enumerate(episodes):
+        # What the model itself says over the recorded window, whose previous actions are the taken ones.
+        intended = full_forward_actions(model, episodes[max(0, k - m + 1) : k + 1])[:, -LENGTHS[k]:]
+        diff = taken - intended  # (B, T, 4)
+        if k < 2:
+            free = np.abs(taken) < 1.0 - 1e-6  # not clipped
+            per_trial = [d[f.all(1)] for d, f in zip(diff, free)]
+            assert all(len(d) >= 2 and np.ptp(d, axis=0).max() < 1e-4 for d in per_trial)  # constant in an episode
+            offsets.append(np.stack([d[0] for d in per_trial]))
+            assert np.abs(offsets[-1]).max() > 0.05
+        else:
+            assert np.abs(diff).max() <= 1e-4  # no offset once exploring is over
+    assert np.abs(offsets[0] - offsets[1]).max() > 0.05  # a fresh draw every episode
+    # Exploration is part of the seeded trial: the same seed gives the same actions.
+    again = play(InContextAgent(model, wipe_context_each_episode=wipe))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(episodes, again))
+    assert InContextAgent(model, explore_episodes=0).describe()["explore_episodes"] == 0
+    with pytest.raises(UsageError, match="explore_episodes"):
+        InContextAgent(model, explore_episodes=-1)
+
+
+def test_evaluator_overrides_the_checkpoint_exploration(tmp_path):
+    from icl_metarl.evaluation import load_agents
+
+    tiny(explore_episodes=1, explore_scale=0.2).save_pretrained(tmp_path / "ckpt")
+    assert InContextAgent.from_pretrained(tmp_path / "ckpt").explore_episodes == 1  # saved in config.json
+    agents = load_agents([str(tmp_path / "ckpt"), "random"], non_adaptive=True,
+                         in_context={"explore_episodes": 3, "explore_scale": 0.5})
+    icl = [a.agent for a in agents if isinstance(a.agent, InContextAgent)]
+    assert len(icl) == 2 and all((a.explore_episodes, a.explore_scale) == (3, 0.5) for a in icl)
+    assert [a.label for a in agents] == ["icl", "icl-wiped [non-adaptive]", "random"]
