@@ -67,8 +67,9 @@ class InContextAgent(Agent):
         self.use_cache = use_cache
         self.cpu_threads = cpu_threads
         c = model.config
-        self.explore_episodes = int(c.explore_episodes if explore_episodes is None else explore_episodes)
-        self.explore_scale = float(c.explore_scale if explore_scale is None else explore_scale)
+        # getattr: a config object built before these fields existed has none (from_pretrained fills them)
+        self.explore_episodes = int(getattr(c, "explore_episodes", 0) if explore_episodes is None else explore_episodes)
+        self.explore_scale = float(getattr(c, "explore_scale", 0.0) if explore_scale is None else explore_scale)
         if self.explore_episodes < 0 or not self.explore_scale >= 0.0:
             raise UsageError(f"explore_episodes must be >= 0 and explore_scale >= 0, got "
                              f"{self.explore_episodes} and {self.explore_scale}")

@@ -127,3 +127,17 @@ def test_suite_names_cover_all_environments():
     names = suite_names()
     assert "ML10" in names and "ML45" in names and "ML1:reach-v3" in names
     assert len(names) == 52
+
+
+def test_reach_expert_parks_the_tcp_on_the_goal_not_the_hand():
+    # Success is measured at the TCP, 4.5 cm below the hand that Meta-World's reach policy steers: told
+    # the raw goal it would stop with the TCP 4.55 cm away (a 4.5 mm margin to the 5 cm radius).
+    tasks = get_suite("ML1:reach-v3").tasks("test", 0)[:5]
+    envs = make_trial_envs(tasks, episode_length=100, seed=0)
+    obs, info = envs.reset()
+    for _ in range(100):
+        obs, _, _, _, info = envs.step(expert_actions([t.env_name for t in tasks], obs, info["goal"]))
+    tcp = np.array([e._env.unwrapped.tcp_center for e in envs.envs])
+    assert np.linalg.norm(tcp - info["goal"], axis=1).max() < 0.015
+    assert np.abs(obs[:, :3] - tcp - (0.0, 0.0, 0.045)).max() < 0.006  # the offset the expert is told
+    envs.close()
