@@ -410,54 +410,12 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, say=print) -> Path:
 
 
 # -------------------------------------------------------------------------------------- report
-def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
-    """Per agent: success in the first and last adaptation episode, their paired difference, and for a
-    checkpoint its last adaptation episode minus its non-adaptive variant's; means with 95% bootstrap CIs."""
-    from icl_metarl.report import bootstrap_ci, episode_array
-
-    s = results["settings"]
-    K, E = s["adaptation_episodes"], s["evaluation_episodes"]
-    last = K - 1 if K >= 2 else K + E - 1
-    succ = {a: episode_array(results["records"], a, "success", len(results["tasks"]), results["seeds"], K + E)
-            for a in results["agents"]}  # (episodes, tasks, seeds)
-    wiped = {info["spec"]: a for a, info in results["agents"].items() if not info["adaptive"]}
-    rows = []
-    for a, info in results["agents"].items():
-        x = succ[a]
-        row = {"agent": a, "spec": info["spec"], "adaptive": info["adaptive"], "last_index": last + 1,
-               "first": bootstrap_ci(x[0], num_resamples), "last": bootstrap_ci(x[last], num_resamples),
-               "gain": bootstrap_ci(x[last] - x[0], num_resamples)}  # paired: same task and seed
-        if info["adaptive"] and info["spec"] in wiped:
-            row["vs_non_adaptive"] = bootstrap_ci(x[last] - succ[wiped[info["spec"]]][last], num_resamples)
-        rows.append(row)
-    return rows
-
-
-def _ci(c, digits: int = 2, sign: bool = False) -> str:
-    m, lo, hi = c
-    if np.isnan(m):
-        return "n/a"
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
-
-
 def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list):
         return "[" + ", ".join(_short(x) for x in v) + "]"
     return str(v)
-
-
-def _verdict(c) -> str:
-    m, lo, hi = c
-    if np.isnan(m):
-        return "n/a"
-    if lo > 0:
-        return "yes: the whole interval is above 0"
-    if hi < 0:
-        return "no: worse (the whole interval is below 0)"
-    return "not shown: the interval contains 0"
 
 
 def plot_training(out: Path) -> str | None:
@@ -500,6 +458,7 @@ def plot_training(out: Path) -> str | None:
 def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
     """DIR/report.md: the headline figures, with links to the evaluation, training and probe outputs."""
     from icl_metarl.evaluation import load_results
+    from icl_metarl.report import adaptation_lines
 
     out = Path(out)
     lines = [f"# {cfg.name}: {cfg.suite}", "", f"{cfg.description}. Budget: {cfg.budget}.", "",
@@ -519,24 +478,8 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
     results_file = out / DIRS["evaluate"] / "results.json"
     if results_file.is_file():
         results = load_results(results_file)
-        s = results["settings"]
-        rows = adaptation_summary(results)
-        last = rows[0]["last_index"] if rows else 0
-        lines += [
-            "## Does each agent adapt?", "",
-            f"{len(results['tasks'])} test tasks x seeds {results['seeds']}; per trial {s['adaptation_episodes']} "
-            f"adaptation then {s['evaluation_episodes']} evaluation episode(s). Success of episode 1 and of episode "
-            f"{last} (the last adaptation episode); 'gain' is their difference paired by task and seed. Brackets: "
-            "95% bootstrap intervals over tasks (and seeds within tasks). An agent adapts here if its gain's "
-            "interval lies above 0, and beats its non-adaptive variant if that difference's interval does.", "",
-            f"| agent | success, episode 1 | success, episode {last} | gain | adapts? | episode {last} minus "
-            "non-adaptive variant | beats it? |", "|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            vs = r.get("vs_non_adaptive")
-            lines.append(f"| {r['agent']} | {_ci(r['first'])} | {_ci(r['last'])} | {_ci(r['gain'], sign=True)} | "
-                         f"{_verdict(r['gain'])} | {_ci(vs, sign=True) if vs else ''} | {_verdict(vs) if vs else ''} |")
-        lines += ["", "## Adaptation curves", "",
+        lines += adaptation_lines(results)
+        lines += ["## Adaptation curves", "",
                   "Every agent on the same tasks with the same seeds; oracle (told the goal) and random bound the "
                   f"plot. All tables (success definitions, returns, steps to success): [{DIRS['evaluate']}/report.md]"
                   f"({DIRS['evaluate']}/report.md).", ""]

@@ -130,6 +130,74 @@ def success_definitions(view: _View, agent: str) -> dict[str, tuple[float, float
     return out
 
 
+def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
+    """Per agent: success in the first and last adaptation episode, their paired difference, and for a
+    checkpoint its last adaptation episode minus its non-adaptive variant's; means with 95% bootstrap CIs."""
+    s = results["settings"]
+    K, E = s["adaptation_episodes"], s["evaluation_episodes"]
+    last = K - 1 if K >= 2 else K + E - 1
+    succ = {a: episode_array(results["records"], a, "success", len(results["tasks"]), results["seeds"], K + E)
+            for a in results["agents"]}  # (episodes, tasks, seeds)
+    wiped = {info["spec"]: a for a, info in results["agents"].items() if not info["adaptive"]}
+    rows = []
+    for a, info in results["agents"].items():
+        x = succ[a]
+        row = {"agent": a, "spec": info["spec"], "adaptive": info["adaptive"], "last_index": last + 1,
+               "first": bootstrap_ci(x[0], num_resamples), "last": bootstrap_ci(x[last], num_resamples),
+               "gain": bootstrap_ci(x[last] - x[0], num_resamples)}  # paired: same task and seed
+        if info["adaptive"] and info["spec"] in wiped:
+            row["vs_non_adaptive"] = bootstrap_ci(x[last] - succ[wiped[info["spec"]]][last], num_resamples)
+        rows.append(row)
+    return rows
+
+
+def _signed_ci(c, digits: int = 2, sign: bool = False) -> str:
+    m, lo, hi = c
+    if np.isnan(m):
+        return "n/a"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _verdict(c) -> str:
+    m, lo, hi = c
+    if np.isnan(m):
+        return "n/a"
+    if lo > 0:
+        return "yes: the whole interval is above 0"
+    if hi < 0:
+        return "no: worse (the whole interval is below 0)"
+    return "not shown: the interval contains 0"
+
+
+def adaptation_lines(results: dict, num_resamples: int = 2000) -> list[str]:
+    """The 'Does each agent adapt?' section: first vs last adaptation episode and adaptive vs non-adaptive
+    variant, both paired by task and seed, each with its verdict."""
+    s = results["settings"]
+    rows = adaptation_summary(results, num_resamples)
+    if not rows:
+        return []
+    last = rows[0]["last_index"]
+    lines = [
+        "## Does each agent adapt?", "",
+        f"{len(results['tasks'])} {s.get('split', 'test')} tasks x seeds {results['seeds']}; per trial "
+        f"{s['adaptation_episodes']} adaptation then {s['evaluation_episodes']} evaluation episode(s). "
+        f"Success of episode 1 and of episode {last} (the last adaptation episode); 'gain' is their difference "
+        "paired by task and seed; the last column compares a checkpoint with its own non-adaptive variant "
+        "(in-context: context wiped every episode; gradient: no adaptation step) in the same episode, paired. "
+        "Brackets: 95% bootstrap intervals over tasks (and seeds within tasks). An agent adapts here if its "
+        "gain's interval lies above 0, and beats its non-adaptive variant if that difference's interval does.", "",
+        f"| agent | success, episode 1 | success, episode {last} | gain | adapts? | episode {last} minus "
+        "non-adaptive variant | beats it? |", "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vs = r.get("vs_non_adaptive")
+        lines.append(f"| {r['agent']} | {_signed_ci(r['first'])} | {_signed_ci(r['last'])} | "
+                     f"{_signed_ci(r['gain'], sign=True)} | {_verdict(r['gain'])} | "
+                     f"{_signed_ci(vs, sign=True) if vs else ''} | {_verdict(vs) if vs else ''} |")
+    return lines + [""]
+
+
 def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[str] = ()) -> str:
     """report.md as a string."""
     v = _View(results, num_resamples)
@@ -150,6 +218,7 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
         d = info.get("description", {})
         lines.append(f"| {a} | {info['status']} | {_pool(d)} | {d.get('type', '?')} | {info.get('spec', '')} |")
     lines.append("")
+    lines += adaptation_lines(results, num_resamples)
 
     lines += ["## Success, by the definitions papers use", "",
               "Each row is one definition; say which one when you put a figure beside a published one. "

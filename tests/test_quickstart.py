@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from icl_metarl import quickstart as qs
+from icl_metarl import report
 from icl_metarl.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -172,7 +173,7 @@ def test_adaptation_summary_against_hand_counts():
     rng = np.random.default_rng(0)
     icl = (rng.random((4, 30, 2)) < np.array([0.1, 0.3, 0.6, 0.7])[:, None, None]).astype(float)
     wiped = (rng.random((4, 30, 2)) < 0.1).astype(float)
-    rows = {r["agent"]: r for r in qs.adaptation_summary(
+    rows = {r["agent"]: r for r in report.adaptation_summary(
         _results({"icl": icl, "icl-wiped": wiped}, {"icl": True, "icl-wiped": False}, {"icl": "run", "icl-wiped": "run"}),
         num_resamples=500)}
     r = rows["icl"]
@@ -180,9 +181,9 @@ def test_adaptation_summary_against_hand_counts():
     assert r["first"][0] == pytest.approx(icl[0].mean()) and r["last"][0] == pytest.approx(icl[2].mean())
     assert r["gain"][0] == pytest.approx(icl[2].mean() - icl[0].mean())
     assert r["vs_non_adaptive"][0] == pytest.approx(icl[2].mean() - wiped[2].mean())
-    assert r["gain"][1] > 0 and qs._verdict(r["gain"]).startswith("yes")
+    assert r["gain"][1] > 0 and report._verdict(r["gain"]).startswith("yes")
     assert "vs_non_adaptive" not in rows["icl-wiped"]
-    assert qs._verdict(rows["icl-wiped"]["gain"]).startswith("not shown")
+    assert report._verdict(rows["icl-wiped"]["gain"]).startswith("not shown")
 
 
 # ---------------------------------------------------------------------------------- end to end
