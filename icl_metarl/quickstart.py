@@ -38,13 +38,17 @@ def _default_generate():
     from icl_metarl.histories import GenerateConfig
 
     # A fresh goal per trial: 50 benchmark goals are memorised, not searched for (DESIGN.md, first probe).
-    return GenerateConfig(task_pool="fresh", trials=400, episodes_per_trial=4, trials_per_shard=25, workers=1)
+    # The learner heads for the goal displaced by N(0, s^2), s drawn from [0, 0.15 m] for every episode: the
+    # context holds places near the goal with their rewards, and a late episode's end point is no shortcut
+    # to the goal (docs/results.md, issue 12: the recipe that first transferred across episodes).
+    return GenerateConfig(task_pool="fresh", trials=1200, episodes_per_trial=4, noise_kind="goal",
+                          noise_schedule="random", noise_max=0.15, trials_per_shard=50, workers=0)
 
 
 def _default_pretrain():
     from icl_metarl.train import TrainConfig
 
-    return TrainConfig(target="expert", episodes_per_window=4, batch_size=8, steps=1200, d_model=128, n_layer=4,
+    return TrainConfig(target="expert", episodes_per_window=4, batch_size=16, steps=2500, d_model=64, n_layer=3,
                        n_head=4, checkpoint_every=250, log_every=25)
 
 
@@ -57,7 +61,7 @@ def _default_meta_train():
 def _default_evaluate():
     from icl_metarl.evaluation import EvalConfig
 
-    return EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=20, batch_size=20)
+    return EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=50, batch_size=50)
 
 
 def _default_probe():

@@ -66,9 +66,9 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'no' or 'bf16'"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, ~30% slower)"""
-    d_model: int = 128
+    d_model: int = 64
     """model width"""
-    n_layer: int = 4
+    n_layer: int = 3
     """Transformer blocks"""
     n_head: int = 4
     """attention heads"""

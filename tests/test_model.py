@@ -217,7 +217,7 @@ def test_context_and_step_limits():
 
 def test_default_model_size():
     n = sum(p.numel() for p in ICLPolicy(ICLPolicyConfig()).parameters())
-    # token_in + step/position embeddings + 4 blocks (12 d^2 + 13 d) + final norm + head, d=128
-    d = 128
-    expected = (45 * d + d) + 500 * d + 2000 * d + 4 * (12 * d * d + 13 * d) + 2 * d + (d * 4 + 4)
-    assert n == expected and math.isclose(n / 1e6, 1.12, abs_tol=0.01)
+    # token_in + step/position embeddings + 3 blocks (12 d^2 + 13 d) + final norm + head, d=64
+    d = 64
+    expected = (45 * d + d) + 500 * d + 2000 * d + 3 * (12 * d * d + 13 * d) + 2 * d + (d * 4 + 4)
+    assert n == expected and math.isclose(n / 1e6, 0.32, abs_tol=0.01)
