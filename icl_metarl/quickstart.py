@@ -41,15 +41,19 @@ def _default_generate():
     # The learner heads for the goal displaced by N(0, s^2), s drawn from [0, 0.15 m] for every episode: the
     # context holds places near the goal with their rewards, and a late episode's end point is no shortcut
     # to the goal (docs/results.md, issue 12: the recipe that first transferred across episodes).
-    return GenerateConfig(task_pool="fresh", trials=1200, episodes_per_trial=4, noise_kind="goal",
+    return GenerateConfig(task_pool="fresh", trials=1000, episodes_per_trial=4, noise_kind="goal",
                           noise_schedule="random", noise_max=0.15, trials_per_shard=50, workers=0)
 
 
 def _default_pretrain():
     from icl_metarl.train import TrainConfig
 
-    return TrainConfig(target="expert", episodes_per_window=4, batch_size=16, steps=2500, d_model=64, n_layer=3,
-                       n_head=4, checkpoint_every=250, log_every=25)
+    # The agent explores in episode 1 of a trial (a constant random action offset): a posterior-mean policy
+    # otherwise walks the same path every episode and its context never tells it more. One relabelling
+    # round then trains it on its own exploring trials, every step labelled with the expert's action.
+    return TrainConfig(target="expert", episodes_per_window=4, batch_size=16, steps=2400, d_model=64, n_layer=3,
+                       n_head=4, checkpoint_every=200, log_every=25, explore_episodes=1, explore_scale=0.25,
+                       relabel_rounds=1, relabel_trials=400)
 
 
 def _default_meta_train():
@@ -130,7 +134,8 @@ def tiny() -> QuickstartConfig:
         budget="about a minute on a 2-core CPU", episode_length=50,
         generate=GenerateConfig(task_pool="fresh", trials=8, episodes_per_trial=4, trials_per_shard=4, workers=1),
         pretrain=TrainConfig(episodes_per_window=4, batch_size=4, steps=10, warmup_steps=2, d_model=32, n_layer=1,
-                             n_head=2, checkpoint_every=5, log_every=2),
+                             n_head=2, checkpoint_every=5, log_every=2, explore_episodes=1, explore_scale=0.25,
+                             relabel_rounds=1, relabel_trials=4),
         meta_train=MetaRLConfig(iterations=2, meta_batch=2, episode_length=50, hidden=(16, 16), ppo_epochs=1,
                                 checkpoint_every=1),
         evaluate=EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=3, batch_size=3),
@@ -331,11 +336,11 @@ def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
     import torch
 
-    from icl_metarl.train import train
+    from icl_metarl.train import pretrain
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    record = train(stage_config(cfg, "pretrain", out))
+    record = pretrain(stage_config(cfg, "pretrain", out))
     return {"final_loss": record.get("loss"), "tokens_per_s": record.get("tokens_per_s")}
 
 
@@ -422,13 +427,33 @@ def _short(v) -> str:
     return str(v)
 
 
+def _training_logs(out: Path) -> list[str]:
+    """The JSONL logs of pretraining (one per relabelling phase, if any) and meta-training, relative to out."""
+    found = []
+    for stage in ("pretrain", "meta-train"):
+        d = out / DIRS[stage]
+        files = [d / "log.jsonl"] if (d / "log.jsonl").is_file() else sorted(d.glob("round-*/train/log.jsonl"))
+        found += [f.relative_to(out).as_posix() for f in files]
+    return found
+
+
 def plot_training(out: Path) -> str | None:
     """training.png: pretraining loss and meta-training success (before/after the inner step), if logged."""
-    logs = {}
-    for stage, name in (("pretrain", "log.jsonl"), ("meta-train", "log.jsonl")):
-        f = out / DIRS[stage] / name
-        if f.is_file():
-            logs[stage] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    logs, rounds = {}, []
+    for stage in ("pretrain", "meta-train"):
+        # With relabelling rounds each phase logs in round-r/train/, its steps counted from 0.
+        files = [out / DIRS[stage] / "log.jsonl"] if (out / DIRS[stage] / "log.jsonl").is_file() else \
+            sorted((out / DIRS[stage]).glob("round-*/train/log.jsonl"), key=lambda p: int(p.parts[-3].split("-")[1]))
+        offset, records = 0, []
+        for f in files:
+            phase = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            if stage == "pretrain" and phase:
+                if records:
+                    rounds.append(offset)
+                phase = [{**r, "step": r["step"] + offset} for r in phase]
+                offset = phase[-1]["step"]
+            records += phase
+        logs[stage] = records
     logs = {k: v for k, v in logs.items() if v}
     if not logs:
         return None
@@ -444,7 +469,10 @@ def plot_training(out: Path) -> str | None:
         if stage == "pretrain":
             ax.plot([r["step"] for r in log], [r["loss"] for r in log])
             ax.set_yscale("log")
-            ax.set(xlabel="optimizer step", ylabel="action loss", title="in-context pretraining")
+            for x in rounds:
+                ax.axvline(x, color="gray", lw=0.8, ls="--")
+            ax.set(xlabel="optimizer step", ylabel="action loss",
+                   title="in-context pretraining" + (" (dashes: relabelling rounds)" if rounds else ""))
         else:
             it = [r["iteration"] for r in log]
             ax.plot(it, [r["success_pre"] for r in log], label="before the inner step")
@@ -495,8 +523,7 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
     training = plot_training(out)
     if training:
         lines += ["## Training", "", f"![training]({training})", "",
-                  f"Logs: [{DIRS['pretrain']}/log.jsonl]({DIRS['pretrain']}/log.jsonl), "
-                  f"[{DIRS['meta-train']}/log.jsonl]({DIRS['meta-train']}/log.jsonl).", ""]
+                  "Logs: " + ", ".join(f"[{p}]({p})" for p in _training_logs(out)) + ".", ""]
 
     probe_dir = out / DIRS["probe"]
     if (probe_dir / "probe.md").is_file():
