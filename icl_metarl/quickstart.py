@@ -82,7 +82,7 @@ class QuickstartConfig:
     """label of the study, printed in the report"""
     description: str = "the whole study, small, on a CPU"
     """one line saying what this configuration is for"""
-    budget: str = "about 20 minutes on a 2-core CPU"
+    budget: str = "17 minutes measured on a 2-core CPU (docs/results.md)"
     """what a run costs (time, hardware), as measured or estimated; written into the report"""
     suite: str = "ML1:reach-v3"
     """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""

@@ -477,6 +477,9 @@ def pretrain(cfg: TrainConfig) -> dict:
     check_config(cfg)
     if cfg.relabel_rounds == 0:
         return train(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would play the round's trials
+        raise UsageError(f"--relabel-rounds {cfg.relabel_rounds} runs in one process only, not under accelerate "
+                         f"launch with {os.environ['WORLD_SIZE']} processes; run it without accelerate launch")
     from icl_metarl.histories import GenerateConfig, generate, load_histories
 
     run = Path(cfg.out)

@@ -142,3 +142,11 @@ def test_periodic_evaluation_and_tensorboard_log_beside_the_loss(data, tmp_path)
     assert [e.step for e in tb.Scalars("loss")] == [2, 3, 4]
     assert [e.value for e in tb.Scalars("loss")] == pytest.approx([r["loss"] for r in records], rel=1e-6)
     assert [e.step for e in tb.Scalars("eval/success_ep2")] == [2, 4]
+
+
+def test_relabelling_rounds_refuse_several_processes(data, tmp_path, monkeypatch):
+    from icl_metarl.train import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="one process only"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=4, relabel_rounds=1))
