@@ -390,8 +390,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.kill_after and done - start >= cfg.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    if use_tb:
-        accelerator.end_training()
+    for tracker in accelerator.trackers:  # close the TensorBoard writer; end_training() would also
+        tracker.finish()                  # destroy the process group that the barrier below needs
 
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)

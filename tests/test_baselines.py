@@ -4,7 +4,7 @@ import pytest
 from icl_metarl.agent import Privileged
 from icl_metarl.baselines import OracleAgent, RandomAgent, make_baseline
 from icl_metarl.errors import UsageError
-from icl_metarl.suites import expert_policy, get_suite, make_trial_envs
+from icl_metarl.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
 
 
 def test_random_is_in_range_and_repeats_with_its_seed():
@@ -29,7 +29,7 @@ def test_oracle_matches_expert_called_directly():
     got = oracle.act_privileged(obs, Privileged([t.env_name for t in tasks], info["goal"]))
     for i, t in enumerate(tasks):  # second way: the expert on a copy of obs with the goal filled in
         o = obs[i].copy()
-        o[-3:] = info["goal"][i]
+        o[-3:] = info["goal"][i] + np.asarray(EXPERT_GOAL_OFFSETS[t.env_name])  # reach: aim the TCP, not the hand
         np.testing.assert_allclose(got[i], np.clip(expert_policy(t.env_name).get_action(o), -1, 1), rtol=1e-6)
     assert np.all(obs[:, -3:] == 0)  # the observation itself stays goal-free
     envs.close()
