@@ -427,25 +427,26 @@ def _short(v) -> str:
     return str(v)
 
 
+def _stage_logs(out: Path, stage: str) -> list[Path]:
+    """The JSONL logs of a training stage, in order: its log.jsonl, or one per relabelling phase
+    (round-r/train/log.jsonl, each counting its steps from 0)."""
+    d = out / DIRS[stage]
+    if (d / "log.jsonl").is_file():
+        return [d / "log.jsonl"]
+    return sorted(d.glob("round-*/train/log.jsonl"), key=lambda p: int(p.parts[-3].split("-")[1]))
+
+
 def _training_logs(out: Path) -> list[str]:
-    """The JSONL logs of pretraining (one per relabelling phase, if any) and meta-training, relative to out."""
-    found = []
-    for stage in ("pretrain", "meta-train"):
-        d = out / DIRS[stage]
-        files = [d / "log.jsonl"] if (d / "log.jsonl").is_file() else sorted(d.glob("round-*/train/log.jsonl"))
-        found += [f.relative_to(out).as_posix() for f in files]
-    return found
+    """The JSONL logs of pretraining and meta-training, relative to out."""
+    return [f.relative_to(out).as_posix() for stage in ("pretrain", "meta-train") for f in _stage_logs(out, stage)]
 
 
 def plot_training(out: Path) -> str | None:
     """training.png: pretraining loss and meta-training success (before/after the inner step), if logged."""
     logs, rounds = {}, []
     for stage in ("pretrain", "meta-train"):
-        # With relabelling rounds each phase logs in round-r/train/, its steps counted from 0.
-        files = [out / DIRS[stage] / "log.jsonl"] if (out / DIRS[stage] / "log.jsonl").is_file() else \
-            sorted((out / DIRS[stage]).glob("round-*/train/log.jsonl"), key=lambda p: int(p.parts[-3].split("-")[1]))
         offset, records = 0, []
-        for f in files:
+        for f in _stage_logs(out, stage):  # relabelling phases: steps continue across them
             phase = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
             if stage == "pretrain" and phase:
                 if records:

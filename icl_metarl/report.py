@@ -78,11 +78,13 @@ def _pool(description: dict) -> str:
     return "not stated by the agent"
 
 
-def _fmt(ci: tuple[float, float, float], digits: int = 2) -> str:
+def _fmt(ci: tuple[float, float, float], digits: int = 2, sign: bool = False) -> str:
+    """'mean [low, high]'; ``sign`` writes a + before positive numbers (for differences)."""
     m, lo, hi = ci
     if np.isnan(m):
         return "n/a"
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
 
 
 class _View:
@@ -151,14 +153,6 @@ def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
     return rows
 
 
-def _signed_ci(c, digits: int = 2, sign: bool = False) -> str:
-    m, lo, hi = c
-    if np.isnan(m):
-        return "n/a"
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
-
-
 def _verdict(c) -> str:
     m, lo, hi = c
     if np.isnan(m):
@@ -192,9 +186,9 @@ def adaptation_lines(results: dict, num_resamples: int = 2000) -> list[str]:
     ]
     for r in rows:
         vs = r.get("vs_non_adaptive")
-        lines.append(f"| {r['agent']} | {_signed_ci(r['first'])} | {_signed_ci(r['last'])} | "
-                     f"{_signed_ci(r['gain'], sign=True)} | {_verdict(r['gain'])} | "
-                     f"{_signed_ci(vs, sign=True) if vs else ''} | {_verdict(vs) if vs else ''} |")
+        lines.append(f"| {r['agent']} | {_fmt(r['first'])} | {_fmt(r['last'])} | "
+                     f"{_fmt(r['gain'], sign=True)} | {_verdict(r['gain'])} | "
+                     f"{_fmt(vs, sign=True) if vs else ''} | {_verdict(vs) if vs else ''} |")
     return lines + [""]
 
 
