@@ -78,6 +78,8 @@ def test_random_schedule_draws_a_level_per_trial_and_episode():
     assert levels.shape == (2000, 4) and levels.min() >= 0.0 and levels.max() <= 0.15
     # Independent of the episode index: every episode's mean is the uniform's 0.075 (s.e. 0.001).
     assert np.allclose(levels.mean(0), 0.075, atol=0.005)
+    # ... and drawn anew for every episode of a trial, not once per trial (2,000 pairs: s.e. of r 0.022).
+    assert abs(np.corrcoef(levels[:, 0], levels[:, 1])[0, 1]) < 0.1 and np.all(np.ptp(levels, axis=1) > 0)
     assert np.array_equal(trial_noise_levels("linear", 3, 4, 1.0, np.random.default_rng(0)),
                           np.tile(noise_levels("linear", 4, 1.0), (3, 1)))
     # One level per row: rows at level 0 keep the expert's action, rows at level 1 lose it.
