@@ -141,16 +141,18 @@ class InContextAgent(Agent):
         self._length += 1
         self._t += 1
 
-        if self.use_cache:
-            out = self._forward(i, i + 1, self._cache)
+        if self.use_cache:  # the hot path: one token, no module dispatch (model.decode_step)
+            mean, log_std = self.model.decode_step(self._obs[:, i], self._prev_actions[:, i], self._prev_rewards[:, i],
+                                                   first, self._t - 1, self._cache)
         else:
             out = self._forward(0, i + 1, None)
-        mean, log_std = out.mean[:, -1].float(), out.log_std
+            mean, log_std = out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]
+        mean = mean.float()
         if self.deterministic:
             action = torch.tanh(mean)
         else:
             noise = torch.randn(mean.shape, generator=self._generator, device=self.device)
-            action = torch.tanh(mean + log_std[:, -1].float().exp() * noise)
+            action = torch.tanh(mean + log_std.float().exp() * noise)
         if self._episode_index < self.explore_episodes:
             action = (action + self._offset).clamp(-1.0, 1.0)
         self._last_action = action

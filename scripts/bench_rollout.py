@@ -38,7 +38,7 @@ def steps_per_second(agent, envs, num_trials: int, episodes: int, episode_length
 
 def backbone_ms_per_step(batch: int = 20, steps: int = 300) -> dict[str, float]:
     """Per-step cached forward latency (ms) at the default size: this model vs transformers backbones
-    fed ``inputs_embeds`` (the reason model.py writes its own blocks)."""
+    fed ``inputs_embeds`` (the reason model.py writes its own blocks), and the agent's one-token fast path."""
     from transformers import DynamicCache, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
     c = ICLPolicyConfig()
@@ -70,6 +70,12 @@ def backbone_ms_per_step(batch: int = 20, steps: int = 300) -> dict[str, float]:
         for _ in range(steps):
             ours(o, a, r, start, step, past_key_values=cache, use_cache=True)
         out["ICLPolicy (static cache, sdpa)"] = (time.perf_counter() - t0) / steps * 1e3
+        cache = ours.new_cache(batch)
+        o, a, r = o[:, 0], a[:, 0], r[:, 0]
+        t0 = time.perf_counter()
+        for i in range(steps):
+            ours.decode_step(o, a, r, False, i % c.max_episode_length, cache)
+        out["ICLPolicy.decode_step (the agent's)"] = (time.perf_counter() - t0) / steps * 1e3
     return out
 
 
@@ -89,7 +95,7 @@ def main() -> None:
         ours = times["ICLPolicy (static cache, sdpa)"]
         print(f"one cached step, batch 20, default size, torch threads {torch.get_num_threads()}:")
         for name, ms in times.items():
-            print(f"  {name:32s} {ms:6.2f} ms/step  ({ms / ours:.1f}x ours)")
+            print(f"  {name:36s} {ms:6.2f} ms/step  ({ms / ours:.1f}x ours)")
         return
 
     config = ICLPolicyConfig()  # the default model, max_context_episodes=4 >= --episodes: no re-encoding

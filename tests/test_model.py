@@ -69,6 +69,33 @@ def test_cached_incremental_equals_full_forward(head, chunk):
         assert (torch.cat([p.log_std for p in pieces], 1) - full.log_std).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("head", ["deterministic", "tanh_gaussian"])
+def test_decode_step_equals_the_full_forward(head):
+    """The rollout's one-token fast path gives the general forward's numbers and fills the same cache."""
+    model, x = tiny(action_head=head), tokens(episodes=4)
+    full = run(model, x)
+    cache, means, stds = model.new_cache(3, capacity=4 * EP), [], []
+    with torch.no_grad():
+        for s in range(4 * EP):
+            mean, log_std = model.decode_step(x["obs"][:, s], x["prev_actions"][:, s], x["prev_rewards"][:, s],
+                                              s % EP == 0, s % EP, cache)
+            means.append(mean), stds.append(log_std)
+    assert cache.length == 4 * EP
+    assert (torch.stack(means, 1) - full.mean).abs().max() <= 1e-5
+    if head == "tanh_gaussian":
+        assert (torch.stack(stds, 1) - full.log_std).abs().max() <= 1e-5
+    else:
+        assert all(s is None for s in stds)
+    reference = model.new_cache(3, capacity=4 * EP)
+    with torch.no_grad():
+        run(model, x, past_key_values=reference, use_cache=True)
+    assert torch.allclose(cache.keys, reference.keys, atol=1e-6) and torch.allclose(cache.values, reference.values, atol=1e-6)
+    with pytest.raises(UsageError, match="step 8"):
+        model.decode_step(x["obs"][:, 0], x["prev_actions"][:, 0], x["prev_rewards"][:, 0], False, 8, model.new_cache(3))
+    with pytest.raises(UsageError, match="capacity 24"):
+        model.decode_step(x["obs"][:, 0], x["prev_actions"][:, 0], x["prev_rewards"][:, 0], False, 0, cache)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_causality(impl):
     model, x = tiny(attn_implementation=impl), tokens()
