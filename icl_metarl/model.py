@@ -461,7 +461,7 @@ class ICLPolicy(PreTrainedModel):
         Returns (mean, log_std or None), each (B,A), and advances the cache by one token: the same
         numbers as ``forward`` on one token with ``past_key_values=cache`` (tested), in about 45 plain
         torch calls without module dispatch, einops parsing or shape checks of the general forward
-        (a cached step of the default model went from ~1.6 to ~0.5 ms on one CPU thread;
+        (one cached step of the default model, batch 20, one CPU thread: 1.62 -> 1.25 ms;
         docs/benchmarks.md). Always SDPA: one query needs no weights, and eager gives the same numbers.
         """
         c = self.config

@@ -3,6 +3,7 @@
 
     python scripts/bench_rollout.py --trials 10 20 --episodes 4 --episode-length 100
     python scripts/bench_rollout.py --backbones      # per-step cached forward: ours vs HF Llama / GPT-2
+    python scripts/bench_rollout.py --split-timers   # ms in act vs in env.step, decode_step vs forward
 
 The model is the default ``ICLPolicyConfig`` (untrained: speed does not depend on the weights). Each
 figure is the best of ``--repeats`` runs, since the machine is shared; ratios are within this run.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from icl_metarl.baselines import RandomAgent
@@ -34,6 +36,49 @@ def steps_per_second(agent, envs, num_trials: int, episodes: int, episode_length
         agent.end_episode()
         elapsed += time.perf_counter() - t0
     return num_trials * episodes * episode_length / elapsed
+
+
+class _ForwardStep:
+    """The model seen through ``forward`` only: its ``decode_step`` is one cached token of the general
+    forward (the agent's step before ``decode_step`` existed), to time the two paths side by side."""
+
+    def __init__(self, model: ICLPolicy):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def decode_step(self, obs, prev_action, prev_reward, episode_start, step, cache):
+        b = obs.shape[0]
+        out = self._model(obs[:, None], prev_action[:, None], prev_reward[:, None],
+                          torch.full((b, 1), bool(episode_start)), torch.full((b, 1), int(step)),
+                          past_key_values=cache, use_cache=True)
+        return out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]
+
+
+def split_timers(agent, envs, num_trials: int, episodes: int, episode_length: int, step_envs: bool):
+    """(ms per act, ms per env step) over whole trials; without ``step_envs`` the agent sees the reset
+    observation again and again (its cost alone, no environment between its steps)."""
+    agent.start_trials(num_trials, seed=0)
+    t_act = t_env = 0.0
+    zeros = np.zeros(num_trials, dtype=np.float32)
+    for _ in range(episodes):
+        obs, _ = envs.reset()
+        for _ in range(episode_length):
+            t0 = time.perf_counter()
+            action = agent.act(obs)
+            t1 = time.perf_counter()
+            if step_envs:
+                obs, reward, _, _, info = envs.step(action)
+                success = info["success"]
+            else:
+                reward = success = zeros
+            t_env += time.perf_counter() - t1
+            t_act += t1 - t0
+            agent.observe(reward, success)
+        agent.end_episode()
+    n = episodes * episode_length
+    return t_act / n * 1e3, t_env / n * 1e3
 
 
 def backbone_ms_per_step(batch: int = 20, steps: int = 300) -> dict[str, float]:
@@ -88,6 +133,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting; the best is reported")
     p.add_argument("--skip-recompute", action="store_true", help="leave out (c), the slowest")
     p.add_argument("--backbones", action="store_true", help="only time one cached step of each backbone")
+    p.add_argument("--split-timers", action="store_true",
+                   help="only time act and env.step apart, for the cached agent through decode_step and through forward")
     args = p.parse_args()
     if args.backbones:
         torch.set_num_threads(1)  # as the agent runs its steps (InContextAgent.cpu_threads)
@@ -106,6 +153,24 @@ def main() -> None:
     print(f"model: default ICLPolicyConfig (d={config.d_model}, {config.n_layer} layers, {config.n_head} heads, "
           f"{n_params / 1e6:.2f}M parameters, {model.attn_implementation}); torch threads {torch.get_num_threads()}")
     tasks = get_suite(args.suite).tasks("test", 0)
+    if args.split_timers:
+        for n in args.trials:
+            envs = make_trial_envs(tasks[:n], episode_length=args.episode_length, seed=0)
+            agents = {"random": RandomAgent(), "cached, decode_step": InContextAgent(model),
+                      "cached, forward": InContextAgent(model)}
+            agents["cached, forward"].model = _ForwardStep(model)
+            for step_envs in (True, False):
+                best = {k: (float("inf"), float("inf")) for k in agents}
+                for _ in range(args.repeats):
+                    for name, agent in agents.items():
+                        t = split_timers(agent, envs, n, args.episodes, args.episode_length, step_envs)
+                        best[name] = min(best[name], t)
+                where = "interleaved with env.step" if step_envs else "alone (no env.step between acts)"
+                print(f"{n:3d} trials, {where}:")
+                for name, (act, env) in best.items():
+                    print(f"    {name:20s} act {act:6.3f} ms" + (f"   env.step {env:6.3f} ms" if step_envs else ""))
+            envs.close()
+        return
     for n in args.trials:
         envs = make_trial_envs(tasks[:n], episode_length=args.episode_length, seed=0)
         agents = {"random": RandomAgent(), "cached": InContextAgent(model)}
