@@ -73,7 +73,15 @@ def test_cached_incremental_equals_full_forward(head, chunk):
 def test_decode_step_equals_the_full_forward(head):
     """The rollout's one-token fast path gives the general forward's numbers and fills the same cache."""
     model, x = tiny(action_head=head), tokens(episodes=4)
+    with torch.no_grad():  # every norm distinct from the identity, and log_std outside its clamp range
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+        if head == "tanh_gaussian":
+            model.head.bias[4:] = torch.tensor([4.0, -8.0, 0.0, 0.0])
     full = run(model, x)
+    if head == "tanh_gaussian":
+        assert full.log_std[..., 0].eq(M.LOG_STD_RANGE[1]).any() and full.log_std[..., 1].eq(M.LOG_STD_RANGE[0]).any()
     cache, means, stds = model.new_cache(3, capacity=4 * EP), [], []
     with torch.no_grad():
         for s in range(4 * EP):
