@@ -19,7 +19,7 @@ import hashlib
 import io
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,10 @@ class GenerateConfig:
     policy: str = ""
     """On-policy relabelling: an in-context checkpoint that plays the trials with its own context
     (noise settings unused); every step is still labelled with the expert's action. Empty: the expert."""
+    handover: int = 0
+    """With a policy: it plays only the first this many episodes of each trial, which are then context
+    only (their labels are NaN: no loss), and the noisy expert (noise settings) plays and labels the
+    rest. 0: the policy plays every episode and every step is labelled (DAgger)."""
 
 
 # ------------------------------------------------------------------------------------------ noise
@@ -160,6 +164,11 @@ def check_config(cfg: GenerateConfig) -> GenerateConfig:
         raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian or goal, got {cfg.noise_max!r}")
     if not isinstance(cfg.workers, (int, np.integer)) or cfg.workers < 0:
         raise UsageError(f"workers must be >= 0 (0 = one per core), got {cfg.workers!r}")
+    if not isinstance(cfg.handover, (int, np.integer)) or not 0 <= cfg.handover < cfg.episodes_per_trial:
+        raise UsageError(f"handover must be an integer in [0, episodes_per_trial={cfg.episodes_per_trial}), "
+                         f"got {cfg.handover!r}")
+    if cfg.handover and not cfg.policy:
+        raise UsageError(f"handover={cfg.handover} needs a policy that plays the episodes before it")
     if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
         raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
     pool = parse_task_pool(cfg.task_pool)
@@ -243,21 +252,24 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
     try:
         for k in range(K):
             obs, info = envs.reset()  # autoreset is off: every trial starts episode k together
+            learner = policy is not None and (cfg.handover == 0 or k < cfg.handover)
             for j in range(L):
                 expert = expert_actions(names, obs, info["goal"])  # (T, 4)
-                if policy:
+                if learner:
                     taken = policy.act(obs)
                 elif cfg.noise_kind == "goal":
                     taken = expert_actions(names, obs, info["goal"] + goal_offsets[k])
                 else:
                     taken = perturb(expert, cfg.noise_kind, levels[:, k], rng)
+                if learner and cfg.handover:
+                    expert = np.full_like(expert, np.nan)  # context only: no label, no loss
                 obs_buf[:, k, j], expert_buf[:, k, j], taken_buf[:, k, j] = obs, expert, taken
                 obs, reward, _, _, info = envs.step(taken)
                 reward_buf[:, k, j] = reward
                 success_buf[:, k, j] = np.asarray(info["success"]) > 0
-                if policy:
+                if learner:
                     policy.observe(reward_buf[:, k, j], success_buf[:, k, j])
-            if policy:
+            if learner:
                 policy.end_episode()
     finally:
         envs.close()
@@ -318,7 +330,9 @@ def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "complete": False,
-        "source": f"trials of policy {cfg.policy}, expert-labelled" if cfg.policy else "annealed-noise expert",
+        "source": (f"trials of policy {cfg.policy} for {cfg.handover} episode(s), then the noisy expert, expert-labelled"
+                   if cfg.handover else f"trials of policy {cfg.policy}, expert-labelled" if cfg.policy
+                   else "annealed-noise expert"),
         "settings": _settings(cfg),
         "pool": {
             "kind": pool if isinstance(pool, str) else "count",
@@ -346,9 +360,10 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
     if old.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{path / MANIFEST} has schema version {old.get('schema_version')!r}, this toolkit "
                          f"writes {SCHEMA_VERSION}; use another --out")
+    defaults = {f.name: f.default for f in fields(GenerateConfig)}  # a setting added later: its default
     for key, value in new["settings"].items():
-        if old["settings"].get(key) != value:
-            raise UsageError(f"{path} was generated with {key}={old['settings'].get(key)!r}, not {value!r}; "
+        if old["settings"].get(key, defaults.get(key)) != value:
+            raise UsageError(f"{path} was generated with {key}={old['settings'].get(key, defaults.get(key))!r}, not {value!r}; "
                              f"rerun with the same settings or use another --out")
     for key in ("metaworld", "mujoco"):
         if old["versions"].get(key) != new["versions"].get(key):

@@ -166,11 +166,17 @@ def tanh_gaussian_nll(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.
 
 
 def action_loss(output: "ICLPolicyOutput", target_actions: torch.Tensor) -> torch.Tensor:
-    """Scalar loss over all tokens: MSE of the action for the deterministic head, NLL for the Gaussian."""
+    """Scalar loss over the labelled tokens: MSE of the action for the deterministic head, NLL for the
+    Gaussian. A token whose target holds NaN is unlabelled (context only, e.g. a learner's episodes
+    before a hand-over): it adds no loss; a batch without any label gives 0."""
     target = target_actions.float()
+    labelled = ~torch.isnan(target).any(-1)  # (B, T)
+    target = torch.where(rearrange(labelled, "b t -> b t 1"), target, torch.zeros_like(target))
     if output.log_std is None:
-        return F.mse_loss(output.action.float(), target)
-    return tanh_gaussian_nll(output.mean.float(), output.log_std.float(), target).mean()
+        per_token = ((output.action.float() - target) ** 2).mean(-1)  # (B, T)
+    else:
+        per_token = tanh_gaussian_nll(output.mean.float(), output.log_std.float(), target)  # (B, T)
+    return (per_token * labelled).sum() / labelled.sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------- KV cache

@@ -103,6 +103,11 @@ class TrainConfig:
     labelled with the expert's action, and those trials join the data of the next phase"""
     relabel_trials: int = 0
     """trials the policy plays per round (0: as many as the first data directory holds)"""
+    relabel_handover: int = 0
+    """relabelling rounds: the policy plays only the first this many episodes of each trial (context
+    only, unlabelled) and the noisy expert of the base data plays and labels the rest; 0: the policy
+    plays every episode and every step is labelled (DAgger). For experts that cannot label a learner's
+    states well (push-v3's lifts the hand whenever it is 2 cm off the puck: docs/results.md)"""
     eval_every: int = 0
     """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
     monitor only: it never selects the checkpoint"""
@@ -140,6 +145,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"lr must be > 0, got {cfg.lr}")
     if cfg.relabel_rounds < 0 or cfg.relabel_trials < 0:
         raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
+    if cfg.relabel_handover < 0 or (cfg.relabel_handover and not cfg.relabel_rounds):
+        raise UsageError(f"relabel_handover={cfg.relabel_handover} needs relabel_rounds >= 1 and must be >= 0")
     if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:
         raise UsageError(f"steps={cfg.steps} cannot be cut into {cfg.relabel_rounds + 1} phases (relabel rounds + 1)")
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
@@ -219,9 +226,12 @@ class WindowStream:
 
     def mean_action_mse(self, target: str, windows: int = 256) -> float:
         """MSE of predicting the data's mean action for every step: the loss a model must beat."""
+        import torch
+
         key = "expert_actions" if target == "expert" else "actions"
-        acts = self.batch(range(min(windows, len(self.dataset))))[key]  # (B, W, A)
-        return float(((acts - acts.mean(dim=(0, 1))) ** 2).mean())
+        acts = self.batch(range(min(windows, len(self.dataset))))[key].flatten(0, 1)  # (B*W, A)
+        acts = acts[~torch.isnan(acts).any(-1)]  # labelled steps only (hand-over trials hold unlabelled ones)
+        return float(((acts - acts.mean(0)) ** 2).mean())
 
     def task_pools(self) -> list[dict]:
         return [
@@ -486,6 +496,9 @@ def pretrain(cfg: TrainConfig) -> dict:
     if (run / "round-0").exists() and not cfg.resume:
         raise UsageError(f"{run} already holds relabelling rounds; pass --resume to continue it, or choose another --out")
     base = load_histories(cfg.data[0], verify=False).manifest["settings"]
+    if cfg.relabel_handover >= base["episodes_per_trial"]:
+        raise UsageError(f"relabel_handover={cfg.relabel_handover} leaves the expert no episode of the "
+                         f"{base['episodes_per_trial']} per trial in {cfg.data[0]}; use 0 to {base['episodes_per_trial'] - 1}")
     phases = cfg.relabel_rounds + 1
     data, init, record, rounds = list(cfg.data), cfg.init_from, {}, []
     for r in range(phases):
@@ -497,6 +510,8 @@ def pretrain(cfg: TrainConfig) -> dict:
                 trials=cfg.relabel_trials or base["trials"], episodes_per_trial=base["episodes_per_trial"],
                 episode_length=base["episode_length"], trials_per_shard=base["trials_per_shard"],
                 seed=base["seed"], suite_seed=base["suite_seed"], workers=1, policy=str(init),
+                handover=cfg.relabel_handover,
+                **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
             )
             manifest = generate(gen, relabelled, progress=cfg.progress)
             data.append(str(relabelled))
@@ -505,7 +520,7 @@ def pretrain(cfg: TrainConfig) -> dict:
                            "policy_success_per_episode": (per_episode / gen.trials).round(3).tolist()})
         steps = cfg.steps // phases + (cfg.steps % phases if r == phases - 1 else 0)
         phase_cfg = dataclasses.replace(cfg, data=data, out=str(phase / "train"), steps=steps,
-                                        relabel_rounds=0, init_from=str(init) if init else "",
+                                        relabel_rounds=0, relabel_handover=0, init_from=str(init) if init else "",
                                         resume=True, warmup_steps=min(cfg.warmup_steps, steps))
         if not (phase / "train" / "model.safetensors").is_file():
             record = train(phase_cfg)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -308,7 +309,42 @@ def test_relabel_settings_that_cannot_be_met(tmp_path):
                             workers=1), data, progress=False)
     with pytest.raises(UsageError, match="phases"):
         pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=2, relabel_rounds=2))
+    with pytest.raises(UsageError, match="relabel_handover=1 needs relabel_rounds"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=2, relabel_handover=1))
+    with pytest.raises(UsageError, match="relabel_handover=2 leaves the expert no episode of the 2"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=2, relabel_rounds=1, relabel_handover=2))
     # A pool of 4 distinct tasks cannot be relabelled with 2 trials: each task needs one.
     with pytest.raises(UsageError, match="task pool 4"):
         pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r2"), steps=2, relabel_rounds=1, relabel_trials=2,
                              episodes_per_window=2, batch_size=2, d_model=16, n_layer=1, n_head=2, progress=False))
+
+
+def test_handover_trials_are_the_policys_context_then_the_experts_labelled_episodes(tmp_path):
+    """Hand-over relabelling: the policy plays the first episode (replaying it reproduces its actions),
+    which carries no label (NaN); the noisy expert plays and labels the rest (noise 0: taken == label)."""
+    from icl_metarl.icl_agent import InContextAgent
+
+    L, K = 12, 3
+    policy = _tiny_policy(tmp_path / "policy", L)
+    cfg = GenerateConfig(suite="ML1:reach-v3", task_pool="fresh", trials=2, episodes_per_trial=K, episode_length=L,
+                         trials_per_shard=2, workers=1, policy=str(policy), handover=1, noise_kind="goal",
+                         noise_schedule="none", noise_max=0.0)
+    generate(cfg, tmp_path / "h", progress=False)
+    h = load_histories(tmp_path / "h")
+    assert "then the noisy expert" in h.manifest["source"] and h.manifest["settings"]["handover"] == 1
+    shard = h.shards[0]
+    obs = np.asarray(shard["obs"]).reshape(2, K, L, -1)
+    taken = np.asarray(shard["actions"]).reshape(2, K, L, -1)
+    labels = np.asarray(shard["expert_actions"]).reshape(2, K, L, -1)
+    assert np.isnan(labels[:, 0]).all() and np.isfinite(labels[:, 1:]).all()
+    np.testing.assert_array_equal(taken[:, 1:], labels[:, 1:])  # the expert, told the true goal (noise 0)
+    agent = InContextAgent.from_pretrained(policy)
+    agent.start_trials(2, 0)
+    for j in range(L):
+        np.testing.assert_allclose(agent.act(obs[:, 0, j]), taken[:, 0, j], atol=1e-5)
+        agent.observe(np.asarray(shard["rewards"]).reshape(2, K, L)[:, 0, j], np.zeros(2))
+    with pytest.raises(UsageError, match="needs a policy"):
+        generate(GenerateConfig(trials=2, episodes_per_trial=2, episode_length=10, handover=1), tmp_path / "x",
+                 progress=False)
+    with pytest.raises(UsageError, match=r"handover must be an integer in \[0, episodes_per_trial=3\), got 3"):
+        generate(dataclasses.replace(cfg, handover=3), tmp_path / "y", progress=False)

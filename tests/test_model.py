@@ -256,3 +256,21 @@ def test_default_model_size():
     d = 64
     expected = (45 * d + d) + 500 * d + 2000 * d + 3 * (12 * d * d + 13 * d) + 2 * d + (d * 4 + 4)
     assert n == expected and math.isclose(n / 1e6, 0.32, abs_tol=0.01)
+
+
+@pytest.mark.parametrize("head", ["deterministic", "tanh_gaussian"])
+def test_unlabelled_tokens_add_no_loss(head):
+    """Targets holding NaN (a learner's context-only episodes) are left out of the loss, which equals the
+    loss over the labelled tokens alone; a batch without labels gives 0 and finite gradients."""
+    model, x = tiny(action_head=head), tokens(episodes=2)
+    out = run(model, x)
+    target = x["expert_actions"].clone()
+    target[:, :EP] = float("nan")  # the first episode: context only
+    masked = action_loss(out, target)
+    sub = M.ICLPolicyOutput(action=out.action[:, EP:], mean=out.mean[:, EP:],
+                            log_std=None if out.log_std is None else out.log_std[:, EP:])
+    assert torch.allclose(masked, action_loss(sub, x["expert_actions"][:, EP:]), atol=1e-6)
+    assert not torch.allclose(masked, action_loss(out, x["expert_actions"]), atol=1e-4)
+    none = action_loss(out, torch.full_like(target, float("nan")))
+    none.backward()
+    assert none.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
