@@ -7,7 +7,7 @@ Why: on push-v3, Meta-World's scripted expert sends the hand 20 cm above the puc
 more than 2 cm from it in the plane. On the expert's own trajectories that almost never fires; on a
 learner's trajectories (relabelling rounds) it fires often, so the labels teach the learner to let go of
 the puck (docs/results.md, push-v3). The "lift" column is the fraction of steps whose label has a
-z action above ``--lift`` (actions lie in [-1, 1]).
+z action above ``--lift`` (actions lie in [-1, 1]); both columns count labelled steps only.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ def label_stats(path: str, lift: float) -> dict:
     for shard in h.shards:
         trials = len(shard["episode"]) // (k * length)
         success.append(shard["successes"].reshape(trials, k, length).max(-1))  # (trials, K)
-        gaps += float(np.abs(shard["actions"] - shard["expert_actions"]).mean(-1).sum())
-        lifts += int((shard["expert_actions"][:, 2] > lift).sum())
-        steps += len(shard["episode"])
+        labelled = ~np.isnan(shard["expert_actions"]).any(-1)  # hand-over trials: the policy's episodes are not
+        labels = shard["expert_actions"][labelled]
+        gaps += float(np.abs(shard["actions"][labelled] - labels).mean(-1).sum())
+        lifts += int((labels[:, 2] > lift).sum())
+        steps += int(labelled.sum())
     return {"trials": sum(len(s) for s in success), "success": np.concatenate(success).mean(0),
-            "gap": gaps / steps, "lift": lifts / steps}
+            "gap": gaps / max(steps, 1), "lift": lifts / max(steps, 1)}
 
 
 def main() -> None:
