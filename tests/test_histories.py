@@ -348,3 +348,23 @@ def test_handover_trials_are_the_policys_context_then_the_experts_labelled_episo
                  progress=False)
     with pytest.raises(UsageError, match=r"handover must be an integer in \[0, episodes_per_trial=3\), got 3"):
         generate(dataclasses.replace(cfg, handover=3), tmp_path / "y", progress=False)
+
+
+def test_pretrain_handover_rounds_play_the_base_datas_noisy_expert_after_the_policy(tmp_path):
+    """--relabel-handover through pretrain: the round's trials use the base data's noise settings for the
+    expert's episodes and leave the policy's episodes unlabelled; training on them runs (finite loss)."""
+    from icl_metarl.train import TrainConfig, pretrain
+
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,
+                            workers=1, noise_kind="goal", noise_schedule="random", noise_max=0.1), data, progress=False)
+    record = pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=4, batch_size=2, d_model=16,
+                                  n_layer=1, n_head=2, episodes_per_window=2, relabel_rounds=1, relabel_trials=2,
+                                  relabel_handover=1, progress=False, log_every=1, checkpoint_every=0,
+                                  tensorboard=False))
+    assert np.isfinite(record["loss"])
+    h = load_histories(tmp_path / "r" / "round-1" / "relabelled")
+    settings = h.manifest["settings"]
+    assert (settings["handover"], settings["noise_kind"], settings["noise_schedule"], settings["noise_max"]) == (1, "goal", "random", 0.1)
+    labels = np.asarray(h.shards[0]["expert_actions"]).reshape(2, 2, 10, 4)
+    assert np.isnan(labels[:, 0]).all() and np.isfinite(labels[:, 1]).all()
