@@ -362,8 +362,9 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
                          f"writes {SCHEMA_VERSION}; use another --out")
     defaults = {f.name: f.default for f in fields(GenerateConfig)}  # a setting added later: its default
     for key, value in new["settings"].items():
-        if old["settings"].get(key, defaults.get(key)) != value:
-            raise UsageError(f"{path} was generated with {key}={old['settings'].get(key, defaults.get(key))!r}, not {value!r}; "
+        before = old["settings"].get(key, defaults.get(key))
+        if before != value:
+            raise UsageError(f"{path} was generated with {key}={before!r}, not {value!r}; "
                              f"rerun with the same settings or use another --out")
     for key in ("metaworld", "mujoco"):
         if old["versions"].get(key) != new["versions"].get(key):

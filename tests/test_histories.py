@@ -14,6 +14,7 @@ import pytest
 from icl_metarl.errors import UsageError
 from icl_metarl.histories import (
     GenerateConfig,
+    _check_same_settings,
     build_task_pool,
     generate,
     load_histories,
@@ -144,6 +145,18 @@ def test_other_settings_on_existing_dir_are_refused(tmp_path, reference):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not a histories directory"):
         generate(SMALL, tmp_path, progress=False)
+
+
+def test_a_directory_written_before_a_setting_existed_takes_its_default(tmp_path, reference):
+    """Manifests from before the handover setting lack it: rerunning with the default continues them."""
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["settings"]["handover"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    generate(SMALL, old, progress=False)  # complete already: accepted, nothing replayed
+    with pytest.raises(UsageError, match="handover=0, not 1"):
+        _check_same_settings(old, manifest, {"settings": {**manifest["settings"], "handover": 1}})
 
 
 # ----------------------------------------------------------------------------------- task pools
