@@ -23,19 +23,32 @@ from icl_metarl.model import ICLPolicy, ICLPolicyConfig
 from icl_metarl.suites import get_suite, make_trial_envs
 
 
-def steps_per_second(agent, envs, num_trials: int, episodes: int, episode_length: int) -> float:
-    """Env steps/s over whole trials, timing act + step + observe + end_episode (resets excluded)."""
+def play_timed(agent, envs, num_trials: int, episodes: int, episode_length: int, step_envs: bool = True) -> dict:
+    """Play whole trials and time them: ``steps_per_s`` over act + step + observe + end_episode (resets
+    excluded), and the ms per step spent in ``act`` and in ``env.step`` apart. Without ``step_envs`` the
+    agent sees the reset observation again and again (its cost alone, no environment between its steps)."""
     agent.start_trials(num_trials, seed=0)
-    elapsed = 0.0
+    t_act = t_env = elapsed = 0.0
+    zeros = np.zeros(num_trials, dtype=np.float32)
     for _ in range(episodes):
         obs, _ = envs.reset()
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         for _ in range(episode_length):
-            obs, reward, _, _, info = envs.step(agent.act(obs))
-            agent.observe(reward, info["success"])
+            t0 = time.perf_counter()
+            action = agent.act(obs)
+            t1 = time.perf_counter()
+            if step_envs:
+                obs, reward, _, _, info = envs.step(action)
+                success = info["success"]
+            else:
+                reward = success = zeros
+            t_env += time.perf_counter() - t1
+            t_act += t1 - t0
+            agent.observe(reward, success)
         agent.end_episode()
-        elapsed += time.perf_counter() - t0
-    return num_trials * episodes * episode_length / elapsed
+        elapsed += time.perf_counter() - start
+    n = episodes * episode_length
+    return {"steps_per_s": num_trials * n / elapsed, "act_ms": t_act / n * 1e3, "env_ms": t_env / n * 1e3}
 
 
 class _ForwardStep:
@@ -54,31 +67,6 @@ class _ForwardStep:
                           torch.full((b, 1), bool(episode_start)), torch.full((b, 1), int(step)),
                           past_key_values=cache, use_cache=True)
         return out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]
-
-
-def split_timers(agent, envs, num_trials: int, episodes: int, episode_length: int, step_envs: bool):
-    """(ms per act, ms per env step) over whole trials; without ``step_envs`` the agent sees the reset
-    observation again and again (its cost alone, no environment between its steps)."""
-    agent.start_trials(num_trials, seed=0)
-    t_act = t_env = 0.0
-    zeros = np.zeros(num_trials, dtype=np.float32)
-    for _ in range(episodes):
-        obs, _ = envs.reset()
-        for _ in range(episode_length):
-            t0 = time.perf_counter()
-            action = agent.act(obs)
-            t1 = time.perf_counter()
-            if step_envs:
-                obs, reward, _, _, info = envs.step(action)
-                success = info["success"]
-            else:
-                reward = success = zeros
-            t_env += time.perf_counter() - t1
-            t_act += t1 - t0
-            agent.observe(reward, success)
-        agent.end_episode()
-    n = episodes * episode_length
-    return t_act / n * 1e3, t_env / n * 1e3
 
 
 def backbone_ms_per_step(batch: int = 20, steps: int = 300) -> dict[str, float]:
@@ -163,8 +151,8 @@ def main() -> None:
                 best = {k: (float("inf"), float("inf")) for k in agents}
                 for _ in range(args.repeats):
                     for name, agent in agents.items():
-                        t = split_timers(agent, envs, n, args.episodes, args.episode_length, step_envs)
-                        best[name] = min(best[name], t)
+                        t = play_timed(agent, envs, n, args.episodes, args.episode_length, step_envs)
+                        best[name] = min(best[name], (t["act_ms"], t["env_ms"]))
                 where = "interleaved with env.step" if step_envs else "alone (no env.step between acts)"
                 print(f"{n:3d} trials, {where}:")
                 for name, (act, env) in best.items():
@@ -179,7 +167,7 @@ def main() -> None:
         best = {k: 0.0 for k in agents}
         for _ in range(args.repeats):
             for name, agent in agents.items():  # interleaved, so drifting load hits all alike
-                best[name] = max(best[name], steps_per_second(agent, envs, n, args.episodes, args.episode_length))
+                best[name] = max(best[name], play_timed(agent, envs, n, args.episodes, args.episode_length)["steps_per_s"])
         envs.close()
         line = f"{n:3d} trials: (a) random {best['random']:7.0f} steps/s  (b) cached {best['cached']:7.0f}"
         if "recompute" in best:
