@@ -139,6 +139,9 @@ def _add_evaluate(sub) -> None:
                         "first N episodes of each trial (default: the checkpoint's config.json)")
     p.add_argument("--explore-scale", type=float, default=None, metavar="S",
                    help="in-context checkpoints: standard deviation of that offset (default: the checkpoint's)")
+    p.add_argument("--agent-threads", type=int, default=None, metavar="N",
+                   help="in-context checkpoints: torch CPU threads of each step (default 1, safe on a busy machine; "
+                        "2 is ~10%% faster on an idle 2-core machine with --vector sync, docs/benchmarks.md)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_evaluate)
@@ -157,9 +160,9 @@ def _run_evaluate(args) -> None:
     if args.bootstrap < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     config.tasks()  # a bad --tasks fails before any checkpoint is loaded
-    explore = {k: v for k, v in (("explore_episodes", args.explore_episodes), ("explore_scale", args.explore_scale))
-               if v is not None}
-    agents = load_agents(args.agents, non_adaptive=args.non_adaptive, in_context=explore)
+    in_context = {k: v for k, v in (("explore_episodes", args.explore_episodes), ("explore_scale", args.explore_scale),
+                                    ("cpu_threads", args.agent_threads)) if v is not None}
+    agents = load_agents(args.agents, non_adaptive=args.non_adaptive, in_context=in_context)
     results = evaluate(agents, config, args.out)
     report = write_report(results, args.out, args.bootstrap)
     for f in results["failures"]:

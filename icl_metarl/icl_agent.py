@@ -31,7 +31,8 @@ class InContextAgent(Agent):
     from a tanh-Gaussian head and takes the action of a deterministic one. ``cpu_threads`` caps torch's
     threads during the agent's CPU forwards (None: leave torch's setting): a one-token step is too
     small to split, and on a busy 2-core machine two threads spin against each other and the
-    environment (measured 7.6 ms/step with 1 thread against 132 ms with 2, load average 14).
+    environment (measured 7.6 ms/step with 1 thread against 132 ms with 2, load average 14); on an idle
+    machine with lockstep (sync) environments, 2 threads make the rollout ~10% faster (docs/benchmarks.md).
 
     Exploration (``explore_episodes``, ``explore_scale``; None: the model config's acting defaults): in
     the first ``explore_episodes`` episodes of a trial the agent adds a constant offset, drawn once per
@@ -65,6 +66,8 @@ class InContextAgent(Agent):
         self.deterministic = deterministic
         self.wipe_context_each_episode = wipe_context_each_episode
         self.use_cache = use_cache
+        if cpu_threads is not None and (not isinstance(cpu_threads, (int, np.integer)) or cpu_threads < 1):
+            raise UsageError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}")
         self.cpu_threads = cpu_threads
         c = model.config
         # getattr: a config object built before these fields existed has none (from_pretrained fills them)
@@ -103,6 +106,7 @@ class InContextAgent(Agent):
         self._episode_index = 0  # episodes of the trial played so far (wiping the context does not reset it)
         self._offset = torch.zeros(b, c.act_dim, device=dev)  # this episode's exploration offset
         self._cache = self.model.new_cache(b, device=dev) if self.use_cache else None
+        self._plan = self.model.decode_plan() if self.use_cache else None  # the weights as they are now
         self._last_action = torch.zeros(b, c.act_dim, device=dev)
         self._last_reward = torch.zeros(b, device=dev)
         self._awaiting_observe = False
@@ -143,7 +147,7 @@ class InContextAgent(Agent):
 
         if self.use_cache:  # the hot path: one token, no module dispatch (model.decode_step)
             mean, log_std = self.model.decode_step(self._obs[:, i], self._prev_actions[:, i], self._prev_rewards[:, i],
-                                                   first, self._t - 1, self._cache)
+                                                   first, self._t - 1, self._cache, self._plan)
         else:
             out = self._forward(0, i + 1, None)
             mean, log_std = out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]

@@ -190,6 +190,7 @@ class KVCache:
     def __init__(self, n_layer, batch, n_head, head_dim, capacity, device=None, dtype=torch.float32):
         self.keys = torch.zeros(n_layer, batch, n_head, capacity, head_dim, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
+        self.layer_keys, self.layer_values = tuple(self.keys), tuple(self.values)  # per-layer views, made once
         self.length = 0
 
     @property
@@ -333,6 +334,26 @@ class ICLPolicyOutput(ModelOutput):
         return self.cache
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """What ``ICLPolicy.decode_step`` reads: config values and parameter tensors, gathered once."""
+
+    d_model: int
+    n_head: int
+    act_dim: int
+    max_episode_length: int
+    reward_scale: float
+    gaussian: bool
+    token_w_t: torch.Tensor
+    token_b: torch.Tensor
+    step_emb: torch.Tensor
+    pos_emb: torch.Tensor
+    layers: tuple
+    ln_f: tuple
+    head_w: torch.Tensor
+    head_b: torch.Tensor
+
+
 class ICLPolicy(PreTrainedModel):
     """Causal Transformer policy: tokens (obs, previous action, previous reward, episode start) + step
     and position embeddings -> blocks -> action head."""
@@ -451,6 +472,25 @@ class ICLPolicy(PreTrainedModel):
             attentions=tuple(attentions) if output_attentions else None,
         )
 
+    def decode_plan(self) -> "DecodePlan":
+        """The tensors ``decode_step`` reads, gathered once per rollout instead of ~100 module attribute
+        lookups per step. They are the parameters themselves (and views of them), so in-place updates
+        show through; build a new plan after moving the model or replacing a parameter."""
+        c = self.config
+        ln = lambda m: (m.weight, m.bias, m.eps)  # noqa: E731
+        layers = tuple(
+            (*ln(b.ln_1), b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias,
+             *ln(b.ln_2), b.mlp.fc.weight, b.mlp.fc.bias, b.mlp.proj.weight, b.mlp.proj.bias)
+            for b in self.blocks
+        )
+        return DecodePlan(
+            d_model=c.d_model, n_head=c.n_head, act_dim=c.act_dim, max_episode_length=c.max_episode_length,
+            reward_scale=float(c.reward_scale), gaussian=c.action_head == "tanh_gaussian",
+            token_w_t=self.token_in.weight.t(), token_b=self.token_in.bias, step_emb=self.step_emb.weight,
+            pos_emb=self.pos_emb.weight, layers=layers, ln_f=ln(self.ln_f), head_w=self.head.weight,
+            head_b=self.head.bias,
+        )
+
     def decode_step(
         self,
         obs: torch.Tensor,
@@ -459,44 +499,44 @@ class ICLPolicy(PreTrainedModel):
         episode_start: bool,
         step: int,
         cache: KVCache,
+        plan: "DecodePlan | None" = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One new token per sequence after the ``cache``'s tokens: the rollout's hot path.
 
         obs (B,obs_dim), prev_action (B,A), prev_reward (B,); the batch steps in lockstep, so the
         episode-start flag and the step in the episode are plain Python values shared by all rows.
         Returns (mean, log_std or None), each (B,A), and advances the cache by one token: the same
-        numbers as ``forward`` on one token with ``past_key_values=cache`` (tested), in about 45 plain
-        torch calls without module dispatch, einops parsing or shape checks of the general forward
-        (one cached step of the default model, batch 20, one CPU thread: 1.62 -> 1.25 ms;
-        docs/benchmarks.md). Always SDPA: one query needs no weights, and eager gives the same numbers.
+        numbers as ``forward`` on one token with ``past_key_values=cache`` (tested), in about 40 plain
+        torch calls without module dispatch, einops parsing or shape checks of the general forward; a
+        caller that steps many times passes ``plan=self.decode_plan()`` to skip the module attribute
+        lookups too (docs/benchmarks.md). Always SDPA: one query needs no weights, and eager gives the
+        same numbers.
         """
-        c = self.config
-        b, p, d, nh = obs.shape[0], cache.length, c.d_model, c.n_head
-        if p >= cache.capacity or not 0 <= step < c.max_episode_length:
+        if plan is None:
+            plan = self.decode_plan()
+        b, p, d, nh = obs.shape[0], cache.length, plan.d_model, plan.n_head
+        if p >= cache.capacity or not 0 <= step < plan.max_episode_length:
             raise UsageError(f"decode_step at position {p} (capacity {cache.capacity}), step {step} "
-                             f"(max_episode_length {c.max_episode_length})")
-        dtype = self.token_in.weight.dtype  # (self.dtype walks every parameter)
+                             f"(max_episode_length {plan.max_episode_length})")
+        dtype = plan.token_b.dtype
         flag = torch.full((b, 1), float(episode_start), dtype=dtype, device=obs.device)
-        token = torch.cat((obs.to(dtype), prev_action.to(dtype), (prev_reward.to(dtype) * c.reward_scale)[:, None], flag), 1)
+        token = torch.cat((obs.to(dtype), prev_action.to(dtype), (prev_reward.to(dtype) * plan.reward_scale)[:, None], flag), 1)
         # token_in(token) + step_emb[step] + pos_emb[p]: one fused multiply-add with a shared bias row
-        x = torch.addmm(self.token_in.bias + self.step_emb.weight[step] + self.pos_emb.weight[p],
-                        token, self.token_in.weight.t())  # (B, d)
-        for layer, block in enumerate(self.blocks):
-            attn, mlp = block.attn, block.mlp
-            h = F.layer_norm(x, (d,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-            qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).view(b, 3, nh, 1, d // nh)  # (three h d) layout
-            keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, capacity, hs)
+        x = torch.addmm(plan.token_b + plan.step_emb[step] + plan.pos_emb[p], token, plan.token_w_t)  # (B, d)
+        for (ln1_w, ln1_b, ln1_eps, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, ln2_eps, fc_w, fc_b, mp_w, mp_b), \
+                keys, values in zip(plan.layers, cache.layer_keys, cache.layer_values):  # keys (B, nh, capacity, hs)
+            h = F.layer_norm(x, (d,), ln1_w, ln1_b, ln1_eps)
+            qkv = F.linear(h, qkv_w, qkv_b).view(b, 3, nh, 1, d // nh)  # (three h d) layout
             keys[:, :, p : p + 1] = qkv[:, 1]
             values[:, :, p : p + 1] = qkv[:, 2]
             y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, :, : p + 1], values[:, :, : p + 1])
-            x = x + F.linear(y.reshape(b, d), attn.proj.weight, attn.proj.bias)
-            h = F.layer_norm(x, (d,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-            x = x + F.linear(F.gelu(F.linear(h, mlp.fc.weight, mlp.fc.bias)), mlp.proj.weight, mlp.proj.bias)
+            x = x + F.linear(y.reshape(b, d), proj_w, proj_b)
+            h = F.layer_norm(x, (d,), ln2_w, ln2_b, ln2_eps)
+            x = x + F.linear(F.gelu(F.linear(h, fc_w, fc_b)), mp_w, mp_b)
         cache.length = p + 1
-        head = F.linear(F.layer_norm(x, (d,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps),
-                        self.head.weight, self.head.bias)
-        if c.action_head == "tanh_gaussian":
-            mean, log_std = head.split(c.act_dim, dim=1)
+        head = F.linear(F.layer_norm(x, (d,), *plan.ln_f), plan.head_w, plan.head_b)
+        if plan.gaussian:
+            mean, log_std = head.split(plan.act_dim, dim=1)
             return mean, log_std.clamp(*LOG_STD_RANGE)
         return head, None
 

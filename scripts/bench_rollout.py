@@ -1,5 +1,7 @@
 """Rollout speed of the in-context agent: env steps/s of (a) a random policy, (b) the KV-cached agent,
 (c) the same agent recomputing the whole context every step, on parallel ML1 trials (sync vector env).
+(b) runs once per ``--agent-threads`` value: 1 thread is the agent's default (safe on a busy machine),
+2 threads use the second core while the environments wait (an idle machine only).
 
     python scripts/bench_rollout.py --trials 10 20 --episodes 4 --episode-length 100
     python scripts/bench_rollout.py --backbones      # per-step cached forward: ours vs HF Llama / GPT-2
@@ -61,7 +63,7 @@ class _ForwardStep:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def decode_step(self, obs, prev_action, prev_reward, episode_start, step, cache):
+    def decode_step(self, obs, prev_action, prev_reward, episode_start, step, cache, plan=None):
         b = obs.shape[0]
         out = self._model(obs[:, None], prev_action[:, None], prev_reward[:, None],
                           torch.full((b, 1), bool(episode_start)), torch.full((b, 1), int(step)),
@@ -103,12 +105,13 @@ def backbone_ms_per_step(batch: int = 20, steps: int = 300) -> dict[str, float]:
         for _ in range(steps):
             ours(o, a, r, start, step, past_key_values=cache, use_cache=True)
         out["ICLPolicy (static cache, sdpa)"] = (time.perf_counter() - t0) / steps * 1e3
-        cache = ours.new_cache(batch)
         o, a, r = o[:, 0], a[:, 0], r[:, 0]
-        t0 = time.perf_counter()
-        for i in range(steps):
-            ours.decode_step(o, a, r, False, i % c.max_episode_length, cache)
-        out["ICLPolicy.decode_step (the agent's)"] = (time.perf_counter() - t0) / steps * 1e3
+        for name, plan in (("ICLPolicy.decode_step, no plan", None), ("ICLPolicy.decode_step + plan (the agent's)", ours.decode_plan())):
+            cache = ours.new_cache(batch)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                ours.decode_step(o, a, r, False, i % c.max_episode_length, cache, plan)
+            out[name] = (time.perf_counter() - t0) / steps * 1e3
     return out
 
 
@@ -119,6 +122,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=4, help="episodes per trial")
     p.add_argument("--episode-length", type=int, default=100, help="steps per episode (short, to keep it quick)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting; the best is reported")
+    p.add_argument("--agent-threads", type=int, nargs="+", default=[1, 2],
+                   help="torch threads of the cached agent's steps, one column (b) each (default 1 2)")
     p.add_argument("--skip-recompute", action="store_true", help="leave out (c), the slowest")
     p.add_argument("--backbones", action="store_true", help="only time one cached step of each backbone")
     p.add_argument("--split-timers", action="store_true",
@@ -130,7 +135,7 @@ def main() -> None:
         ours = times["ICLPolicy (static cache, sdpa)"]
         print(f"one cached step, batch 20, default size, torch threads {torch.get_num_threads()}:")
         for name, ms in times.items():
-            print(f"  {name:36s} {ms:6.2f} ms/step  ({ms / ours:.1f}x ours)")
+            print(f"  {name:44s} {ms:6.2f} ms/step  ({ms / ours:.1f}x ours)")
         return
 
     config = ICLPolicyConfig()  # the default model, max_context_episodes=4 >= --episodes: no re-encoding
@@ -161,21 +166,21 @@ def main() -> None:
         return
     for n in args.trials:
         envs = make_trial_envs(tasks[:n], episode_length=args.episode_length, seed=0)
-        agents = {"random": RandomAgent(), "cached": InContextAgent(model)}
-        if not args.skip_recompute:
-            agents["recompute"] = InContextAgent(model, use_cache=False)
+        cached = {f"(b) cached, {k} thr": InContextAgent(model, cpu_threads=k) for k in args.agent_threads}
+        agents = {"(a) random": RandomAgent(), **cached}
+        if not args.skip_recompute:  # at the first thread count
+            agents["(c) recompute"] = InContextAgent(model, use_cache=False, cpu_threads=args.agent_threads[0])
         best = {k: 0.0 for k in agents}
         for _ in range(args.repeats):
             for name, agent in agents.items():  # interleaved, so drifting load hits all alike
                 best[name] = max(best[name], play_timed(agent, envs, n, args.episodes, args.episode_length)["steps_per_s"])
         envs.close()
-        line = f"{n:3d} trials: (a) random {best['random']:7.0f} steps/s  (b) cached {best['cached']:7.0f}"
-        if "recompute" in best:
-            line += f"  (c) recompute {best['recompute']:6.0f}"
-        line += f"  | b/a {best['cached'] / best['random']:.2f}x"
-        if "recompute" in best:
-            line += f"  b/c {best['cached'] / best['recompute']:.1f}x"
-        print(line, flush=True)
+        print(f"{n:3d} trials: " + "  ".join(f"{name} {v:6.0f}" for name, v in best.items()) + " steps/s", flush=True)
+        ratios = [f"{name[4:]} / random {best[name] / best['(a) random']:.2f}x" for name in cached]
+        if "(c) recompute" in best:
+            first = next(iter(cached))
+            ratios.append(f"b/c ({first[4:]}) {best[first] / best['(c) recompute']:.1f}x")
+        print("      " + "  ".join(ratios), flush=True)
 
 
 if __name__ == "__main__":

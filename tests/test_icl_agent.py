@@ -128,6 +128,9 @@ def test_protocol_errors():
         agent.observe(np.zeros(B), np.zeros(B))
     with pytest.raises(UsageError, match="max_episode_length 8"):
         agent.act(np.zeros((B, 39)))
+    for bad in (0, 1.5):
+        with pytest.raises(UsageError, match=f"cpu_threads must be a positive integer or None, got {bad}"):
+            InContextAgent(tiny(), cpu_threads=bad)
 
 
 def test_from_pretrained_and_describe(tmp_path):

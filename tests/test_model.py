@@ -71,8 +71,10 @@ def test_cached_incremental_equals_full_forward(head, chunk):
 
 @pytest.mark.parametrize("head", ["deterministic", "tanh_gaussian"])
 def test_decode_step_equals_the_full_forward(head):
-    """The rollout's one-token fast path gives the general forward's numbers and fills the same cache."""
+    """The rollout's one-token fast path gives the general forward's numbers and fills the same cache,
+    with a plan built before the weights changed in place (it holds the live parameters) and without one."""
     model, x = tiny(action_head=head), tokens(episodes=4)
+    plan = model.decode_plan()
     with torch.no_grad():  # every norm distinct from the identity, and log_std outside its clamp range
         for name, p in model.named_parameters():
             if "ln" in name:
@@ -86,7 +88,7 @@ def test_decode_step_equals_the_full_forward(head):
     with torch.no_grad():
         for s in range(4 * EP):
             mean, log_std = model.decode_step(x["obs"][:, s], x["prev_actions"][:, s], x["prev_rewards"][:, s],
-                                              s % EP == 0, s % EP, cache)
+                                              s % EP == 0, s % EP, cache, plan if s % 2 else None)
             means.append(mean), stds.append(log_std)
     assert cache.length == 4 * EP
     assert (torch.stack(means, 1) - full.mean).abs().max() <= 1e-5
