@@ -519,22 +519,23 @@ class ICLPolicy(PreTrainedModel):
             raise UsageError(f"decode_step at position {p} (capacity {cache.capacity}), step {step} "
                              f"(max_episode_length {plan.max_episode_length})")
         dtype = plan.token_b.dtype
-        flag = torch.full((b, 1), float(episode_start), dtype=dtype, device=obs.device)
-        token = torch.cat((obs.to(dtype), prev_action.to(dtype), (prev_reward.to(dtype) * plan.reward_scale)[:, None], flag), 1)
-        # token_in(token) + step_emb[step] + pos_emb[p]: one fused multiply-add with a shared bias row
-        x = torch.addmm(plan.token_b + plan.step_emb[step] + plan.pos_emb[p], token, plan.token_w_t)  # (B, d)
+        token = torch.cat((obs.to(dtype), prev_action.to(dtype), (prev_reward.to(dtype) * plan.reward_scale)[:, None]), 1)
+        # token_in(token, flag) + step_emb[step] + pos_emb[p]: one fused multiply-add with a bias row shared
+        # by the batch; the episode-start flag, the same for every row, adds its weight column to that row.
+        row = plan.token_b + plan.step_emb[step] + plan.pos_emb[p]
+        x = torch.addmm(row + plan.token_w_t[-1] if episode_start else row, token, plan.token_w_t[:-1])  # (B, d)
         for (ln1_w, ln1_b, ln1_eps, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, ln2_eps, fc_w, fc_b, mp_w, mp_b), \
                 keys, values in zip(plan.layers, cache.layer_keys, cache.layer_values):  # keys (B, nh, capacity, hs)
-            h = F.layer_norm(x, (d,), ln1_w, ln1_b, ln1_eps)
+            h = torch.layer_norm(x, (d,), ln1_w, ln1_b, ln1_eps)
             qkv = F.linear(h, qkv_w, qkv_b).view(b, 3, nh, 1, d // nh)  # (three h d) layout
             keys[:, :, p : p + 1] = qkv[:, 1]
             values[:, :, p : p + 1] = qkv[:, 2]
             y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, :, : p + 1], values[:, :, : p + 1])
             x = x + F.linear(y.reshape(b, d), proj_w, proj_b)
-            h = F.layer_norm(x, (d,), ln2_w, ln2_b, ln2_eps)
+            h = torch.layer_norm(x, (d,), ln2_w, ln2_b, ln2_eps)
             x = x + F.linear(F.gelu(F.linear(h, fc_w, fc_b)), mp_w, mp_b)
         cache.length = p + 1
-        head = F.linear(F.layer_norm(x, (d,), *plan.ln_f), plan.head_w, plan.head_b)
+        head = F.linear(torch.layer_norm(x, (d,), *plan.ln_f), plan.head_w, plan.head_b)
         if plan.gaussian:
             mean, log_std = head.split(plan.act_dim, dim=1)
             return mean, log_std.clamp(*LOG_STD_RANGE)
