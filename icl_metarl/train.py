@@ -108,6 +108,9 @@ class TrainConfig:
     only, unlabelled) and the noisy expert of the base data plays and labels the rest; 0: the policy
     plays every episode and every step is labelled (DAgger). For experts that cannot label a learner's
     states well (push-v3's lifts the hand whenever it is 2 cm off the puck: docs/results.md)"""
+    relabel_new_tasks: bool = False
+    """relabelling rounds draw new tasks each round (the base data's seed + 1000 x round; pools of new
+    tasks only, not 'benchmark'); off: every round replays the tasks of the base data's first trials"""
     eval_every: int = 0
     """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
     monitor only: it never selects the checkpoint"""
@@ -496,6 +499,9 @@ def pretrain(cfg: TrainConfig) -> dict:
     if (run / "round-0").exists() and not cfg.resume:
         raise UsageError(f"{run} already holds relabelling rounds; pass --resume to continue it, or choose another --out")
     base = load_histories(cfg.data[0], verify=False).manifest["settings"]
+    if cfg.relabel_new_tasks and base["task_pool"] == "benchmark":
+        raise UsageError(f"relabel_new_tasks needs base data drawn from new tasks (task_pool 'fresh' or a count); "
+                         f"{cfg.data[0]} has task_pool 'benchmark', the benchmark's fixed train tasks")
     if cfg.relabel_handover >= base["episodes_per_trial"]:
         raise UsageError(f"relabel_handover={cfg.relabel_handover} leaves the expert no episode of the "
                          f"{base['episodes_per_trial']} per trial in {cfg.data[0]}; use 0 to {base['episodes_per_trial'] - 1}")
@@ -509,7 +515,8 @@ def pretrain(cfg: TrainConfig) -> dict:
                 suite=base["suite"], split="train", task_pool=base["task_pool"],
                 trials=cfg.relabel_trials or base["trials"], episodes_per_trial=base["episodes_per_trial"],
                 episode_length=base["episode_length"], trials_per_shard=base["trials_per_shard"],
-                seed=base["seed"], suite_seed=base["suite_seed"], workers=1, policy=str(init),
+                seed=base["seed"] + (1000 * r if cfg.relabel_new_tasks else 0), suite_seed=base["suite_seed"],
+                workers=1, policy=str(init),
                 handover=cfg.relabel_handover,
                 **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
             )

@@ -381,3 +381,26 @@ def test_pretrain_handover_rounds_play_the_base_datas_noisy_expert_after_the_pol
     assert (settings["handover"], settings["noise_kind"], settings["noise_schedule"], settings["noise_max"]) == (1, "goal", "random", 0.1)
     labels = np.asarray(h.shards[0]["expert_actions"]).reshape(2, 2, 10, 4)
     assert np.isnan(labels[:, 0]).all() and np.isfinite(labels[:, 1]).all()
+
+
+def test_relabel_new_tasks_draws_other_train_tasks_each_round(tmp_path):
+    """--relabel-new-tasks: a round's trials are on tasks the base data does not hold (none a test task);
+    without it the round replays the base data's tasks. The benchmark pool has no new tasks to draw."""
+    from icl_metarl.train import TrainConfig, pretrain
+
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,
+                            workers=1), data, progress=False)
+    base_tasks = {json.dumps(t, sort_keys=True) for t in load_histories(data).manifest["tasks"]}
+    tiny = dict(steps=2, batch_size=2, d_model=16, n_layer=1, n_head=2, episodes_per_window=2, relabel_rounds=1,
+                relabel_trials=2, progress=False, checkpoint_every=0, tensorboard=False)
+    for new, out in ((False, "same"), (True, "new")):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / out), relabel_new_tasks=new, **tiny))
+        m = load_histories(tmp_path / out / "round-1" / "relabelled").manifest
+        tasks = {json.dumps(t, sort_keys=True) for t in m["tasks"]}
+        assert (tasks == base_tasks) if not new else not (tasks & base_tasks)
+    bench = tmp_path / "b"
+    generate(GenerateConfig(task_pool="benchmark", trials=2, episodes_per_trial=2, episode_length=10,
+                            trials_per_shard=2, workers=1), bench, progress=False)
+    with pytest.raises(UsageError, match="relabel_new_tasks needs base data drawn from new tasks"):
+        pretrain(TrainConfig(data=[str(bench)], out=str(tmp_path / "x"), relabel_new_tasks=True, **tiny))
