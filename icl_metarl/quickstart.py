@@ -97,6 +97,10 @@ class QuickstartConfig:
     at 8,800 tokens/s and two at 1,180 (they thrash when another process holds a core)"""
     generate: GenerateConfig = field(default_factory=_default_generate)
     """history generation on the train split (suite, episode length, split are set from above)"""
+    generate_extra: tuple = ()
+    """more history sets for pretraining, each a JSON object of settings on top of the generate section
+    (e.g. uniform action noise: trials that fail to move the puck, docs/results.md); written to
+    histories-1, histories-2, ... and pretrained on with the first"""
     pretrain: TrainConfig = field(default_factory=_default_pretrain)
     """in-context pretraining (data, out and resume are set by the quickstart)"""
     meta_train: MetaRLConfig = field(default_factory=_default_meta_train)
@@ -208,6 +212,12 @@ def config_from_dict(data: dict, size: str | None = None) -> QuickstartConfig:
             raise choice_error("configuration key", key, sorted(top | {"size"}))
         if key in SECTIONS:
             changes[key] = _section(key, getattr(base, key), dict(value) if isinstance(value, dict) else value)
+        elif key == "generate_extra":
+            if not isinstance(value, list):
+                raise UsageError(f"generate_extra must be a list of JSON objects (settings on top of the generate "
+                                 f"section), got {value!r}")
+            changes[key] = tuple(_section("generate", changes.get("generate", base.generate),
+                                          dict(v) if isinstance(v, dict) else v) for v in value)
         else:
             changes[key] = _check_value(key, value, getattr(base, key))
     return check_config(dataclasses.replace(base, **changes))
@@ -241,6 +251,11 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
         raise UsageError(f"stages must not repeat, got {list(cfg.stages)}")
     cfg.stages = tuple(s for s in STAGES if s in cfg.stages)  # always in the order they depend on each other
     check_generate(stage_config(cfg, "generate"))
+    for extra in extra_generate_configs(cfg):
+        check_generate(extra)
+        if cfg.pretrain.episodes_per_window > extra.episodes_per_trial:
+            raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
+                             f"{extra.episodes_per_trial} episodes of a generate_extra trial")
     stage_config(cfg, "meta-train")  # its __post_init__ validates
     stage_config(cfg, "evaluate").check()
     if cfg.pretrain.episodes_per_window > cfg.generate.episodes_per_trial:
@@ -256,8 +271,8 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
     if stage == "generate":
         return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train")
     if stage == "pretrain":
-        return dataclasses.replace(cfg.pretrain, data=[str(out / DIRS["generate"])], out=str(out / DIRS["pretrain"]),
-                                   resume=True)
+        data = [str(out / DIRS["generate"])] + [str(d) for d in extra_data_dirs(cfg, out)]
+        return dataclasses.replace(cfg.pretrain, data=data, out=str(out / DIRS["pretrain"]), resume=True)
     if stage == "meta-train":
         return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed)
     if stage == "evaluate":
@@ -267,11 +282,24 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
     raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
 
 
+def extra_generate_configs(cfg: QuickstartConfig) -> list:
+    """The effective configs of the generate_extra history sets (owned settings as for generate)."""
+    base = stage_config(cfg, "generate")
+    owned = {k: getattr(base, k) for k in OWNED["generate"]}
+    return [dataclasses.replace(extra, **owned) for extra in cfg.generate_extra]
+
+
+def extra_data_dirs(cfg: QuickstartConfig, out: str | Path) -> list[Path]:
+    return [Path(out) / f"{DIRS['generate']}-{i + 1}" for i in range(len(cfg.generate_extra))]
+
+
 def to_dict(cfg: QuickstartConfig) -> dict:
     """The configuration as JSON (what ``config_from_dict`` reads back), owned fields left out."""
-    out = {k: v for k, v in asdict(cfg).items() if k not in SECTIONS}
+    out = {k: v for k, v in asdict(cfg).items() if k not in SECTIONS and k != "generate_extra"}
     for key in SECTIONS:
         out[key] = {k: v for k, v in asdict(getattr(cfg, key)).items() if k not in OWNED[key]}
+    out["generate_extra"] = [{k: v for k, v in asdict(e).items() if k not in OWNED["generate"]}
+                             for e in cfg.generate_extra]
     return json.loads(json.dumps(out))
 
 
@@ -281,6 +309,8 @@ def stage_settings(cfg: QuickstartConfig, stage: str, out: str | Path) -> dict:
     if stage == "report":
         return {}
     d = asdict(stage_config(cfg, stage, "DIR"))  # paths relative to the study: a moved one still matches
+    if stage == "generate" and cfg.generate_extra:
+        d["extra"] = [{k: v for k, v in asdict(e).items() if k not in NOT_RESULTS} for e in extra_generate_configs(cfg)]
     for key in NOT_RESULTS:
         d.pop(key, None)
     if stage == "evaluate":
@@ -327,10 +357,18 @@ def agent_specs(cfg: QuickstartConfig, out: str | Path) -> list[str]:
 def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
     from icl_metarl.histories import generate
 
-    manifest = generate(stage_config(cfg, "generate", out), out / DIRS["generate"])
-    trials = manifest["settings"]["trials"]
-    per_episode = np.sum([r["successful_trials_per_episode"] for r in manifest["shards"].values()], 0) / trials
-    return {"trials": trials, "expert_success_per_episode": [round(float(x), 3) for x in per_episode]}
+    summary = {}
+    for config, where in zip([stage_config(cfg, "generate", out), *extra_generate_configs(cfg)],
+                             [out / DIRS["generate"], *extra_data_dirs(cfg, out)]):
+        manifest = generate(config, where)
+        trials = manifest["settings"]["trials"]
+        per_episode = np.sum([r["successful_trials_per_episode"] for r in manifest["shards"].values()], 0) / trials
+        part = {"trials": trials, "expert_success_per_episode": [round(float(x), 3) for x in per_episode]}
+        if not summary:
+            summary = part
+        else:
+            summary.setdefault("extra", []).append(part)
+    return summary
 
 
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:

@@ -40,6 +40,29 @@ def test_config_file_overrides_its_preset(tmp_path):
     assert qs.stage_config(cfg, "pretrain", tmp_path).data == [str(tmp_path / "histories")]
 
 
+def test_generate_extra_sets_are_generated_and_pretrained_on(tmp_path):
+    """Extra history sets: settings on top of the generate section, owned ones from the top level; the
+    generate stage writes each to histories-N and pretraining reads them all; changing one redoes it."""
+    path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "generate": {"trials": 4, "trials_per_shard": 2},
+                            "generate_extra": [{"noise_kind": "uniform", "noise_max": 1.0, "seed": 41, "trials": 2}]})
+    cfg = qs.load_config(path)
+    (extra,) = qs.extra_generate_configs(cfg)
+    assert (extra.noise_kind, extra.noise_max, extra.seed, extra.trials) == ("uniform", 1.0, 41, 2)
+    assert (extra.suite, extra.split, extra.trials_per_shard) == ("ML1:push-v3", "train", 2)  # owned / inherited
+    out = tmp_path / "study"
+    assert qs.stage_config(cfg, "pretrain", out).data == [str(out / "histories"), str(out / "histories-1")]
+    again = qs.config_from_dict(json.loads(json.dumps(qs.to_dict(cfg))))
+    assert qs.extra_generate_configs(again) == [extra]
+    summary = qs.run_generate(cfg, out)
+    from icl_metarl.histories import load_histories
+
+    h = load_histories(out / "histories-1")
+    assert (h.manifest["settings"]["noise_kind"], h.manifest["settings"]["trials"]) == ("uniform", 2)
+    assert summary["trials"] == 4 and summary["extra"][0]["trials"] == 2
+    changed = qs.config_from_dict({**json.loads(path.read_text()), "generate_extra": [{"trials": 4}]})
+    assert qs.stage_settings(changed, "generate", out) != qs.stage_settings(cfg, "generate", out)
+
+
 def test_to_dict_round_trips():
     cfg = qs.tiny()
     again = qs.config_from_dict(json.loads(json.dumps(qs.to_dict(cfg))))
@@ -65,6 +88,10 @@ def test_to_dict_round_trips():
     ({"stages": ["generate", "train"]}, "'train'"),
     ({"pretrain": {"episodes_per_window": 9}}, "episodes_per_window"),
     ({"torch_threads": -1}, "torch_threads"),
+    ({"generate_extra": {"trials": 4}}, "generate_extra must be a list"),
+    ({"generate_extra": [{"noise_kind": "pink"}]}, "'pink'"),
+    ({"generate_extra": [{"suite": "ML10"}]}, "generate.suite"),
+    ({"generate_extra": [{"episodes_per_trial": 3}]}, "generate_extra trial"),
 ])
 def test_invalid_files_are_one_line_usage_errors(tmp_path, content, fragment):
     path = write(tmp_path, content)
