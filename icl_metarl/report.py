@@ -6,6 +6,7 @@ Not for: playing agents (``evaluation.py``); every figure here is recomputed fro
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -148,9 +149,25 @@ def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
                "first": bootstrap_ci(x[0], num_resamples), "last": bootstrap_ci(x[last], num_resamples),
                "gain": bootstrap_ci(x[last] - x[0], num_resamples)}  # paired: same task and seed
         if info["adaptive"] and info["spec"] in wiped:
-            row["vs_non_adaptive"] = bootstrap_ci(x[last] - succ[wiped[info["spec"]]][last], num_resamples)
+            y = succ[wiped[info["spec"]]][last]
+            row["vs_non_adaptive"] = bootstrap_ci(x[last] - y, num_resamples)
+            with warnings.catch_warnings():  # a task without records has a NaN mean and counts for neither side
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_task = np.nanmean(x[last] - y, axis=1)  # seeds averaged within a task: tasks are independent
+            won, lost = int(np.sum(per_task > 0)), int(np.sum(per_task < 0))
+            row["won_lost"] = (won, lost, int(np.isfinite(per_task).sum()), sign_test(won, lost))
         rows.append(row)
     return rows
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test for paired successes): the chance of a split at
+    least this uneven among the ``wins + losses`` untied tasks if either side were equally likely."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
 
 
 def _verdict(c) -> str:
@@ -180,7 +197,10 @@ def adaptation_lines(results: dict, num_resamples: int = 2000) -> list[str]:
         "paired by task and seed; the last column compares a checkpoint with its own non-adaptive variant "
         "(in-context: context wiped every episode; gradient: no adaptation step) in the same episode, paired. "
         "Brackets: 95% bootstrap intervals over tasks (and seeds within tasks). An agent adapts here if its "
-        "gain's interval lies above 0, and beats its non-adaptive variant if that difference's interval does.", "",
+        "gain's interval lies above 0, and beats its non-adaptive variant if that difference's interval does; "
+        "'won/lost' counts the tasks on which the adaptive variant did better or worse (seeds averaged), with "
+        "the two-sided exact sign test's p over the tasks that differ: with few such tasks the bootstrap interval "
+        "can exclude 0 while p is still above 0.05.", "",
         f"| agent | success, episode 1 | success, episode {last} | gain | adapts? | episode {last} minus "
         "non-adaptive variant | beats it? |", "|---|---|---|---|---|---|---|",
     ]
@@ -188,7 +208,8 @@ def adaptation_lines(results: dict, num_resamples: int = 2000) -> list[str]:
         vs = r.get("vs_non_adaptive")
         lines.append(f"| {r['agent']} | {_fmt(r['first'])} | {_fmt(r['last'])} | "
                      f"{_fmt(r['gain'], sign=True)} | {_verdict(r['gain'])} | "
-                     f"{_fmt(vs, sign=True) if vs else ''} | {_verdict(vs) if vs else ''} |")
+                     f"{_fmt(vs, sign=True) + ' (tasks won {}, lost {} of {}; sign test p {:.3f})'.format(*r['won_lost']) if vs else ''} | "
+                     f"{_verdict(vs) if vs else ''} |")
     return lines + [""]
 
 
