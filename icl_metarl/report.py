@@ -151,13 +151,19 @@ def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
         if info["adaptive"] and info["spec"] in wiped:
             y = succ[wiped[info["spec"]]][last]
             row["vs_non_adaptive"] = bootstrap_ci(x[last] - y, num_resamples)
-            with warnings.catch_warnings():  # a task without records has a NaN mean and counts for neither side
-                warnings.simplefilter("ignore", RuntimeWarning)
-                per_task = np.nanmean(x[last] - y, axis=1)  # seeds averaged within a task: tasks are independent
-            won, lost = int(np.sum(per_task > 0)), int(np.sum(per_task < 0))
-            row["won_lost"] = (won, lost, int(np.isfinite(per_task).sum()), sign_test(won, lost))
+            row["won_lost"] = won_lost(x[last] - y)
         rows.append(row)
     return rows
+
+
+def won_lost(diff: np.ndarray) -> tuple[int, int, int, float]:
+    """Paired differences (tasks, seeds) -> tasks won, tasks lost, tasks with records, sign test p; the
+    seeds are averaged within a task first (tasks are the independent units)."""
+    with warnings.catch_warnings():  # a task without records has a NaN mean and counts for neither side
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_task = np.nanmean(diff, axis=1)
+    won, lost = int(np.sum(per_task > 0)), int(np.sum(per_task < 0))
+    return won, lost, int(np.isfinite(per_task).sum()), sign_test(won, lost)
 
 
 def sign_test(wins: int, losses: int) -> float:

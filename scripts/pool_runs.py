@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_metarl.report import bootstrap_ci, episode_array, sign_test
+from icl_metarl.report import bootstrap_ci, episode_array, won_lost
 
 
 def load_pair(spec: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -56,12 +56,11 @@ def main() -> None:
           "interval: tasks resampled, then runs within tasks")
     print("episode | agent | wiped | agent minus wiped | tasks won / lost (runs averaged), sign test p")
     for e in range(agent.shape[0]):
-        per_task = np.nanmean(agent[e] - wiped[e], axis=1)
-        won, lost = int((per_task > 0).sum()), int((per_task < 0).sum())
+        won, lost, _, p_sign = won_lost(agent[e] - wiped[e])
         a, w, d = (bootstrap_ci(x, args.bootstrap) for x in (agent[e], wiped[e], agent[e] - wiped[e]))
         tag = " (last adaptation)" if e == first["K"] - 1 else ""
         print(f"{e + 1}{tag} | {a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}] | {w[0]:.2f} | {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
-              f" | {won} / {lost}, p {sign_test(won, lost):.3f}")
+              f" | {won} / {lost}, p {p_sign:.3f}")
 
 
 if __name__ == "__main__":
