@@ -141,7 +141,7 @@ def _add_evaluate(sub) -> None:
                    help="in-context checkpoints: standard deviation of that offset (default: the checkpoint's)")
     p.add_argument("--agent-threads", type=int, default=None, metavar="N",
                    help="in-context checkpoints: torch CPU threads of each step (default 1, safe on a busy machine; "
-                        "2 was 0-7%% faster on an idle 2-core machine with --vector sync, docs/benchmarks.md)")
+                        "2 changed the speed by -1 to +7%% on an idle 2-core machine with --vector sync, docs/benchmarks.md)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_evaluate)

@@ -32,7 +32,7 @@ class InContextAgent(Agent):
     threads during the agent's CPU forwards (None: leave torch's setting): a one-token step is too
     small to split, and on a busy 2-core machine two threads spin against each other and the
     environment (measured 7.6 ms/step with 1 thread against 132 ms with 2, load average 14); on an idle
-    machine with lockstep (sync) environments, 2 threads made the rollout 0-7% faster (docs/benchmarks.md).
+    machine with lockstep (sync) environments, 2 threads changed the rollout speed by -1 to +7% (docs/benchmarks.md).
 
     Exploration (``explore_episodes``, ``explore_scale``; None: the model config's acting defaults): in
     the first ``explore_episodes`` episodes of a trial the agent adds a constant offset, drawn once per
