@@ -357,18 +357,14 @@ def agent_specs(cfg: QuickstartConfig, out: str | Path) -> list[str]:
 def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
     from icl_metarl.histories import generate
 
-    summary = {}
+    parts = []
     for config, where in zip([stage_config(cfg, "generate", out), *extra_generate_configs(cfg)],
                              [out / DIRS["generate"], *extra_data_dirs(cfg, out)]):
         manifest = generate(config, where)
         trials = manifest["settings"]["trials"]
         per_episode = np.sum([r["successful_trials_per_episode"] for r in manifest["shards"].values()], 0) / trials
-        part = {"trials": trials, "expert_success_per_episode": [round(float(x), 3) for x in per_episode]}
-        if not summary:
-            summary = part
-        else:
-            summary.setdefault("extra", []).append(part)
-    return summary
+        parts.append({"trials": trials, "expert_success_per_episode": [round(float(x), 3) for x in per_episode]})
+    return {**parts[0], "extra": parts[1:]} if len(parts) > 1 else parts[0]
 
 
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
