@@ -20,6 +20,7 @@ Not for: training loops.
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,6 +60,14 @@ class Agent(abc.ABC):
 
     def end_episode(self) -> None:
         """The current episode of every trial has ended; the next ``act`` starts a new one."""
+
+    def fork(self) -> "Agent":
+        """A second agent with the same settings and weights, to play another group of trials at the
+        same time (the evaluator's pipelined mode); the two share read-only weights. The default, a
+        shallow copy, is right for every agent whose ``start_trials`` makes all per-trial state anew
+        (rebinds, never mutates in place): true of the agents here, checked by the pipelined-against-
+        sync test of each."""
+        return copy.copy(self)
 
     def describe(self) -> dict:
         """JSON-able facts about the agent for results files (checkpoint, training pool, ...)."""

@@ -130,7 +130,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tasks", type=int, default=None, metavar="N", help="play only the first N tasks of the split")
     p.add_argument("--task-seed", type=int, default=d.task_seed, help="benchmark seed that fixes the task list")
     p.add_argument("--split", default=d.split, help="test, or train as a labelled diagnostic")
-    p.add_argument("--vector", default=d.vector, help="sync or async vector environments")
+    p.add_argument("--vector", default=d.vector, help="sync (one process), async (a process per trial) or pipelined (two worker processes "
+                        "stepping half the trials each while the agent acts for the other half; same figures as "
+                        "sync with half the --batch-size)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="trials played in parallel")
     p.add_argument("--non-adaptive", action="store_true",
                    help="also evaluate each checkpoint's non-adaptive variant (context wiped / no adaptation step)")

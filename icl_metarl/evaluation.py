@@ -21,7 +21,7 @@ from icl_metarl.files import atomic_write_json, read_json, versions
 from icl_metarl.suites import (
     ACT_DIM,
     DEFAULT_EPISODE_LENGTH,
-    VECTOR_MODES,
+    VECTOR_MODES as ENV_VECTOR_MODES,
     TaskSpec,
     check_episode_length,
     check_split,
@@ -33,6 +33,9 @@ RESULTS_FORMAT = "icl_metarl.evaluation/1"
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
 TIMING_KEYS = ("timing",)
 CHECKPOINT_TYPES = ("icl_metarl_policy", "gradient_meta_rl")
+#: how a batch's environments run: gymnasium's sync/async vector envs, or two worker groups overlapped
+#: with the agent's steps (``pipeline.py``)
+VECTOR_MODES = (*ENV_VECTOR_MODES, "pipelined")
 
 
 @dataclass
@@ -58,7 +61,9 @@ class EvalConfig:
     batch_size: int = 50
     """Trials played in parallel in one vector environment."""
     vector: str = "sync"
-    """gymnasium vector environment: sync (one process) or async (one process per trial)."""
+    """sync (one process), async (one process per trial) or pipelined (two groups of trials, each in a
+    worker process, stepped while the agent computes the other group's actions; same records as sync
+    with half the batch size)."""
     progress: bool = True
     """Show a tqdm progress bar over environment steps."""
 
@@ -187,45 +192,99 @@ def play_trials(
     A record: episode index, phase, success (``info["success"]`` ever 1), return, and the 1-based step
     of the first success (None if none). Episodes run their full length whatever happens, so the
     success of an episode does not change how long the agent's later episodes are.
+
+    ``vector="pipelined"``: the trials are split into two groups (``pipeline.split_in_two``), each with
+    its environments in a worker process and its own copy of the agent; while one group's environments
+    step, the other group's actions are computed. Group g plays exactly as this function would play its
+    tasks alone with ``env_seed + offset`` and ``agent_seed + offset`` (offset: its first trial's index),
+    which is what the evaluator does for consecutive batches: the records equal those of a sync run
+    with batches of half the size.
     """
-    names = [t.env_name for t in tasks]
-    envs = make_trial_envs(tasks, episode_length, seed=env_seed, mode=vector)
+    if vector not in VECTOR_MODES:
+        raise choice_error("vector mode", vector, VECTOR_MODES)
+    if vector != "pipelined":
+        groups = [(agent, list(tasks), 0)]
+    else:
+        from icl_metarl.pipeline import split_in_two
+
+        parts = split_in_two(len(tasks))
+        # a second agent for the second group: its own context or adapted weights
+        groups = [(agent if g == 0 else agent.fork(), list(tasks[s]), s.start) for g, s in enumerate(parts)]
+    envs = []
     try:
-        agent.start_trials(len(tasks), agent_seed)
-        for episode in range(adaptation_episodes + evaluation_episodes):
-            obs, info = envs.reset()
-            ret = np.zeros(len(tasks))
-            first = np.zeros(len(tasks), dtype=np.int64)  # 0 = no success yet
-            for t in range(episode_length):
-                if agent.privileged:
-                    actions = agent.act_privileged(obs, Privileged(names, np.asarray(info["goal"])))
-                else:
-                    actions = agent.act(obs)
-                actions = np.asarray(actions, dtype=np.float32)
-                if actions.shape != (len(tasks), ACT_DIM) or not np.all(np.isfinite(actions)):
-                    raise ValueError(f"agent returned actions of shape {actions.shape} (want {(len(tasks), ACT_DIM)}) "
-                                     f"or non-finite values")
-                obs, reward, _, _, info = envs.step(actions)
-                success = np.asarray(info["success"], dtype=np.float64)
-                agent.observe(np.asarray(reward, dtype=np.float64), success)
-                ret += reward
-                first = np.where((first == 0) & (success >= 1.0), t + 1, first)
-                if progress is not None:
-                    progress.update(len(tasks))
-            agent.end_episode()
-            phase = "adaptation" if episode < adaptation_episodes else "evaluation"
-            yield [
-                {
-                    "episode": episode,
-                    "phase": phase,
-                    "success": bool(first[i] > 0),
-                    "return": float(ret[i]),
-                    "steps_to_success": int(first[i]) if first[i] > 0 else None,
-                }
-                for i in range(len(tasks))
-            ]
+        for _, group_tasks, offset in groups:  # workers start (import Meta-World) in parallel
+            envs.append(make_group_envs(group_tasks, episode_length, env_seed + offset, vector))
+        yield from play_lockstep(groups, envs, agent_seed, adaptation_episodes, evaluation_episodes,
+                                 episode_length, progress)
     finally:
-        envs.close()
+        for env in envs:
+            env.close()
+
+
+def make_group_envs(tasks: list[TaskSpec], episode_length: int, seed: int, vector: str):
+    """The environments of one group of trials: a worker process (pipelined) or a vector env here."""
+    from icl_metarl.pipeline import EnvGroupWorker, InProcessEnvs
+
+    if vector == "pipelined":
+        return EnvGroupWorker(tasks, episode_length, seed)
+    return InProcessEnvs(make_trial_envs(tasks, episode_length, seed=seed, mode=vector))
+
+
+def play_lockstep(groups, envs, agent_seed: int, adaptation_episodes: int, evaluation_episodes: int,
+                  episode_length: int, progress=None) -> Iterator[list[dict]]:
+    """The lockstep loop of ``play_trials`` on groups of (agent, tasks, offset) and their built
+    environments (``make_group_envs``), which the caller closes; one group is the plain lockstep loop."""
+    for (agent, tasks, offset), env in zip(groups, envs):
+        env.wait_started()
+        agent.start_trials(len(tasks), agent_seed + offset)
+    n = [len(tasks) for _, tasks, _ in groups]
+    names = [[t.env_name for t in tasks] for _, tasks, _ in groups]
+
+    def act(g: int, obs, info) -> np.ndarray:
+        agent = groups[g][0]
+        if agent.privileged:
+            actions = agent.act_privileged(obs, Privileged(names[g], np.asarray(info["goal"])))
+        else:
+            actions = agent.act(obs)
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (n[g], ACT_DIM) or not np.all(np.isfinite(actions)):
+            raise ValueError(f"agent returned actions of shape {actions.shape} (want {(n[g], ACT_DIM)}) "
+                             f"or non-finite values")
+        return actions
+
+    for episode in range(adaptation_episodes + evaluation_episodes):
+        ret = [np.zeros(k) for k in n]
+        first = [np.zeros(k, dtype=np.int64) for k in n]  # 0 = no success yet
+        for env in envs:
+            env.reset_async()
+        for g, env in enumerate(envs):
+            obs, info = env.reset_wait()
+            env.step_async(act(g, obs, info))
+        for t in range(episode_length):
+            for g, env in enumerate(envs):
+                obs, reward, _, _, info = env.step_wait()
+                success = np.asarray(info["success"], dtype=np.float64)
+                groups[g][0].observe(np.asarray(reward, dtype=np.float64), success)
+                ret[g] += reward
+                first[g] = np.where((first[g] == 0) & (success >= 1.0), t + 1, first[g])
+                if t + 1 < episode_length:  # the other groups' environments step meanwhile
+                    env.step_async(act(g, obs, info))
+            if progress is not None:
+                progress.update(sum(n))
+        for agent, _, _ in groups:
+            agent.end_episode()
+        phase = "adaptation" if episode < adaptation_episodes else "evaluation"
+        yield [
+            {
+                "episode": episode,
+                "phase": phase,
+                "success": bool(f[i] > 0),
+                "return": float(r[i]),
+                "steps_to_success": int(f[i]) if f[i] > 0 else None,
+            }
+            for r, f in zip(ret, first)
+            for i in range(len(r))
+        ]
 
 
 def _new_results(config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence[EvalAgent]) -> dict:
@@ -278,9 +337,14 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
                 for start in range(0, len(tasks), config.batch_size):
                     batch = list(range(start, min(start + config.batch_size, len(tasks))))
                     env_seed = trial_seed(seed, start)
-                    results["trials"].append({"agent": a.label, "seed": seed, "tasks": batch,
-                                              "env_seeds": [trial_seed(seed, j) for j in batch],
-                                              "agent_seed": env_seed})
+                    trial = {"agent": a.label, "seed": seed, "tasks": batch,
+                             "env_seeds": [trial_seed(seed, j) for j in batch], "agent_seed": env_seed}
+                    if config.vector == "pipelined":  # each group is played as a batch of its own
+                        from icl_metarl.pipeline import split_in_two
+
+                        trial["groups"] = [{"tasks": batch[s], "agent_seed": env_seed + s.start}
+                                           for s in split_in_two(len(batch))]
+                    results["trials"].append(trial)
                     for episode_records in play_trials(a.agent, [tasks[j] for j in batch], env_seed, env_seed,
                                                        K, E, L, config.vector, bar):
                         for j, rec in zip(batch, episode_records):

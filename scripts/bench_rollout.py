@@ -6,6 +6,14 @@
     python scripts/bench_rollout.py --trials 10 20 --episodes 4 --episode-length 100
     python scripts/bench_rollout.py --backbones      # per-step cached forward: ours vs HF Llama / GPT-2
     python scripts/bench_rollout.py --split-timers   # ms in act vs in env.step, decode_step vs forward
+    python scripts/bench_rollout.py --layouts sync pipelined --skip-recompute
+                                                     # (a) and (b) through the evaluator's loop, in one
+                                                     # process and with two env worker processes
+
+``--layouts`` times (a) and (b) through ``evaluation.play_lockstep`` (what ``icl-metarl evaluate`` runs),
+with the environments built beforehand (a pipelined worker's start-up, ~2 s, is not counted): ``sync``
+steps every trial in this process; ``pipelined`` steps each half of the trials in a worker process while
+the agent computes the other half's actions (``--vector pipelined``).
 
 The model is the default ``ICLPolicyConfig`` (untrained: speed does not depend on the weights). Each
 figure is the best of ``--repeats`` runs, since the machine is shared; ratios are within this run.
@@ -20,8 +28,10 @@ import numpy as np
 import torch
 
 from icl_metarl.baselines import RandomAgent
+from icl_metarl.evaluation import make_group_envs, play_lockstep
 from icl_metarl.icl_agent import InContextAgent
 from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.pipeline import split_in_two
 from icl_metarl.suites import get_suite, make_trial_envs
 
 
@@ -51,6 +61,28 @@ def play_timed(agent, envs, num_trials: int, episodes: int, episode_length: int,
         elapsed += time.perf_counter() - start
     n = episodes * episode_length
     return {"steps_per_s": num_trials * n / elapsed, "act_ms": t_act / n * 1e3, "env_ms": t_env / n * 1e3}
+
+
+def layout_steps_per_s(layout: str, agents: dict, tasks, episodes: int, episode_length: int, repeats: int) -> dict:
+    """Best env steps/s of each agent over ``repeats`` whole trials played by the evaluator's loop in
+    one layout (sync: one group in this process; pipelined: two worker groups)."""
+    parts = split_in_two(len(tasks)) if layout == "pipelined" else [slice(0, len(tasks))]
+    envs = [make_group_envs(tasks[s], episode_length, s.start, layout) for s in parts]
+    best = {k: 0.0 for k in agents}
+    try:
+        for env in envs:
+            env.wait_started()
+        for _ in range(repeats):
+            for name, agent in agents.items():  # interleaved, so drifting load hits all alike
+                groups = [(agent if g == 0 else agent.fork(), tasks[s], s.start) for g, s in enumerate(parts)]
+                start = time.perf_counter()
+                for _ in play_lockstep(groups, envs, 0, episodes, 0, episode_length):
+                    pass
+                best[name] = max(best[name], len(tasks) * episodes * episode_length / (time.perf_counter() - start))
+    finally:
+        for env in envs:
+            env.close()
+    return best
 
 
 class _ForwardStep:
@@ -125,6 +157,9 @@ def main() -> None:
     p.add_argument("--agent-threads", type=int, nargs="+", default=[1, 2],
                    help="torch threads of the cached agent's steps, one column (b) each (default 1 2)")
     p.add_argument("--skip-recompute", action="store_true", help="leave out (c), the slowest")
+    p.add_argument("--layouts", nargs="+", choices=["sync", "pipelined"], default=None,
+                   help="time (a) and (b) at the first --agent-threads through the evaluator's loop in these "
+                        "layouts instead (ratios against (a) of the first layout and of the same layout)")
     p.add_argument("--backbones", action="store_true", help="only time one cached step of each backbone")
     p.add_argument("--split-timers", action="store_true",
                    help="only time act and env.step apart, for the cached agent through decode_step and through forward")
@@ -142,10 +177,29 @@ def main() -> None:
     torch.manual_seed(0)
     model = ICLPolicy(config)
     n_params = sum(q.numel() for q in model.parameters())
-    print(f"{args.suite}, {args.episodes} episodes x {args.episode_length} steps per trial, sync vector env")
+    layout = ", ".join(args.layouts) if args.layouts else "sync vector env"
+    print(f"{args.suite}, {args.episodes} episodes x {args.episode_length} steps per trial, {layout}")
     print(f"model: default ICLPolicyConfig (d={config.d_model}, {config.n_layer} layers, {config.n_head} heads, "
           f"{n_params / 1e6:.2f}M parameters, {model.attn_implementation}); torch threads {torch.get_num_threads()}")
     tasks = get_suite(args.suite).tasks("test", 0)
+    if args.layouts:
+        for n in args.trials:
+            agents = {"(a) random": RandomAgent(), "(b) cached": InContextAgent(model, cpu_threads=args.agent_threads[0])}
+            if not args.skip_recompute:
+                agents["(c) recompute"] = InContextAgent(model, use_cache=False, cpu_threads=args.agent_threads[0])
+            figures = {layout: layout_steps_per_s(layout, agents, tasks[:n], args.episodes, args.episode_length,
+                                                  args.repeats) for layout in args.layouts}
+            base_layout = args.layouts[0]
+            base = figures[base_layout]["(a) random"]
+            for layout, best in figures.items():
+                print(f"{n:3d} trials, {layout:9s}: " + "  ".join(f"{k} {v:6.0f}" for k, v in best.items())
+                      + " steps/s", flush=True)
+                line = (f"      (b) / (a) same layout {best['(b) cached'] / best['(a) random']:.2f}x, "
+                        f"(b) / (a) {base_layout} {best['(b) cached'] / base:.2f}x")
+                if "(c) recompute" in best:
+                    line += f", (b) / (c) {best['(b) cached'] / best['(c) recompute']:.1f}x"
+                print(line, flush=True)
+        return
     if args.split_timers:
         for n in args.trials:
             envs = make_trial_envs(tasks[:n], episode_length=args.episode_length, seed=0)
