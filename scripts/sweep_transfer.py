@@ -2,6 +2,11 @@
 
     python scripts/sweep_transfer.py --out sweeps/reach --pools 10 50 200 fresh --rounds 0 1 \\
         --steps 600 --trials 200
+    # the recipe that transfers on reach-v3 (docs/results.md): goal noise at a random level per episode,
+    # exploring in the first episode
+    python scripts/sweep_transfer.py --out sweeps/reach-goal --pools 10 50 200 fresh --rounds 0 1 3 \\
+        --steps 600 --trials 300 --relabel-trials 200 --noise-kind goal --noise-schedule random \\
+        --noise-max 0.15 --explore-episodes 1 --explore-scale 0.25
 
 For every task pool it generates expert histories (annealed noise) on the suite's train environments;
 for every (pool, rounds) pair it pretrains at the same number of optimizer steps, then measures the
@@ -45,6 +50,11 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--episode-length", type=int, default=100)
     p.add_argument("--noise-kind", default="uniform")
+    p.add_argument("--noise-schedule", default="linear", help="noise level per episode: linear (annealed) or random")
+    p.add_argument("--noise-max", type=float, default=1.0, help="largest noise level")
+    p.add_argument("--explore-episodes", type=int, default=0,
+                   help="the policy explores in its first N episodes (relabelling rounds and evaluation)")
+    p.add_argument("--explore-scale", type=float, default=0.0, help="scale of the exploration offset")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of every run (equal budget)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -63,7 +73,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(suite=args.suite, episodes_per_trial=args.episodes, episode_length=args.episode_length,
-                  noise_kind=args.noise_kind, trials_per_shard=20)
+                  noise_kind=args.noise_kind, noise_schedule=args.noise_schedule, noise_max=args.noise_max,
+                  trials_per_shard=20)
     test_hist = args.test_histories or str(out / "data" / "test")
     if not args.test_histories:
         generate(GenerateConfig(split="test", trials=50, seed=99, **common), test_hist)
@@ -82,7 +93,8 @@ def main() -> None:
             cfg = TrainConfig(data=[str(data)], out=str(run), steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, d_model=args.d_model, n_layer=args.n_layer, threads=args.threads,
                               episodes_per_window=args.episodes, relabel_rounds=rounds,
-                              relabel_trials=args.relabel_trials, resume=True, checkpoint_every=200)
+                              relabel_trials=args.relabel_trials, explore_episodes=args.explore_episodes,
+                              explore_scale=args.explore_scale, resume=True, checkpoint_every=200)
             if not (run / "model.safetensors").exists():
                 pretrain(cfg)
             row = {
