@@ -12,6 +12,7 @@ Not for: which agent acts (``evaluation.py``), the environments themselves (``su
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ class WorkerError(RuntimeError):
 
 def _serve(conn, tasks: list[TaskSpec], episode_length: int, seed: int) -> None:
     """The worker's loop: build the group's sync vector env, then answer reset/step until close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which closes this worker
     try:
         envs = make_trial_envs(tasks, episode_length, seed=seed, mode="sync")
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
