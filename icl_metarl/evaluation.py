@@ -200,16 +200,7 @@ def play_trials(
     which is what the evaluator does for consecutive batches: the records equal those of a sync run
     with batches of half the size.
     """
-    if vector not in VECTOR_MODES:
-        raise choice_error("vector mode", vector, VECTOR_MODES)
-    if vector != "pipelined":
-        groups = [(agent, list(tasks), 0)]
-    else:
-        from icl_metarl.pipeline import split_in_two
-
-        parts = split_in_two(len(tasks))
-        # a second agent for the second group: its own context or adapted weights
-        groups = [(agent if g == 0 else agent.fork(), list(tasks[s]), s.start) for g, s in enumerate(parts)]
+    groups = trial_groups(agent, tasks, vector)
     envs = []
     try:
         for _, group_tasks, offset in groups:  # workers start (import Meta-World) in parallel
@@ -219,6 +210,19 @@ def play_trials(
     finally:
         for env in envs:
             env.close()
+
+
+def trial_groups(agent: Agent, tasks: Sequence[TaskSpec], vector: str) -> list[tuple[Agent, list[TaskSpec], int]]:
+    """The (agent, tasks, offset of its first trial) groups a batch is played in: one group, or for
+    ``pipelined`` two halves, the second played by ``agent.fork()`` (its own context or adapted weights)."""
+    if vector not in VECTOR_MODES:
+        raise choice_error("vector mode", vector, VECTOR_MODES)
+    if vector != "pipelined":
+        return [(agent, list(tasks), 0)]
+    from icl_metarl.pipeline import split_in_two
+
+    return [(agent if g == 0 else agent.fork(), list(tasks[s]), s.start)
+            for g, s in enumerate(split_in_two(len(tasks)))]
 
 
 def make_group_envs(tasks: list[TaskSpec], episode_length: int, seed: int, vector: str):

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from icl_metarl.baselines import RandomAgent
-from icl_metarl.evaluation import make_group_envs, play_lockstep
+from icl_metarl.evaluation import make_group_envs, play_lockstep, trial_groups
 from icl_metarl.icl_agent import InContextAgent
 from icl_metarl.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.pipeline import split_in_two
 from icl_metarl.suites import get_suite, make_trial_envs
 
 
@@ -66,15 +65,15 @@ def play_timed(agent, envs, num_trials: int, episodes: int, episode_length: int,
 def layout_steps_per_s(layout: str, agents: dict, tasks, episodes: int, episode_length: int, repeats: int) -> dict:
     """Best env steps/s of each agent over ``repeats`` whole trials played by the evaluator's loop in
     one layout (sync: one group in this process; pipelined: two worker groups)."""
-    parts = split_in_two(len(tasks)) if layout == "pipelined" else [slice(0, len(tasks))]
-    envs = [make_group_envs(tasks[s], episode_length, s.start, layout) for s in parts]
+    layout_groups = trial_groups(RandomAgent(), tasks, layout)
+    envs = [make_group_envs(group_tasks, episode_length, offset, layout) for _, group_tasks, offset in layout_groups]
     best = {k: 0.0 for k in agents}
     try:
         for env in envs:
             env.wait_started()
         for _ in range(repeats):
             for name, agent in agents.items():  # interleaved, so drifting load hits all alike
-                groups = [(agent if g == 0 else agent.fork(), tasks[s], s.start) for g, s in enumerate(parts)]
+                groups = trial_groups(agent, tasks, layout)
                 start = time.perf_counter()
                 for _ in play_lockstep(groups, envs, 0, episodes, 0, episode_length):
                     pass
