@@ -1,0 +1,110 @@
+"""Every figure reproduces across refactors: records played now equal records saved before the harness
+moved (tests/fixtures/reference_records.json, written by the code as it stood at commit 463bee0).
+
+Covers what the one rollout loop now plays: the evaluator (random, oracle, an exploring in-context
+checkpoint across a window re-encoding, a MAML checkpoint), history generation (the noisy expert, and a
+policy's hand-over trials) and one iteration of gradient meta-training (its sampler).
+
+Regenerate the file only on purpose: ``ICL_METARL_WRITE_REFERENCE=1 pytest tests/test_reference_records.py``.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradient_meta.meta_rl import MetaRLConfig, meta_train
+from icl_metarl.evaluation import EvalConfig, evaluate, load_agents
+from icl_metarl.histories import GenerateConfig, generate
+from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference_records.json"
+WRITE = os.environ.get("ICL_METARL_WRITE_REFERENCE") == "1"
+LENGTH = 50
+
+
+def _icl_checkpoint(path: Path) -> Path:
+    """A seeded, untrained in-context policy that explores in episode 1 and holds 2 episodes of context
+    (so a 3-episode trial re-encodes its window once)."""
+    torch.manual_seed(0)
+    config = ICLPolicyConfig(d_model=32, n_layer=2, n_head=2, max_episode_length=LENGTH, max_context_episodes=2,
+                             explore_episodes=1, explore_scale=0.3)
+    ICLPolicy(config).save_pretrained(path)
+    return path
+
+
+def _maml_checkpoint(path: Path) -> tuple[Path, dict]:
+    cfg = MetaRLConfig(algo="maml", iterations=1, meta_batch=2, episode_length=LENGTH, hidden=(8, 8), ppo_epochs=1,
+                       checkpoint_every=1)
+    log = meta_train(cfg, path, progress=False)
+    row = {k: v for k, v in log[0].items() if k not in ("sample_s", "learn_s")}
+    return path, row
+
+
+def _records(tmp_path: Path) -> dict:
+    icl = _icl_checkpoint(tmp_path / "icl")
+    maml, meta_row = _maml_checkpoint(tmp_path / "maml")
+    agents = load_agents(["random", "oracle", str(icl), str(maml)], non_adaptive=True)
+    config = EvalConfig(suite="ML1:reach-v3", num_tasks=3, adaptation_episodes=2, evaluation_episodes=1,
+                        episode_length=LENGTH, seeds=(0, 1), batch_size=3, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():  # the window re-encoding warns once; expected here
+        warnings.simplefilter("ignore")
+        results = evaluate(agents, config)
+    records = [{k: r[k] for k in ("agent", "seed", "task", "episode", "success", "return", "steps_to_success")}
+               for r in results["records"]]
+    histories = {}
+    expert = GenerateConfig(suite="ML1:reach-v3", task_pool="fresh", trials=2, episodes_per_trial=2,
+                            episode_length=20, noise_kind="goal", noise_schedule="random", noise_max=0.15,
+                            trials_per_shard=2, workers=1)
+    histories["expert"] = generate(expert, tmp_path / "h-expert", progress=False)["shards"]
+    handover = GenerateConfig(suite="ML1:reach-v3", task_pool="fresh", trials=2, episodes_per_trial=3,
+                              episode_length=LENGTH, noise_kind="uniform", noise_max=0.5, trials_per_shard=2,
+                              workers=1, policy=str(icl), handover=1, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        histories["handover"] = generate(handover, tmp_path / "h-handover", progress=False)["shards"]
+    return {"records": records, "histories": {k: {n: s["sha256"] for n, s in v.items()} for k, v in histories.items()},
+            "meta_train": meta_row}
+
+
+@pytest.fixture(scope="module")
+def played(tmp_path_factory):
+    return _records(tmp_path_factory.mktemp("reference"))
+
+
+def test_reference_file(played):
+    if WRITE:
+        REFERENCE.parent.mkdir(exist_ok=True)
+        REFERENCE.write_text(json.dumps(played, indent=1) + "\n")
+    assert REFERENCE.is_file(), "tests/fixtures/reference_records.json is missing"
+
+
+def test_evaluator_records_equal_the_saved_ones(played):
+    saved = json.loads(REFERENCE.read_text())["records"]
+    assert len(played["records"]) == len(saved) == 6 * 2 * 3 * 3  # agents x seeds x tasks x episodes
+    for got, want in zip(played["records"], saved):
+        assert {k: got[k] for k in ("agent", "seed", "task", "episode", "success", "steps_to_success")} == \
+               {k: want[k] for k in ("agent", "seed", "task", "episode", "success", "steps_to_success")}
+        assert got["return"] == pytest.approx(want["return"], rel=1e-9, abs=1e-9), (got, want)
+    # the file is not trivial: agents differ, and some episodes succeed
+    assert len({round(r["return"], 6) for r in saved}) > 20
+    assert any(r["success"] for r in saved) and not all(r["success"] for r in saved)
+
+
+def test_generated_histories_equal_the_saved_ones(played):
+    saved = json.loads(REFERENCE.read_text())["histories"]
+    assert played["histories"] == saved
+
+
+def test_meta_training_iteration_equals_the_saved_one(played):
+    saved = json.loads(REFERENCE.read_text())["meta_train"]
+    got = played["meta_train"]
+    assert set(got) == set(saved)
+    for k, v in saved.items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert np.isfinite(got["loss"])
