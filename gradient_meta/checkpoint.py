@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from icl_metarl.errors import UsageError
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, versions
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, versions
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 PARAM, STEP = "params.", "step_size."

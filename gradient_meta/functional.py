@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 
 Params = dict[str, Tensor]
 """Parameter name -> tensor, as ``dict(model.named_parameters())`` gives them."""

@@ -23,9 +23,9 @@ from safetensors.torch import save as st_save
 from gradient_meta.functional import adapt_tasks, check_inner_steps, check_step_size, local_tasks
 from gradient_meta.policy import PolicyConfig, init_policy
 from gradient_meta.rl import ObsNorm, Sampler, advantages, batch_moments, inner_loss, make_outer_loss, to_batch
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
-from icl_metarl.suites import TaskSpec, check_episode_length, get_suite, sample_new_tasks
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.suites import TaskSpec, check_episode_length, get_suite, sample_new_tasks
 
 ALGOS = ("maml", "meta-sgd", "reptile")
 MODEL_TYPE = "gradient_meta_rl"
@@ -369,7 +369,7 @@ def config_from_options(options: dict) -> MetaRLConfig:
 # ---------------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
     """``--<field>`` for every MetaRLConfig field (defaults and help from the dataclass), ``--out``."""
-    from icl_metarl.options import field_docs
+    from icl_metarl.harness.settings import field_docs
 
     docs = field_docs(MetaRLConfig)
     for f in fields(MetaRLConfig):

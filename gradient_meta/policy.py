@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from icl_metarl.errors import UsageError
-from icl_metarl.suites import ACT_DIM, OBS_DIM
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import ACT_DIM, OBS_DIM
 
 Params = dict[str, Tensor]
 

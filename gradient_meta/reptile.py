@@ -14,7 +14,7 @@ from torch.func import grad, vmap
 
 from gradient_meta.functional import (LossFn, Params, all_reduce_mean, apply_gradient, check_inner_steps,
                                       check_step_size)
-from icl_metarl.errors import choice_error
+from icl_metarl.harness.errors import choice_error
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 

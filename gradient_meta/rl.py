@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from gradient_meta.policy import Params, baseline_features, entropy, fit_linear_baseline, log_prob, policy_mean
-from icl_metarl.suites import OBS_DIM, TaskSpec, make_trial_envs
+from icl_metarl.harness.suites import OBS_DIM, TaskSpec, make_trial_envs
 
 OBS_CLIP = 10.0
 

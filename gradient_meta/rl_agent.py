@@ -1,6 +1,6 @@
 """The gradient meta-RL agent: plays a meta-trained policy and adapts it with policy-gradient steps.
 
-It implements ``icl_metarl.agent.Agent``: every ``adapt_every`` episodes of a trial (up to
+It implements ``icl_metarl.harness.agent.Agent``: every ``adapt_every`` episodes of a trial (up to
 ``max_adaptations`` times) it takes the inner step(s) on the episodes it just played; ``start_trials``
 forgets the adapted weights. ``adaptive=False`` is the non-adaptive baseline (never steps).
 """
@@ -20,8 +20,8 @@ from torch.func import vmap
 from gradient_meta.functional import adapt
 from gradient_meta.policy import Params, log_prob, policy_mean
 from gradient_meta.rl import ObsNorm, Rollout, advantages, inner_loss, to_batch
-from icl_metarl.agent import Agent
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.errors import UsageError
 
 MODEL_TYPE = "gradient_meta_rl"
 

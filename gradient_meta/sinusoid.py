@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradient_meta.functional import Params, StepSize, adapt_tasks, check_step_size, local_tasks
-from icl_metarl.errors import UsageError, choice_error
+from icl_metarl.harness.errors import UsageError, choice_error
 
 ALGOS = ("maml", "fomaml", "meta-sgd", "reptile", "pretrain")
 AMPLITUDE = (0.1, 5.0)

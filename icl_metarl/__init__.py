@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 
 __all__ = ["UsageError", "__version__"]

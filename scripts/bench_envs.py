@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from icl_metarl.suites import ACT_DIM, get_suite, make_trial_envs
+from icl_metarl.harness.suites import ACT_DIM, get_suite, make_trial_envs
 
 
 def steps_per_second(tasks, steps: int, episode_length: int, mode: str) -> float:

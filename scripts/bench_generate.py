@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import replace
 
-from icl_metarl.histories import GenerateConfig, default_workers, generate
+from icl_metarl.incontext.histories import GenerateConfig, default_workers, generate
 
 
 def timed(cfg: GenerateConfig, out: str) -> tuple[float, dict]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gradient_meta.meta_rl import MetaRLConfig, meta_train
-from icl_metarl.suites import ACT_DIM, get_suite, make_trial_envs
+from icl_metarl.harness.suites import ACT_DIM, get_suite, make_trial_envs
 
 
 def raw_steps_per_s(tasks, length: int, episodes: int) -> float:

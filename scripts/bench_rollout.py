@@ -27,11 +27,11 @@ import time
 import numpy as np
 import torch
 
-from icl_metarl.baselines import RandomAgent
-from icl_metarl.evaluation import make_group_envs, play_lockstep, trial_groups
-from icl_metarl.icl_agent import InContextAgent
-from icl_metarl.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.suites import get_suite, make_trial_envs
+from icl_metarl.harness.baselines import RandomAgent
+from icl_metarl.harness.evaluation import make_group_envs, play_lockstep, trial_groups
+from icl_metarl.incontext.agent import InContextAgent
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.harness.suites import get_suite, make_trial_envs
 
 
 def play_timed(agent, envs, num_trials: int, episodes: int, episode_length: int, step_envs: bool = True) -> dict:

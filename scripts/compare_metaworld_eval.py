@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
-from icl_metarl.baselines import make_baseline
-from icl_metarl.evaluation import EvalAgent, EvalConfig, evaluate, trial_seed
-from icl_metarl.mw_adapter import evaluate_with_metaworld
+from icl_metarl.harness.baselines import make_baseline
+from icl_metarl.harness.evaluation import EvalAgent, EvalConfig, evaluate, trial_seed
+from icl_metarl.harness.mw_adapter import evaluate_with_metaworld
 
 
 def main() -> None:

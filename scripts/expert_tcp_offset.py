@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from icl_metarl.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
+from icl_metarl.harness.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
 
 
 def play(tasks, offset: np.ndarray, length: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_metarl.report import bootstrap_ci, episode_array, won_lost
+from icl_metarl.harness.report import bootstrap_ci, episode_array, won_lost
 
 
 def load_pair(spec: str) -> tuple[np.ndarray, np.ndarray, dict]:

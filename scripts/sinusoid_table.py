@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gradient_meta.sinusoid import SinusoidConfig, evaluate, learned_step_size, save, train
-from icl_metarl.files import atomic_write_json
+from icl_metarl.harness.files import atomic_write_json
 
 # Li et al. 2017, "Meta-SGD", Table 1 (1-step adaptation, 95% CI), as the paper prints them.
 PAPER = {"maml": {5: (1.13, 0.18), 10: (0.77, 0.11), 20: (0.48, 0.08)},

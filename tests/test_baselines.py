@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from icl_metarl.agent import Privileged
-from icl_metarl.baselines import OracleAgent, RandomAgent, make_baseline
-from icl_metarl.errors import UsageError
-from icl_metarl.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
+from icl_metarl.harness.agent import Privileged
+from icl_metarl.harness.baselines import OracleAgent, RandomAgent, make_baseline
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
 
 
 def test_random_is_in_range_and_repeats_with_its_seed():

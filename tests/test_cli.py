@@ -5,7 +5,7 @@ import pytest
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "icl_metarl.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "icl_metarl.study.cli", *args], capture_output=True, text=True)
 
 
 def test_suites_lists_and_shows():

@@ -5,11 +5,11 @@ import types
 import numpy as np
 import pytest
 
-from icl_metarl.agent import Agent
-from icl_metarl.baselines import make_baseline
-from icl_metarl.cli import main
-from icl_metarl.errors import UsageError
-from icl_metarl.evaluation import (
+from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.baselines import make_baseline
+from icl_metarl.study.cli import main
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import (
     EvalAgent,
     EvalConfig,
     evaluate,
@@ -19,7 +19,7 @@ from icl_metarl.evaluation import (
     trial_seed,
     without_timing,
 )
-from icl_metarl.suites import expert_actions, make_trial_envs
+from icl_metarl.harness.suites import expert_actions, make_trial_envs
 
 TINY = dict(suite="ML1:reach-v3", num_tasks=4, adaptation_episodes=1, evaluation_episodes=1,
             episode_length=40, seeds=(0,), progress=False)
@@ -191,12 +191,12 @@ class _FakeCheckpointAgent(Agent):
 
 
 def test_dispatch_by_model_type(tmp_path, monkeypatch):
-    icl = types.ModuleType("icl_metarl.icl_agent")
+    icl = types.ModuleType("icl_metarl.incontext.agent")
     icl.InContextAgent = type("InContextAgent", (), {
         "from_pretrained": staticmethod(lambda p, wipe_context_each_episode: _FakeCheckpointAgent(p, wipe=wipe_context_each_episode))})
     grad = types.ModuleType("gradient_meta.rl_agent")
     grad.load_agent = lambda p, adaptive: _FakeCheckpointAgent(p, adaptive=adaptive)
-    monkeypatch.setitem(sys.modules, "icl_metarl.icl_agent", icl)
+    monkeypatch.setitem(sys.modules, "icl_metarl.incontext.agent", icl)
     monkeypatch.setitem(sys.modules, "gradient_meta.rl_agent", grad)
     for name, model_type in (("icl", "icl_metarl_policy"), ("maml", "gradient_meta_rl")):
         (tmp_path / name).mkdir()

@@ -7,7 +7,7 @@ from gradient_meta.functional import (adapt_tasks, all_reduce_mean, check_inner_
                                       local_tasks, meta_gradient, task_query_loss)
 from gradient_meta.meta_sgd import init_step_sizes
 from gradient_meta.sinusoid import SineNet, mse_loss_fn, sample_points, sample_tasks
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 
 torch.set_num_threads(1)  # tiny nets: a second thread only adds contention on a shared CPU
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_metarl.errors import UsageError
-from icl_metarl.histories import (
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.histories import (
     GenerateConfig,
     _check_same_settings,
     build_task_pool,
@@ -22,7 +22,7 @@ from icl_metarl.histories import (
     perturb,
     trial_noise_levels,
 )
-from icl_metarl.suites import expert_actions, get_suite
+from icl_metarl.harness.suites import expert_actions, get_suite
 
 # 6 shards of one trial, 3 episodes of 50 steps: big enough to kill between shards, small enough to be quick.
 SMALL = GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=3, episode_length=50,
@@ -30,7 +30,7 @@ SMALL = GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=3, epi
 
 
 def cli_args(cfg: GenerateConfig, out: Path, workers: int) -> list[str]:
-    return [sys.executable, "-m", "icl_metarl.cli", "generate", "--out", str(out), "--suite", cfg.suite,
+    return [sys.executable, "-m", "icl_metarl.study.cli", "generate", "--out", str(out), "--suite", cfg.suite,
             "--trials", str(cfg.trials), "--episodes", str(cfg.episodes_per_trial),
             "--episode-length", str(cfg.episode_length), "--trials-per-shard", str(cfg.trials_per_shard),
             "--workers", str(workers)]
@@ -250,7 +250,7 @@ def test_cli_bad_pool_is_one_line_exit_2(tmp_path):
 def _tiny_policy(path, episode_length):
     import torch
 
-    from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+    from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
     torch.manual_seed(0)
     model = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=episode_length,
@@ -262,8 +262,8 @@ def _tiny_policy(path, episode_length):
 def test_relabelled_trials_are_the_policys_states_labelled_by_the_expert(tmp_path):
     """Relabelling (issue 12): taken = the policy's own actions on the states it reached, and the
     label = the expert's action for exactly those states, checked against both called directly."""
-    from icl_metarl.icl_agent import InContextAgent
-    from icl_metarl.suites import TaskSpec, make_metaworld_env
+    from icl_metarl.incontext.agent import InContextAgent
+    from icl_metarl.harness.suites import TaskSpec, make_metaworld_env
 
     L, K = 15, 3
     policy = _tiny_policy(tmp_path / "policy", L)
@@ -315,7 +315,7 @@ def test_relabel_settings_that_cannot_be_met(tmp_path):
     with pytest.raises(UsageError, match="no model.safetensors"):
         generate(GenerateConfig(trials=2, episodes_per_trial=2, episode_length=10, policy=str(tmp_path)),
                  tmp_path / "x", progress=False)
-    from icl_metarl.train import TrainConfig, pretrain
+    from icl_metarl.incontext.train import TrainConfig, pretrain
 
     data = tmp_path / "d"
     generate(GenerateConfig(task_pool="4", trials=4, episodes_per_trial=2, episode_length=10, trials_per_shard=4,
@@ -335,7 +335,7 @@ def test_relabel_settings_that_cannot_be_met(tmp_path):
 def test_handover_trials_are_the_policys_context_then_the_experts_labelled_episodes(tmp_path):
     """Hand-over relabelling: the policy plays the first episode (replaying it reproduces its actions),
     which carries no label (NaN); the noisy expert plays and labels the rest (noise 0: taken == label)."""
-    from icl_metarl.icl_agent import InContextAgent
+    from icl_metarl.incontext.agent import InContextAgent
 
     L, K = 12, 3
     policy = _tiny_policy(tmp_path / "policy", L)
@@ -366,7 +366,7 @@ def test_handover_trials_are_the_policys_context_then_the_experts_labelled_episo
 def test_pretrain_handover_rounds_play_the_base_datas_noisy_expert_after_the_policy(tmp_path):
     """--relabel-handover through pretrain: the round's trials use the base data's noise settings for the
     expert's episodes and leave the policy's episodes unlabelled; training on them runs (finite loss)."""
-    from icl_metarl.train import TrainConfig, pretrain
+    from icl_metarl.incontext.train import TrainConfig, pretrain
 
     data = tmp_path / "d"
     generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,
@@ -386,7 +386,7 @@ def test_pretrain_handover_rounds_play_the_base_datas_noisy_expert_after_the_pol
 def test_relabel_new_tasks_draws_other_train_tasks_each_round(tmp_path):
     """--relabel-new-tasks: a round's trials are on tasks the base data does not hold (none a test task);
     without it the round replays the base data's tasks. The benchmark pool has no new tasks to draw."""
-    from icl_metarl.train import TrainConfig, pretrain
+    from icl_metarl.incontext.train import TrainConfig, pretrain
 
     data = tmp_path / "d"
     generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,

@@ -1,4 +1,4 @@
-"""Tests for icl_metarl.icl_agent: cached rollout == full forward over the same window, window
+"""Tests for icl_metarl.incontext.agent: cached rollout == full forward over the same window, window
 re-encoding, wiping, seeding, errors, describe."""
 
 import json
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from icl_metarl.errors import UsageError
-from icl_metarl.icl_agent import InContextAgent
-from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.agent import InContextAgent
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
 B = 3
 LENGTHS = [5, 7, 4, 6, 7, 3]  # episode lengths (lockstep across trials, varying across episodes)
@@ -150,7 +150,7 @@ def test_from_pretrained_and_describe(tmp_path):
 
 
 def test_runs_real_trial_envs():
-    from icl_metarl.suites import get_suite, make_trial_envs
+    from icl_metarl.harness.suites import get_suite, make_trial_envs
 
     tasks = get_suite("ML1:reach-v3").tasks("test")[:2]
     envs = make_trial_envs(tasks, episode_length=5)
@@ -204,7 +204,7 @@ def test_exploration_offsets_the_first_episodes_and_the_context_records_the_take
 
 
 def test_evaluator_overrides_the_checkpoint_exploration(tmp_path):
-    from icl_metarl.evaluation import load_agents
+    from icl_metarl.harness.evaluation import load_agents
 
     tiny(explore_episodes=1, explore_scale=0.2).save_pretrained(tmp_path / "ckpt")
     assert InContextAgent.from_pretrained(tmp_path / "ckpt").explore_episodes == 1  # saved in config.json

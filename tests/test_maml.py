@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradient_meta.maml import MAML, MAMLConfig
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 
 torch.set_num_threads(1)  # tiny problems: a second thread only adds contention on a shared CPU
 

@@ -10,8 +10,8 @@ from gradient_meta.functional import meta_gradient
 from gradient_meta.meta_rl import (KILL_ENV, MetaRLConfig, build_pool, draw_tasks, meta_train)
 from gradient_meta.policy import PolicyConfig, init_policy
 from gradient_meta.rl import ObsNorm, Sampler, advantages, inner_loss, make_outer_loss, to_batch
-from icl_metarl.errors import UsageError
-from icl_metarl.suites import get_suite
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import get_suite
 
 TIMING = ("sample_s", "learn_s")
 
@@ -94,7 +94,7 @@ TINY = ["--meta-batch", "2", "--episode-length", "8", "--iterations", "5", "--ch
 
 
 def _cli(out, algo, env=None):
-    cmd = [sys.executable, "-m", "icl_metarl.cli", "meta-train", "--algo", algo, "--out", str(out), *TINY]
+    cmd = [sys.executable, "-m", "icl_metarl.study.cli", "meta-train", "--algo", algo, "--out", str(out), *TINY]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
 
 

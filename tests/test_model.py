@@ -1,4 +1,4 @@
-"""Tests for icl_metarl.model: cache == full forward, causality, kernels agree, files round-trip."""
+"""Tests for icl_metarl.incontext.model: cache == full forward, causality, kernels agree, files round-trip."""
 
 import json
 import math
@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from icl_metarl import model as M
-from icl_metarl.errors import UsageError
-from icl_metarl.model import ICLPolicy, ICLPolicyConfig, action_loss, shift_previous, tanh_gaussian_nll
+from icl_metarl.incontext import model as M
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, action_loss, shift_previous, tanh_gaussian_nll
 
 EP = 6  # episode length of the hand-made sequences
 

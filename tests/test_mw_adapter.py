@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from icl_metarl.agent import Agent
-from icl_metarl.baselines import make_baseline
-from icl_metarl.errors import UsageError
-from icl_metarl.evaluation import EvalAgent, EvalConfig, evaluate, trial_seed
-from icl_metarl.mw_adapter import MetaWorldAdapter, evaluate_with_metaworld, metaworld_vector_env
+from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.baselines import make_baseline
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import EvalAgent, EvalConfig, evaluate, trial_seed
+from icl_metarl.harness.mw_adapter import MetaWorldAdapter, evaluate_with_metaworld, metaworld_vector_env
 
 CFG = dict(suite="ML1:reach-v3", num_tasks=3, adaptation_episodes=1, evaluation_episodes=2,
            episode_length=100, seeds=(0,), progress=False)

@@ -6,7 +6,7 @@ from torch import nn
 
 from gradient_meta.policy import (PolicyConfig, baseline_features, entropy, fit_linear_baseline, init_policy,
                                   log_prob, policy_mean, predict_baseline, sample_action)
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 
 
 def _params(seed=0):

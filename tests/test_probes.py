@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from icl_metarl.cli import main
-from icl_metarl.errors import UsageError
-from icl_metarl.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.probes import (
+from icl_metarl.study.cli import main
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.probes.probe import (
     Episodes,
     ablated_head,
     attention_entropy,
@@ -205,7 +205,7 @@ def test_interventions():
 
 # ------------------------------------------------------------------------------- with Meta-World
 def test_replay_reproduces_the_episode_and_teacher_forcing_matches(tmp_path):
-    from icl_metarl.suites import get_suite, make_trial_envs
+    from icl_metarl.harness.suites import get_suite, make_trial_envs
 
     torch.manual_seed(0)
     m = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=10, max_context_episodes=3)).eval()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_metarl import quickstart as qs
-from icl_metarl import report
-from icl_metarl.errors import UsageError
+from icl_metarl.study import quickstart as qs
+from icl_metarl.harness import report
+from icl_metarl.harness.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -54,7 +54,7 @@ def test_generate_extra_sets_are_generated_and_pretrained_on(tmp_path):
     again = qs.config_from_dict(json.loads(json.dumps(qs.to_dict(cfg))))
     assert qs.extra_generate_configs(again) == [extra]
     summary = qs.run_generate(cfg, out)
-    from icl_metarl.histories import load_histories
+    from icl_metarl.incontext.histories import load_histories
 
     h = load_histories(out / "histories-1")
     assert (h.manifest["settings"]["noise_kind"], h.manifest["settings"]["trials"]) == ("uniform", 2)
@@ -126,7 +126,7 @@ def test_shipped_configs_load():
 
 def test_cli_bad_config_exits_2(tmp_path):
     path = write(tmp_path, {"pretrain": {"steps": -1}, "size": "unknown"})
-    out = subprocess.run([sys.executable, "-m", "icl_metarl.cli", "quickstart", "--out", str(tmp_path / "o"),
+    out = subprocess.run([sys.executable, "-m", "icl_metarl.study.cli", "quickstart", "--out", str(tmp_path / "o"),
                           "--config", str(path)], capture_output=True, text=True)
     assert out.returncode == 2 and "'unknown'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
@@ -228,7 +228,7 @@ def test_sign_test_against_hand_computed_binomial_tails():
 @pytest.mark.slow
 def test_tiny_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    cmd = [sys.executable, "-m", "icl_metarl.cli", "quickstart", "--out", str(out), "--size", "tiny"]
+    cmd = [sys.executable, "-m", "icl_metarl.study.cli", "quickstart", "--out", str(out), "--size", "tiny"]
     first = subprocess.run(cmd, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     report = (out / "report.md").read_text()

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from gradient_meta.meta_rl import MetaRLConfig, meta_train
-from icl_metarl.evaluation import EvalConfig, evaluate, load_agents
-from icl_metarl.histories import GenerateConfig, generate
-from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
+from icl_metarl.incontext.histories import GenerateConfig, generate
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference_records.json"
 WRITE = os.environ.get("ICL_METARL_WRITE_REFERENCE") == "1"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradient_meta.reptile import Reptile, ReptileConfig, adam_train
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 from tests.test_maml import _tasks, linear_loss
 
 torch.set_num_threads(1)

@@ -6,9 +6,9 @@ from gradient_meta.functional import adapt_tasks
 from gradient_meta.meta_rl import MetaRLConfig, meta_train
 from gradient_meta.rl import Rollout, advantages, inner_loss, to_batch
 from gradient_meta.rl_agent import RLAgentConfig, load_agent
-from icl_metarl.errors import UsageError
-from icl_metarl.evaluation import play_trials
-from icl_metarl.suites import get_suite
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import play_trials
+from icl_metarl.harness.suites import get_suite
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from icl_metarl.errors import UsageError
-from icl_metarl.suites import (
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import (
     TaskSpec,
     expert_actions,
     get_suite,
@@ -19,7 +19,7 @@ from icl_metarl.suites import (
 
 def _tasks_in_new_process(suite, split, seed, cache):
     code = (
-        "import json; from icl_metarl.suites import get_suite; "
+        "import json; from icl_metarl.harness.suites import get_suite; "
         f"print(json.dumps([t.to_json() for t in get_suite({suite!r}).tasks({split!r}, {seed})]))"
     )
     env = dict(os.environ, ICL_METARL_CACHE=str(cache))

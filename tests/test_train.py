@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from icl_metarl.errors import UsageError
-from icl_metarl.histories import GenerateConfig, generate
-from icl_metarl.train import TrainConfig, lr_factor, train
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.histories import GenerateConfig, generate
+from icl_metarl.incontext.train import TrainConfig, lr_factor, train
 
 TINY = ["--episodes-per-window", "2", "--d-model", "16", "--n-layer", "1", "--n-head", "2", "--batch-size", "4", "--log-every", "1", "--no-progress"]
 
@@ -28,7 +28,7 @@ def _run(args, env=None):
 
 
 def _train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "icl_metarl.train", "--data", str(data), "--out", str(out), *TINY, *extra]
+    return [sys.executable, "-m", "icl_metarl.incontext.train", "--data", str(data), "--out", str(out), *TINY, *extra]
 
 
 def _weights(run):
@@ -52,7 +52,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_see_disjoint_win
     assert r.returncode == 0, r.stderr
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617"]
-    r = _run(launch + ["-m", "icl_metarl.train"] + _train_cmd(data, multi, "--steps", "4", "--trace-windows")[3:])
+    r = _run(launch + ["-m", "icl_metarl.incontext.train"] + _train_cmd(data, multi, "--steps", "4", "--trace-windows")[3:])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(single), _weights(multi)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
@@ -82,13 +82,13 @@ def test_resume_after_sigkill_equals_a_straight_run(data, tmp_path):
     a, b = _weights(straight), _weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The evaluator's report reads the training task pool from the agent's description.
-    from icl_metarl.icl_agent import InContextAgent
+    from icl_metarl.incontext.agent import InContextAgent
 
     assert InContextAgent.from_pretrained(crashed).describe()["task_pool"] == "train benchmark (50 tasks)"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
-    import icl_metarl.train as T
+    import icl_metarl.incontext.train as T
 
     real = T.batch_loss
     calls = {"n": 0}
@@ -119,9 +119,9 @@ def test_bad_settings_are_one_line_errors(data, tmp_path):
 def test_periodic_evaluation_and_tensorboard_log_beside_the_loss(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from icl_metarl.evaluation import play_trials
-    from icl_metarl.icl_agent import InContextAgent
-    from icl_metarl.suites import get_suite
+    from icl_metarl.harness.evaluation import play_trials
+    from icl_metarl.incontext.agent import InContextAgent
+    from icl_metarl.harness.suites import get_suite
 
     run = tmp_path / "run"
     train(TrainConfig(data=[str(data)], out=str(run), steps=4, episodes_per_window=2, batch_size=2, d_model=16,
@@ -145,7 +145,7 @@ def test_periodic_evaluation_and_tensorboard_log_beside_the_loss(data, tmp_path)
 
 
 def test_relabelling_rounds_refuse_several_processes(data, tmp_path, monkeypatch):
-    from icl_metarl.train import pretrain
+    from icl_metarl.incontext.train import pretrain
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="one process only"):

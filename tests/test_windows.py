@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from icl_metarl.errors import UsageError
-from icl_metarl.histories import GenerateConfig, generate, load_histories
-from icl_metarl.windows import WindowDataset, WindowSampler
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
+from icl_metarl.incontext.windows import WindowDataset, WindowSampler
 
 # 5 trials of 4 episodes of 6 steps, 2 trials per shard (the last shard holds one).
 CFG = GenerateConfig(suite="ML1:reach-v3", trials=5, episodes_per_trial=4, episode_length=6,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from icl_metarl.errors import UsageError
-from icl_metarl.histories import Histories, load_histories
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.histories import Histories, load_histories
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Sequence
 import gymnasium as gym
 import numpy as np
 
-from icl_metarl.agent import Agent, Privileged
-from icl_metarl.errors import UsageError
-from icl_metarl.suites import TaskSpec, check_episode_length
+from icl_metarl.harness.agent import Agent, Privileged
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import TaskSpec, check_episode_length
 
 
 def metaworld_vector_env(tasks: Sequence[TaskSpec], episode_length: int, env_seeds: Sequence[int],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from icl_metarl.errors import UsageError
+from icl_metarl.harness.errors import UsageError
 
 
 def _add_suites(sub) -> None:
@@ -25,7 +25,7 @@ def _add_suites(sub) -> None:
 
 
 def _run_suites(args) -> None:
-    from icl_metarl.suites import check_episode_length, check_split, env_names, get_suite
+    from icl_metarl.harness.suites import check_episode_length, check_split, env_names, get_suite
 
     check_split(args.split)
     check_episode_length(args.episode_length)
@@ -48,7 +48,7 @@ def _run_suites(args) -> None:
         print(f"  {split}: {len(tasks)} tasks over {len(s.envs(split))} environments (seed {args.seed})")
         print(f"    {', '.join(s.envs(split))}")
     if args.check:
-        from icl_metarl.suites import check_suite
+        from icl_metarl.harness.suites import check_suite
 
         tasks = s.tasks(args.split, args.seed)[: args.check]
         r = check_suite(tasks, args.episode_length, seed=args.seed)
@@ -61,7 +61,7 @@ def _run_suites(args) -> None:
 def _add_generate(sub) -> None:
     from dataclasses import fields
 
-    from icl_metarl.histories import NOISE_KINDS, NOISE_SCHEDULES, GenerateConfig
+    from icl_metarl.incontext.histories import NOISE_KINDS, NOISE_SCHEDULES, GenerateConfig
 
     d = {f.name: f.default for f in fields(GenerateConfig)}
     p = sub.add_parser("generate", help="play annealed-noise expert trials and store them as histories")
@@ -89,7 +89,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> None:
-    from icl_metarl.histories import GenerateConfig, generate
+    from icl_metarl.incontext.histories import GenerateConfig, generate
 
     cfg = GenerateConfig(
         suite=args.suite, split=args.split, task_pool=args.task_pool, trials=args.trials,
@@ -101,21 +101,21 @@ def _run_generate(args) -> None:
 
 
 def _add_pretrain(sub) -> None:
-    from icl_metarl.train import add_arguments
+    from icl_metarl.incontext.train import add_arguments
 
-    p = sub.add_parser("pretrain", help="pretrain the in-context policy on histories (same as python -m icl_metarl.train)")
+    p = sub.add_parser("pretrain", help="pretrain the in-context policy on histories (same as python -m icl_metarl.incontext.train)")
     add_arguments(p)
     p.set_defaults(handler=_run_pretrain)
 
 
 def _run_pretrain(args) -> None:
-    from icl_metarl.train import run_from_args
+    from icl_metarl.incontext.train import run_from_args
 
     run_from_args(args)
 
 
 def _add_evaluate(sub) -> None:
-    from icl_metarl.evaluation import EvalConfig
+    from icl_metarl.harness.evaluation import EvalConfig
 
     d = EvalConfig()
     p = sub.add_parser("evaluate", help="play agents on the same test tasks and seeds; results.json, report.md, plots")
@@ -150,8 +150,8 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> None:
-    from icl_metarl.evaluation import EvalConfig, evaluate, load_agents
-    from icl_metarl.report import write_report
+    from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
+    from icl_metarl.harness.report import write_report
 
     config = EvalConfig(
         suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
@@ -207,7 +207,7 @@ def _run_sinusoid(args) -> None:
 def _add_probe(sub) -> None:
     from dataclasses import fields
 
-    from icl_metarl.probes import CONTEXT_CONDITIONS, ProbeConfig
+    from icl_metarl.probes.probe import CONTEXT_CONDITIONS, ProbeConfig
 
     d = {f.name: f.default for f in fields(ProbeConfig)}
     p = sub.add_parser("probe", help="attention probes of an in-context policy: where it looks, what it uses")
@@ -231,7 +231,7 @@ def _add_probe(sub) -> None:
 
 
 def _run_probe(args) -> None:
-    from icl_metarl.probes import ProbeConfig, probe
+    from icl_metarl.probes.probe import ProbeConfig, probe
 
     heads = []
     for item in filter(None, args.heads.split(",")):
@@ -266,7 +266,7 @@ def _run_meta_train(args) -> None:
 
 
 def _add_quickstart(sub) -> None:
-    from icl_metarl.quickstart import add_arguments
+    from icl_metarl.study.quickstart import add_arguments
 
     p = sub.add_parser("quickstart", help="the whole study, small, on a CPU: generate, pretrain, MAML, evaluate, probe, report")
     add_arguments(p)
@@ -274,7 +274,7 @@ def _add_quickstart(sub) -> None:
 
 
 def _run_quickstart(args) -> None:
-    from icl_metarl.quickstart import run_from_args
+    from icl_metarl.study.quickstart import run_from_args
 
     run_from_args(args)
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from icl_metarl.files import atomic_write_bytes, atomic_write_text
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_text
 
 #: describe() keys an agent may use to say which task pool trained it, in order of preference
 POOL_KEYS = ("task_pool", "training_pool", "train_pool", "pool")

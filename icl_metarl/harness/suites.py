@@ -20,8 +20,8 @@ from typing import Sequence
 import gymnasium as gym
 import numpy as np
 
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_json, versions
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_json, versions
 
 SPLITS = ("train", "test")
 OBS_DIM = 39

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, read_json, versions
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, read_json, versions
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -144,7 +144,7 @@ def parse_task_pool(value) -> str | int:
 
 def check_config(cfg: GenerateConfig) -> GenerateConfig:
     """Reject settings that cannot be met, each with a one-line message naming the value."""
-    from icl_metarl.suites import check_episode_length, check_split, get_suite
+    from icl_metarl.harness.suites import check_episode_length, check_split, get_suite
 
     get_suite(cfg.suite)
     check_split(cfg.split)
@@ -185,7 +185,7 @@ def build_task_pool(cfg: GenerateConfig) -> tuple[list, list[int]]:
     New tasks come from each train environment's own sampler and never equal a test task of the same
     benchmark seed; the check below holds for the benchmark pool too.
     """
-    from icl_metarl.suites import get_suite, sample_new_tasks
+    from icl_metarl.harness.suites import get_suite, sample_new_tasks
 
     suite = get_suite(cfg.suite)
     pool = parse_task_pool(cfg.task_pool)
@@ -232,7 +232,7 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
     Step fields are flat, trial-major (trial, episode, step); obs keep the goal hidden, the expert is
     told the true goal from ``info["goal"]``.
     """
-    from icl_metarl.suites import ACT_DIM, OBS_DIM, expert_actions, make_trial_envs
+    from icl_metarl.harness.suites import ACT_DIM, OBS_DIM, expert_actions, make_trial_envs
 
     T, K, L = len(tasks), cfg.episodes_per_trial, cfg.episode_length
     names = [t.env_name for t in tasks]
@@ -289,7 +289,7 @@ def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, 
 
 def _load_policy(path: str, trials: int, seed: int):
     """The in-context agent of checkpoint ``path``, started on ``trials`` new trials."""
-    from icl_metarl.icl_agent import InContextAgent
+    from icl_metarl.incontext.agent import InContextAgent
 
     agent = InContextAgent.from_pretrained(path)
     agent.start_trials(trials, seed % (2**31))
@@ -304,7 +304,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _generate_shard(job: dict) -> dict:
     """Worker entry (top level, so a spawn pool can call it): play, write each field, return its record."""
-    from icl_metarl.suites import TaskSpec
+    from icl_metarl.harness.suites import TaskSpec
 
     cfg = GenerateConfig(**job["config"])
     tasks = [TaskSpec.from_json(t) for t in job["tasks"]]
@@ -324,7 +324,7 @@ def _generate_shard(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- generation
 def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
-    from icl_metarl.suites import ACT_DIM, OBS_DIM
+    from icl_metarl.harness.suites import ACT_DIM, OBS_DIM
 
     pool = parse_task_pool(cfg.task_pool)
     return {
@@ -499,7 +499,7 @@ class Histories:
 
     @property
     def tasks(self) -> list:
-        from icl_metarl.suites import TaskSpec
+        from icl_metarl.harness.suites import TaskSpec
 
         return [TaskSpec.from_json(t) for t in self.manifest["tasks"]]
 

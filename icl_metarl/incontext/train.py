@@ -1,8 +1,8 @@
 """Pretraining of the in-context policy: one loop for one CPU, several processes, GPUs and nodes.
 
-    python -m icl_metarl.train --data data/reach --out runs/icl-reach          # one process
+    python -m icl_metarl.incontext.train --data data/reach --out runs/icl-reach          # one process
     icl-metarl pretrain --data data/reach --out runs/icl-reach                 # the same
-    accelerate launch --num_processes 2 -m icl_metarl.train --data ... --out ...  # data parallel
+    accelerate launch --num_processes 2 -m icl_metarl.incontext.train --data ... --out ...  # data parallel
 
 The loop reads top to bottom: batch, loss, backward, step, log, checkpoint. Every process takes its
 own share of each global batch (disjoint windows), so N processes with batch b equal one with N*b.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, versions
-from icl_metarl.options import field_docs
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, versions
+from icl_metarl.harness.settings import field_docs
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 STATE_NAME = "trainer_state.json"
@@ -136,7 +136,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise choice_error("target", cfg.target, ("expert", "taken"))
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise choice_error("mixed precision", cfg.mixed_precision, MIXED_PRECISION)
-    from icl_metarl.suites import check_split
+    from icl_metarl.harness.suites import check_split
 
     check_split(cfg.eval_split)
     if cfg.eval_every < 0:
@@ -199,7 +199,7 @@ def _trim_log(log: Path, step: int) -> None:
     if not log.exists():
         return
     kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    from icl_metarl.files import atomic_write_text
+    from icl_metarl.harness.files import atomic_write_text
 
     atomic_write_text(log, "".join(l + "\n" for l in kept))
 
@@ -213,7 +213,7 @@ class WindowStream:
     """
 
     def __init__(self, dirs, episodes_per_window: int, seed: int):
-        from icl_metarl.windows import WindowDataset, WindowSampler
+        from icl_metarl.incontext.windows import WindowDataset, WindowSampler
 
         self.dataset = WindowDataset(dirs, episodes_per_window)
         self.sampler = WindowSampler(len(self.dataset), seed=seed)
@@ -223,7 +223,7 @@ class WindowStream:
         self.suite = manifest["settings"]["suite"]
 
     def batch(self, positions: range) -> dict:
-        from icl_metarl.windows import collate
+        from icl_metarl.incontext.windows import collate
 
         return collate([self.dataset[self.sampler.window_at(p)] for p in positions])  # (B, W, ...)
 
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from icl_metarl.model import ICLPolicy, ICLPolicyConfig
+    from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
     check_config(cfg)
     if cfg.threads:
@@ -428,9 +428,9 @@ def train(cfg: TrainConfig) -> dict:
 def periodic_evaluation(model, stream: "WindowStream", cfg: TrainConfig) -> dict:
     """Success per episode of the in-context agent on the first ``eval_tasks`` tasks of ``eval_split``:
     one trial per task of ``episodes_per_window`` episodes, deterministic actions, env seed 0."""
-    from icl_metarl.evaluation import play_trials
-    from icl_metarl.icl_agent import InContextAgent
-    from icl_metarl.suites import get_suite
+    from icl_metarl.harness.evaluation import play_trials
+    from icl_metarl.incontext.agent import InContextAgent
+    from icl_metarl.harness.suites import get_suite
 
     tasks = get_suite(stream.suite).tasks(cfg.eval_split, 0)[: cfg.eval_tasks]
     agent = InContextAgent(model, deterministic=True, device=next(model.parameters()).device)
@@ -453,7 +453,7 @@ def _scalars(record: dict) -> dict:
 def batch_loss(model, batch: dict, target: str):
     """The action loss of a windows batch, called through the (possibly DDP-wrapped) model's forward
     so that gradients are all-reduced in backward."""
-    from icl_metarl.model import shift_previous, action_loss
+    from icl_metarl.incontext.model import shift_previous, action_loss
 
     prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
     out = model(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
@@ -465,8 +465,8 @@ def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert",
     """Mean action loss of a trained policy on histories it never saw (e.g. the test split's tasks)."""
     import torch
 
-    from icl_metarl.model import ICLPolicy
-    from icl_metarl.windows import WindowDataset, collate
+    from icl_metarl.incontext.model import ICLPolicy
+    from icl_metarl.incontext.windows import WindowDataset, collate
 
     model = ICLPolicy.from_pretrained(model_dir).eval()
     ds = WindowDataset(data, model.config.max_context_episodes, splits=("train", "test"))
@@ -493,7 +493,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would play the round's trials
         raise UsageError(f"--relabel-rounds {cfg.relabel_rounds} runs in one process only, not under accelerate "
                          f"launch with {os.environ['WORLD_SIZE']} processes; run it without accelerate launch")
-    from icl_metarl.histories import GenerateConfig, generate, load_histories
+    from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
 
     run = Path(cfg.out)
     if (run / "round-0").exists() and not cfg.resume:
@@ -569,14 +569,14 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="icl_metarl.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="icl_metarl.incontext.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     try:
         run_from_args(args)
     except (UsageError, NonFiniteLoss) as e:
-        print(f"icl_metarl.train: error: {e}", file=sys.stderr)
+        print(f"icl_metarl.incontext.train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     return 0
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from icl_metarl.suites import TaskSpec, make_trial_envs
+from icl_metarl.harness.suites import TaskSpec, make_trial_envs
 
 _START_TIMEOUT_S = 300.0  # a worker imports Meta-World and MuJoCo first: seconds, minutes on a loaded machine
 

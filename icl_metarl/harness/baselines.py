@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from icl_metarl.agent import Agent, Privileged
-from icl_metarl.errors import choice_error
-from icl_metarl.suites import ACT_DIM, expert_actions
+from icl_metarl.harness.agent import Agent, Privileged
+from icl_metarl.harness.errors import choice_error
+from icl_metarl.harness.suites import ACT_DIM, expert_actions
 
 
 class RandomAgent(Agent):

@@ -7,7 +7,7 @@ the shared evaluation protocol (``evaluation.py``).
 
 Python API, three lines from a notebook::
 
-    from icl_metarl.probes import probe
+    from icl_metarl.probes.probe import probe
     result = probe("runs/icl-reach", "ML1:reach-v3", trials=10)
     result.save("probes/reach")          # metrics.json, PNG heatmaps, probe.md
 """
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from einops import rearrange, reduce
 
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 
-METRICS_FORMAT = "icl_metarl.probes/1"
+METRICS_FORMAT = "icl_metarl.probes.probe/1"
 CONTEXT_CONDITIONS = ("shuffle_rewards", "zero_rewards", "remove_episodes")
 #: attention figures of the layer x head summary, in the order drawn
 SUMMARY_STATS = (
@@ -201,7 +201,7 @@ class Episodes:
 
 def model_inputs(ep: Episodes, device=None) -> dict[str, torch.Tensor]:
     """The model's token inputs for episodes laid end to end: each (B, K*T, ...)."""
-    from icl_metarl.model import shift_previous
+    from icl_metarl.incontext.model import shift_previous
 
     b, k, t = ep.rewards.shape
     obs = torch.as_tensor(rearrange(ep.obs, "b k t d -> b (k t) d"), dtype=torch.float32, device=device)
@@ -314,7 +314,7 @@ def record_attention(model, ep: Episodes, high_reward_quantile: float = 0.9, chu
     k, t = ep.count, ep.rewards.shape[2]
     key_episode = torch.arange(k, device=model.device).repeat_interleave(t).expand(b, s)  # (B, S)
     success = torch.as_tensor(rearrange(ep.success, "b k t -> b (k t)"), device=model.device)
-    from icl_metarl.model import shift_previous
+    from icl_metarl.incontext.model import shift_previous
 
     _, key_success = shift_previous(torch.zeros(b, s, 1, device=model.device), success, inputs["episode_start"])
     query_mask = key_episode == k - 1
@@ -375,7 +375,7 @@ class ProbeResult:
 
 def load_model(model_or_path):
     """An ICLPolicy as given, or loaded from a checkpoint directory (config.json + model.safetensors)."""
-    from icl_metarl.model import ICLPolicy
+    from icl_metarl.incontext.model import ICLPolicy
 
     if isinstance(model_or_path, ICLPolicy):
         return model_or_path.eval()
@@ -385,7 +385,7 @@ def load_model(model_or_path):
 
 
 def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
-    from icl_metarl.suites import check_episode_length, check_split
+    from icl_metarl.harness.suites import check_episode_length, check_split
 
     c = model.config
     check_split(cfg.split)
@@ -418,7 +418,7 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
     ``overrides`` are ProbeConfig fields (``trials=10, episode_length=200``); ``progress`` a callable
     taking one line of text (the CLI prints them).
     """
-    from icl_metarl.suites import get_suite
+    from icl_metarl.harness.suites import get_suite
 
     say = progress or (lambda _msg: None)
     model = load_model(model_or_path)
@@ -446,7 +446,7 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
 
 
 def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) -> ProbeResult:
-    from icl_metarl.suites import make_trial_envs
+    from icl_metarl.harness.suites import make_trial_envs
 
     t0 = time.perf_counter()
     envs = make_trial_envs(tasks, cfg.episode_length, cfg.seed)

@@ -27,8 +27,8 @@ from einops import rearrange
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_text, read_json
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_text, read_json
 
 ACTION_HEADS = ("deterministic", "tanh_gaussian")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")

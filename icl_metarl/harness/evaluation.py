@@ -15,10 +15,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from icl_metarl.agent import Agent, Privileged
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_json, read_json, versions
-from icl_metarl.suites import (
+from icl_metarl.harness.agent import Agent, Privileged
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_json, read_json, versions
+from icl_metarl.harness.suites import (
     ACT_DIM,
     DEFAULT_EPISODE_LENGTH,
     VECTOR_MODES as ENV_VECTOR_MODES,
@@ -29,7 +29,7 @@ from icl_metarl.suites import (
     make_trial_envs,
 )
 
-RESULTS_FORMAT = "icl_metarl.evaluation/1"
+RESULTS_FORMAT = "icl_metarl.harness.evaluation/1"
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
 TIMING_KEYS = ("timing",)
 CHECKPOINT_TYPES = ("icl_metarl_policy", "gradient_meta_rl")
@@ -125,7 +125,7 @@ def load_agent(spec: str, adaptive: bool = True, in_context: dict | None = None)
     episode; gradient: no adaptation step). ``in_context``: keyword arguments for in-context agents
     only (e.g. explore_episodes). The learners' modules are imported only when needed.
     """
-    from icl_metarl.baselines import BASELINES, make_baseline
+    from icl_metarl.harness.baselines import BASELINES, make_baseline
 
     if spec in BASELINES:
         return make_baseline(spec)
@@ -142,7 +142,7 @@ def load_agent(spec: str, adaptive: bool = True, in_context: dict | None = None)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise UsageError(f"{config_file} is not a JSON object: {e}") from None
     if model_type == "icl_metarl_policy":
-        from icl_metarl.icl_agent import InContextAgent
+        from icl_metarl.incontext.agent import InContextAgent
 
         return InContextAgent.from_pretrained(path, wipe_context_each_episode=not adaptive, **(in_context or {}))
     if model_type == "gradient_meta_rl":
@@ -154,7 +154,7 @@ def load_agent(spec: str, adaptive: bool = True, in_context: dict | None = None)
 
 def load_agents(specs: Sequence[str], non_adaptive: bool = False, in_context: dict | None = None) -> list[EvalAgent]:
     """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant."""
-    from icl_metarl.baselines import BASELINES
+    from icl_metarl.harness.baselines import BASELINES
 
     if len(specs) == 0:
         raise UsageError("no agents to evaluate; give baseline names (random, oracle) or checkpoint directories")
@@ -219,7 +219,7 @@ def trial_groups(agent: Agent, tasks: Sequence[TaskSpec], vector: str) -> list[t
         raise choice_error("vector mode", vector, VECTOR_MODES)
     if vector != "pipelined":
         return [(agent, list(tasks), 0)]
-    from icl_metarl.pipeline import split_in_two
+    from icl_metarl.harness.pipeline import split_in_two
 
     return [(agent if g == 0 else agent.fork(), list(tasks[s]), s.start)
             for g, s in enumerate(split_in_two(len(tasks)))]
@@ -227,7 +227,7 @@ def trial_groups(agent: Agent, tasks: Sequence[TaskSpec], vector: str) -> list[t
 
 def make_group_envs(tasks: list[TaskSpec], episode_length: int, seed: int, vector: str):
     """The environments of one group of trials: a worker process (pipelined) or a vector env here."""
-    from icl_metarl.pipeline import EnvGroupWorker, InProcessEnvs
+    from icl_metarl.harness.pipeline import EnvGroupWorker, InProcessEnvs
 
     if vector == "pipelined":
         return EnvGroupWorker(tasks, episode_length, seed)
@@ -344,7 +344,7 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
                     trial = {"agent": a.label, "seed": seed, "tasks": batch,
                              "env_seeds": [trial_seed(seed, j) for j in batch], "agent_seed": env_seed}
                     if config.vector == "pipelined":  # each group is played as a batch of its own
-                        from icl_metarl.pipeline import split_in_two
+                        from icl_metarl.harness.pipeline import split_in_two
 
                         trial["groups"] = [{"tasks": batch[s], "agent_seed": env_seed + s.start}
                                            for s in split_in_two(len(batch))]

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icl_metarl.agent import Agent
-from icl_metarl.errors import UsageError
-from icl_metarl.model import ICLPolicy
+from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.model import ICLPolicy
 
 TRAINING_INFO = "training.json"
 

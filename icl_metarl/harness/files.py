@@ -37,7 +37,7 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path):
     """The JSON value in ``path``; a file that is not JSON is a one-line UsageError naming it."""
-    from icl_metarl.errors import UsageError
+    from icl_metarl.harness.errors import UsageError
 
     try:
         return json.loads(Path(path).read_text())

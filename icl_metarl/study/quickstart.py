@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_metarl.errors import UsageError, choice_error
-from icl_metarl.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 # The stage modules (torch, Meta-World) are imported where used, so `icl-metarl --help` stays fast.
 
@@ -35,7 +35,7 @@ DONE_DIR = "done"
 
 
 def _default_generate():
-    from icl_metarl.histories import GenerateConfig
+    from icl_metarl.incontext.histories import GenerateConfig
 
     # A fresh goal per trial: 50 benchmark goals are memorised, not searched for (DESIGN.md, first probe).
     # The learner heads for the goal displaced by N(0, s^2), s drawn from [0, 0.15 m] for every episode: the
@@ -46,7 +46,7 @@ def _default_generate():
 
 
 def _default_pretrain():
-    from icl_metarl.train import TrainConfig
+    from icl_metarl.incontext.train import TrainConfig
 
     # The agent explores in episode 1 of a trial (a constant random action offset): a posterior-mean policy
     # otherwise walks the same path every episode and its context never tells it more. One relabelling
@@ -63,13 +63,13 @@ def _default_meta_train():
 
 
 def _default_evaluate():
-    from icl_metarl.evaluation import EvalConfig
+    from icl_metarl.harness.evaluation import EvalConfig
 
     return EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=50, batch_size=50)
 
 
 def _default_probe():
-    from icl_metarl.probes import ProbeConfig
+    from icl_metarl.probes.probe import ProbeConfig
 
     return ProbeConfig(trials=5)
 
@@ -128,10 +128,10 @@ NOT_RESULTS = ("workers", "progress", "resume", "kill_after", "trace_windows", "
 def tiny() -> QuickstartConfig:
     """A reduced quickstart for tests and a first look (about a minute): every stage, tiny sizes."""
     from gradient_meta.meta_rl import MetaRLConfig
-    from icl_metarl.evaluation import EvalConfig
-    from icl_metarl.histories import GenerateConfig
-    from icl_metarl.probes import ProbeConfig
-    from icl_metarl.train import TrainConfig
+    from icl_metarl.harness.evaluation import EvalConfig
+    from icl_metarl.incontext.histories import GenerateConfig
+    from icl_metarl.probes.probe import ProbeConfig
+    from icl_metarl.incontext.train import TrainConfig
 
     return QuickstartConfig(
         name="quickstart-tiny", description="every stage at a toy size (tests, smoke runs)",
@@ -237,8 +237,8 @@ def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
 
 def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     """Reject what no stage could run, before any stage starts."""
-    from icl_metarl.histories import check_config as check_generate
-    from icl_metarl.suites import check_episode_length, get_suite
+    from icl_metarl.incontext.histories import check_config as check_generate
+    from icl_metarl.harness.suites import check_episode_length, get_suite
 
     get_suite(cfg.suite)
     check_episode_length(cfg.episode_length)
@@ -355,7 +355,7 @@ def agent_specs(cfg: QuickstartConfig, out: str | Path) -> list[str]:
 
 
 def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
-    from icl_metarl.histories import generate
+    from icl_metarl.incontext.histories import generate
 
     parts = []
     for config, where in zip([stage_config(cfg, "generate", out), *extra_generate_configs(cfg)],
@@ -370,7 +370,7 @@ def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
     import torch
 
-    from icl_metarl.train import pretrain
+    from icl_metarl.incontext.train import pretrain
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -393,8 +393,8 @@ def run_meta_train(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
-    from icl_metarl.evaluation import evaluate, load_agents
-    from icl_metarl.report import write_report
+    from icl_metarl.harness.evaluation import evaluate, load_agents
+    from icl_metarl.harness.report import write_report
 
     config = stage_config(cfg, "evaluate", out).check()
     agents = load_agents(agent_specs(cfg, out), non_adaptive=True)
@@ -406,7 +406,7 @@ def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_probe(cfg: QuickstartConfig, out: Path) -> dict:
-    from icl_metarl.probes import probe
+    from icl_metarl.probes.probe import probe
 
     result = probe(out / DIRS["pretrain"], config=stage_config(cfg, "probe", out), progress=lambda m: print(f"  {m}"))
     paths = result.save(out / DIRS["probe"])
@@ -524,8 +524,8 @@ def plot_training(out: Path) -> str | None:
 
 def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
     """DIR/report.md: the headline figures, with links to the evaluation, training and probe outputs."""
-    from icl_metarl.evaluation import load_results
-    from icl_metarl.report import adaptation_lines
+    from icl_metarl.harness.evaluation import load_results
+    from icl_metarl.harness.report import adaptation_lines
 
     out = Path(out)
     lines = [f"# {cfg.name}: {cfg.suite}", "", f"{cfg.description}. Budget: {cfg.budget}.", "",
@@ -602,14 +602,14 @@ def run_from_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m icl_metarl.quickstart`` (also under ``accelerate launch`` for --stages pretrain)."""
-    p = argparse.ArgumentParser(prog="icl_metarl.quickstart", description=__doc__,
+    """``python -m icl_metarl.study.quickstart`` (also under ``accelerate launch`` for --stages pretrain)."""
+    p = argparse.ArgumentParser(prog="icl_metarl.study.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     try:
         run_from_args(p.parse_args(argv))
     except UsageError as e:
-        print(f"icl_metarl.quickstart: error: {e}", file=sys.stderr)
+        print(f"icl_metarl.study.quickstart: error: {e}", file=sys.stderr)
         return 2
     return 0
 

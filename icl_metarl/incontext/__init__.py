@@ -1,0 +1,1 @@
+"""The in-context learner: histories, training windows, the Transformer policy, its agent, pretraining."""
