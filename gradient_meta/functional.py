@@ -8,7 +8,6 @@ of sinusoids, policies or optimizers; the algorithms and the RL form (issue #8) 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -25,18 +24,6 @@ LossFn = Callable[[Params, Any], Tensor]
 """``loss(params, batch) -> scalar``; ``batch`` is any pytree of tensors for ONE task."""
 StepSize = Union[float, Tensor, Params]
 """A scalar inner step size (MAML) or one tensor per parameter, shaped like it (Meta-SGD)."""
-
-
-def check_inner_steps(steps: int) -> int:
-    if not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"inner steps must be an integer >= 1, got {steps!r}")
-    return steps
-
-
-def check_step_size(step_size: float, what: str = "inner step size") -> float:
-    if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
-        raise UsageError(f"{what} must be a finite number > 0, got {step_size!r}")
-    return float(step_size)
 
 
 def sgd_update(params: Params, grads: Params, step_size: StepSize, first_order: bool = False) -> Params:

@@ -10,8 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from gradient_meta.functional import (LossFn, MetaGradient, Params, StepSize, adapt_tasks, all_reduce_mean,
-                                      apply_gradient, check_inner_steps, check_step_size, meta_gradient)
+from gradient_meta.config import check_inner_steps, check_step_size
+from gradient_meta.functional import (
+    LossFn,
+    MetaGradient,
+    Params,
+    StepSize,
+    adapt_tasks,
+    all_reduce_mean,
+    apply_gradient,
+    meta_gradient,
+)
 
 
 @dataclass
@@ -28,15 +37,26 @@ class MAMLConfig:
     """Adam learning rate of the meta-optimizer (beta in the paper)."""
     vectorise: bool = True
     """vmap over the tasks of a meta-batch; False loops over tasks (models vmap cannot trace)."""
+    epochs: int = 1
+    """Meta-gradient steps per meta-batch on the same episodes (PPO epochs in meta-RL)."""
 
     def __post_init__(self):
         check_inner_steps(self.inner_steps)
         check_step_size(self.inner_lr, "inner_lr")
         check_step_size(self.meta_lr, "meta_lr")
+        check_inner_steps(self.epochs)
 
 
 class MAML:
-    """An initialisation, its meta-optimizer (Adam) and the losses that define a task."""
+    """An initialisation, its meta-optimizer (Adam) and the losses that define a task.
+
+    The interface every meta-learner here shares (MAML, Meta-SGD, Reptile): ``params``, ``step_sizes``
+    (learned per-parameter step sizes or None), ``step_size`` (what adaptation steps with),
+    ``optimizer``, ``update(support, query)`` (one whole meta-update from a meta-batch) and
+    ``adapt(support)`` (the test-time inner loop).
+    """
+
+    step_sizes = None
 
     def __init__(self, params: Params, inner_loss: LossFn, outer_loss: LossFn, config: MAMLConfig,
                  accelerator=None):
@@ -66,6 +86,12 @@ class MAML:
         g = self.meta_gradient(support, query)
         apply_gradient(self.optimizer, self.params, g.params)
         return float(g.task_losses.mean())
+
+    def update(self, support, query) -> float:
+        """One whole meta-update from a meta-batch: ``epochs`` meta-gradient steps on it; the last loss."""
+        for _ in range(self.config.epochs):
+            loss = self.step(support, query)
+        return loss
 
     def adapt(self, support, steps: int | None = None) -> Params:
         """Adapted parameters for a batch of tasks (leading task axis), as at test time."""

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from gradient_meta.functional import (LossFn, Params, all_reduce_mean, apply_gradient, check_inner_steps,
-                                      check_step_size)
+from gradient_meta.config import check_inner_steps, check_step_size
+from gradient_meta.functional import LossFn, Params, adapt_tasks, all_reduce_mean, apply_gradient
 from icl_metarl.harness.errors import choice_error
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -88,7 +88,10 @@ def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConf
 
 
 class Reptile:
-    """An initialisation and its meta-optimizer, moved toward the weights each task trains to."""
+    """An initialisation and its meta-optimizer, moved toward the weights each task trains to; the same
+    interface as ``MAML`` (``update``, ``adapt``, ``step_size``, ``step_sizes``)."""
+
+    step_sizes = None
 
     def __init__(self, params: Params, inner_loss: LossFn, config: ReptileConfig, accelerator=None):
         self.config, self.inner_loss, self.accelerator = config, inner_loss, accelerator
@@ -96,8 +99,21 @@ class Reptile:
         opt = torch.optim.SGD if config.meta_optimizer == "sgd" else torch.optim.Adam
         self.optimizer = opt(list(self.params.values()), lr=config.meta_lr)
 
+    @property
+    def step_size(self) -> float:
+        return self.config.inner_lr
+
     def step(self, support, query=None) -> float:
-        """One meta-update from a batch of tasks; ``query`` is ignored (Reptile has no outer loss)."""
+        """One meta-update from a batch of tasks; ``query`` is unused (Reptile learns from the support
+        episodes alone: it has no outer loss)."""
         direction, losses = reptile_direction(self.inner_loss, self.params, support, self.config)
         apply_gradient(self.optimizer, self.params, all_reduce_mean(direction, self.accelerator))
         return float(losses.mean())
+
+    def update(self, support, query=None) -> float:
+        """One whole meta-update: Reptile's move (see ``step``)."""
+        return self.step(support, query)
+
+    def adapt(self, support, steps: int | None = None) -> Params:
+        """Adapted parameters for a batch of tasks (leading task axis): plain SGD steps, as at test time."""
+        return adapt_tasks(self.inner_loss, self.params, support, self.step_size, steps or self.config.inner_steps)

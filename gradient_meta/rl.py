@@ -1,13 +1,13 @@
 """Policy-gradient pieces of gradient meta-RL: a sampler over trial environments, returns/GAE, losses.
 
-The sampler plays a meta-batch of trials in lockstep on one ``make_trial_envs`` vector environment,
-each trial with its own parameters (leading task axis) or all with the same ones. Returns, advantages
+The sampler plays a meta-batch of trials through the harness's rollout loop on one reused
+``make_trial_envs`` vector environment, each trial with its own parameters (leading task axis) or all
+with the same ones. Returns, advantages
 and losses are pure functions of tensors. Not for: the meta-training loop (``meta_rl.py``).
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,7 +18,9 @@ from torch import Tensor
 from torch.func import vmap
 
 from gradient_meta.policy import Params, baseline_features, entropy, fit_linear_baseline, log_prob, policy_mean
-from icl_metarl.harness.suites import OBS_DIM, TaskSpec, make_trial_envs
+from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.suites import OBS_DIM, TaskSpec, make_trial_envs, metaworld_task
 
 OBS_CLIP = 10.0
 
@@ -95,19 +97,64 @@ def set_tasks(envs, tasks: Sequence[TaskSpec]) -> None:
     Building Meta-World environments costs ~0.2 s each, as much as 300 steps; a meta-batch reuses
     them. Reaches into ``TrialEnv`` (``task``, ``_env``), which keeps no other per-task state.
     """
-    from metaworld import Task
-
     subs = envs.envs
     if len(subs) != len(tasks):
         raise ValueError(f"{len(tasks)} tasks for {len(subs)} environments")
     for sub, task in zip(subs, tasks):
         if sub.task.env_name != task.env_name:
             raise ValueError(f"cannot switch a {sub.task.env_name} trial to a {task.env_name} task")
-        data = {"rand_vec": np.asarray(task.rand_vec, dtype=np.float64), "env_cls": type(sub._env),
-                "partially_observable": True}
-        sub._env.set_task(Task(env_name=task.env_name, data=pickle.dumps(data)))
+        sub._env.set_task(metaworld_task(task))
         sub._env.max_path_length = sub.episode_length
         sub.task = task
+
+
+class GaussianAgent(Agent):
+    """The sampler's player: the Gaussian MLP acting ``mean + std * noise`` (noise from the caller's
+    generator), with per-task (T, ...) or shared parameters; it keeps every step for ``rollout``."""
+
+    name = "gaussian-mlp"
+
+    def __init__(self, params: Params, norm: ObsNorm, generator: torch.Generator, per_task: bool,
+                 deterministic: bool = False):
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.std = torch.exp(self.params["log_std"])  # (A,) or (T, A)
+        self.norm, self.generator, self.per_task, self.deterministic = norm, generator, per_task, deterministic
+        self.mean_fn = vmap(policy_mean) if per_task else policy_mean
+        self._clear()
+
+    def _clear(self) -> None:
+        self.episodes: list[dict[str, Tensor]] = []
+        self.steps: dict[str, list[Tensor]] = {"obs": [], "raw_obs": [], "act": [], "rew": [], "success": []}
+
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._clear()
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = self.norm(obs)  # (T, 39)
+            mean = self.mean_fn(self.params, x)  # (T, A)
+            act = mean if self.deterministic else \
+                mean + self.std * torch.randn(mean.shape, generator=self.generator)
+        self.steps["raw_obs"].append(torch.tensor(obs, dtype=torch.float64))
+        self.steps["obs"].append(x)
+        self.steps["act"].append(act)
+        return act.numpy()
+
+    def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
+        self.steps["rew"].append(torch.as_tensor(reward, dtype=torch.float32))
+        self.steps["success"].append(torch.as_tensor(success, dtype=torch.float32))
+
+    def end_episode(self) -> None:
+        self.episodes.append({k: torch.stack(v, dim=1) for k, v in self.steps.items()})  # (T, L, ...)
+        self.steps = {k: [] for k in self.steps}
+
+    def rollout(self) -> Rollout:
+        """The episodes played since the agent was made (or started)."""
+        ep = {k: torch.stack([e[k] for e in self.episodes], dim=1) for k in self.steps}  # (T, E, L, ...)
+        with torch.no_grad():
+            logp = rollout_log_prob(self.params, ep["obs"], ep["act"], self.per_task)
+        return Rollout(ep["obs"], ep["raw_obs"], ep["act"], logp, ep["rew"], ep["success"].amax(dim=-1))
 
 
 class Sampler:
@@ -132,52 +179,19 @@ class Sampler:
     def sample(self, params: Params, norm: ObsNorm, episodes: int, generator: torch.Generator,
                per_task: bool, deterministic: bool = False) -> Rollout:
         """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...)."""
-        return sample_episodes(self.envs, params, norm, episodes, self.episode_length, generator, per_task,
-                               deterministic)
-
-
-def _mean_fn(per_task: bool):
-    return vmap(policy_mean) if per_task else policy_mean
-
-
-def sample_episodes(envs, params: Params, norm: ObsNorm, episodes: int, episode_length: int,
-                    generator: torch.Generator, per_task: bool, deterministic: bool = False) -> Rollout:
-    """Play ``episodes`` lockstep episodes on ``envs`` with a Gaussian policy; see ``Sampler.sample``."""
-    mean_fn = _mean_fn(per_task)
-    # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
-    # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _play(envs, params, norm, episodes, episode_length, generator, mean_fn, per_task, deterministic)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _play(envs, params, norm, episodes, episode_length, generator, mean_fn, per_task, deterministic) -> Rollout:
-    n = envs.num_envs
-    params = {k: v.detach() for k, v in params.items()}
-    std = torch.exp(params["log_std"])  # (A,) or (T, A)
-    shape = (n, episodes, episode_length)
-    obs_b = torch.zeros(*shape, OBS_DIM)
-    raw_b = torch.zeros(*shape, OBS_DIM, dtype=torch.float64)
-    act_b = torch.zeros(*shape, std.shape[-1])
-    rew_b = torch.zeros(*shape)
-    succ = torch.zeros(n, episodes)
-    with torch.no_grad():
-        for e in range(episodes):
-            raw, _ = envs.reset()
-            for t in range(episode_length):
-                obs = norm(raw)  # (T, 39)
-                mean = mean_fn(params, obs)  # (T, A)
-                act = mean if deterministic else \
-                    mean + std * torch.randn(mean.shape, generator=generator)
-                raw_b[:, e, t], obs_b[:, e, t], act_b[:, e, t] = torch.as_tensor(raw), obs, act
-                raw, rew, _, _, info = envs.step(act.numpy())
-                rew_b[:, e, t] = torch.as_tensor(rew, dtype=torch.float32)
-                succ[:, e] = torch.maximum(succ[:, e], torch.as_tensor(info["success"], dtype=torch.float32))
-        logp = rollout_log_prob(params, obs_b, act_b, per_task)
-    return Rollout(obs_b, raw_b, act_b, logp, rew_b, succ)
+        agent = GaussianAgent(params, norm, generator, per_task, deterministic)
+        # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
+        # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            # The agent draws from meta-training's generator, which runs on across calls: not restarted.
+            for _ in play_trials(agent, self.tasks, self.seed, 0, episodes, 0, self.episode_length,
+                                 envs=self.envs, start_trials=False):
+                pass
+        finally:
+            torch.set_num_threads(threads)
+        return agent.rollout()
 
 
 def rollout_log_prob(params: Params, obs: Tensor, act: Tensor, per_task: bool) -> Tensor:

@@ -8,7 +8,7 @@ forgets the adapted weights. ``adaptive=False`` is the non-adaptive baseline (ne
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import einops
@@ -17,13 +17,12 @@ import torch
 from safetensors.torch import load as st_load
 from torch.func import vmap
 
+from gradient_meta.config import MODEL_TYPE
 from gradient_meta.functional import adapt
 from gradient_meta.policy import Params, log_prob, policy_mean
 from gradient_meta.rl import ObsNorm, Rollout, advantages, inner_loss, to_batch
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.errors import UsageError
-
-MODEL_TYPE = "gradient_meta_rl"
 
 
 @dataclass
@@ -117,8 +116,6 @@ class GradientRLAgent(Agent):
         self.trial_params = {k: v.detach() for k, v in self.trial_params.items()}
 
     def describe(self) -> dict:
-        from dataclasses import asdict
-
         out = {"name": self.name, "type": type(self).__name__, "checkpoint": self.source,
                "learned_step_sizes": self.step_sizes is not None, **asdict(self.config)}
         config = Path(self.source) / "config.json" if self.source else None

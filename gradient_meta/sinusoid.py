@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
-from gradient_meta.functional import Params, StepSize, adapt_tasks, check_step_size, local_tasks
-from icl_metarl.harness.errors import UsageError, choice_error
+from gradient_meta.checkpoint import load_checkpoint, save_checkpoint
+from gradient_meta.config import SINUSOID_ALGOS, SinusoidConfig
+from gradient_meta.functional import Params, StepSize, adapt_tasks, all_reduce_mean, apply_gradient, local_tasks
+from gradient_meta.maml import MAML, MAMLConfig
+from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
+from gradient_meta.reptile import Reptile, ReptileConfig
+from icl_metarl.harness.errors import UsageError
 
-ALGOS = ("maml", "fomaml", "meta-sgd", "reptile", "pretrain")
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 X_RANGE = (-5.0, 5.0)
@@ -61,73 +66,40 @@ def sample_points(amp: Tensor, phase: Tensor, k: int, generator: torch.Generator
     return x, amp[:, None, None] * torch.sin(x - phase[:, None, None])
 
 
-@dataclass
-class SinusoidConfig:
-    """One sinusoid meta-training run."""
+def _maml(config: SinusoidConfig, model: nn.Module, accelerator):
+    loss = mse_loss_fn(model)
+    return MAML(dict(model.named_parameters()), loss, loss, _maml_config(config), accelerator)
 
-    algo: str = "maml"
-    """maml, fomaml, meta-sgd, reptile, or pretrain (plain regression on all tasks, the baseline)."""
-    shots: int = 10
-    """K: support points per task (the query set has K points too during training)."""
-    iterations: int = 2000
-    """Meta-updates (the papers use 70,000)."""
-    meta_batch: int = 25
-    """Tasks per meta-update, split evenly among processes."""
-    inner_steps: int = 1
-    """Inner gradient steps during training and evaluation (Reptile: its k)."""
-    inner_lr: float = 0.01
-    """Inner step size (Meta-SGD: see meta_sgd_init; pretrain: the fine-tuning step at evaluation)."""
-    meta_lr: float = 1e-3
-    """Adam learning rate of the meta-update (Reptile: its epsilon, with plain SGD)."""
-    meta_sgd_init: str = "uniform"
-    """Meta-SGD step-size init: 'uniform' in [0.005, 0.1] (the paper's) or 'constant' (= inner_lr)."""
-    hidden: int = 40
-    """Width of the two hidden layers."""
-    seed: int = 0
-    """Seeds the initial weights and the training tasks (evaluation uses its own seed)."""
-    log_every: int = 500
-    """Print the running training loss every this many iterations (0: never)."""
-    threads: int = 1
-    """torch intra-op threads; 1 because a 40-unit net gains nothing and a shared CPU loses ~30x with 2."""
 
-    def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise choice_error("algorithm", self.algo, ALGOS)
-        if self.meta_sgd_init not in ("uniform", "constant"):
-            raise choice_error("meta-sgd init", self.meta_sgd_init, ("uniform", "constant"))
-        for what in ("shots", "iterations", "meta_batch", "hidden", "threads"):
-            if getattr(self, what) < 1:
-                raise UsageError(f"{what} must be >= 1, got {getattr(self, what)}")
-        check_step_size(self.inner_lr, "inner_lr")
-        check_step_size(self.meta_lr, "meta_lr")
+def _meta_sgd(config: SinusoidConfig, model: nn.Module, accelerator):
+    loss, params = mse_loss_fn(model), dict(model.named_parameters())
+    g = torch.Generator().manual_seed(config.seed + 1)
+    value = config.inner_lr if config.meta_sgd_init == "constant" else None
+    return MetaSGD(params, loss, loss, _maml_config(config), accelerator, init_step_sizes(params, value, generator=g))
+
+
+def _reptile(config: SinusoidConfig, model: nn.Module, accelerator):
+    return Reptile(dict(model.named_parameters()), mse_loss_fn(model),
+                   ReptileConfig(config.inner_steps, config.inner_lr, "sgd", config.meta_lr), accelerator)
+
+
+def _pretrain(config: SinusoidConfig, model: nn.Module, accelerator):
+    return Pretrain(dict(model.named_parameters()), mse_loss_fn(model), config.meta_lr, accelerator)
+
+
+def _maml_config(config: SinusoidConfig) -> MAMLConfig:
+    return MAMLConfig(config.inner_steps, config.inner_lr, config.algo == "fomaml", config.meta_lr)
 
 
 def build_learner(config: SinusoidConfig, model: nn.Module, accelerator=None):
     """The meta-learner for ``config.algo`` around ``model``'s initial weights."""
-    from gradient_meta.maml import MAML, MAMLConfig
-    from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
-    from gradient_meta.reptile import Reptile, ReptileConfig
-
-    loss = mse_loss_fn(model)
-    params = dict(model.named_parameters())
-    if config.algo == "reptile":
-        return Reptile(params, loss, ReptileConfig(config.inner_steps, config.inner_lr, "sgd", config.meta_lr),
-                       accelerator)
-    mcfg = MAMLConfig(config.inner_steps, config.inner_lr, config.algo == "fomaml", config.meta_lr)
-    if config.algo == "meta-sgd":
-        g = torch.Generator().manual_seed(config.seed + 1)
-        value = config.inner_lr if config.meta_sgd_init == "constant" else None
-        return MetaSGD(params, loss, loss, mcfg, accelerator, init_step_sizes(params, value, generator=g))
-    return MAML(params, loss, loss, mcfg, accelerator)
+    return BUILDERS[config.algo](config, model, accelerator)
 
 
 class Pretrain:
     """The baseline: one network regressed on points of all tasks at once (no adaptation in training)."""
 
     def __init__(self, params: Params, loss, meta_lr: float, accelerator=None):
-        from gradient_meta.functional import all_reduce_mean, apply_gradient
-        from torch.func import grad, vmap
-
         self.params = {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=meta_lr)
 
@@ -141,6 +113,11 @@ class Pretrain:
         self.step = step
 
 
+#: algorithm name -> builder of its learner (MAML, FOMAML and Meta-SGD share MAML's class)
+BUILDERS = {"maml": _maml, "fomaml": _maml, "meta-sgd": _meta_sgd, "reptile": _reptile, "pretrain": _pretrain}
+assert set(BUILDERS) == set(SINUSOID_ALGOS)
+
+
 def train(config: SinusoidConfig, accelerator=None, log=print):
     """Meta-train on freshly sampled tasks; returns (model, learner, seconds). Every process samples the
     whole meta-batch from the same seed and keeps its own share, so N processes see the same tasks as one."""
@@ -149,10 +126,7 @@ def train(config: SinusoidConfig, accelerator=None, log=print):
     model = SineNet(config.hidden)
     nproc = accelerator.num_processes if accelerator else 1
     share = local_tasks(config.meta_batch, nproc, accelerator.process_index if accelerator else 0)
-    if config.algo == "pretrain":
-        learner = Pretrain(dict(model.named_parameters()), mse_loss_fn(model), config.meta_lr, accelerator)
-    else:
-        learner = build_learner(config, model, accelerator)
+    learner = build_learner(config, model, accelerator)
     g = torch.Generator().manual_seed(10_000 + config.seed)
     start, running = time.perf_counter(), 0.0
     for it in range(1, config.iterations + 1):
@@ -191,44 +165,37 @@ def learned_step_size(config: SinusoidConfig, learner) -> StepSize:
 
 
 def save(out: str | Path, config: SinusoidConfig, learner, seconds: float) -> None:
-    from gradient_meta.checkpoint import save_checkpoint
-
     step = learned_step_size(config, learner)
     save_checkpoint(out, learner.params, step if isinstance(step, dict) else None,
                     {"kind": "sinusoid", "config": asdict(config), "train_seconds": round(seconds, 1)})
 
 
-def run_cli(args) -> None:
-    """``icl-metarl sinusoid train|evaluate``; under ``accelerate launch`` each process takes a share."""
-    from gradient_meta.checkpoint import load_checkpoint
+def train_command(config: SinusoidConfig, out, eval_tasks: int = 1000) -> None:
+    """``icl-metarl sinusoid train``; under ``accelerate launch`` each process takes a share of the tasks."""
+    # Tasks live on the CPU (a 40-unit net); gloo all-reduces CPU tensors between processes.
+    accelerator = Accelerator(cpu=True)
+    main = accelerator.is_main_process
+    model, learner, seconds = train(config, accelerator, log=print if main else (lambda m: None))
+    if main:
+        save(out, config, learner, seconds)
+        res = evaluate(model, learner.params, learned_step_size(config, learner), config.shots,
+                       config.inner_steps, eval_tasks)
+        print(f"{config.algo} K={config.shots}: {config.iterations} iterations in {seconds:.0f}s on "
+              f"{accelerator.num_processes} process(es); test MSE after {config.inner_steps} step(s) "
+              f"{res['mse']:.3f} ± {res['ci95']:.3f} (95% CI, {res['tasks']} tasks); checkpoint {out}")
 
-    if args.action == "train":
-        from accelerate import Accelerator
 
-        given = {k: getattr(args, k) for k in ("algo", "shots", "iterations", "meta_batch", "inner_steps",
-                                                "inner_lr", "meta_lr", "seed", "log_every")}
-        config = SinusoidConfig(**{k: v for k, v in given.items() if v is not None})
-        # Tasks live on the CPU (a 40-unit net); gloo all-reduces CPU tensors between processes.
-        accelerator = Accelerator(cpu=True)
-        main = accelerator.is_main_process
-        model, learner, seconds = train(config, accelerator, log=print if main else (lambda m: None))
-        if main:
-            save(args.out, config, learner, seconds)
-            res = evaluate(model, learner.params, learned_step_size(config, learner), config.shots,
-                           config.inner_steps, args.eval_tasks)
-            print(f"{config.algo} K={config.shots}: {config.iterations} iterations in {seconds:.0f}s on "
-                  f"{accelerator.num_processes} process(es); test MSE after {config.inner_steps} step(s) "
-                  f"{res['mse']:.3f} ± {res['ci95']:.3f} (95% CI, {res['tasks']} tasks); checkpoint {args.out}")
-        return
-    params, step_sizes, saved = load_checkpoint(args.checkpoint)
+def evaluate_command(checkpoint, options) -> None:
+    """``icl-metarl sinusoid evaluate``: post-adaptation MSE of a checkpoint over new test tasks."""
+    params, step_sizes, saved = load_checkpoint(checkpoint)
     if saved.get("kind") != "sinusoid":
-        raise UsageError(f"checkpoint {args.checkpoint!r} is a {saved.get('kind')!r} checkpoint, not 'sinusoid'")
+        raise UsageError(f"checkpoint {checkpoint!r} is a {saved.get('kind')!r} checkpoint, not 'sinusoid'")
     config = SinusoidConfig(**saved["config"])
-    shots = args.shots if args.shots is not None else config.shots
-    if shots < 1 or args.steps < 0 or args.tasks < 2:
-        raise UsageError(f"need --shots >= 1, --steps >= 0, --tasks >= 2; got {shots}, {args.steps}, {args.tasks}")
+    shots = options.shots if options.shots is not None else config.shots
+    if shots < 1 or options.steps < 0 or options.tasks < 2:
+        raise UsageError(f"need --shots >= 1, --steps >= 0, --tasks >= 2; got {shots}, {options.steps}, {options.tasks}")
     torch.set_num_threads(config.threads)
     model = SineNet(config.hidden)
-    res = evaluate(model, params, step_sizes or config.inner_lr, shots, args.steps, args.tasks, seed=args.seed)
-    print(f"{config.algo} K={shots}, {args.steps} step(s): test MSE {res['mse']:.3f} ± {res['ci95']:.3f} "
+    res = evaluate(model, params, step_sizes or config.inner_lr, shots, options.steps, options.tasks, seed=options.seed)
+    print(f"{config.algo} K={shots}, {options.steps} step(s): test MSE {res['mse']:.3f} ± {res['ci95']:.3f} "
           f"(95% CI over {res['tasks']} tasks, {res['query_points']} query points each)")

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
+from icl_metarl.harness.suites import ACT_DIM, get_suite, make_trial_envs
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 from icl_metarl.probes.probe import ProbeConfig, probe
-from icl_metarl.harness.suites import ACT_DIM, get_suite, make_trial_envs
 
 
 def random_steps(suite: str, trials: int, episodes: int, length: int) -> float:

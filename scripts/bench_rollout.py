@@ -10,7 +10,7 @@
                                                      # (a) and (b) through the evaluator's loop, in one
                                                      # process and with two env worker processes
 
-``--layouts`` times (a) and (b) through ``evaluation.play_lockstep`` (what ``icl-metarl evaluate`` runs),
+``--layouts`` times (a) and (b) through ``rollout.play_lockstep`` (what ``icl-metarl evaluate`` runs),
 with the environments built beforehand (a pipelined worker's start-up, ~2 s, is not counted): ``sync``
 steps every trial in this process; ``pipelined`` steps each half of the trials in a worker process while
 the agent computes the other half's actions (``--vector pipelined``).
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from icl_metarl.harness.baselines import RandomAgent
-from icl_metarl.harness.evaluation import make_group_envs, play_lockstep, trial_groups
+from icl_metarl.harness.rollout import make_group_envs, play_lockstep, trial_groups
+from icl_metarl.harness.suites import get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.harness.suites import get_suite, make_trial_envs
 
 
 def play_timed(agent, envs, num_trials: int, episodes: int, episode_length: int, step_envs: bool = True) -> dict:

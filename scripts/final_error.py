@@ -13,8 +13,8 @@ import argparse
 import numpy as np
 import torch
 
-from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.harness.suites import get_suite, make_trial_envs
+from icl_metarl.incontext.agent import InContextAgent
 
 
 def main() -> None:

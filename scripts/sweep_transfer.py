@@ -25,8 +25,8 @@ import numpy as np
 
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
 from icl_metarl.harness.files import atomic_write_json, atomic_write_text
-from icl_metarl.incontext.histories import GenerateConfig, generate
 from icl_metarl.harness.report import bootstrap_ci, episode_array
+from icl_metarl.incontext.histories import GenerateConfig, generate
 from icl_metarl.incontext.train import TrainConfig, heldout_loss, pretrain
 
 

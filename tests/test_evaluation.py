@@ -7,7 +7,6 @@ import pytest
 
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.baselines import make_baseline
-from icl_metarl.study.cli import main
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import (
     EvalAgent,
@@ -20,6 +19,7 @@ from icl_metarl.harness.evaluation import (
     without_timing,
 )
 from icl_metarl.harness.suites import expert_actions, make_trial_envs
+from icl_metarl.study.cli import main
 
 TINY = dict(suite="ML1:reach-v3", num_tasks=4, adaptation_episodes=1, evaluation_episodes=1,
             episode_length=40, seeds=(0,), progress=False)
@@ -163,10 +163,10 @@ def test_load_agent_errors(tmp_path):
     with pytest.raises(UsageError, match="no config.json"):
         load_agent(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(UsageError, match="unknown model_type.*'bert'; valid: icl_metarl_policy, gradient_meta_rl"):
+    with pytest.raises(UsageError, match="unknown model_type.*'bert'; valid: gradient_meta_rl, icl_metarl_policy"):
         load_agent(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(UsageError, match="not a JSON object"):
+    with pytest.raises(UsageError, match="not valid JSON"):
         load_agent(str(tmp_path))
 
 
@@ -192,8 +192,7 @@ class _FakeCheckpointAgent(Agent):
 
 def test_dispatch_by_model_type(tmp_path, monkeypatch):
     icl = types.ModuleType("icl_metarl.incontext.agent")
-    icl.InContextAgent = type("InContextAgent", (), {
-        "from_pretrained": staticmethod(lambda p, wipe_context_each_episode: _FakeCheckpointAgent(p, wipe=wipe_context_each_episode))})
+    icl.load_agent = lambda p, adaptive: _FakeCheckpointAgent(p, wipe=not adaptive)
     grad = types.ModuleType("gradient_meta.rl_agent")
     grad.load_agent = lambda p, adaptive: _FakeCheckpointAgent(p, adaptive=adaptive)
     monkeypatch.setitem(sys.modules, "icl_metarl.incontext.agent", icl)

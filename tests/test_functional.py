@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gradient_meta.functional import (adapt_tasks, all_reduce_mean, check_inner_steps, check_step_size,
-                                      local_tasks, meta_gradient, task_query_loss)
+from gradient_meta.config import check_inner_steps, check_step_size
+from gradient_meta.functional import adapt_tasks, all_reduce_mean, local_tasks, meta_gradient, task_query_loss
 from gradient_meta.meta_sgd import init_step_sizes
 from gradient_meta.sinusoid import SineNet, mse_loss_fn, sample_points, sample_tasks
 from icl_metarl.harness.errors import UsageError

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import expert_actions, get_suite
 from icl_metarl.incontext.histories import (
     GenerateConfig,
     _check_same_settings,
@@ -22,7 +23,6 @@ from icl_metarl.incontext.histories import (
     perturb,
     trial_noise_levels,
 )
-from icl_metarl.harness.suites import expert_actions, get_suite
 
 # 6 shards of one trial, 3 episodes of 50 steps: big enough to kill between shards, small enough to be quick.
 SMALL = GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=3, episode_length=50,
@@ -262,8 +262,8 @@ def _tiny_policy(path, episode_length):
 def test_relabelled_trials_are_the_policys_states_labelled_by_the_expert(tmp_path):
     """Relabelling (issue 12): taken = the policy's own actions on the states it reached, and the
     label = the expert's action for exactly those states, checked against both called directly."""
-    from icl_metarl.incontext.agent import InContextAgent
     from icl_metarl.harness.suites import TaskSpec, make_metaworld_env
+    from icl_metarl.incontext.agent import InContextAgent
 
     L, K = 15, 3
     policy = _tiny_policy(tmp_path / "policy", L)

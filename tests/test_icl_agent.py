@@ -1,5 +1,5 @@
 """Tests for icl_metarl.incontext.agent: cached rollout == full forward over the same window, window
-re-encoding, wiping, seeding, errors, describe."""
+re-encoding, wiping, seeding, priming with a given context, errors, describe."""
 
 import json
 import warnings
@@ -7,8 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import load_agents
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
@@ -204,12 +206,70 @@ def test_exploration_offsets_the_first_episodes_and_the_context_records_the_take
 
 
 def test_evaluator_overrides_the_checkpoint_exploration(tmp_path):
-    from icl_metarl.harness.evaluation import load_agents
-
     tiny(explore_episodes=1, explore_scale=0.2).save_pretrained(tmp_path / "ckpt")
     assert InContextAgent.from_pretrained(tmp_path / "ckpt").explore_episodes == 1  # saved in config.json
     agents = load_agents([str(tmp_path / "ckpt"), "random"], non_adaptive=True,
-                         in_context={"explore_episodes": 3, "explore_scale": 0.5})
+                         options={"explore_episodes": 3, "explore_scale": 0.5, "deterministic": True})
     icl = [a.agent for a in agents if isinstance(a.agent, InContextAgent)]
     assert len(icl) == 2 and all((a.explore_episodes, a.explore_scale) == (3, 0.5) for a in icl)
     assert [a.label for a in agents] == ["icl", "icl-wiped [non-adaptive]", "random"]
+    # an option of another learner (gradient agents' deterministic) is not passed to the in-context one
+    assert all(a.deterministic is True for a in icl)  # the deterministic head's own choice, not the option
+
+
+def play_through(agent, obs, rewards):
+    """One episode on given observations (B,T,39) and rewards (B,T); the actions taken (B,T,4)."""
+    taken = []
+    for t in range(obs.shape[1]):
+        taken.append(agent.act(obs[:, t]))
+        agent.observe(rewards[:, t], np.zeros(B))
+    agent.end_episode()
+    return np.stack(taken, 1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prime_acts_as_if_the_context_had_been_played(use_cache):
+    # sampled actions and exploration in every episode: the generator state matters as much as the context
+    model = tiny(action_head="tanh_gaussian", explore_episodes=3, explore_scale=0.3)
+    rng = np.random.default_rng(7)
+    obs, rewards = rng.normal(size=(3, B, 6, 39)), rng.uniform(0, 10, size=(3, B, 6))
+    played = InContextAgent(model, use_cache=use_cache)
+    played.start_trials(B, seed=5)
+    context = [play_through(played, obs[k], rewards[k]) for k in range(2)]
+    state = played.random_state()
+    expected = play_through(played, obs[2], rewards[2])
+
+    primed = InContextAgent(model, use_cache=use_cache)
+    primed.start_trials(B, seed=99)  # another seed: the state handed over decides the draws
+    primed.prime(rearrange(obs[:2], "k b t d -> b k t d"), np.stack(context, 1),
+                 rearrange(rewards[:2], "k b t -> b k t"), episode_index=2, random_state=state)
+    assert np.abs(play_through(primed, obs[2], rewards[2]) - expected).max() <= 1e-5
+    # the context mattered: without it (the episode index still counted) the same draws act otherwise
+    empty = InContextAgent(model, use_cache=use_cache)
+    empty.start_trials(B, seed=99)
+    empty.prime(np.zeros((B, 0, 6, 39)), np.zeros((B, 0, 6, 4)), np.zeros((B, 0, 6)), 2, random_state=state)
+    assert np.abs(play_through(empty, obs[2], rewards[2]) - expected).max() > 1e-3
+    with pytest.raises(UsageError, match="right after start_trials"):
+        empty.prime(np.zeros((B, 0, 6, 39)), np.zeros((B, 0, 6, 4)), np.zeros((B, 0, 6)), 2)
+
+
+def test_prime_episode_index_decides_exploration():
+    model = tiny(explore_episodes=2, explore_scale=0.3)  # deterministic head: exploration is the only draw
+    obs = np.random.default_rng(3).normal(size=(B, 5, 39))
+    rewards = np.zeros((B, 5))
+    none = (np.zeros((B, 0, 5, 39)), np.zeros((B, 0, 5, 4)), np.zeros((B, 0, 5)))
+    acted = {}
+    for index in (1, 2):
+        agent = InContextAgent(model)
+        agent.start_trials(B, seed=0)
+        agent.prime(*none, episode_index=index)
+        acted[index] = play_through(agent, obs, rewards)
+    intended = full_forward_actions(model, [(obs, acted[2], rewards)])
+    assert np.abs(acted[2] - intended).max() <= 1e-4  # episode 2 of 2 exploring ones: no offset
+    assert np.abs(acted[1] - intended).max() > 0.05  # episode 1 still explores, with no context at all
+    agent = InContextAgent(model)
+    agent.start_trials(B, seed=0)
+    with pytest.raises(UsageError, match="episode_index"):
+        agent.prime(np.zeros((B, 1, 5, 39)), np.zeros((B, 1, 5, 4)), np.zeros((B, 1, 5)), episode_index=0)
+    with pytest.raises(UsageError, match="window"):
+        agent.prime(np.zeros((B, 4, 5, 39)), np.zeros((B, 4, 5, 4)), np.zeros((B, 4, 5)), episode_index=4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradient_meta.functional import meta_gradient
-from gradient_meta.meta_rl import (KILL_ENV, MetaRLConfig, build_pool, draw_tasks, meta_train)
+from gradient_meta.meta_rl import KILL_ENV, MetaRLConfig, build_pool, draw_tasks, meta_train
 from gradient_meta.policy import PolicyConfig, init_policy
 from gradient_meta.rl import ObsNorm, Sampler, advantages, inner_loss, make_outer_loss, to_batch
 from icl_metarl.harness.errors import UsageError
@@ -90,7 +90,7 @@ def test_bad_settings_are_usage_errors(bad, match):
 
 
 TINY = ["--meta-batch", "2", "--episode-length", "8", "--iterations", "5", "--checkpoint-every", "2",
-        "--hidden", "8", "--ppo-epochs", "2", "--no-progress"]
+        "--hidden", "8", "--ppo-epochs", "2"]
 
 
 def _cli(out, algo, env=None):

@@ -65,6 +65,7 @@ def test_checkpoint_round_trip_keeps_step_sizes(tmp_path):
 
 def test_checkpoint_errors_name_the_path(tmp_path):
     import pytest
+
     from icl_metarl.harness.errors import UsageError
 
     with pytest.raises(UsageError, match="has no model.safetensors"):

@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from icl_metarl.incontext import model as M
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext import model as M
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, action_loss, shift_previous, tanh_gaussian_nll
 
 EP = 6  # episode length of the hand-made sequences

@@ -11,11 +11,12 @@ from gradient_meta.meta_rl import MetaRLConfig, meta_train
 from gradient_meta.rl_agent import load_agent as load_gradient_agent
 from icl_metarl.harness.baselines import make_baseline
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.evaluation import EvalAgent, EvalConfig, evaluate, play_trials
+from icl_metarl.harness.evaluation import EvalAgent, EvalConfig, evaluate
+from icl_metarl.harness.pipeline import EnvGroupWorker, WorkerError, split_in_two
+from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.suites import TaskSpec, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.harness.pipeline import EnvGroupWorker, WorkerError, split_in_two
-from icl_metarl.harness.suites import TaskSpec, get_suite, make_trial_envs
 
 SETTINGS = dict(suite="ML1:reach-v3", num_tasks=4, adaptation_episodes=2, evaluation_episodes=1,
                 episode_length=10, seeds=(0,), progress=False)

@@ -4,8 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from gradient_meta.policy import (PolicyConfig, baseline_features, entropy, fit_linear_baseline, init_policy,
-                                  log_prob, policy_mean, predict_baseline, sample_action)
+from gradient_meta.policy import (
+    PolicyConfig,
+    baseline_features,
+    entropy,
+    fit_linear_baseline,
+    init_policy,
+    log_prob,
+    policy_mean,
+    predict_baseline,
+    sample_action,
+)
 from icl_metarl.harness.errors import UsageError
 
 

@@ -1,4 +1,5 @@
-"""Attention probes: statistics on hand-made attention, a model with built-in heads, interventions, CLI."""
+"""Attention probes: statistics on hand-made attention, a model with built-in heads, interventions, replays
+through the rollout loop, the probe against the evaluator, CLI."""
 
 import json
 import math
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from icl_metarl.study.cli import main
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents, trial_seed
+from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.suites import get_suite, make_trial_envs
+from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 from icl_metarl.probes.probe import (
     Episodes,
@@ -18,15 +22,16 @@ from icl_metarl.probes.probe import (
     key_mass,
     lag_shares,
     model_inputs,
-    play_episode,
     probe,
     query_mean,
     record_attention,
+    recorder,
     remove_episodes,
     shuffle_rewards,
     teacher_forced_actions,
     zero_rewards,
 )
+from icl_metarl.study.cli import main
 
 T, K = 6, 3  # steps per episode, episodes
 
@@ -176,18 +181,31 @@ def test_probe_reports_the_heads_that_were_built():
     assert (stats["entropy_normalised"][:, 0, 3] > 0.99).all()
 
 
-def test_ablated_head_equals_zeroed_projection_columns():
+def test_ablated_head_equals_zeroing_the_heads_output_and_reaches_the_decode_path():
     m = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=2, n_head=4, max_episode_length=T, max_context_episodes=K))
     torch.nn.init.normal_(m.blocks[1].attn.proj.weight)
+    before = m.blocks[1].attn.proj.weight.clone()
     inputs = model_inputs(synthetic_episodes(b=1))
     with torch.no_grad(), ablated_head(m, 1, 2):
-        hooked = m(**inputs).action
+        ablated = m(**inputs).action
+        cache = m.new_cache(1)
+        token = {n: v[:, 0] for n, v in inputs.items()}
+        decoded, _ = m.decode_step(token["obs"], token["prev_actions"], token["prev_rewards"], True, 0, cache)
     plain = m(**inputs).action
+    assert torch.equal(m.blocks[1].attn.proj.weight, before)  # restored
+    assert torch.allclose(torch.tanh(decoded), ablated[:, 0], atol=1e-6)  # the agent's one-token path too
+
+    def zero_head_output(_module, args):  # second way: the head's slice of the projection's input zeroed
+        y = args[0].clone()
+        y[..., 2 * 4:3 * 4] = 0.0
+        return (y,)
+
+    handle = m.blocks[1].attn.proj.register_forward_pre_hook(zero_head_output)
     with torch.no_grad():
-        m.blocks[1].attn.proj.weight[:, 2 * 4:3 * 4] = 0.0
-        zeroed = m(**inputs).action
-    assert torch.allclose(hooked, zeroed, atol=1e-6)
-    assert not torch.allclose(hooked, plain, atol=1e-4)
+        hooked = m(**inputs).action
+    handle.remove()
+    assert torch.allclose(ablated, hooked, atol=1e-6)
+    assert not torch.allclose(ablated, plain, atol=1e-4)
     with pytest.raises(UsageError, match="head"), ablated_head(m, 2, 0):
         pass
 
@@ -204,20 +222,49 @@ def test_interventions():
 
 
 # ------------------------------------------------------------------------------- with Meta-World
-def test_replay_reproduces_the_episode_and_teacher_forcing_matches(tmp_path):
-    from icl_metarl.harness.suites import get_suite, make_trial_envs
+def play_recorded(agent, envs, tasks, episodes, length, **kw) -> Episodes:
+    """Episodes played through the rollout loop on ``envs``, recorded by the probe's ``on_step`` hook."""
+    out = Episodes.empty(len(tasks), episodes, length, 39, 4)
+    for _ in play_trials(agent, tasks, 0, 0, episodes, 0, length, on_step=recorder(out), envs=envs, **kw):
+        pass
+    return out
 
+
+def test_primed_replay_reproduces_the_episode_and_teacher_forcing_matches():
     torch.manual_seed(0)
     m = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=10, max_context_episodes=3)).eval()
     tasks = get_suite("ML1:reach-v3").tasks("test")[:2]
     envs = make_trial_envs(tasks, 10, 0)
-    first = play_episode(m, envs, None, 10)
-    second = play_episode(m, envs, first, 10)
-    again = play_episode(m, envs, first, 10)
+    agent = InContextAgent(m)  # deterministic head, no exploration: the recorded actions are the model's
+    played = play_recorded(agent, envs, tasks, 2, 10)
+    first, second = played.take(slice(0, 1)), played.take(slice(1, 2))
+    agent.start_trials(2, 0)
+    agent.prime(first.obs, first.actions, first.rewards, episode_index=1)
+    again = play_recorded(agent, envs, tasks, 1, 10, start_trials=False)
     envs.close()
-    assert np.allclose(second.actions, again.actions, atol=1e-6)
-    assert np.allclose(second.obs, again.obs, atol=1e-6)
+    assert np.allclose(second.actions, again.actions, atol=1e-5)
+    assert np.allclose(second.obs, again.obs, atol=1e-5)
     assert np.allclose(teacher_forced_actions(m, first, second), second.actions[:, 0], atol=1e-5)
+
+
+def test_probe_plays_what_the_evaluator_plays(tmp_path):
+    """An exploring checkpoint: the probe's per-episode success and return are the evaluator's records."""
+    torch.manual_seed(0)
+    ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=40, max_context_episodes=3,
+                              explore_episodes=1, explore_scale=0.3)).save_pretrained(tmp_path / "ckpt")
+    r = probe(tmp_path / "ckpt", "ML1:reach-v3", trials=3, episodes=3, episode_length=40, seed=1,
+              conditions=("remove_episodes",), ablate_heads=False)
+    results = evaluate(load_agents([str(tmp_path / "ckpt")]),
+                       EvalConfig(suite="ML1:reach-v3", split="test", adaptation_episodes=3, evaluation_episodes=0,
+                                  episode_length=40, seeds=(1,), num_tasks=3, batch_size=3, progress=False))
+    assert not results["failures"]
+    success, returns = np.zeros((3, 3)), np.zeros((3, 3))
+    for rec in results["records"]:
+        success[rec["task"], rec["episode"]] = rec["success"]
+        returns[rec["task"], rec["episode"]] = rec["return"]
+    assert np.array_equal(r.baseline["success_by_trial"], success)
+    assert np.array_equal(r.baseline["return_by_trial"], returns)
+    assert results["trials"][0]["agent_seed"] == trial_seed(1, 0)
 
 
 def test_probe_end_to_end_on_reach_finds_the_built_head(tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_metarl.study import quickstart as qs
 from icl_metarl.harness import report
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.study import config as qc
+from icl_metarl.study import quickstart as qs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,8 +27,8 @@ def write(tmp_path, obj, name="c.json"):
 def test_config_file_overrides_its_preset(tmp_path):
     path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "evaluate": {"seeds": [3, 4], "num_tasks": 2},
                             "meta_train": {"algo": "reptile", "hidden": [8]}, "stages": ["report", "generate"]})
-    cfg = qs.load_config(path)
-    expected = qs.tiny()  # the same configuration built by hand
+    cfg = qc.load_config(path)
+    expected = qc.tiny()  # the same configuration built by hand
     assert cfg.suite == "ML1:push-v3" and cfg.episode_length == expected.episode_length
     assert cfg.evaluate.seeds == (3, 4) and cfg.evaluate.num_tasks == 2
     assert cfg.evaluate.adaptation_episodes == expected.evaluate.adaptation_episodes
@@ -35,9 +36,9 @@ def test_config_file_overrides_its_preset(tmp_path):
     assert cfg.pretrain == expected.pretrain
     assert cfg.stages == ("generate", "report")  # put in dependency order
     # the owned settings come from the top level, whatever the section's own default
-    assert qs.stage_config(cfg, "meta-train").suite == "ML1:push-v3"
-    assert qs.stage_config(cfg, "evaluate").split == "test" and qs.stage_config(cfg, "generate").split == "train"
-    assert qs.stage_config(cfg, "pretrain", tmp_path).data == [str(tmp_path / "histories")]
+    assert qc.stage_config(cfg, "meta-train").suite == "ML1:push-v3"
+    assert qc.stage_config(cfg, "evaluate").split == "test" and qc.stage_config(cfg, "generate").split == "train"
+    assert qc.stage_config(cfg, "pretrain", tmp_path).data == [str(tmp_path / "histories")]
 
 
 def test_generate_extra_sets_are_generated_and_pretrained_on(tmp_path):
@@ -45,28 +46,28 @@ def test_generate_extra_sets_are_generated_and_pretrained_on(tmp_path):
     generate stage writes each to histories-N and pretraining reads them all; changing one redoes it."""
     path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "generate": {"trials": 4, "trials_per_shard": 2},
                             "generate_extra": [{"noise_kind": "uniform", "noise_max": 1.0, "seed": 41, "trials": 2}]})
-    cfg = qs.load_config(path)
-    (extra,) = qs.extra_generate_configs(cfg)
+    cfg = qc.load_config(path)
+    (extra,) = qc.extra_generate_configs(cfg)
     assert (extra.noise_kind, extra.noise_max, extra.seed, extra.trials) == ("uniform", 1.0, 41, 2)
     assert (extra.suite, extra.split, extra.trials_per_shard) == ("ML1:push-v3", "train", 2)  # owned / inherited
     out = tmp_path / "study"
-    assert qs.stage_config(cfg, "pretrain", out).data == [str(out / "histories"), str(out / "histories-1")]
-    again = qs.config_from_dict(json.loads(json.dumps(qs.to_dict(cfg))))
-    assert qs.extra_generate_configs(again) == [extra]
+    assert qc.stage_config(cfg, "pretrain", out).data == [str(out / "histories"), str(out / "histories-1")]
+    again = qc.config_from_dict(json.loads(json.dumps(qc.to_dict(cfg))))
+    assert qc.extra_generate_configs(again) == [extra]
     summary = qs.run_generate(cfg, out)
     from icl_metarl.incontext.histories import load_histories
 
     h = load_histories(out / "histories-1")
     assert (h.manifest["settings"]["noise_kind"], h.manifest["settings"]["trials"]) == ("uniform", 2)
     assert summary["trials"] == 4 and summary["extra"][0]["trials"] == 2
-    changed = qs.config_from_dict({**json.loads(path.read_text()), "generate_extra": [{"trials": 4}]})
+    changed = qc.config_from_dict({**json.loads(path.read_text()), "generate_extra": [{"trials": 4}]})
     assert qs.stage_settings(changed, "generate", out) != qs.stage_settings(cfg, "generate", out)
 
 
 def test_to_dict_round_trips():
-    cfg = qs.tiny()
-    again = qs.config_from_dict(json.loads(json.dumps(qs.to_dict(cfg))))
-    assert qs.to_dict(again) == qs.to_dict(cfg)
+    cfg = qc.tiny()
+    again = qc.config_from_dict(json.loads(json.dumps(qc.to_dict(cfg))))
+    assert qc.to_dict(again) == qc.to_dict(cfg)
     assert again.evaluate == cfg.evaluate and again.probe == cfg.probe
 
 
@@ -96,14 +97,14 @@ def test_to_dict_round_trips():
 def test_invalid_files_are_one_line_usage_errors(tmp_path, content, fragment):
     path = write(tmp_path, content)
     with pytest.raises(UsageError) as e:
-        qs.load_config(path, size="tiny")
+        qc.load_config(path, size="tiny")
     msg = str(e.value)
     assert fragment in msg and "\n" not in msg and str(path) in msg
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        qs.load_config(tmp_path / "nope.json")
+        qc.load_config(tmp_path / "nope.json")
 
 
 def test_shipped_configs_load():
@@ -111,7 +112,7 @@ def test_shipped_configs_load():
     assert len(files) >= 20
     suites = set()
     for f in files:
-        cfg = qs.load_config(f)
+        cfg = qc.load_config(f)
         suites.add(cfg.suite)
         assert cfg.budget and cfg.name == f.stem
         gradient = "meta-train" in cfg.stages
@@ -155,8 +156,8 @@ def test_rerun_reuses_finished_stages_and_redoes_the_killed_one(tmp_path, monkey
         return run
 
     fail = {"pretrain": True}
-    monkeypatch.setattr(qs, "RUNNERS", {s: fake(s) for s in qs.STAGES})
-    cfg = qs.tiny()
+    monkeypatch.setattr(qs, "RUNNERS", {s: fake(s) for s in qc.STAGES})
+    cfg = qc.tiny()
     with pytest.raises(KeyboardInterrupt):
         qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
     assert calls == ["generate", "pretrain"]
@@ -179,7 +180,7 @@ def test_rerun_reuses_finished_stages_and_redoes_the_killed_one(tmp_path, monkey
 
 def test_only_distributed_stages_under_accelerate(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = qs.tiny()
+    cfg = qc.tiny()
     with pytest.raises(UsageError, match="pretrain,meta-train"):
         qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
 

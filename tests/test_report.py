@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from icl_metarl.harness.report import (
+    _View,
     bootstrap_ci,
     episode_array,
     report_markdown,
     success_definitions,
     success_within,
     write_report,
-    _View,
 )
 
 

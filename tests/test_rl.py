@@ -3,8 +3,19 @@ import pytest
 import torch
 
 from gradient_meta.policy import PolicyConfig, init_policy, log_prob, policy_mean
-from gradient_meta.rl import (ObsNorm, Rollout, Sampler, advantages, batch_moments, discounted_returns, gae,
-                              inner_loss, make_outer_loss, merge_moments, to_batch)
+from gradient_meta.rl import (
+    ObsNorm,
+    Rollout,
+    Sampler,
+    advantages,
+    batch_moments,
+    discounted_returns,
+    gae,
+    inner_loss,
+    make_outer_loss,
+    merge_moments,
+    to_batch,
+)
 from icl_metarl.harness.suites import get_suite, make_trial_envs
 
 

@@ -7,7 +7,7 @@ from gradient_meta.meta_rl import MetaRLConfig, meta_train
 from gradient_meta.rl import Rollout, advantages, inner_loss, to_batch
 from gradient_meta.rl_agent import RLAgentConfig, load_agent
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.evaluation import play_trials
+from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import get_suite
 
 
@@ -70,8 +70,10 @@ def test_deterministic_actions_repeat_and_sampled_ones_follow_the_seed(run_dir):
     a.start_trials(2, 9)
     np.testing.assert_array_equal(a.act(obs), x)
     s = load_agent(run_dir, adaptive=False)
-    s.start_trials(2, 1); y1 = s.act(obs)
-    s.start_trials(2, 1); y2 = s.act(obs)
+    s.start_trials(2, 1)
+    y1 = s.act(obs)
+    s.start_trials(2, 1)
+    y2 = s.act(obs)
     np.testing.assert_array_equal(y1, y2)
     assert np.all(np.abs(y1) <= 1)
 

@@ -7,10 +7,18 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from gradient_meta.sinusoid import (SineNet, SinusoidConfig, evaluate, learned_step_size, mse_loss_fn, sample_points,
-                                    sample_tasks, train)
-from icl_metarl.study.cli import main
+from gradient_meta.sinusoid import (
+    SineNet,
+    SinusoidConfig,
+    evaluate,
+    learned_step_size,
+    mse_loss_fn,
+    sample_points,
+    sample_tasks,
+    train,
+)
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.study.cli import main
 
 torch.set_num_threads(1)
 

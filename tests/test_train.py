@@ -90,7 +90,7 @@ def test_resume_after_sigkill_equals_a_straight_run(data, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
     import icl_metarl.incontext.train as T
 
-    real = T.batch_loss
+    real = T.window_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, target):
@@ -98,7 +98,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
         loss = real(model, batch, target)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr(T, "batch_loss", poisoned)
+    monkeypatch.setattr(T, "window_loss", poisoned)
     cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=6, episodes_per_window=2, checkpoint_every=2, batch_size=2,
                       d_model=16, n_layer=1, n_head=2, progress=False)
     with pytest.raises(T.NonFiniteLoss, match="step 3"):
@@ -120,8 +120,8 @@ def test_periodic_evaluation_and_tensorboard_log_beside_the_loss(data, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from icl_metarl.harness.evaluation import play_trials
-    from icl_metarl.incontext.agent import InContextAgent
     from icl_metarl.harness.suites import get_suite
+    from icl_metarl.incontext.agent import InContextAgent
 
     run = tmp_path / "run"
     train(TrainConfig(data=[str(data)], out=str(run), steps=4, episodes_per_window=2, batch_size=2, d_model=16,

@@ -9,33 +9,26 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from icl_metarl.harness.agent import Agent, Privileged
+from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.baselines import BASELINES
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import atomic_write_json, read_json, versions
-from icl_metarl.harness.suites import (
-    ACT_DIM,
-    DEFAULT_EPISODE_LENGTH,
-    VECTOR_MODES as ENV_VECTOR_MODES,
-    TaskSpec,
-    check_episode_length,
-    check_split,
-    get_suite,
-    make_trial_envs,
-)
+from icl_metarl.harness.pipeline import split_in_two
+from icl_metarl.harness.registry import load_agent
+from icl_metarl.harness.rollout import VECTOR_MODES, play_trials
+from icl_metarl.harness.settings import FLAGS
+from icl_metarl.harness.suites import DEFAULT_EPISODE_LENGTH, TaskSpec, check_episode_length, check_split, get_suite
 
 RESULTS_FORMAT = "icl_metarl.harness.evaluation/1"
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
 TIMING_KEYS = ("timing",)
-CHECKPOINT_TYPES = ("icl_metarl_policy", "gradient_meta_rl")
-#: how a batch's environments run: gymnasium's sync/async vector envs, or two worker groups overlapped
-#: with the agent's steps (``pipeline.py``)
-VECTOR_MODES = (*ENV_VECTOR_MODES, "pipelined")
 
 
 @dataclass
@@ -46,15 +39,15 @@ class EvalConfig:
     """Meta-World suite: ML1:<env>-v3, ML10 or ML45."""
     split: str = "test"
     """Which split's tasks to play; train is a diagnostic only (the agents may have seen them)."""
-    adaptation_episodes: int = 10
+    adaptation_episodes: int = field(default=10, metadata={FLAGS: ("-K",)})
     """K: episodes per trial in which the agent may adapt (Meta-World's benchmark uses 10)."""
-    evaluation_episodes: int = 3
+    evaluation_episodes: int = field(default=3, metadata={FLAGS: ("-E",)})
     """E: episodes after the adaptation ones, whose success is the benchmark's figure (3)."""
     episode_length: int = DEFAULT_EPISODE_LENGTH
     """Steps per episode (Meta-World's 500); episodes never end early."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Evaluation seeds: each seeds the environments and the agent's random numbers."""
-    num_tasks: int | None = None
+    num_tasks: int | None = field(default=None, metadata={FLAGS: ("--tasks",)})
     """Play only the first N tasks of the split (None: all of them)."""
     task_seed: int = 0
     """Benchmark seed that fixes the task list (0: the tasks the agents' training split came from)."""
@@ -118,51 +111,16 @@ def trial_seed(seed: int, task_index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- loading
-def load_agent(spec: str, adaptive: bool = True, in_context: dict | None = None) -> Agent:
-    """A baseline by name (random, oracle) or a checkpoint directory whose config.json names its type.
-
-    ``adaptive=False`` gives a checkpoint's non-adaptive variant (in-context: context wiped every
-    episode; gradient: no adaptation step). ``in_context``: keyword arguments for in-context agents
-    only (e.g. explore_episodes). The learners' modules are imported only when needed.
-    """
-    from icl_metarl.harness.baselines import BASELINES, make_baseline
-
-    if spec in BASELINES:
-        return make_baseline(spec)
-    path = Path(spec)
-    if not path.is_dir():
-        raise UsageError(
-            f"agent {spec!r} is neither a baseline ({', '.join(BASELINES)}) nor an existing checkpoint directory"
-        )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UsageError(f"checkpoint directory {spec!r} has no config.json")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UsageError(f"{config_file} is not a JSON object: {e}") from None
-    if model_type == "icl_metarl_policy":
-        from icl_metarl.incontext.agent import InContextAgent
-
-        return InContextAgent.from_pretrained(path, wipe_context_each_episode=not adaptive, **(in_context or {}))
-    if model_type == "gradient_meta_rl":
-        from gradient_meta.rl_agent import load_agent as load_gradient_agent
-
-        return load_gradient_agent(path, adaptive=adaptive)
-    raise choice_error(f"model_type in {config_file}", model_type, CHECKPOINT_TYPES)
-
-
-def load_agents(specs: Sequence[str], non_adaptive: bool = False, in_context: dict | None = None) -> list[EvalAgent]:
-    """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant."""
-    from icl_metarl.harness.baselines import BASELINES
-
+def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict | None = None) -> list[EvalAgent]:
+    """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant.
+    ``options``: acting options by name (each learner takes its own, ``registry.load_agent``)."""
     if len(specs) == 0:
         raise UsageError("no agents to evaluate; give baseline names (random, oracle) or checkpoint directories")
     out: list[EvalAgent] = []
     for spec in specs:
         variants = [True] if spec in BASELINES or not non_adaptive else [True, False]
         for adaptive in variants:
-            agent = load_agent(spec, adaptive=adaptive, in_context=in_context)
+            agent = load_agent(spec, adaptive=adaptive, options=options)
             base = spec if spec in BASELINES else (getattr(agent, "name", "") or Path(spec).name)
             if base in ("agent", ""):
                 base = Path(spec).name
@@ -173,122 +131,6 @@ def load_agents(specs: Sequence[str], non_adaptive: bool = False, in_context: di
         if seen[a.label] > 1:
             a.label = f"{a.label} #{seen[a.label]}"
     return out
-
-
-# ------------------------------------------------------------------------------------- playing
-def play_trials(
-    agent: Agent,
-    tasks: Sequence[TaskSpec],
-    env_seed: int,
-    agent_seed: int,
-    adaptation_episodes: int,
-    evaluation_episodes: int,
-    episode_length: int,
-    vector: str = "sync",
-    progress=None,
-) -> Iterator[list[dict]]:
-    """Play one trial per task in lockstep; yield, after each episode, one record per trial.
-
-    A record: episode index, phase, success (``info["success"]`` ever 1), return, and the 1-based step
-    of the first success (None if none). Episodes run their full length whatever happens, so the
-    success of an episode does not change how long the agent's later episodes are.
-
-    ``vector="pipelined"``: the trials are split into two groups (``pipeline.split_in_two``), each with
-    its environments in a worker process and its own copy of the agent; while one group's environments
-    step, the other group's actions are computed. Group g plays exactly as this function would play its
-    tasks alone with ``env_seed + offset`` and ``agent_seed + offset`` (offset: its first trial's index),
-    which is what the evaluator does for consecutive batches: the records equal those of a sync run
-    with batches of half the size.
-    """
-    groups = trial_groups(agent, tasks, vector)
-    envs = []
-    try:
-        for _, group_tasks, offset in groups:  # workers start (import Meta-World) in parallel
-            envs.append(make_group_envs(group_tasks, episode_length, env_seed + offset, vector))
-        yield from play_lockstep(groups, envs, agent_seed, adaptation_episodes, evaluation_episodes,
-                                 episode_length, progress)
-    finally:
-        for env in envs:
-            env.close()
-
-
-def trial_groups(agent: Agent, tasks: Sequence[TaskSpec], vector: str) -> list[tuple[Agent, list[TaskSpec], int]]:
-    """The (agent, tasks, offset of its first trial) groups a batch is played in: one group, or for
-    ``pipelined`` two halves, the second played by ``agent.fork()`` (its own context or adapted weights)."""
-    if vector not in VECTOR_MODES:
-        raise choice_error("vector mode", vector, VECTOR_MODES)
-    if vector != "pipelined":
-        return [(agent, list(tasks), 0)]
-    from icl_metarl.harness.pipeline import split_in_two
-
-    return [(agent if g == 0 else agent.fork(), list(tasks[s]), s.start)
-            for g, s in enumerate(split_in_two(len(tasks)))]
-
-
-def make_group_envs(tasks: list[TaskSpec], episode_length: int, seed: int, vector: str):
-    """The environments of one group of trials: a worker process (pipelined) or a vector env here."""
-    from icl_metarl.harness.pipeline import EnvGroupWorker, InProcessEnvs
-
-    if vector == "pipelined":
-        return EnvGroupWorker(tasks, episode_length, seed)
-    return InProcessEnvs(make_trial_envs(tasks, episode_length, seed=seed, mode=vector))
-
-
-def play_lockstep(groups, envs, agent_seed: int, adaptation_episodes: int, evaluation_episodes: int,
-                  episode_length: int, progress=None) -> Iterator[list[dict]]:
-    """The lockstep loop of ``play_trials`` on groups of (agent, tasks, offset) and their built
-    environments (``make_group_envs``), which the caller closes; one group is the plain lockstep loop."""
-    for (agent, tasks, offset), env in zip(groups, envs):
-        env.wait_started()
-        agent.start_trials(len(tasks), agent_seed + offset)
-    n = [len(tasks) for _, tasks, _ in groups]
-    names = [[t.env_name for t in tasks] for _, tasks, _ in groups]
-
-    def act(g: int, obs, info) -> np.ndarray:
-        agent = groups[g][0]
-        if agent.privileged:
-            actions = agent.act_privileged(obs, Privileged(names[g], np.asarray(info["goal"])))
-        else:
-            actions = agent.act(obs)
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (n[g], ACT_DIM) or not np.all(np.isfinite(actions)):
-            raise ValueError(f"agent returned actions of shape {actions.shape} (want {(n[g], ACT_DIM)}) "
-                             f"or non-finite values")
-        return actions
-
-    for episode in range(adaptation_episodes + evaluation_episodes):
-        ret = [np.zeros(k) for k in n]
-        first = [np.zeros(k, dtype=np.int64) for k in n]  # 0 = no success yet
-        for env in envs:
-            env.reset_async()
-        for g, env in enumerate(envs):
-            obs, info = env.reset_wait()
-            env.step_async(act(g, obs, info))
-        for t in range(episode_length):
-            for g, env in enumerate(envs):
-                obs, reward, _, _, info = env.step_wait()
-                success = np.asarray(info["success"], dtype=np.float64)
-                groups[g][0].observe(np.asarray(reward, dtype=np.float64), success)
-                ret[g] += reward
-                first[g] = np.where((first[g] == 0) & (success >= 1.0), t + 1, first[g])
-                if t + 1 < episode_length:  # the other groups' environments step meanwhile
-                    env.step_async(act(g, obs, info))
-            if progress is not None:
-                progress.update(sum(n))
-        for agent, _, _ in groups:
-            agent.end_episode()
-        phase = "adaptation" if episode < adaptation_episodes else "evaluation"
-        yield [
-            {
-                "episode": episode,
-                "phase": phase,
-                "success": bool(f[i] > 0),
-                "return": float(r[i]),
-                "steps_to_success": int(f[i]) if f[i] > 0 else None,
-            }
-            for r, f in zip(ret, first)
-            for i in range(len(r))
-        ]
 
 
 def _new_results(config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence[EvalAgent]) -> dict:
@@ -344,8 +186,6 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
                     trial = {"agent": a.label, "seed": seed, "tasks": batch,
                              "env_seeds": [trial_seed(seed, j) for j in batch], "agent_seed": env_seed}
                     if config.vector == "pipelined":  # each group is played as a batch of its own
-                        from icl_metarl.harness.pipeline import split_in_two
-
                         trial["groups"] = [{"tasks": batch[s], "agent_seed": env_seed + s.start}
                                            for s in split_in_two(len(batch))]
                     results["trials"].append(trial)
@@ -371,8 +211,6 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
 def _progress_bar(config: EvalConfig, desc: str, total: int):
     if not config.progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", unit_scale=True, leave=False)
 
 

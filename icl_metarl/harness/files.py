@@ -10,6 +10,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+from icl_metarl.harness.errors import UsageError
+
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -37,8 +39,6 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path):
     """The JSON value in ``path``; a file that is not JSON is a one-line UsageError naming it."""
-    from icl_metarl.harness.errors import UsageError
-
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -13,16 +13,18 @@ so a vector-env wrapper passes each step's outcome to ``agent.observe`` as our e
 
 from __future__ import annotations
 
-import pickle
 from functools import partial
 from typing import Sequence
 
 import gymnasium as gym
+import metaworld
 import numpy as np
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+from metaworld.evaluation import metalearning_evaluation
 
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.suites import TaskSpec, check_episode_length
+from icl_metarl.harness.suites import TaskSpec, check_episode_length, metaworld_task
 
 
 def metaworld_vector_env(tasks: Sequence[TaskSpec], episode_length: int, env_seeds: Sequence[int],
@@ -32,8 +34,6 @@ def metaworld_vector_env(tasks: Sequence[TaskSpec], episode_length: int, env_see
     Each sub-env holds exactly one task, so ``sample_tasks`` always picks it: the tasks are ours, in
     our order, not Meta-World's pseudo-random draw.
     """
-    import metaworld
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     check_episode_length(episode_length)
     if episode_length > 500:
@@ -41,8 +41,7 @@ def metaworld_vector_env(tasks: Sequence[TaskSpec], episode_length: int, env_see
     fns = []
     for task, seed in zip(tasks, env_seeds, strict=True):
         cls = ALL_V3_ENVIRONMENTS[task.env_name]
-        data = {"rand_vec": np.asarray(task.rand_vec, dtype=np.float64), "env_cls": cls, "partially_observable": True}
-        mw_task = metaworld.Task(env_name=task.env_name, data=pickle.dumps(data))
+        mw_task = metaworld_task(task)
         # _init_each_env is the function make_ml_envs uses for every sub-env; calling it keeps the stack
         # (TimeLimit, terminate-on-success, RecordEpisodeStatistics, task select) exactly Meta-World's.
         fns.append(partial(metaworld._init_each_env, env_cls=cls, tasks=[mw_task], seed=int(seed),
@@ -153,8 +152,6 @@ class MetaWorldAdapter:
 
 
 def _task_names(envs: gym.vector.VectorEnv) -> list[str]:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
     by_class = {cls.__name__: name for name, cls in ALL_V3_ENVIRONMENTS.items()}
     return [by_class[c] for c in envs.get_attr("task_name")]
 
@@ -170,8 +167,6 @@ def evaluate_with_metaworld(agent: Agent, tasks: Sequence[TaskSpec], env_seeds: 
     upstream bookkeeping (the first E episodes to end among all sub-envs of a name; see docs/results.md).
     Returns the mean success Meta-World reports and, per call, its figure.
     """
-    from metaworld.evaluation import metalearning_evaluation
-
     groups = [[i] for i in range(len(tasks))] if one_task_per_call else [list(range(len(tasks)))]
     per_call = []
     for group in groups:

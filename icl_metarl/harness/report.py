@@ -6,17 +6,16 @@ Not for: playing agents (``evaluation.py``); every figure here is recomputed fro
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_text
-
-#: describe() keys an agent may use to say which task pool trained it, in order of preference
-POOL_KEYS = ("task_pool", "training_pool", "train_pool", "pool")
 
 
 # ----------------------------------------------------------------------------------------- maths
@@ -73,10 +72,8 @@ def success_within(success: np.ndarray, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- report
 def _pool(description: dict) -> str:
-    for k in POOL_KEYS:
-        if k in description:
-            return str(description[k])
-    return "not stated by the agent"
+    """The task pool an agent says trained it (``describe()["task_pool"]``)."""
+    return str(description.get("task_pool", "not stated by the agent"))
 
 
 def _fmt(ci: tuple[float, float, float], digits: int = 2, sign: bool = False) -> str:
@@ -290,19 +287,13 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
 
 def plot_curves(results: dict, out_dir: str | Path, num_resamples: int = 2000) -> list[str]:
     """success.png, return.png, steps_to_success.png: one line per agent, 95% band; file names returned."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     v = _View(results, num_resamples)
     x = np.arange(1, v.K + v.E + 1)
     names = []
     for key, ylabel in (("success", "success rate"), ("return", "episode return"),
                         ("steps_to_success", f"steps to first success (no success = {v.L})")):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         for a in v.agents:
             c = v.curve(key, a)
             ax.plot(x, c[:, 0], marker="o", ms=3, label=a)
@@ -316,7 +307,6 @@ def plot_curves(results: dict, out_dir: str | Path, num_resamples: int = 2000) -
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        plt.close(fig)
         name = f"{key}.png"
         atomic_write_bytes(Path(out_dir) / name, buf.getvalue())
         names.append(name)

@@ -18,12 +18,19 @@ from pathlib import Path
 from typing import Sequence
 
 import gymnasium as gym
+import metaworld
 import numpy as np
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+from metaworld import env_dict
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+from metaworld.policies import ENV_POLICY_MAP
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import atomic_write_json, versions
 
 SPLITS = ("train", "test")
+#: task pools: the split's benchmark tasks, a new task per trial/draw, or (a count) N distinct new tasks
+POOL_WORDS = ("benchmark", "fresh")
 OBS_DIM = 39
 ACT_DIM = 4
 DEFAULT_EPISODE_LENGTH = 500
@@ -65,8 +72,6 @@ class Suite:
 
 @lru_cache(maxsize=1)
 def _env_names() -> tuple[str, ...]:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
     return tuple(sorted(ALL_V3_ENVIRONMENTS))
 
 
@@ -88,8 +93,6 @@ def check_split(split: str) -> str:
 
 def get_suite(name: str) -> Suite:
     """Parse a suite name: ``ML1:<env>-v3``, ``ML10`` or ``ML45``."""
-    from metaworld import env_dict
-
     if not isinstance(name, str):
         raise UsageError(f"suite name must be a string, got {name!r}")
     if name.upper().startswith("ML1:"):
@@ -115,8 +118,6 @@ def _cache_dir() -> Path:
 @lru_cache(maxsize=16)
 def _benchmark_tasks(suite_name: str, seed: int) -> dict[str, list[dict]]:
     """Both splits of a benchmark, as JSON task dicts, cached on disk (ML45 takes ~25 s to build)."""
-    import metaworld
-
     mw = versions()["metaworld"]
     cache = _cache_dir() / f"{suite_name.replace(':', '_')}-seed{seed}-mw{mw}.json"
     if cache.exists():
@@ -139,6 +140,18 @@ def _benchmark_tasks(suite_name: str, seed: int) -> dict[str, list[dict]]:
     return out
 
 
+def parse_task_pool(value) -> str | int:
+    """'benchmark', 'fresh' or a positive count of distinct new tasks."""
+    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().isdigit()):
+        count = int(value)
+        if count < 1:
+            raise UsageError(f"task pool count must be >= 1, got {value!r}; valid: benchmark, fresh, N >= 1")
+        return count
+    if value in POOL_WORDS:
+        return value
+    raise UsageError(f"unknown task pool {value!r}; valid: benchmark, fresh, or a count N >= 1")
+
+
 def sample_new_tasks(
     env_names_: Sequence[str], count: int, seed: int, exclude: Sequence[TaskSpec] = ()
 ) -> list[TaskSpec]:
@@ -148,8 +161,6 @@ def sample_new_tasks(
     environment's own rejection rules apply, e.g. goals not too close to the object). Never returns
     a task equal to one in ``exclude`` (pass the test tasks) or a repeat.
     """
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
     if count < 1:
         raise UsageError(f"task count must be >= 1, got {count}")
     for name in env_names_:
@@ -185,17 +196,23 @@ def sample_new_tasks(
 
 
 # ----------------------------------------------------------------------------------- trial envs
-def make_metaworld_env(task: TaskSpec, seed: int = 0):
-    """A raw Meta-World environment set to ``task`` with the goal hidden (as the ML benchmarks do)."""
-    from metaworld import Task
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+def metaworld_task(task: TaskSpec) -> metaworld.Task:
+    """Meta-World's own ``Task`` for ``task``, goal hidden as the ML benchmarks do: the one place it is built.
 
+    Its ``data`` is a pickle made here, in this process, never read from a user's file.
+    """
     if task.env_name not in ALL_V3_ENVIRONMENTS:
         raise choice_error("Meta-World environment", task.env_name, env_names())
-    cls = ALL_V3_ENVIRONMENTS[task.env_name]
-    env = cls()
-    data = {"rand_vec": np.asarray(task.rand_vec, dtype=np.float64), "env_cls": cls, "partially_observable": True}
-    env.set_task(Task(env_name=task.env_name, data=pickle.dumps(data)))
+    data = {"rand_vec": np.asarray(task.rand_vec, dtype=np.float64), "env_cls": ALL_V3_ENVIRONMENTS[task.env_name],
+            "partially_observable": True}
+    return metaworld.Task(env_name=task.env_name, data=pickle.dumps(data))
+
+
+def make_metaworld_env(task: TaskSpec, seed: int = 0):
+    """A raw Meta-World environment set to ``task`` with the goal hidden (as the ML benchmarks do)."""
+    mw_task = metaworld_task(task)
+    env = ALL_V3_ENVIRONMENTS[task.env_name]()
+    env.set_task(mw_task)
     env.seed(seed)
     return env
 
@@ -260,8 +277,6 @@ def make_trial_envs(
     Autoreset is off: every trial's episode ends at the same step, and the caller resets all of
     them to start the next episode of the trials (the task stays, only ``make_trial_envs`` changes it).
     """
-    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
-
     check_episode_length(episode_length)
     if mode not in VECTOR_MODES:
         raise choice_error("vector mode", mode, VECTOR_MODES)
@@ -287,8 +302,6 @@ def _env_fn(task: TaskSpec, episode_length: int, seed: int):
 @lru_cache(maxsize=None)
 def expert_policy(env_name: str):
     """Meta-World's scripted expert for an environment (reads the goal from ``obs[-3:]``)."""
-    from metaworld.policies import ENV_POLICY_MAP
-
     # The experts warn on every call that their gains exceed the action range; actions are clipped.
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
     if env_name not in ENV_POLICY_MAP:
@@ -318,34 +331,3 @@ def expert_actions(env_names_: Sequence[str], obs: np.ndarray, goals: np.ndarray
     return np.stack(
         [np.clip(expert_policy(n).get_action(o), -1.0, 1.0) for n, o in zip(env_names_, obs)]
     ).astype(np.float32)
-
-
-def check_suite(tasks: Sequence[TaskSpec], episode_length: int = DEFAULT_EPISODE_LENGTH, seed: int = 0) -> dict:
-    """Play one episode of the expert (told the goal) and one of a random policy on each task.
-
-    A smoke test of a suite: the expert should nearly always succeed, random nearly never, and the
-    observation's goal slots should be zero at every step.
-    """
-    import time
-
-    rng = np.random.default_rng(seed)
-    names = [t.env_name for t in tasks]
-    out = {"goal_hidden": True}
-    steps, t0 = 0, time.perf_counter()
-    for who in ("expert", "random"):
-        envs = make_trial_envs(tasks, episode_length, seed)
-        obs, info = envs.reset()
-        success = np.zeros(len(tasks))
-        for _ in range(episode_length):
-            out["goal_hidden"] &= bool(np.all(obs[:, -3:] == 0))
-            if who == "expert":
-                act = expert_actions(names, obs, info["goal"])
-            else:
-                act = rng.uniform(-1, 1, (len(tasks), ACT_DIM)).astype(np.float32)
-            obs, _, _, _, info = envs.step(act)
-            success = np.maximum(success, info["success"])
-            steps += len(tasks)
-        envs.close()
-        out[f"{who}_success"] = float(success.mean())
-    out["steps_per_s"] = steps / (time.perf_counter() - t0)
-    return out

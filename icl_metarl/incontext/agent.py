@@ -1,7 +1,8 @@
 """The in-context agent: an ``ICLPolicy`` stepping a batch of parallel trials with a KV cache.
 
 One new token per step per trial; the context persists across the episodes of a trial and is wiped by
-``start_trials`` (or every episode, for the non-adaptive baseline). Not for: training, evaluation loops.
+``start_trials`` (or every episode, for the non-adaptive baseline); ``prime`` puts a given context into a
+fresh window (probes replay an episode after an altered context). Not for: training, evaluation loops.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.incontext.model import ICLPolicy
+from icl_metarl.incontext.model import ICLPolicy, shift_previous
 
 TRAINING_INFO = "training.json"
 
@@ -30,9 +32,8 @@ class InContextAgent(Agent):
     window every step (same actions, for checking and benchmarking only). ``deterministic=None`` samples
     from a tanh-Gaussian head and takes the action of a deterministic one. ``cpu_threads`` caps torch's
     threads during the agent's CPU forwards (None: leave torch's setting): a one-token step is too
-    small to split, and on a busy 2-core machine two threads spin against each other and the
-    environment (measured 7.6 ms/step with 1 thread against 132 ms with 2, load average 14); on an idle
-    machine with lockstep (sync) environments, 2 threads changed the rollout speed by -1 to +7% (docs/benchmarks.md).
+    small to split, and on a busy machine threads spin against each other and the environments
+    (docs/benchmarks.md).
 
     Exploration (``explore_episodes``, ``explore_scale``; None: the model config's acting defaults): in
     the first ``explore_episodes`` episodes of a trial the agent adds a constant offset, drawn once per
@@ -111,6 +112,58 @@ class InContextAgent(Agent):
         self._last_reward = torch.zeros(b, device=dev)
         self._awaiting_observe = False
         self._generator = torch.Generator(device=dev).manual_seed(int(seed))
+
+    def prime(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, episode_index: int,
+              random_state: torch.Tensor | None = None) -> None:
+        """Start the trials just started (``start_trials``, nothing played yet) with K whole episodes of T
+        steps already in the window, as if they had been played: obs (B,K,T,obs_dim), the actions taken
+        (B,K,T,A), rewards (B,K,T); K = 0 is an empty context.
+
+        The next episode is then played by the same code as in a real trial, which is what a probe
+        needs to replay an episode with the context altered. ``episode_index``: how many episodes of
+        the trial came before the next one (at least K), which decides whether it explores, so a
+        context with episodes removed still counts them. ``random_state`` (from ``random_state()``
+        taken at the same point of a real trial): the next episode draws the same exploration offset
+        and action noise as that trial did; None keeps the ``start_trials`` seed's state.
+        """
+        with self._threads(), torch.inference_mode():
+            self._prime(obs, actions, rewards, episode_index, random_state)
+
+    def _prime(self, obs, actions, rewards, episode_index, random_state) -> None:
+        c, b = self.model.config, self._num_trials
+        if b == 0 or self._length or self._t or self._episode_index:
+            raise UsageError("prime must come right after start_trials, before any step")
+        obs, actions, rewards = np.asarray(obs), np.asarray(actions), np.asarray(rewards)
+        if rewards.ndim != 3 or rewards.shape[0] != b:
+            raise UsageError(f"rewards of shape {rewards.shape}; expected ({b}, episodes, steps)")
+        k, t = rewards.shape[1:]
+        if obs.shape != (b, k, t, c.obs_dim) or actions.shape != (b, k, t, c.act_dim):
+            raise UsageError(f"obs {obs.shape} and actions {actions.shape} do not match rewards {rewards.shape} "
+                             f"(obs_dim {c.obs_dim}, act_dim {c.act_dim})")
+        if k > c.max_context_episodes or (k and not 1 <= t <= c.max_episode_length):
+            raise UsageError(f"a context of {k} episodes of {t} steps does not fit the model's window of "
+                             f"{c.max_context_episodes} episodes of at most {c.max_episode_length} steps")
+        if not isinstance(episode_index, (int, np.integer)) or episode_index < k:
+            raise UsageError(f"episode_index must be an integer >= the {k} context episodes, got {episode_index!r}")
+        n = k * t
+        dev = self.device
+        step = torch.arange(t, device=dev).repeat(k).expand(b, n)  # (B, K*T)
+        start = step == 0
+        taken = torch.as_tensor(rearrange(actions, "b k t a -> b (k t) a"), dtype=torch.float32, device=dev)
+        got = torch.as_tensor(rearrange(rewards, "b k t -> b (k t)"), dtype=torch.float32, device=dev)
+        self._obs[:, :n] = torch.as_tensor(rearrange(obs, "b k t d -> b (k t) d"), dtype=torch.float32, device=dev)
+        self._prev_actions[:, :n], self._prev_rewards[:, :n] = shift_previous(taken, got, start)
+        self._episode_start[:, :n] = start
+        self._step[:, :n] = step
+        self._length, self._episodes, self._episode_index = n, [t] * k, int(episode_index)
+        if random_state is not None:
+            self._generator.set_state(random_state)
+        if self._cache is not None and n:
+            self._forward(0, n, self._cache)  # encoded once, as a re-encoded window is
+
+    def random_state(self) -> torch.Tensor:
+        """The trials' random generator state (exploration offsets, sampled actions), for ``prime``."""
+        return self._generator.get_state()
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         with self._threads(), torch.inference_mode():
@@ -252,3 +305,10 @@ class InContextAgent(Agent):
             self._cache.reset()
             if self._length > 0:
                 self._forward(0, self._length, self._cache)  # re-encode the kept episodes once
+
+
+def load_agent(path, adaptive: bool = True, **options) -> InContextAgent:
+    """The agent of an in-context checkpoint (the learner registry's loader); ``adaptive=False`` wipes
+    its context every episode. ``options``: ``InContextAgentOptions`` fields (exploration, threads)."""
+    return InContextAgent.from_pretrained(path, wipe_context_each_episode=not adaptive, **options)
+

@@ -2,7 +2,7 @@
 
 Generation plays trials on a suite's train split (or a pool of fresh tasks of its train environments),
 writes them as shards plus a ``manifest.json``, resumes a killed run, and loads/validates a directory.
-Not for: sampling training windows (``windows.py``) or playing a learned policy.
+Not for: sampling training windows (``windows.py``); the trials are played by the harness's rollout loop.
 
 Storage: one directory per shard, one ``.npy`` per field. ``.npy`` is the plainest format numpy can
 memory-map (``np.load(mmap_mode="r")``) with no extra dependency and no pickle; one file per field lets a
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,64 +25,31 @@ from pathlib import Path
 
 import numpy as np
 from einops import rearrange
+from tqdm import tqdm
 
+from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, read_json, versions
+from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.suites import (
+    ACT_DIM,
+    OBS_DIM,
+    TaskSpec,
+    expert_actions,
+    get_suite,
+    parse_task_pool,
+    sample_new_tasks,
+)
+from icl_metarl.incontext.agent import InContextAgent
+from icl_metarl.incontext.config import NOISE_KINDS, NOISE_SCHEDULES, GenerateConfig, check_generate
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
-NOISE_KINDS = ("uniform", "gaussian", "goal")
-NOISE_SCHEDULES = ("linear", "cosine", "none", "random")
-POOL_WORDS = ("benchmark", "fresh")
 # Per-step fields (first axis = steps, trial-major: trial, episode, step) and per-trial fields.
 STEP_FIELDS = ("obs", "actions", "expert_actions", "rewards", "successes", "episode", "step")
 TRIAL_FIELDS = ("trial_task",)
 FIELDS = STEP_FIELDS + TRIAL_FIELDS
-
-
-@dataclass
-class GenerateConfig:
-    """Settings of one histories directory (everything but ``workers`` determines the data)."""
-
-    suite: str = "ML1:reach-v3"
-    """Suite name: ML1:<env>-v3, ML10 or ML45."""
-    split: str = "train"
-    """Benchmark split to play; 'test' only with the benchmark pool, for held-out evaluation histories."""
-    task_pool: str = "benchmark"
-    """'benchmark' (the split's tasks), N (N distinct new train tasks) or 'fresh' (a new task per trial)."""
-    trials: int = 50
-    """Number of trials to play."""
-    episodes_per_trial: int = 10
-    """Episodes per trial (the task stays fixed across them); at least 2, so a trial can improve."""
-    episode_length: int = 500
-    """Steps per episode (Meta-World's own limit is 500)."""
-    noise_kind: str = "uniform"
-    """'uniform': the expert's action is replaced by a uniform random one with probability level;
-    'gaussian': Gaussian noise of standard deviation level is added, then clipped to [-1, 1];
-    'goal': the learner heads for a wrong goal, the true one moved by Gaussian noise of standard
-    deviation level (metres, e.g. 0.15) drawn once per episode, so episodes explore whole places."""
-    noise_schedule: str = "linear"
-    """How the level falls across the episodes of a trial: linear or cosine from noise_max to 0, none, or
-    random: drawn uniformly from [0, noise_max] for every episode of every trial, independent of the
-    episode index, so a late episode's end point does not give the goal away (only its rewards do)."""
-    noise_max: float = 1.0
-    """Noise level of the first episode (probability for uniform, standard deviation for gaussian)."""
-    trials_per_shard: int = 10
-    """Trials per shard: the unit of parallel work, of resuming and of checksumming."""
-    seed: int = 0
-    """Seed of the noise, the task order and the task pool."""
-    suite_seed: int = 0
-    """Meta-World benchmark seed: which train/test tasks the suite has (use the evaluator's)."""
-    workers: int = 0
-    """Worker processes; 0 = one per core. Does not change the data."""
-    policy: str = ""
-    """On-policy relabelling: an in-context checkpoint that plays the trials with its own context
-    (noise settings unused); every step is still labelled with the expert's action. Empty: the expert."""
-    handover: int = 0
-    """With a policy: it plays only the first this many episodes of each trial, which are then context
-    only (their labels are NaN: no loss), and the noisy expert (noise settings) plays and labels the
-    rest. 0: the policy plays every episode and every step is labelled (DAgger)."""
 
 
 # ------------------------------------------------------------------------------------------ noise
@@ -130,63 +98,12 @@ def _derived_seed(seed: int, purpose: int, *more: int) -> int:
     return int(np.random.SeedSequence([seed, purpose, *more]).generate_state(1)[0])
 
 
-def parse_task_pool(value) -> str | int:
-    """'benchmark', 'fresh' or a positive count of distinct new tasks."""
-    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().isdigit()):
-        count = int(value)
-        if count < 1:
-            raise UsageError(f"task pool count must be >= 1, got {value!r}; valid: benchmark, fresh, N >= 1")
-        return count
-    if value in POOL_WORDS:
-        return value
-    raise UsageError(f"unknown task pool {value!r}; valid: benchmark, fresh, or a count N >= 1")
-
-
-def check_config(cfg: GenerateConfig) -> GenerateConfig:
-    """Reject settings that cannot be met, each with a one-line message naming the value."""
-    from icl_metarl.harness.suites import check_episode_length, check_split, get_suite
-
-    get_suite(cfg.suite)
-    check_split(cfg.split)
-    check_episode_length(cfg.episode_length)
-    for name in ("trials", "trials_per_shard"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(cfg.episodes_per_trial, (int, np.integer)) or cfg.episodes_per_trial < 2:
-        raise UsageError(f"episodes_per_trial must be an integer >= 2 (a trial must be able to improve), "
-                         f"got {cfg.episodes_per_trial!r}")
-    if cfg.noise_kind not in NOISE_KINDS:
-        raise choice_error("noise kind", cfg.noise_kind, NOISE_KINDS)
-    if cfg.noise_schedule not in NOISE_SCHEDULES:
-        raise choice_error("noise schedule", cfg.noise_schedule, NOISE_SCHEDULES)
-    if not 0.0 <= cfg.noise_max or (cfg.noise_kind == "uniform" and cfg.noise_max > 1.0):
-        raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian or goal, got {cfg.noise_max!r}")
-    if not isinstance(cfg.workers, (int, np.integer)) or cfg.workers < 0:
-        raise UsageError(f"workers must be >= 0 (0 = one per core), got {cfg.workers!r}")
-    if not isinstance(cfg.handover, (int, np.integer)) or not 0 <= cfg.handover < cfg.episodes_per_trial:
-        raise UsageError(f"handover must be an integer in [0, episodes_per_trial={cfg.episodes_per_trial}), "
-                         f"got {cfg.handover!r}")
-    if cfg.handover and not cfg.policy:
-        raise UsageError(f"handover={cfg.handover} needs a policy that plays the episodes before it")
-    if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
-        raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
-    pool = parse_task_pool(cfg.task_pool)
-    if cfg.split == "test" and pool != "benchmark":
-        raise UsageError(f"task pool {cfg.task_pool!r} draws new train tasks; with split 'test' only 'benchmark' is valid")
-    if isinstance(pool, int) and pool > cfg.trials:
-        raise UsageError(f"task pool {pool} needs at least {pool} trials to play each task once, got trials={cfg.trials}")
-    return cfg
-
-
 def build_task_pool(cfg: GenerateConfig) -> tuple[list, list[int]]:
     """The pool of tasks (list of TaskSpec) and the pool index each trial plays: (tasks, trial_tasks).
 
     New tasks come from each train environment's own sampler and never equal a test task of the same
     benchmark seed; the check below holds for the benchmark pool too.
     """
-    from icl_metarl.harness.suites import get_suite, sample_new_tasks
-
     suite = get_suite(cfg.suite)
     pool = parse_task_pool(cfg.task_pool)
     test_tasks = suite.tasks("test", cfg.suite_seed)
@@ -226,74 +143,141 @@ def _shard_name(index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- one shard
-def play_trials(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, np.ndarray]:
-    """Play one trial per task in lockstep with the annealed-noise expert; the shard's arrays.
+class NoisyExpertAgent(Agent):
+    """The scripted expert told the true goal, perturbed per ``kind`` at each trial's level for the
+    episode (``trial_noise_levels``): the learner whose improving trials histories record.
 
-    Step fields are flat, trial-major (trial, episode, step); obs keep the goal hidden, the expert is
-    told the true goal from ``info["goal"]``.
+    Here, not among the harness's baselines: its noise kinds and schedules are the histories' settings
+    and it serves only their generation. All its randoms come from one Generator seeded by
+    ``start_trials``, drawn in a fixed order (levels, goal offsets, then each step's perturbation): a
+    shard's bytes depend on that order.
     """
-    from icl_metarl.harness.suites import ACT_DIM, OBS_DIM, expert_actions, make_trial_envs
 
-    T, K, L = len(tasks), cfg.episodes_per_trial, cfg.episode_length
-    names = [t.env_name for t in tasks]
-    rng = np.random.default_rng(shard_seed)
-    levels = trial_noise_levels(cfg.noise_schedule, T, K, cfg.noise_max, rng)  # (T, K)
-    obs_buf = np.empty((T, K, L, OBS_DIM), np.float32)
-    taken_buf = np.empty((T, K, L, ACT_DIM), np.float32)
-    expert_buf = np.empty((T, K, L, ACT_DIM), np.float32)
-    reward_buf = np.empty((T, K, L), np.float32)
-    success_buf = np.empty((T, K, L), np.uint8)
-    envs = make_trial_envs(tasks, L, seed=shard_seed % (2**31 - T))
-    # The learner whose trials are recorded: the annealed-noise expert, or (relabelling) a policy
-    # playing with its own context, its actions taken and the expert's recorded as the label.
-    policy = _load_policy(cfg.policy, T, shard_seed) if cfg.policy else None
-    if cfg.noise_kind == "goal":  # drawn only for this kind, so the other kinds' random streams stay as they were
-        goal_offsets = levels.T[:, :, None] * rng.standard_normal((K, T, 3))  # (K, T, 3)
-    try:
-        for k in range(K):
-            obs, info = envs.reset()  # autoreset is off: every trial starts episode k together
-            learner = policy is not None and (cfg.handover == 0 or k < cfg.handover)
-            for j in range(L):
-                expert = expert_actions(names, obs, info["goal"])  # (T, 4)
-                if learner:
-                    taken = policy.act(obs)
-                elif cfg.noise_kind == "goal":
-                    taken = expert_actions(names, obs, info["goal"] + goal_offsets[k])
-                else:
-                    taken = perturb(expert, cfg.noise_kind, levels[:, k], rng)
-                if learner and cfg.handover:
-                    expert = np.full_like(expert, np.nan)  # context only: no label, no loss
-                obs_buf[:, k, j], expert_buf[:, k, j], taken_buf[:, k, j] = obs, expert, taken
-                obs, reward, _, _, info = envs.step(taken)
-                reward_buf[:, k, j] = reward
-                success_buf[:, k, j] = np.asarray(info["success"]) > 0
-                if learner:
-                    policy.observe(reward_buf[:, k, j], success_buf[:, k, j])
-            if learner:
-                policy.end_episode()
-    finally:
-        envs.close()
-    episode = np.broadcast_to(np.arange(K, dtype=np.int16)[None, :, None], (T, K, L))
-    step = np.broadcast_to(np.arange(L, dtype=np.int16)[None, None, :], (T, K, L))
-    flat = lambda a: np.ascontiguousarray(rearrange(a, "t k l ... -> (t k l) ..."))  # noqa: E731
-    return {
-        "obs": flat(obs_buf),  # (N, 39)
-        "actions": flat(taken_buf),  # (N, 4)
-        "expert_actions": flat(expert_buf),  # (N, 4)
-        "rewards": flat(reward_buf),  # (N,)
-        "successes": flat(success_buf),  # (N,)
-        "episode": flat(episode),  # (N,)
-        "step": flat(step),  # (N,)
-    }
+    name = "noisy-expert"
+    privileged = True
+
+    def __init__(self, kind: str, schedule: str, noise_max: float, episodes: int):
+        self.kind, self.schedule, self.noise_max, self.episodes = kind, schedule, noise_max, episodes
+
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._levels = trial_noise_levels(self.schedule, num_trials, self.episodes, self.noise_max, self._rng)  # (T, K)
+        if self.kind == "goal":  # drawn only for this kind, so the other kinds' random streams stay as they were
+            normal = self._rng.standard_normal((self.episodes, num_trials, 3))  # (K, T, 3)
+            self._goal_offsets = self._levels.T[:, :, None] * normal  # (K, T, 3)
+        self._episode = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the noisy expert acts only through act_privileged (it must be told the goal)")
+
+    def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
+        k = self._episode
+        if self.kind == "goal":
+            return expert_actions(privileged.env_names, obs, privileged.goals + self._goal_offsets[k])
+        expert = expert_actions(privileged.env_names, obs, privileged.goals)  # (T, 4)
+        return perturb(expert, self.kind, self._levels[:, k], self._rng)
+
+    def end_episode(self) -> None:
+        self._episode += 1
 
 
-def _load_policy(path: str, trials: int, seed: int):
-    """The in-context agent of checkpoint ``path``, started on ``trials`` new trials."""
-    from icl_metarl.incontext.agent import InContextAgent
+class HandoverAgent(Agent):
+    """``first`` plays the first ``handover`` episodes of every trial, ``then`` the rest (relabelling's
+    hand-over: a policy builds the context, the noisy expert finishes the trial). Both hear every
+    episode's end, so each knows the trial's episode index; only the one playing observes its steps."""
 
-    agent = InContextAgent.from_pretrained(path)
-    agent.start_trials(trials, seed % (2**31))
-    return agent
+    name = "handover"
+    privileged = True  # ``then`` is told the goals; ``first`` is only ever shown the observations
+
+    def __init__(self, first: Agent, then: Agent, handover: int):
+        self.first, self.then, self.handover = first, then, handover
+        self._episode = 0
+
+    def start_trials(self, num_trials: int, seed: int) -> None:
+        self.first.start_trials(num_trials, seed)
+        self.then.start_trials(num_trials, seed)
+        self._episode = 0
+
+    def _playing(self) -> Agent:
+        return self.first if self._episode < self.handover else self.then
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the hand-over agent acts only through act_privileged (its expert needs the goal)")
+
+    def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
+        agent = self._playing()
+        return agent.act_privileged(obs, privileged) if agent.privileged else agent.act(obs)
+
+    def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
+        self._playing().observe(reward, success)
+
+    def end_episode(self) -> None:
+        self.first.end_episode()
+        self.then.end_episode()
+        self._episode += 1
+
+
+class ShardRecorder:
+    """The rollout loop's ``on_step`` for one shard: every step's observation, action taken, expert label
+    (the expert told the true goal; NaN in ``context_only`` episodes), reward and success."""
+
+    def __init__(self, names: list[str], episodes: int, length: int, context_only: int = 0):
+        T, K, L = len(names), episodes, length
+        self.names, self.context_only = names, context_only
+        self.obs = np.empty((T, K, L, OBS_DIM), np.float32)
+        self.taken = np.empty((T, K, L, ACT_DIM), np.float32)
+        self.expert = np.empty((T, K, L, ACT_DIM), np.float32)
+        self.reward = np.empty((T, K, L), np.float32)
+        self.success = np.empty((T, K, L), np.uint8)
+
+    def __call__(self, episode: int, t: int, obs: np.ndarray, info: dict, actions: np.ndarray,
+                 reward: np.ndarray, success: np.ndarray) -> None:
+        if episode < self.context_only:  # context only: no label, no loss
+            label = np.full((len(self.names), ACT_DIM), np.nan, np.float32)
+        else:
+            label = expert_actions(self.names, obs, info["goal"])  # (T, 4)
+        self.obs[:, episode, t], self.expert[:, episode, t], self.taken[:, episode, t] = obs, label, actions
+        self.reward[:, episode, t] = reward
+        self.success[:, episode, t] = success > 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The shard's step fields: flat, trial-major (trial, episode, step)."""
+        T, K, L = self.reward.shape
+        episode = np.broadcast_to(np.arange(K, dtype=np.int16)[None, :, None], (T, K, L))
+        step = np.broadcast_to(np.arange(L, dtype=np.int16)[None, None, :], (T, K, L))
+        flat = lambda a: np.ascontiguousarray(rearrange(a, "t k l ... -> (t k l) ..."))  # noqa: E731
+        return {
+            "obs": flat(self.obs),  # (N, 39)
+            "actions": flat(self.taken),  # (N, 4)
+            "expert_actions": flat(self.expert),  # (N, 4)
+            "rewards": flat(self.reward),  # (N,)
+            "successes": flat(self.success),  # (N,)
+            "episode": flat(episode),  # (N,)
+            "step": flat(step),  # (N,)
+        }
+
+
+def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, np.ndarray]:
+    """Play one trial per task through the rollout loop with the annealed-noise expert (or, relabelling,
+    a policy with its own context, then possibly the noisy expert); the shard's step arrays.
+
+    Obs keep the goal hidden; the expert is told the true goal from ``info["goal"]``.
+    """
+    T, K = len(tasks), cfg.episodes_per_trial
+    # Each agent is started here with its own seed (the policy's in 31 bits), as shards always were.
+    expert = NoisyExpertAgent(cfg.noise_kind, cfg.noise_schedule, cfg.noise_max, K)
+    expert.start_trials(T, shard_seed)
+    agent, context_only = expert, 0
+    if cfg.policy:
+        policy = InContextAgent.from_pretrained(cfg.policy)
+        policy.start_trials(T, shard_seed % (2**31))
+        agent = HandoverAgent(policy, expert, cfg.handover) if cfg.handover else policy
+        context_only = cfg.handover
+    record = ShardRecorder([t.env_name for t in tasks], K, cfg.episode_length, context_only)
+    for _ in play_trials(agent, tasks, shard_seed % (2**31 - T), shard_seed, K, 0, cfg.episode_length,
+                         on_step=record, start_trials=False):
+        pass
+    return record.arrays()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -304,11 +288,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _generate_shard(job: dict) -> dict:
     """Worker entry (top level, so a spawn pool can call it): play, write each field, return its record."""
-    from icl_metarl.harness.suites import TaskSpec
-
     cfg = GenerateConfig(**job["config"])
     tasks = [TaskSpec.from_json(t) for t in job["tasks"]]
-    arrays = play_trials(tasks, cfg, _derived_seed(cfg.seed, 3, job["index"]))
+    arrays = play_shard(tasks, cfg, _derived_seed(cfg.seed, 3, job["index"]))
     arrays["trial_task"] = np.asarray(job["trial_tasks"], dtype=np.int32)  # (T,) index into manifest tasks
     shard_dir = Path(job["out"]) / SHARDS_DIR / _shard_name(job["index"])
     checksums = {}
@@ -324,8 +306,6 @@ def _generate_shard(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- generation
 def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
-    from icl_metarl.harness.suites import ACT_DIM, OBS_DIM
-
     pool = parse_task_pool(cfg.task_pool)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -387,9 +367,7 @@ def default_workers() -> int:
 
 def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dict:
     """Generate (or finish) the histories directory ``out``; returns the complete manifest."""
-    from tqdm import tqdm
-
-    check_config(cfg)
+    check_generate(cfg)
     out = Path(out)
     tasks, trial_tasks = build_task_pool(cfg)
     manifest = _new_manifest(cfg, tasks)
@@ -453,8 +431,6 @@ class _shard_runner:
     def __enter__(self):
         if self.workers <= 1:
             return lambda fn, jobs: map(fn, jobs)
-        import multiprocessing as mp
-
         self.pool = mp.get_context("spawn").Pool(self.workers)
         return lambda fn, jobs: self.pool.imap_unordered(fn, jobs)
 
@@ -499,9 +475,7 @@ class Histories:
 
     @property
     def tasks(self) -> list:
-        from icl_metarl.harness.suites import TaskSpec
-
-        return [TaskSpec.from_json(t) for t in self.manifest["tasks"]]
+            return [TaskSpec.from_json(t) for t in self.manifest["tasks"]]
 
     @property
     def num_steps(self) -> int:

@@ -4,12 +4,9 @@ A ``transformers`` config/model pair (``save_pretrained`` / ``from_pretrained`` 
 ``config.json`` and ``model.safetensors``). Not for: rollouts (``icl_agent.py``) or training loops.
 
 Why the backbone is written here and not taken from ``transformers``: the agent runs one new token per
-step for a batch of trials, so per-step latency bounds the rollout speed. Measured on the 2-core CPU
-(batch 20, d=128, 4 layers, 4 heads, 400 cached steps, torch 2 threads): HF ``LlamaModel`` with a
-``DynamicCache`` 9.5 ms/step, HF ``GPT2Model`` 3.5 ms/step, the nanoGPT-style blocks below with a
-preallocated static KV cache and SDPA 1.9 ms/step (2.1x / 1.3x / 1x again under heavy load). Ten
-reach-v3 trials step at ~5 ms per vector step, so the step cost of the model decides whether the agent
-keeps >= 0.7x of a random policy's speed (docs/benchmarks.md).
+step for a batch of trials, so per-step latency bounds the rollout speed; nanoGPT-style blocks with a
+preallocated static KV cache and SDPA step faster than the library's Llama and GPT-2 models with their
+dynamic caches (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,21 +15,25 @@ import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_text, read_json
+from icl_metarl.incontext.config import MODEL_TYPE, TARGETS
 
 ACTION_HEADS = ("deterministic", "tanh_gaussian")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-TARGETS = ("expert", "taken")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LOG_STD_RANGE = (-5.0, 2.0)
@@ -73,7 +74,7 @@ class ICLPolicyConfig(PretrainedConfig):
         explore_scale: standard deviation of that offset, in action units (actions lie in [-1, 1]).
     """
 
-    model_type = "icl_metarl_policy"
+    model_type = MODEL_TYPE
 
     def __init__(
         self,
@@ -179,6 +180,17 @@ def action_loss(output: "ICLPolicyOutput", target_actions: torch.Tensor) -> torc
     return (per_token * labelled).sum() / labelled.sum().clamp(min=1)
 
 
+def window_loss(model, batch: dict, target: str = "expert") -> torch.Tensor:
+    """The action loss of a windows batch (B,W,...) through ``model``'s forward: the expert's action
+    (DPT) or the one taken (AD-eps) as target. ``model`` may be a DDP wrapper, whose forward all-reduces
+    the gradients in backward: the reason this is a function and not only ``ICLPolicy.loss``."""
+    if target not in TARGETS:
+        raise choice_error("target", target, TARGETS)
+    prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
+    out = model(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
+    return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
+
+
 # ------------------------------------------------------------------------------------- KV cache
 class KVCache:
     """Keys and values of every layer, preallocated once: (L, B, nh, capacity, hs); ``length`` filled.
@@ -245,7 +257,7 @@ def flash_attention(q, k, v, dropout_p: float):
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         _warn_once(f"flash_attention_2 needs CUDA and fp16/bf16 (got {q.device.type}, {q.dtype}); using sdpa")
         return sdpa_attention(q, k, v, dropout_p)
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func  # optional dependency (CUDA only): imported where it is used
 
     # flash-attn wants (B, T, nh, hs); its causal mask is bottom-right aligned, as a cache needs.
     q, k, v = (rearrange(x, "b h t d -> b t h d") for x in (q, k, v))
@@ -398,10 +410,6 @@ class ICLPolicy(PreTrainedModel):
 
     def gradient_checkpointing_enable(self, **_) -> None:
         """Recompute each block's activations in backward (training without a cache only)."""
-        from functools import partial
-
-        from torch.utils.checkpoint import checkpoint
-
         self._set_gradient_checkpointing(True, partial(checkpoint, use_reentrant=False))
 
     def new_cache(self, batch: int, capacity: int | None = None, device=None) -> KVCache:
@@ -543,17 +551,11 @@ class ICLPolicy(PreTrainedModel):
 
     def loss(self, batch: dict, target: str = "expert") -> torch.Tensor:
         """Loss on a windows batch (B,W,...): predict the expert's action (DPT) or the one taken (AD)."""
-        if target not in TARGETS:
-            raise choice_error("target", target, TARGETS)
-        prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
-        out = self(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
-        return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
+        return window_loss(self, batch, target)
 
     # ---------------------------------------------------------------------------------- files
     def save_pretrained(self, save_directory, **_) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``save_directory``, each atomically."""
-        from safetensors.torch import save
-
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
@@ -570,9 +572,6 @@ class ICLPolicy(PreTrainedModel):
         weights = Path(path) / WEIGHTS_NAME
         if not weights.is_file():
             raise UsageError(f"missing weights file {weights}")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:

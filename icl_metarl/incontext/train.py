@@ -21,140 +21,26 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available, set_seed
+from tqdm.auto import tqdm
 
-from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, versions
-from icl_metarl.harness.settings import field_docs
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.settings import add_arguments, from_args
+from icl_metarl.harness.suites import get_suite
+from icl_metarl.incontext.agent import InContextAgent
+from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
+from icl_metarl.incontext.histories import generate, load_histories
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, window_loss
+from icl_metarl.incontext.windows import WindowDataset, WindowSampler, collate
 
-MIXED_PRECISION = ("auto", "no", "bf16")
 STATE_NAME = "trainer_state.json"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a pretraining run depends on; saved as ``train_config.json`` in the run directory."""
-
-    data: list[str] = field(default_factory=list)
-    """history directories written by `icl-metarl generate` (several: relabelled rounds add theirs)"""
-    out: str = "runs/icl"
-    """run directory: final model (config.json, model.safetensors), log.jsonl, checkpoints/"""
-    target: str = "expert"
-    """training target: 'expert' (DPT: the expert's action for the state) or 'taken' (AD-eps)"""
-    episodes_per_window: int = 4
-    """whole consecutive episodes of one trial per training window (the model's trained context)"""
-    batch_size: int = 8
-    """windows per optimizer step over all processes (each process takes batch_size / processes)"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step (each of batch_size / grad_accum windows)"""
-    steps: int = 1000
-    """optimizer steps"""
-    lr: float = 1e-3
-    """peak learning rate of AdamW"""
-    min_lr_ratio: float = 0.1
-    """the cosine schedule ends at lr * min_lr_ratio"""
-    warmup_steps: int = 50
-    """linear warm-up steps before the cosine decay"""
-    weight_decay: float = 0.01
-    """AdamW weight decay (matrices only)"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this (0: no clipping)"""
-    mixed_precision: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'no' or 'bf16'"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (less memory, ~30% slower)"""
-    d_model: int = 64
-    """model width"""
-    n_layer: int = 3
-    """Transformer blocks"""
-    n_head: int = 4
-    """attention heads"""
-    action_head: str = "deterministic"
-    """'deterministic' (MSE) or 'tanh_gaussian' (NLL)"""
-    dropout: float = 0.0
-    """dropout during training"""
-    threads: int = 0
-    """torch CPU threads per process (0: torch's default); 1 is fastest on a busy 2-core machine"""
-    log_every: int = 10
-    """steps between log lines"""
-    checkpoint_every: int = 200
-    """steps between full training-state checkpoints (0: only at the end)"""
-    keep_checkpoints: int = 2
-    """complete checkpoints kept (the oldest are deleted)"""
-    seed: int = 0
-    """seed of the model initialisation and the window order"""
-    resume: bool = False
-    """continue from the newest complete checkpoint in out/checkpoints"""
-    progress: bool = True
-    """show a progress bar"""
-    explore_episodes: int = 0
-    """the agent's exploration (saved in config.json, used by relabelling rounds and the evaluator): in the
-    first this many episodes of a trial it adds a constant random offset to its actions (0: none)"""
-    explore_scale: float = 0.0
-    """standard deviation of that offset per action dimension (actions lie in [-1, 1]), e.g. 0.5"""
-    init_from: str = ""
-    """initialise the weights from this in-context checkpoint directory (empty: random init)"""
-    relabel_rounds: int = 0
-    """on-policy relabelling (DAgger) rounds: training is cut into rounds+1 phases of steps/(rounds+1);
-    after each phase the policy plays trials on the data's task pool with its own context, every step
-    labelled with the expert's action, and those trials join the data of the next phase"""
-    relabel_trials: int = 0
-    """trials the policy plays per round (0: as many as the first data directory holds)"""
-    relabel_handover: int = 0
-    """relabelling rounds: the policy plays only the first this many episodes of each trial (context
-    only, unlabelled) and the noisy expert of the base data plays and labels the rest; 0: the policy
-    plays every episode and every step is labelled (DAgger). For experts that cannot label a learner's
-    states well (push-v3's lifts the hand whenever it is 2 cm off the puck: docs/results.md)"""
-    relabel_new_tasks: bool = False
-    """relabelling rounds draw new tasks each round (the base data's seed + 1000 x round; pools of new
-    tasks only, not 'benchmark'); off: every round replays the tasks of the base data's first trials"""
-    eval_every: int = 0
-    """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
-    monitor only: it never selects the checkpoint"""
-    eval_tasks: int = 10
-    """tasks of eval_split played by each periodic evaluation (one trial each, as many episodes as a window)"""
-    eval_split: str = "test"
-    """split whose first eval_tasks tasks the periodic evaluation plays"""
-    tensorboard: bool = True
-    """also log to out/tensorboard when the tensorboard package is installed"""
-    kill_after: int = 0
-    """simulate a crash: SIGKILL this process after this many steps of this invocation (tests; 0: never)"""
-    trace_windows: bool = False
-    """append the stream positions and windows each process trained on to windows-rank<r>.jsonl (tests)"""
-
-
-def check_config(cfg: TrainConfig) -> TrainConfig:
-    if not cfg.data:
-        raise UsageError("no --data directory given")
-    for d in cfg.data:
-        if not Path(d).is_dir():
-            raise UsageError(f"data directory {d} does not exist")
-    if cfg.target not in ("expert", "taken"):
-        raise choice_error("target", cfg.target, ("expert", "taken"))
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        raise choice_error("mixed precision", cfg.mixed_precision, MIXED_PRECISION)
-    from icl_metarl.harness.suites import check_split
-
-    check_split(cfg.eval_split)
-    if cfg.eval_every < 0:
-        raise UsageError(f"eval-every must be >= 0 (0: no periodic evaluation), got {cfg.eval_every}")
-    for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every", "eval_tasks"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise UsageError(f"lr must be > 0, got {cfg.lr}")
-    if cfg.relabel_rounds < 0 or cfg.relabel_trials < 0:
-        raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
-    if cfg.relabel_handover < 0 or (cfg.relabel_handover and not cfg.relabel_rounds):
-        raise UsageError(f"relabel_handover={cfg.relabel_handover} needs relabel_rounds >= 1 and must be >= 0")
-    if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:
-        raise UsageError(f"steps={cfg.steps} cannot be cut into {cfg.relabel_rounds + 1} phases (relabel rounds + 1)")
-    if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
-        raise UsageError(f"--init-from {cfg.init_from}: no model.safetensors there")
-    return cfg
 
 
 # -------------------------------------------------------------------------------------- schedule
@@ -199,7 +85,6 @@ def _trim_log(log: Path, step: int) -> None:
     if not log.exists():
         return
     kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    from icl_metarl.harness.files import atomic_write_text
 
     atomic_write_text(log, "".join(l + "\n" for l in kept))
 
@@ -213,7 +98,6 @@ class WindowStream:
     """
 
     def __init__(self, dirs, episodes_per_window: int, seed: int):
-        from icl_metarl.incontext.windows import WindowDataset, WindowSampler
 
         self.dataset = WindowDataset(dirs, episodes_per_window)
         self.sampler = WindowSampler(len(self.dataset), seed=seed)
@@ -223,13 +107,11 @@ class WindowStream:
         self.suite = manifest["settings"]["suite"]
 
     def batch(self, positions: range) -> dict:
-        from icl_metarl.incontext.windows import collate
 
         return collate([self.dataset[self.sampler.window_at(p)] for p in positions])  # (B, W, ...)
 
     def mean_action_mse(self, target: str, windows: int = 256) -> float:
         """MSE of predicting the data's mean action for every step: the loss a model must beat."""
-        import torch
 
         key = "expert_actions" if target == "expert" else "actions"
         acts = self.batch(range(min(windows, len(self.dataset))))[key].flatten(0, 1)  # (B*W, A)
@@ -258,14 +140,9 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) pretraining; returns the final log record."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
-    check_config(cfg)
+    check_train(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
@@ -274,7 +151,6 @@ def train(cfg: TrainConfig) -> dict:
         precision = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True on a machine without CUDA makes several launched processes MULTI_CPU (gloo).
     # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
-    from accelerate.utils import is_tensorboard_available
 
     use_tb = cfg.tensorboard and is_tensorboard_available()
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
@@ -354,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
                     f.write(json.dumps({"step": step, "windows": batch["window"].tolist()}) + "\n")
             # compute
             with accelerator.autocast():
-                loss = batch_loss(model, batch, cfg.target)
+                loss = window_loss(model, batch, cfg.target)
             accelerator.backward(loss / cfg.grad_accum)
             total += loss.detach() / cfg.grad_accum
         mean_loss = accelerator.reduce(total, reduction="mean").item()
@@ -428,9 +304,6 @@ def train(cfg: TrainConfig) -> dict:
 def periodic_evaluation(model, stream: "WindowStream", cfg: TrainConfig) -> dict:
     """Success per episode of the in-context agent on the first ``eval_tasks`` tasks of ``eval_split``:
     one trial per task of ``episodes_per_window`` episodes, deterministic actions, env seed 0."""
-    from icl_metarl.harness.evaluation import play_trials
-    from icl_metarl.incontext.agent import InContextAgent
-    from icl_metarl.harness.suites import get_suite
 
     tasks = get_suite(stream.suite).tasks(cfg.eval_split, 0)[: cfg.eval_tasks]
     agent = InContextAgent(model, deterministic=True, device=next(model.parameters()).device)
@@ -450,23 +323,10 @@ def _scalars(record: dict) -> dict:
     return out
 
 
-def batch_loss(model, batch: dict, target: str):
-    """The action loss of a windows batch, called through the (possibly DDP-wrapped) model's forward
-    so that gradients are all-reduced in backward."""
-    from icl_metarl.incontext.model import shift_previous, action_loss
-
-    prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
-    out = model(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
-    return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
-
-
 def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert", max_windows: int = 512,
                  batch_size: int = 16) -> float:
     """Mean action loss of a trained policy on histories it never saw (e.g. the test split's tasks)."""
-    import torch
 
-    from icl_metarl.incontext.model import ICLPolicy
-    from icl_metarl.incontext.windows import WindowDataset, collate
 
     model = ICLPolicy.from_pretrained(model_dir).eval()
     ds = WindowDataset(data, model.config.max_context_episodes, splits=("train", "test"))
@@ -475,7 +335,7 @@ def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert",
     with torch.no_grad():
         for start in range(0, n, batch_size):
             batch = collate([ds[i] for i in range(start, min(start + batch_size, n))])
-            total += float(batch_loss(model, batch, target)) * batch["obs"].shape[0]
+            total += float(window_loss(model, batch, target)) * batch["obs"].shape[0]
     return total / n
 
 
@@ -487,13 +347,12 @@ def pretrain(cfg: TrainConfig) -> dict:
     round r-1's policy) and its training run (initialised from round r-1's weights). Every piece
     resumes by itself, so rerunning with --resume continues a killed run where it stopped.
     """
-    check_config(cfg)
+    check_train(cfg)
     if cfg.relabel_rounds == 0:
         return train(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would play the round's trials
         raise UsageError(f"--relabel-rounds {cfg.relabel_rounds} runs in one process only, not under accelerate "
                          f"launch with {os.environ['WORLD_SIZE']} processes; run it without accelerate launch")
-    from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
 
     run = Path(cfg.out)
     if (run / "round-0").exists() and not cfg.resume:
@@ -544,37 +403,21 @@ def pretrain(cfg: TrainConfig) -> dict:
 
 
 # -------------------------------------------------------------------------------- command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field, with its docstring as help: one source of truth."""
-    docs = field_docs(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "data":
-            p.add_argument(flag, nargs="+", required=True, help=docs[f.name])
-        elif f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=kind, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-
-
-def run_from_args(args: argparse.Namespace) -> None:
-    record = pretrain(config_from_args(args))
+def train_checkpoint(cfg: TrainConfig, out) -> dict:
+    """Pretrain (with its relabelling rounds) into ``out``: the learner registry's entry point."""
+    record = pretrain(dataclasses.replace(cfg, out=str(out)))
     if record and int(os.environ.get("RANK", "0")) == 0:
         print(f"step {record['step']}: loss {record['loss']:.5f}, {record['tokens_per_s']:.0f} tokens/s")
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="icl_metarl.incontext.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    add_arguments(p, TrainConfig, required=("data",))
     args = p.parse_args(argv)
     try:
-        run_from_args(args)
+        train_checkpoint(from_args(TrainConfig, args), args.out)
     except (UsageError, NonFiniteLoss) as e:
         print(f"icl_metarl.incontext.train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

@@ -7,7 +7,6 @@ resumable from the number of windows consumed. Not for: generating histories or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,18 +16,6 @@ from torch.utils.data import Dataset, Sampler
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.histories import Histories, load_histories
-
-
-@dataclass
-class WindowConfig:
-    """How pretraining cuts histories into windows and orders them."""
-
-    episodes_per_window: int = 4
-    """Consecutive whole episodes of one trial per window (window length = this * episode_length)."""
-    seed: int = 0
-    """Seed of the window order (the same on every rank)."""
-    shuffle: bool = True
-    """Shuffle windows every epoch; False keeps storage order (for evaluation and debugging)."""
 
 
 class WindowDataset(Dataset):

@@ -1,9 +1,10 @@
 """Attention probes: what an in-context policy looks at while it adapts, and what it actually uses.
 
-Plays test trials, records the attention of every layer and head on the last episode (the one with
-the most context), and measures causally: the same last episode with the earlier episodes' rewards
-shuffled or zeroed, with the earlier episodes removed, or with one head zeroed. Not for: training,
-the shared evaluation protocol (``evaluation.py``).
+Plays test trials as the evaluator does (its agent, seeds and rollout loop, so the probed episodes
+are the ones the evaluator scores), records the attention of every layer and head on the last episode
+(the one with the most context), and measures causally: the same last episode replayed by the same
+agent with the earlier episodes' rewards shuffled or zeroed, with the earlier episodes removed, or with
+one head zeroed. Not for: training, the shared evaluation protocol (``evaluation.py``).
 
 Python API, three lines from a notebook::
 
@@ -15,6 +16,7 @@ Python API, three lines from a notebook::
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,50 +25,25 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import matplotlib.colors as mcolors
 from einops import rearrange, reduce
+from matplotlib.figure import Figure
 
 from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.evaluation import trial_seed
+from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.rollout import StepHook, play_trials
+from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, make_trial_envs
+from icl_metarl.incontext.agent import InContextAgent
+from icl_metarl.incontext.model import ICLPolicy, shift_previous
 
 METRICS_FORMAT = "icl_metarl.probes.probe/1"
-CONTEXT_CONDITIONS = ("shuffle_rewards", "zero_rewards", "remove_episodes")
 #: attention figures of the layer x head summary, in the order drawn
 SUMMARY_STATS = (
     "current_episode_share", "previous_episode_share", "earlier_episodes_share",
     "high_reward_enrichment", "success_enrichment", "start_share", "entropy_normalised",
 )
-
-
-@dataclass
-class ProbeConfig:
-    """What a probe plays and measures; CPU-friendly defaults (10 trials, minutes on 2 cores)."""
-
-    suite: str = "ML1:reach-v3"
-    """suite whose tasks are played (ML1:<env>-v3, ML10, ML45)"""
-    split: str = "test"
-    """task split: test (held-out tasks, default) or train"""
-    trials: int = 10
-    """parallel trials (the split's first N tasks)"""
-    episodes: int | None = None
-    """episodes per trial, >= 2; None: the model's max_context_episodes (the last one sees a full context)"""
-    episode_length: int | None = None
-    """steps per episode; None: the model's max_episode_length (500 by default)"""
-    seed: int = 0
-    """environment seed (trial i gets seed + i) and seed of the reward shuffle"""
-    suite_seed: int = 0
-    """Meta-World benchmark seed for the task list"""
-    conditions: tuple[str, ...] = CONTEXT_CONDITIONS
-    """context interventions replayed on the last episode (any of CONTEXT_CONDITIONS)"""
-    ablate_heads: bool = True
-    """replay the last episode once per head with that head zeroed (n_layer x n_head replays)"""
-    heads: tuple[tuple[int, int], ...] = ()
-    """(layer, head) pairs to draw as query x key maps, besides the three picked automatically"""
-    high_reward_quantile: float = 0.9
-    """a context token is 'high-reward' if its reward is at least this quantile of the trial's context"""
-    max_heatmap_bins: int = 250
-    """query x key maps are mean-pooled to at most this many bins a side"""
-    torch_threads: int = 1
-    """torch CPU threads while probing; one-token steps ran 30x faster on 1 than 2 on the shared 2-core box"""
 
 
 # ------------------------------------------------------------------------- attention statistics
@@ -190,6 +167,11 @@ class Episodes:
     def count(self) -> int:
         return self.obs.shape[1]
 
+    @classmethod
+    def empty(cls, b: int, k: int, t: int, obs_dim: int, act_dim: int) -> "Episodes":
+        return cls(np.zeros((b, k, t, obs_dim), np.float32), np.zeros((b, k, t, act_dim), np.float32),
+                   np.zeros((b, k, t), np.float32), np.zeros((b, k, t), np.float32))
+
     def take(self, sl: slice) -> "Episodes":
         return Episodes(self.obs[:, sl], self.actions[:, sl], self.rewards[:, sl], self.success[:, sl])
 
@@ -201,8 +183,6 @@ class Episodes:
 
 def model_inputs(ep: Episodes, device=None) -> dict[str, torch.Tensor]:
     """The model's token inputs for episodes laid end to end: each (B, K*T, ...)."""
-    from icl_metarl.incontext.model import shift_previous
-
     b, k, t = ep.rewards.shape
     obs = torch.as_tensor(rearrange(ep.obs, "b k t d -> b (k t) d"), dtype=torch.float32, device=device)
     actions = torch.as_tensor(rearrange(ep.actions, "b k t d -> b (k t) d"), dtype=torch.float32, device=device)
@@ -236,23 +216,23 @@ INTERVENTIONS: dict[str, Callable[[Episodes, np.random.Generator], Episodes]] = 
 
 @contextlib.contextmanager
 def ablated_head(model, layer: int, head: int):
-    """Zero one head's output (its slice of the attention output, before the projection) while inside."""
+    """Zero one head's output while inside: its columns of the attention output projection are zeroed
+    in place (not a forward hook), so every path through the weights sees it, the agent's one-token
+    ``decode_step`` included; restored on exit."""
     c = model.config
     if not (0 <= layer < c.n_layer and 0 <= head < c.n_head):
         raise UsageError(f"head ({layer}, {head}) outside the model's {c.n_layer} layers x {c.n_head} heads")
     hs = c.d_model // c.n_head
-    proj = model.blocks[layer].attn.proj  # input (B, T, nh*hs), heads laid out head-major
-
-    def zero(_module, args):
-        y = args[0].clone()
-        y[..., head * hs:(head + 1) * hs] = 0.0
-        return (y,)
-
-    handle = proj.register_forward_pre_hook(zero)
+    weight = model.blocks[layer].attn.proj.weight  # (d, nh*hs): its input has the heads laid out head-major
+    cols = slice(head * hs, (head + 1) * hs)
+    with torch.no_grad():
+        saved = weight[:, cols].clone()
+        weight[:, cols] = 0.0
     try:
         yield
     finally:
-        handle.remove()
+        with torch.no_grad():
+            weight[:, cols] = saved
 
 
 @contextlib.contextmanager
@@ -267,37 +247,21 @@ def attention_implementation(model, name: str):
 
 
 # ------------------------------------------------------------------------------------- playing
-@torch.inference_mode()
-def play_episode(model, envs, context: Episodes | None, episode_length: int) -> Episodes:
-    """One episode of every trial in ``envs`` (reset here), after ``context`` encoded once into a KV cache."""
-    b = envs.num_envs
-    cache = model.new_cache(b)
-    if context is not None and context.count > 0:
-        model(**model_inputs(context, model.device), past_key_values=cache, use_cache=True)
-    obs, _ = envs.reset()
-    act_dim = model.config.act_dim
-    out = Episodes(np.zeros((b, 1, episode_length, obs.shape[1]), np.float32),
-                   np.zeros((b, 1, episode_length, act_dim), np.float32),
-                   np.zeros((b, 1, episode_length), np.float32), np.zeros((b, 1, episode_length), np.float32))
-    prev_a = torch.zeros(b, 1, act_dim, device=model.device)
-    prev_r = torch.zeros(b, 1, device=model.device)
-    for t in range(episode_length):
-        o = torch.as_tensor(obs, dtype=torch.float32, device=model.device)[:, None]  # (B, 1, obs)
-        step = torch.full((b, 1), t, device=model.device)
-        y = model(o, prev_a, prev_r, step == 0, step, past_key_values=cache, use_cache=True)
-        action = y.action[:, -1].float().cpu().numpy()  # (B, A)
-        out.obs[:, 0, t], out.actions[:, 0, t] = obs, action
-        obs, reward, _, _, info = envs.step(action)
-        out.rewards[:, 0, t], out.success[:, 0, t] = reward, info["success"]
-        prev_a = torch.as_tensor(action, device=model.device)[:, None]
-        prev_r = torch.as_tensor(reward, dtype=torch.float32, device=model.device)[:, None]
-    return out
+def recorder(into: Episodes) -> StepHook:
+    """An ``on_step`` hook of the rollout loop writing every step into ``into`` (B,K,T,...) at its
+    episode and step: the observation acted on, the action taken (exploration included), the outcome."""
+
+    def on_step(episode, t, obs, info, actions, reward, success) -> None:
+        into.obs[:, episode, t], into.actions[:, episode, t] = obs, actions
+        into.rewards[:, episode, t], into.success[:, episode, t] = reward, success
+
+    return on_step
 
 
 @torch.inference_mode()
 def teacher_forced_actions(model, context: Episodes, episode: Episodes) -> np.ndarray:
-    """The model's actions (B,T,A) on ``episode``'s own tokens after ``context``: same states for every
-    condition, so action differences are the context's effect alone."""
+    """The model's own actions (B,T,A), no exploration or sampling, on ``episode``'s tokens after
+    ``context``: same states for every condition, so action differences are the context's effect alone."""
     both = context.join(episode) if context.count else episode
     y = model(**model_inputs(both, model.device))
     return y.action[:, -episode.rewards.shape[2]:].float().cpu().numpy()
@@ -314,8 +278,6 @@ def record_attention(model, ep: Episodes, high_reward_quantile: float = 0.9, chu
     k, t = ep.count, ep.rewards.shape[2]
     key_episode = torch.arange(k, device=model.device).repeat_interleave(t).expand(b, s)  # (B, S)
     success = torch.as_tensor(rearrange(ep.success, "b k t -> b (k t)"), device=model.device)
-    from icl_metarl.incontext.model import shift_previous
-
     _, key_success = shift_previous(torch.zeros(b, s, 1, device=model.device), success, inputs["episode_start"])
     query_mask = key_episode == k - 1
     per_trial = max(1, int(chunk_bytes // (4 * c.n_layer * c.n_head * s * s)))
@@ -333,11 +295,6 @@ def record_attention(model, ep: Episodes, high_reward_quantile: float = 0.9, chu
             if keep_trial is not None and sl.start <= keep_trial < sl.stop:
                 kept = torch.stack([a[keep_trial - lo].float() for a in y.attentions]).cpu().numpy()  # (L, H, S, S)
     return {n: np.concatenate([d[n] for d in stats]) for n in stats[0]}, kept
-
-
-def success_of(ep: Episodes) -> np.ndarray:
-    """Per trial and episode: 1 if the success flag was ever set in the episode (B, K)."""
-    return ep.success.max(axis=2)
 
 
 # ------------------------------------------------------------------------------------ the probe
@@ -375,8 +332,6 @@ class ProbeResult:
 
 def load_model(model_or_path):
     """An ICLPolicy as given, or loaded from a checkpoint directory (config.json + model.safetensors)."""
-    from icl_metarl.incontext.model import ICLPolicy
-
     if isinstance(model_or_path, ICLPolicy):
         return model_or_path.eval()
     if isinstance(model_or_path, (str, Path)):
@@ -385,8 +340,6 @@ def load_model(model_or_path):
 
 
 def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
-    from icl_metarl.harness.suites import check_episode_length, check_split
-
     c = model.config
     check_split(cfg.split)
     length = c.max_episode_length if cfg.episode_length is None else check_episode_length(cfg.episode_length)
@@ -416,10 +369,10 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
     """Probe an in-context policy on a suite's tasks: attention statistics, causal and head-ablation probes.
 
     ``overrides`` are ProbeConfig fields (``trials=10, episode_length=200``); ``progress`` a callable
-    taking one line of text (the CLI prints them).
+    taking one line of text (the CLI prints them). The trials are played as the evaluator plays seed
+    ``seed`` with K = ``episodes`` and E = 0 (same agent settings, seeds, rollout loop): the probe's
+    per-episode success and return are the evaluator's records of the same tasks.
     """
-    from icl_metarl.harness.suites import get_suite
-
     say = progress or (lambda _msg: None)
     model = load_model(model_or_path)
     cfg = config or ProbeConfig()
@@ -446,21 +399,26 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
 
 
 def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) -> ProbeResult:
-    from icl_metarl.harness.suites import make_trial_envs
-
     t0 = time.perf_counter()
-    envs = make_trial_envs(tasks, cfg.episode_length, cfg.seed)
+    b, k, length = len(tasks), cfg.episodes, cfg.episode_length
+    # The evaluator's agent (the checkpoint's exploration, its acting default) and seeds (one batch
+    # from task 0): the probed episodes are the ones the evaluator scores, exploration included.
+    agent = InContextAgent(model, device=model.device, cpu_threads=cfg.torch_threads)
+    seed = trial_seed(cfg.seed, 0)
+    envs = make_trial_envs(tasks, length, seed)  # one set for the trials and every replay
     try:
-        played = None
-        for k in range(cfg.episodes - 1):
-            context = None if played is None else played.take(slice(max(0, k - window + 1), k))
-            ep = play_episode(model, envs, context, cfg.episode_length)
-            played = ep if played is None else played.join(ep)
-            say(f"episode {k + 1}/{cfg.episodes}: success {success_of(ep).mean():.2f}")
-        context = played.take(slice(max(0, cfg.episodes - window), cfg.episodes - 1))
-        last = play_episode(model, envs, context, cfg.episode_length)
-        played = played.join(last)
-        say(f"episode {cfg.episodes}/{cfg.episodes} (probed): success {success_of(last).mean():.2f}")
+        played = Episodes.empty(b, k, length, model.config.obs_dim, model.config.act_dim)
+        success, returns = np.zeros((b, k)), np.zeros((b, k))  # (B, K), from the loop's records
+        draws = None
+        for records in play_trials(agent, tasks, seed, seed, k, 0, length, on_step=recorder(played), envs=envs):
+            e = records[0]["episode"]
+            success[:, e] = [r["success"] for r in records]
+            returns[:, e] = [r["return"] for r in records]
+            if e == k - 2:
+                draws = agent.random_state()  # what the probed episode draws; its replays draw the same
+            say(f"episode {e + 1}/{k}{' (probed)' if e == k - 1 else ''}: success {success[:, e].mean():.2f}")
+        context = played.take(slice(max(0, k - window), k - 1))  # what the agent's window held
+        last = played.take(slice(k - 1, k))
         timing["play_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -469,10 +427,13 @@ def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) 
         timing["attention_s"] = time.perf_counter() - t1
 
         def replay(ctx: Episodes) -> dict:
-            ep = play_episode(model, envs, ctx, cfg.episode_length)
+            """The probed episode again, by the same agent code, after ``ctx`` instead of its context."""
+            agent.start_trials(b, seed)
+            agent.prime(ctx.obs, ctx.actions, ctx.rewards, episode_index=k - 1, random_state=draws)
+            (records,) = play_trials(agent, tasks, seed, seed, 1, 0, length, envs=envs, start_trials=False)
             moved = np.linalg.norm(teacher_forced_actions(model, ctx, last) - base_actions, axis=-1)  # (B, T)
-            return {"success": success_of(ep)[:, 0], "return": ep.rewards.sum(axis=(1, 2)),
-                    "action_change": moved.mean(axis=1)}
+            return {"success": np.array([r["success"] for r in records], dtype=np.float64),
+                    "return": np.array([r["return"] for r in records]), "action_change": moved.mean(axis=1)}
 
         t1 = time.perf_counter()
         causal = {}
@@ -498,7 +459,7 @@ def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) 
     finally:
         envs.close()
     timing["total_s"] = time.perf_counter() - t0
-    return _summarise(cfg, model, played, last, stats, kept, causal, ablation, timing)
+    return _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timing)
 
 
 def _mean_ci(x: np.ndarray) -> dict:
@@ -509,14 +470,14 @@ def _mean_ci(x: np.ndarray) -> dict:
     return {"mean": x.mean(axis=-1), "ci95": 1.96 * sd / math.sqrt(n)}
 
 
-def _summarise(cfg, model, played, last, stats, kept, causal, ablation, timing) -> ProbeResult:
+def _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timing) -> ProbeResult:
+    """``success``, ``returns``: (B, K) per trial and episode, as the rollout loop's records give them."""
     c = model.config
-    base_success = success_of(last)[:, 0]
-    base_return = last.rewards.sum(axis=(1, 2))
+    base_success, base_return = success[:, -1], returns[:, -1]
     baseline = {
-        "success_per_episode": success_of(played).mean(axis=0),
-        "return_per_episode": played.rewards.sum(axis=2).mean(axis=0),
+        "success_per_episode": success.mean(axis=0), "return_per_episode": returns.mean(axis=0),
         "success": base_success.mean(), "return": base_return.mean(),
+        "success_by_trial": success, "return_by_trial": returns,
     }
     attention = {}
     for name, v in stats.items():  # (B, L, H, ...)
@@ -612,8 +573,6 @@ _TITLES = {
 
 
 def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin=None, vmax=None, center=None):
-    import matplotlib.colors as mcolors
-
     v = np.asarray(values, dtype=np.float64)
     norm = None
     if center is not None and np.isfinite(v).any():
@@ -632,8 +591,6 @@ def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin=None, vmax=None, c
 
 
 def _save_figure(fig, path: Path) -> Path:
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
@@ -641,15 +598,10 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 def _draw_figures(result: ProbeResult, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.colors as mcolors
-    import matplotlib.pyplot as plt
-
     paths = []
     a = result.attention
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8), layout="constrained")
+    fig = Figure(figsize=(18, 8), layout="constrained")
+    axes = fig.subplots(2, 4)
     for ax, name in zip(axes.flat, SUMMARY_STATS):
         enrich = name.endswith("enrichment")
         _grid(ax, a[name], _TITLES[name], "RdBu_r" if enrich else "viridis",
@@ -657,21 +609,21 @@ def _draw_figures(result: ProbeResult, out: Path) -> list[Path]:
     axes.flat[-1].axis("off")
     fig.suptitle(f"attention of the probed episode's queries, mean over {result.config.trials} trials")
     paths.append(_save_figure(fig, out / "attention_layer_head.png"))
-    plt.close(fig)
 
     if result.ablation is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+        fig = Figure(figsize=(11, 4), layout="constrained")
+        axes = fig.subplots(1, 2)
         _grid(axes[0], result.ablation["success_change"]["mean"], "success change, head zeroed", "RdBu_r", center=0.0)
         _grid(axes[1], result.ablation["action_change"]["mean"], "mean |action change|, head zeroed", "magma", vmin=0)
         fig.suptitle("head ablation on the probed episode")
         paths.append(_save_figure(fig, out / "ablation_layer_head.png"))
-        plt.close(fig)
 
     ex = result.example
     for info in ex["heads"]:
         l, h = info["layer"], info["head"]
         m, w = ex["maps"][(l, h)]
-        fig, ax = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+        fig = Figure(figsize=(6.5, 5.5), layout="constrained")
+        ax = fig.subplots()
         pos = m[m > 0]
         floor = max(float(pos.min()) if pos.size else 1e-6, 1e-6)
         im = ax.imshow(np.where(m > 0, m, np.nan), cmap="viridis", aspect="auto", interpolation="nearest",
@@ -685,7 +637,6 @@ def _draw_figures(result: ProbeResult, out: Path) -> list[Path]:
         ax.set_title(f"layer {l} head {h}: {info['why']} (trial 0)", fontsize=9)
         fig.colorbar(im, ax=ax, label="mean attention weight per key")
         paths.append(_save_figure(fig, out / f"attention_map_L{l}H{h}.png"))
-        plt.close(fig)
     return paths
 
 

@@ -10,297 +10,40 @@ JSON files (``configs/``) read by ``load_config``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import io
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-
-# The stage modules (torch, Meta-World) are imported where used, so `icl-metarl --help` stays fast.
-
-STAGES = ("generate", "pretrain", "meta-train", "evaluate", "probe", "report")
-SIZES = ("tiny", "default")
-#: stages that may run under `accelerate launch` with several processes (the others would run N times)
-DISTRIBUTED_STAGES = ("pretrain", "meta-train")
-#: where each stage writes, under the quickstart directory
-DIRS = {"generate": "histories", "pretrain": "icl", "meta-train": "gradient", "evaluate": "eval", "probe": "probe"}
-DONE_DIR = "done"
-
-
-def _default_generate():
-    from icl_metarl.incontext.histories import GenerateConfig
-
-    # A fresh goal per trial: 50 benchmark goals are memorised, not searched for (DESIGN.md, first probe).
-    # The learner heads for the goal displaced by N(0, s^2), s drawn from [0, 0.15 m] for every episode: the
-    # context holds places near the goal with their rewards, and a late episode's end point is no shortcut
-    # to the goal (docs/results.md, issue 12: the recipe that first transferred across episodes).
-    return GenerateConfig(task_pool="fresh", trials=1000, episodes_per_trial=4, noise_kind="goal",
-                          noise_schedule="random", noise_max=0.15, trials_per_shard=50, workers=0)
-
-
-def _default_pretrain():
-    from icl_metarl.incontext.train import TrainConfig
-
-    # The agent explores in episode 1 of a trial (a constant random action offset): a posterior-mean policy
-    # otherwise walks the same path every episode and its context never tells it more. One relabelling
-    # round then trains it on its own exploring trials, every step labelled with the expert's action.
-    return TrainConfig(target="expert", episodes_per_window=4, batch_size=16, steps=2400, d_model=64, n_layer=3,
-                       n_head=4, checkpoint_every=200, log_every=25, explore_episodes=1, explore_scale=0.25,
-                       relabel_rounds=1, relabel_trials=400)
-
-
-def _default_meta_train():
-    from gradient_meta.meta_rl import MetaRLConfig
-
-    return MetaRLConfig(algo="maml", iterations=40, meta_batch=10, episode_length=100, checkpoint_every=5)
-
-
-def _default_evaluate():
-    from icl_metarl.harness.evaluation import EvalConfig
-
-    return EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=50, batch_size=50)
-
-
-def _default_probe():
-    from icl_metarl.probes.probe import ProbeConfig
-
-    return ProbeConfig(trials=5)
-
-
-@dataclass
-class QuickstartConfig:
-    """Every stage's settings; the defaults are the CPU quickstart (target: <= 20 minutes on 2 cores)."""
-
-    name: str = "quickstart"
-    """label of the study, printed in the report"""
-    description: str = "the whole study, small, on a CPU"
-    """one line saying what this configuration is for"""
-    budget: str = "17 minutes measured on a 2-core CPU (docs/results.md)"
-    """what a run costs (time, hardware), as measured or estimated; written into the report"""
-    suite: str = "ML1:reach-v3"
-    """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""
-    suite_seed: int = 0
-    """Meta-World benchmark seed of every stage: which tasks are train and test"""
-    episode_length: int = 100
-    """steps per episode in every stage (histories, model context, MAML, evaluation, probes)"""
-    stages: tuple[str, ...] = STAGES
-    """stages to run, in the order of STAGES (a study may leave some out)"""
-    torch_threads: int = 1
-    """torch CPU threads while pretraining (0: torch's default); on a shared 2-core box one thread trained
-    at 8,800 tokens/s and two at 1,180 (they thrash when another process holds a core)"""
-    generate: GenerateConfig = field(default_factory=_default_generate)
-    """history generation on the train split (suite, episode length, split are set from above)"""
-    generate_extra: tuple = ()
-    """more history sets for pretraining, each a JSON object of settings on top of the generate section
-    (e.g. uniform action noise: trials that fail to move the puck, docs/results.md); written to
-    histories-1, histories-2, ... and pretrained on with the first"""
-    pretrain: TrainConfig = field(default_factory=_default_pretrain)
-    """in-context pretraining (data, out and resume are set by the quickstart)"""
-    meta_train: MetaRLConfig = field(default_factory=_default_meta_train)
-    """gradient meta-RL (algo: maml, meta-sgd or reptile)"""
-    evaluate: EvalConfig = field(default_factory=_default_evaluate)
-    """the shared evaluator on the test split; every checkpoint also plays its non-adaptive variant"""
-    probe: ProbeConfig = field(default_factory=_default_probe)
-    """attention probes of the in-context policy on test tasks"""
-
-
-SECTIONS = {"generate": "generate", "pretrain": "pretrain", "meta_train": "meta-train", "evaluate": "evaluate",
-            "probe": "probe"}
-#: fields a section may not set: the quickstart sets them, from the top level or its directory layout
-OWNED = {
-    "generate": ("suite", "suite_seed", "episode_length", "split"),
-    "pretrain": ("data", "out", "resume"),
-    "meta_train": ("suite", "suite_seed", "episode_length"),
-    "evaluate": ("suite", "task_seed", "episode_length", "split"),
-    "probe": ("suite", "suite_seed", "episode_length", "split"),
-}
-#: settings that change how a stage runs, not what it produces: left out of the done-marker comparison
-NOT_RESULTS = ("workers", "progress", "resume", "kill_after", "trace_windows", "torch_threads", "vector")
-
-
-def tiny() -> QuickstartConfig:
-    """A reduced quickstart for tests and a first look (about a minute): every stage, tiny sizes."""
-    from gradient_meta.meta_rl import MetaRLConfig
-    from icl_metarl.harness.evaluation import EvalConfig
-    from icl_metarl.incontext.histories import GenerateConfig
-    from icl_metarl.probes.probe import ProbeConfig
-    from icl_metarl.incontext.train import TrainConfig
-
-    return QuickstartConfig(
-        name="quickstart-tiny", description="every stage at a toy size (tests, smoke runs)",
-        budget="about a minute on a 2-core CPU", episode_length=50,
-        generate=GenerateConfig(task_pool="fresh", trials=8, episodes_per_trial=4, trials_per_shard=4, workers=1),
-        pretrain=TrainConfig(episodes_per_window=4, batch_size=4, steps=10, warmup_steps=2, d_model=32, n_layer=1,
-                             n_head=2, checkpoint_every=5, log_every=2, explore_episodes=1, explore_scale=0.25,
-                             relabel_rounds=1, relabel_trials=4),
-        meta_train=MetaRLConfig(iterations=2, meta_batch=2, episode_length=50, hidden=(16, 16), ppo_epochs=1,
-                                checkpoint_every=1),
-        evaluate=EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=3, batch_size=3),
-        probe=ProbeConfig(trials=2),
-    )
-
-
-def preset(size: str) -> QuickstartConfig:
-    if size == "tiny":
-        return tiny()
-    if size == "default":
-        return QuickstartConfig()
-    raise choice_error("size", size, SIZES)
-
-
-# ------------------------------------------------------------------------------------ config files
-def _check_value(where: str, value, default, nullable: bool = False):
-    """``value`` from JSON if it has the default's type (lists become tuples); else a UsageError."""
-    if value is None and nullable:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        # task pools are 'fresh', 'benchmark' or a count: a JSON number is fine there
-        ok = isinstance(value, str) or (where.endswith("task_pool") and isinstance(value, int))
-    elif isinstance(default, (tuple, list)):
-        ok = isinstance(value, list)
-        value = tuple(tuple(v) if isinstance(v, list) else v for v in value) if ok else value
-    elif default is None:
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
-    else:
-        ok = True
-    if not ok:
-        raise UsageError(f"{where} must be like {default!r} ({type(default).__name__}), got {value!r}")
-    return value
-
-
-def _section(name: str, base, values) -> object:
-    if not isinstance(values, dict):
-        raise UsageError(f"section {name!r} must be a JSON object, got {values!r}")
-    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    nullable = {f.name for f in dataclasses.fields(base) if "None" in str(f.type)}
-    for key, value in values.items():
-        if key in OWNED[name]:
-            raise UsageError(f"{name}.{key} is set by the quickstart (top-level suite/suite_seed/episode_length, "
-                             f"or its directory layout); remove it")
-        if key not in defaults:
-            raise choice_error(f"setting in section {name!r}:", key, [k for k in defaults if k not in OWNED[name]])
-        values[key] = _check_value(f"{name}.{key}", value, defaults[key], key in nullable)
-    try:
-        return dataclasses.replace(base, **values)
-    except TypeError as e:
-        raise UsageError(f"section {name!r}: {e}") from None
-
-
-def config_from_dict(data: dict, size: str | None = None) -> QuickstartConfig:
-    """A QuickstartConfig from a JSON object: its ``size`` preset (or ``size``) with its settings on top."""
-    if not isinstance(data, dict):
-        raise UsageError(f"a quickstart configuration must be a JSON object, got {type(data).__name__}")
-    data = dict(data)
-    base = preset(data.pop("size", size or "default"))
-    top = {f.name for f in dataclasses.fields(QuickstartConfig)}
-    changes = {}
-    for key, value in data.items():
-        if key not in top:
-            raise choice_error("configuration key", key, sorted(top | {"size"}))
-        if key in SECTIONS:
-            changes[key] = _section(key, getattr(base, key), dict(value) if isinstance(value, dict) else value)
-        elif key == "generate_extra":
-            if not isinstance(value, list):
-                raise UsageError(f"generate_extra must be a list of JSON objects (settings on top of the generate "
-                                 f"section), got {value!r}")
-            changes[key] = tuple(_section("generate", changes.get("generate", base.generate),
-                                          dict(v) if isinstance(v, dict) else v) for v in value)
-        else:
-            changes[key] = _check_value(key, value, getattr(base, key))
-    return check_config(dataclasses.replace(base, **changes))
-
-
-def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
-    """Read a study configuration (configs/*.json); any problem is a one-line UsageError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"configuration file {str(path)!r} does not exist")
-    data = read_json(path)
-    try:
-        return config_from_dict(data, size)
-    except UsageError as e:
-        raise UsageError(f"{path}: {e}") from None
-
-
-def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
-    """Reject what no stage could run, before any stage starts."""
-    from icl_metarl.incontext.histories import check_config as check_generate
-    from icl_metarl.harness.suites import check_episode_length, get_suite
-
-    get_suite(cfg.suite)
-    check_episode_length(cfg.episode_length)
-    for s in cfg.stages:
-        if s not in STAGES:
-            raise choice_error("stage", s, STAGES)
-    if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 0:
-        raise UsageError(f"torch_threads must be an integer >= 0 (0: torch's default), got {cfg.torch_threads!r}")
-    if len(set(cfg.stages)) != len(cfg.stages):
-        raise UsageError(f"stages must not repeat, got {list(cfg.stages)}")
-    cfg.stages = tuple(s for s in STAGES if s in cfg.stages)  # always in the order they depend on each other
-    check_generate(stage_config(cfg, "generate"))
-    for extra in extra_generate_configs(cfg):
-        check_generate(extra)
-        if cfg.pretrain.episodes_per_window > extra.episodes_per_trial:
-            raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
-                             f"{extra.episodes_per_trial} episodes of a generate_extra trial")
-    stage_config(cfg, "meta-train")  # its __post_init__ validates
-    stage_config(cfg, "evaluate").check()
-    if cfg.pretrain.episodes_per_window > cfg.generate.episodes_per_trial:
-        raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
-                         f"{cfg.generate.episodes_per_trial} episodes of a generated trial")
-    return cfg
-
-
-def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
-    """The effective config a stage runs with: its section plus the settings the quickstart owns."""
-    out = Path(out)
-    common = {"suite": cfg.suite, "episode_length": cfg.episode_length}
-    if stage == "generate":
-        return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train")
-    if stage == "pretrain":
-        data = [str(out / DIRS["generate"])] + [str(d) for d in extra_data_dirs(cfg, out)]
-        return dataclasses.replace(cfg.pretrain, data=data, out=str(out / DIRS["pretrain"]), resume=True)
-    if stage == "meta-train":
-        return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed)
-    if stage == "evaluate":
-        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split="test")
-    if stage == "probe":
-        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split="test")
-    raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
-
-
-def extra_generate_configs(cfg: QuickstartConfig) -> list:
-    """The effective configs of the generate_extra history sets (owned settings as for generate)."""
-    base = stage_config(cfg, "generate")
-    owned = {k: getattr(base, k) for k in OWNED["generate"]}
-    return [dataclasses.replace(extra, **owned) for extra in cfg.generate_extra]
-
-
-def extra_data_dirs(cfg: QuickstartConfig, out: str | Path) -> list[Path]:
-    return [Path(out) / f"{DIRS['generate']}-{i + 1}" for i in range(len(cfg.generate_extra))]
-
-
-def to_dict(cfg: QuickstartConfig) -> dict:
-    """The configuration as JSON (what ``config_from_dict`` reads back), owned fields left out."""
-    out = {k: v for k, v in asdict(cfg).items() if k not in SECTIONS and k != "generate_extra"}
-    for key in SECTIONS:
-        out[key] = {k: v for k, v in asdict(getattr(cfg, key)).items() if k not in OWNED[key]}
-    out["generate_extra"] = [{k: v for k, v in asdict(e).items() if k not in OWNED["generate"]}
-                             for e in cfg.generate_extra]
-    return json.loads(json.dumps(out))
+from icl_metarl.harness import registry
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import evaluate, load_agents, load_results
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from icl_metarl.harness.report import adaptation_lines, write_report
+from icl_metarl.harness.settings import add_arguments, from_args
+from icl_metarl.incontext.histories import generate
+from icl_metarl.probes.probe import probe
+from icl_metarl.study.config import (
+    DIRS,
+    DISTRIBUTED_STAGES,
+    DONE_DIR,
+    NOT_RESULTS,
+    STAGES,
+    QuickstartCommand,
+    QuickstartConfig,
+    check_config,
+    extra_data_dirs,
+    extra_generate_configs,
+    stage_config,
+    to_dict,
+)
 
 
 # ------------------------------------------------------------------------------- done markers
@@ -355,8 +98,6 @@ def agent_specs(cfg: QuickstartConfig, out: str | Path) -> list[str]:
 
 
 def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
-    from icl_metarl.incontext.histories import generate
-
     parts = []
     for config, where in zip([stage_config(cfg, "generate", out), *extra_generate_configs(cfg)],
                              [out / DIRS["generate"], *extra_data_dirs(cfg, out)]):
@@ -368,34 +109,20 @@ def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
-    import torch
-
-    from icl_metarl.incontext.train import pretrain
-
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    record = pretrain(stage_config(cfg, "pretrain", out))
+    record = registry.train("icl", stage_config(cfg, "pretrain", out), out / DIRS["pretrain"]) or {}
     return {"final_loss": record.get("loss"), "tokens_per_s": record.get("tokens_per_s")}
 
 
 def run_meta_train(cfg: QuickstartConfig, out: Path) -> dict:
-    from gradient_meta.meta_rl import meta_train
-
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: tasks split among processes
-        import torch
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    log = meta_train(stage_config(cfg, "meta-train", out), out / DIRS["meta-train"], accelerator)
+    config = stage_config(cfg, "meta-train", out)
+    log = registry.train(config.algo, config, out / DIRS["meta-train"])
     last = log[-1] if log else {}
     return {"success_pre": last.get("success_pre"), "success_post": last.get("success_post")}
 
 
 def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
-    from icl_metarl.harness.evaluation import evaluate, load_agents
-    from icl_metarl.harness.report import write_report
-
     config = stage_config(cfg, "evaluate", out).check()
     agents = load_agents(agent_specs(cfg, out), non_adaptive=True)
     results = evaluate(agents, config, out / DIRS["evaluate"])
@@ -406,8 +133,6 @@ def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_probe(cfg: QuickstartConfig, out: Path) -> dict:
-    from icl_metarl.probes.probe import probe
-
     result = probe(out / DIRS["pretrain"], config=stage_config(cfg, "probe", out), progress=lambda m: print(f"  {m}"))
     paths = result.save(out / DIRS["probe"])
     return {"files": [p.name for p in paths], "seconds": round(result.timing["total_s"], 1)}
@@ -492,14 +217,8 @@ def plot_training(out: Path) -> str | None:
     logs = {k: v for k, v in logs.items() if v}
     if not logs:
         return None
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(logs), figsize=(5.5 * len(logs), 3.8), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(logs), 3.8))
+    axes = fig.subplots(1, len(logs), squeeze=False)
     for ax, (stage, log) in zip(axes[0], logs.items()):
         if stage == "pretrain":
             ax.plot([r["step"] for r in log], [r["loss"] for r in log])
@@ -517,16 +236,12 @@ def plot_training(out: Path) -> str | None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(out / "training.png", buf.getvalue())
     return "training.png"
 
 
 def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
     """DIR/report.md: the headline figures, with links to the evaluation, training and probe outputs."""
-    from icl_metarl.harness.evaluation import load_results
-    from icl_metarl.harness.report import adaptation_lines
-
     out = Path(out)
     lines = [f"# {cfg.name}: {cfg.suite}", "", f"{cfg.description}. Budget: {cfg.budget}.", "",
              f"Configuration: [quickstart_config.json](quickstart_config.json). Episodes of {cfg.episode_length} "
@@ -575,28 +290,10 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="study directory; rerun the same command to reuse finished stages")
-    p.add_argument("--size", default=None,
-                   help="preset: tiny (a minute, a smoke test) or default (the CPU quickstart, ~20 min)")
-    p.add_argument("--config", default=None,
-                   help="study configuration JSON (configs/*.json), applied on top of its 'size' preset")
-    p.add_argument("--stages", default=None,
-                   help=f"comma-separated subset of {','.join(STAGES)} (default: the configuration's)")
-
-
-def config_from_args(args) -> QuickstartConfig:
-    if args.size is not None and args.size not in SIZES:
-        raise choice_error("--size", args.size, SIZES)
-    cfg = load_config(args.config, args.size) if args.config else preset(args.size or "default")
-    if args.stages:
-        cfg.stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    return check_config(cfg)
-
-
-def run_from_args(args) -> None:
-    cfg = config_from_args(args)
-    report = run_quickstart(cfg, args.out)
+def run_command(options: QuickstartCommand, out) -> None:
+    """``icl-metarl quickstart`` and ``python -m icl_metarl.study.quickstart``."""
+    cfg = options.config_for()
+    report = run_quickstart(cfg, out)
     if int(os.environ.get("RANK", "0")) == 0 and "report" in cfg.stages:
         print(f"wrote {report}")
 
@@ -605,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m icl_metarl.study.quickstart`` (also under ``accelerate launch`` for --stages pretrain)."""
     p = argparse.ArgumentParser(prog="icl_metarl.study.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    add_arguments(p, QuickstartCommand)
+    p.add_argument("--out", required=True, help="study directory; rerun the same command to reuse finished stages")
     try:
-        run_from_args(p.parse_args(argv))
+        args = p.parse_args(argv)
+        run_command(from_args(QuickstartCommand, args), args.out)
     except UsageError as e:
         print(f"icl_metarl.study.quickstart: error: {e}", file=sys.stderr)
         return 2

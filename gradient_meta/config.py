@@ -1,0 +1,153 @@
+"""Settings of the gradient meta-learners on Meta-World (MAML, Meta-SGD, Reptile) and of their agents.
+
+Free of torch, so that the command line builds its flags and help from them without importing the
+learners. Not for: running anything (``meta_rl.py`` trains, ``rl_agent.py`` acts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.suites import check_episode_length, get_suite, parse_task_pool
+
+ALGOS = ("maml", "meta-sgd", "reptile")
+#: config.json "model_type" of every gradient meta-RL checkpoint (the algorithm is in its config)
+MODEL_TYPE = "gradient_meta_rl"
+SINUSOID_ALGOS = ("maml", "fomaml", "meta-sgd", "reptile", "pretrain")
+
+
+def check_inner_steps(steps: int) -> int:
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"inner steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def check_step_size(step_size: float, what: str = "inner step size") -> float:
+    if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+        raise UsageError(f"{what} must be a finite number > 0, got {step_size!r}")
+    return float(step_size)
+
+
+@dataclass
+class MetaRLConfig:
+    """One gradient meta-RL run; CPU-friendly defaults except the benchmark's episode length."""
+
+    algo: str = "maml"
+    """maml (second order through the inner step), meta-sgd (also learns per-parameter step sizes), reptile."""
+    suite: str = "ML1:reach-v3"
+    """Meta-World suite; meta-training uses its train split (or new tasks of its train environments)."""
+    task_pool: str = "benchmark"
+    """benchmark (the split's train tasks), N (N distinct new train tasks, never a test task), fresh (new every draw)."""
+    suite_seed: int = 0
+    """Meta-World benchmark seed (which tasks are train and test)."""
+    iterations: int = 200
+    """Meta-iterations."""
+    meta_batch: int = 10
+    """Tasks per meta-iteration, split evenly among processes."""
+    episode_length: int = 500
+    """Steps per episode (the benchmark's 500; 100-150 for CPU runs)."""
+    adapt_episodes: int = 1
+    """Episodes played with the pre-adaptation policy per task; the inner step(s) learn from them."""
+    query_episodes: int = 1
+    """Episodes played with each adapted policy; the outer loss learns from them."""
+    inner_steps: int = 1
+    """Policy-gradient steps on the adaptation episodes (Reptile: its k)."""
+    inner_lr: float = 0.1
+    """Inner step size (Meta-SGD: the initial value of every learned step size)."""
+    first_order: bool = False
+    """Drop MAML's second-order terms (FOMAML)."""
+    meta_lr: float = 1e-3
+    """Adam learning rate of the meta-update (Reptile: Adam applied to theta - mean(phi))."""
+    ppo_epochs: int = 5
+    """Meta-gradient steps per meta-iteration on the same episodes (MAML, Meta-SGD)."""
+    clip: float = 0.2
+    """PPO clip range of the outer loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus in the outer loss."""
+    gamma: float = 0.99
+    """Discount."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Policy hidden widths."""
+    init_std: float = 0.5
+    """Initial action standard deviation."""
+    seed: int = 0
+    """Seeds weights, action noise and task draws."""
+    checkpoint_every: int = 10
+    """Write the resumable state every this many iterations (and at the end)."""
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise choice_error("algorithm", self.algo, ALGOS)
+        get_suite(self.suite)
+        parse_task_pool(self.task_pool)
+        check_episode_length(self.episode_length)
+        for what in ("iterations", "meta_batch", "adapt_episodes", "query_episodes", "ppo_epochs",
+                     "checkpoint_every"):
+            v = getattr(self, what)
+            if not isinstance(v, int) or v < 1:
+                raise UsageError(f"{what.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        check_inner_steps(self.inner_steps)
+        check_step_size(self.inner_lr, "inner-lr")
+        check_step_size(self.meta_lr, "meta-lr")
+        check_step_size(self.clip, "clip")
+        for what in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, what) <= 1.0:
+                raise UsageError(f"{what.replace('_', '-')} must be in [0, 1], got {getattr(self, what)!r}")
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if not self.hidden or min(self.hidden) < 1:
+            raise UsageError(f"hidden widths must be positive integers, got {self.hidden!r}")
+        check_step_size(self.init_std, "init-std")
+
+
+@dataclass
+class GradientAgentOptions:
+    """How an evaluated gradient meta-RL agent acts (None: as the checkpoint says)."""
+
+    deterministic: bool | None = None
+    """gradient checkpoints: act with the policy's mean action instead of sampling it (adaptation still
+    learns from the episodes played)"""
+
+
+@dataclass
+class SinusoidConfig:
+    """One sinusoid meta-training run."""
+
+    algo: str = "maml"
+    """maml, fomaml, meta-sgd, reptile, or pretrain (plain regression on all tasks, the baseline)."""
+    shots: int = 10
+    """K: support points per task (the query set has K points too during training)."""
+    iterations: int = 2000
+    """Meta-updates (the papers use 70,000)."""
+    meta_batch: int = 25
+    """Tasks per meta-update, split evenly among processes."""
+    inner_steps: int = 1
+    """Inner gradient steps during training and evaluation (Reptile: its k)."""
+    inner_lr: float = 0.01
+    """Inner step size (Meta-SGD: see meta_sgd_init; pretrain: the fine-tuning step at evaluation)."""
+    meta_lr: float = 1e-3
+    """Adam learning rate of the meta-update (Reptile: its epsilon, with plain SGD)."""
+    meta_sgd_init: str = "uniform"
+    """Meta-SGD step-size init: 'uniform' in [0.005, 0.1] (the paper's) or 'constant' (= inner_lr)."""
+    hidden: int = 40
+    """Width of the two hidden layers."""
+    seed: int = 0
+    """Seeds the initial weights and the training tasks (evaluation uses its own seed)."""
+    log_every: int = 500
+    """Print the running training loss every this many iterations (0: never)."""
+    threads: int = 1
+    """torch intra-op threads; 1 because a 40-unit net gains nothing from more and a shared CPU loses much."""
+
+    def __post_init__(self):
+        if self.algo not in SINUSOID_ALGOS:
+            raise choice_error("algorithm", self.algo, SINUSOID_ALGOS)
+        if self.meta_sgd_init not in ("uniform", "constant"):
+            raise choice_error("meta-sgd init", self.meta_sgd_init, ("uniform", "constant"))
+        for what in ("shots", "iterations", "meta_batch", "hidden", "threads"):
+            if getattr(self, what) < 1:
+                raise UsageError(f"{what} must be >= 1, got {getattr(self, what)}")
+        check_step_size(self.inner_lr, "inner_lr")
+        check_step_size(self.meta_lr, "meta_lr")

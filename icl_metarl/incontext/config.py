@@ -1,0 +1,237 @@
+"""Settings of the in-context learner: history generation and pretraining, with their checks.
+
+Kept apart from the code that runs them (and free of torch) so that the command line can build its
+flags and help from these dataclasses without importing the learner. Not for: running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.settings import FLAGS
+from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, parse_task_pool
+
+NOISE_KINDS = ("uniform", "gaussian", "goal")
+NOISE_SCHEDULES = ("linear", "cosine", "none", "random")
+TARGETS = ("expert", "taken")
+#: config.json "model_type" of an in-context policy checkpoint
+MODEL_TYPE = "icl_metarl_policy"
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one histories directory (everything but ``workers`` determines the data)."""
+
+    suite: str = "ML1:reach-v3"
+    """Suite name: ML1:<env>-v3, ML10 or ML45."""
+    split: str = "train"
+    """Benchmark split to play; 'test' only with the benchmark pool, for held-out evaluation histories."""
+    task_pool: str = "benchmark"
+    """'benchmark' (the split's tasks), N (N distinct new train tasks) or 'fresh' (a new task per trial)."""
+    trials: int = 50
+    """Number of trials to play."""
+    episodes_per_trial: int = field(default=10, metadata={FLAGS: ("--episodes",)})
+    """Episodes per trial (the task stays fixed across them); at least 2, so a trial can improve."""
+    episode_length: int = 500
+    """Steps per episode (Meta-World's own limit is 500)."""
+    noise_kind: str = "uniform"
+    """'uniform': the expert's action is replaced by a uniform random one with probability level;
+    'gaussian': Gaussian noise of standard deviation level is added, then clipped to [-1, 1];
+    'goal': the learner heads for a wrong goal, the true one moved by Gaussian noise of standard
+    deviation level (metres, e.g. 0.15) drawn once per episode, so episodes explore whole places."""
+    noise_schedule: str = "linear"
+    """How the level falls across the episodes of a trial: linear or cosine from noise_max to 0, none, or
+    random: drawn uniformly from [0, noise_max] for every episode of every trial, independent of the
+    episode index, so a late episode's end point does not give the goal away (only its rewards do)."""
+    noise_max: float = 1.0
+    """Noise level of the first episode (probability for uniform, standard deviation for gaussian)."""
+    trials_per_shard: int = 10
+    """Trials per shard: the unit of parallel work, of resuming and of checksumming."""
+    seed: int = 0
+    """Seed of the noise, the task order and the task pool."""
+    suite_seed: int = 0
+    """Meta-World benchmark seed: which train/test tasks the suite has (use the evaluator's)."""
+    workers: int = 0
+    """Worker processes; 0 = one per core. Does not change the data."""
+    policy: str = ""
+    """On-policy relabelling: an in-context checkpoint that plays the trials with its own context
+    (noise settings unused); every step is still labelled with the expert's action. Empty: the expert."""
+    handover: int = 0
+    """With a policy: it plays only the first this many episodes of each trial, which are then context
+    only (their labels are NaN: no loss), and the noisy expert (noise settings) plays and labels the
+    rest. 0: the policy plays every episode and every step is labelled (DAgger)."""
+
+
+def check_generate(cfg: GenerateConfig) -> GenerateConfig:
+    """Reject settings that cannot be met, each with a one-line message naming the value."""
+    get_suite(cfg.suite)
+    check_split(cfg.split)
+    check_episode_length(cfg.episode_length)
+    for name in ("trials", "trials_per_shard"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(cfg.episodes_per_trial, (int, np.integer)) or cfg.episodes_per_trial < 2:
+        raise UsageError(f"episodes_per_trial must be an integer >= 2 (a trial must be able to improve), "
+                         f"got {cfg.episodes_per_trial!r}")
+    if cfg.noise_kind not in NOISE_KINDS:
+        raise choice_error("noise kind", cfg.noise_kind, NOISE_KINDS)
+    if cfg.noise_schedule not in NOISE_SCHEDULES:
+        raise choice_error("noise schedule", cfg.noise_schedule, NOISE_SCHEDULES)
+    if not 0.0 <= cfg.noise_max or (cfg.noise_kind == "uniform" and cfg.noise_max > 1.0):
+        raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian or goal, got {cfg.noise_max!r}")
+    if not isinstance(cfg.workers, (int, np.integer)) or cfg.workers < 0:
+        raise UsageError(f"workers must be >= 0 (0 = one per core), got {cfg.workers!r}")
+    if not isinstance(cfg.handover, (int, np.integer)) or not 0 <= cfg.handover < cfg.episodes_per_trial:
+        raise UsageError(f"handover must be an integer in [0, episodes_per_trial={cfg.episodes_per_trial}), "
+                         f"got {cfg.handover!r}")
+    if cfg.handover and not cfg.policy:
+        raise UsageError(f"handover={cfg.handover} needs a policy that plays the episodes before it")
+    if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
+        raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
+    pool = parse_task_pool(cfg.task_pool)
+    if cfg.split == "test" and pool != "benchmark":
+        raise UsageError(f"task pool {cfg.task_pool!r} draws new train tasks; with split 'test' only 'benchmark' is valid")
+    if isinstance(pool, int) and pool > cfg.trials:
+        raise UsageError(f"task pool {pool} needs at least {pool} trials to play each task once, got trials={cfg.trials}")
+    return cfg
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run depends on; saved as ``train_config.json`` in the run directory."""
+
+    data: list[str] = field(default_factory=list)
+    """history directories written by `icl-metarl generate` (several: relabelled rounds add theirs)"""
+    out: str = "runs/icl"
+    """run directory: final model (config.json, model.safetensors), log.jsonl, checkpoints/"""
+    target: str = "expert"
+    """training target: 'expert' (DPT: the expert's action for the state) or 'taken' (AD-eps)"""
+    episodes_per_window: int = 4
+    """whole consecutive episodes of one trial per training window (the model's trained context)"""
+    batch_size: int = 8
+    """windows per optimizer step over all processes (each process takes batch_size / processes)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (each of batch_size / grad_accum windows)"""
+    steps: int = 1000
+    """optimizer steps"""
+    lr: float = 1e-3
+    """peak learning rate of AdamW"""
+    min_lr_ratio: float = 0.1
+    """the cosine schedule ends at lr * min_lr_ratio"""
+    warmup_steps: int = 50
+    """linear warm-up steps before the cosine decay"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (matrices only)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'no' or 'bf16'"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, slower)"""
+    d_model: int = 64
+    """model width"""
+    n_layer: int = 3
+    """Transformer blocks"""
+    n_head: int = 4
+    """attention heads"""
+    action_head: str = "deterministic"
+    """'deterministic' (MSE) or 'tanh_gaussian' (NLL)"""
+    dropout: float = 0.0
+    """dropout during training"""
+    threads: int = 0
+    """torch CPU threads per process (0: torch's default); 1 is fastest on a busy 2-core machine"""
+    log_every: int = 10
+    """steps between log lines"""
+    checkpoint_every: int = 200
+    """steps between full training-state checkpoints (0: only at the end)"""
+    keep_checkpoints: int = 2
+    """complete checkpoints kept (the oldest are deleted)"""
+    seed: int = 0
+    """seed of the model initialisation and the window order"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in out/checkpoints"""
+    progress: bool = True
+    """show a progress bar"""
+    explore_episodes: int = 0
+    """the agent's exploration (saved in config.json, used by relabelling rounds and the evaluator): in the
+    first this many episodes of a trial it adds a constant random offset to its actions (0: none)"""
+    explore_scale: float = 0.0
+    """standard deviation of that offset per action dimension (actions lie in [-1, 1]), e.g. 0.5"""
+    init_from: str = ""
+    """initialise the weights from this in-context checkpoint directory (empty: random init)"""
+    relabel_rounds: int = 0
+    """on-policy relabelling (DAgger) rounds: training is cut into rounds+1 phases of steps/(rounds+1);
+    after each phase the policy plays trials on the data's task pool with its own context, every step
+    labelled with the expert's action, and those trials join the data of the next phase"""
+    relabel_trials: int = 0
+    """trials the policy plays per round (0: as many as the first data directory holds)"""
+    relabel_handover: int = 0
+    """relabelling rounds: the policy plays only the first this many episodes of each trial (context
+    only, unlabelled) and the noisy expert of the base data plays and labels the rest; 0: the policy
+    plays every episode and every step is labelled (DAgger). For experts that cannot label a learner's
+    states well (push-v3's lifts the hand whenever it is 2 cm off the puck: docs/results.md)"""
+    relabel_new_tasks: bool = False
+    """relabelling rounds draw new tasks each round (the base data's seed + 1000 x round; pools of new
+    tasks only, not 'benchmark'); off: every round replays the tasks of the base data's first trials"""
+    eval_every: int = 0
+    """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
+    monitor only: it never selects the checkpoint"""
+    eval_tasks: int = 10
+    """tasks of eval_split played by each periodic evaluation (one trial each, as many episodes as a window)"""
+    eval_split: str = "test"
+    """split whose first eval_tasks tasks the periodic evaluation plays"""
+    tensorboard: bool = True
+    """also log to out/tensorboard when the tensorboard package is installed"""
+    kill_after: int = 0
+    """simulate a crash: SIGKILL this process after this many steps of this invocation (tests; 0: never)"""
+    trace_windows: bool = False
+    """append the stream positions and windows each process trained on to windows-rank<r>.jsonl (tests)"""
+
+
+def check_train(cfg: TrainConfig) -> TrainConfig:
+    if not cfg.data:
+        raise UsageError("no --data directory given")
+    for d in cfg.data:
+        if not Path(d).is_dir():
+            raise UsageError(f"data directory {d} does not exist")
+    if cfg.target not in ("expert", "taken"):
+        raise choice_error("target", cfg.target, ("expert", "taken"))
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise choice_error("mixed precision", cfg.mixed_precision, MIXED_PRECISION)
+    check_split(cfg.eval_split)
+    if cfg.eval_every < 0:
+        raise UsageError(f"eval-every must be >= 0 (0: no periodic evaluation), got {cfg.eval_every}")
+    for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every", "eval_tasks"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UsageError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.relabel_rounds < 0 or cfg.relabel_trials < 0:
+        raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
+    if cfg.relabel_handover < 0 or (cfg.relabel_handover and not cfg.relabel_rounds):
+        raise UsageError(f"relabel_handover={cfg.relabel_handover} needs relabel_rounds >= 1 and must be >= 0")
+    if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:
+        raise UsageError(f"steps={cfg.steps} cannot be cut into {cfg.relabel_rounds + 1} phases (relabel rounds + 1)")
+    if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
+        raise UsageError(f"--init-from {cfg.init_from}: no model.safetensors there")
+    return cfg
+
+
+@dataclass
+class InContextAgentOptions:
+    """How an evaluated in-context agent acts (None: as the checkpoint's config.json says)."""
+
+    explore_episodes: int | None = None
+    """in-context checkpoints: explore (a constant random action offset per episode) in the first N
+    episodes of each trial"""
+    explore_scale: float | None = None
+    """in-context checkpoints: standard deviation of that offset"""
+    cpu_threads: int | None = field(default=None, metadata={FLAGS: ("--agent-threads",)})
+    """in-context checkpoints: torch CPU threads of each step (None: 1, safe on a busy machine)"""
+

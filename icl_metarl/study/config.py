@@ -1,0 +1,264 @@
+"""Settings of a whole study (the quickstart and the configs/*.json files): every stage's settings in
+one dataclass, its presets, and reading and checking a configuration file.
+
+Free of torch, so that the command line can answer ``--help`` without loading the learners. Not for:
+running the stages (``quickstart.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gradient_meta.config import MetaRLConfig
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.evaluation import EvalConfig
+from icl_metarl.harness.files import read_json
+from icl_metarl.harness.settings import check_value, field_types, from_dict
+from icl_metarl.harness.suites import check_episode_length, get_suite
+from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_generate
+from icl_metarl.probes.config import ProbeConfig
+
+STAGES = ("generate", "pretrain", "meta-train", "evaluate", "probe", "report")
+SIZES = ("tiny", "default")
+#: stages that may run under `accelerate launch` with several processes (the others would run N times)
+DISTRIBUTED_STAGES = ("pretrain", "meta-train")
+#: where each stage writes, under the quickstart directory
+DIRS = {"generate": "histories", "pretrain": "icl", "meta-train": "gradient", "evaluate": "eval", "probe": "probe"}
+DONE_DIR = "done"
+
+
+def _default_generate():
+    # A fresh goal per trial: 50 benchmark goals are memorised, not searched for (docs/results.md, earlier runs).
+    # The learner heads for the goal displaced by N(0, s^2), s drawn from [0, 0.15 m] for every episode: the
+    # context holds places near the goal with their rewards, and a late episode's end point is no shortcut
+    # to the goal (docs/results.md, issue 12: the recipe that first transferred across episodes).
+    return GenerateConfig(task_pool="fresh", trials=1000, episodes_per_trial=4, noise_kind="goal",
+                          noise_schedule="random", noise_max=0.15, trials_per_shard=50, workers=0)
+
+
+def _default_pretrain():
+    # The agent explores in episode 1 of a trial (a constant random action offset): a posterior-mean policy
+    # otherwise walks the same path every episode and its context never tells it more. One relabelling
+    # round then trains it on its own exploring trials, every step labelled with the expert's action.
+    return TrainConfig(target="expert", episodes_per_window=4, batch_size=16, steps=2400, d_model=64, n_layer=3,
+                       n_head=4, checkpoint_every=200, log_every=25, explore_episodes=1, explore_scale=0.25,
+                       relabel_rounds=1, relabel_trials=400)
+
+
+def _default_meta_train():
+    return MetaRLConfig(algo="maml", iterations=40, meta_batch=10, episode_length=100, checkpoint_every=5)
+
+
+def _default_evaluate():
+    return EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=50, batch_size=50)
+
+
+def _default_probe():
+    return ProbeConfig(trials=5)
+
+
+@dataclass
+class QuickstartConfig:
+    """Every stage's settings; the defaults are the CPU quickstart (target: <= 20 minutes on 2 cores)."""
+
+    name: str = "quickstart"
+    """label of the study, printed in the report"""
+    description: str = "the whole study, small, on a CPU"
+    """one line saying what this configuration is for"""
+    budget: str = "17 minutes measured on a 2-core CPU (docs/results.md)"
+    """what a run costs (time, hardware), as measured or estimated; written into the report"""
+    suite: str = "ML1:reach-v3"
+    """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""
+    suite_seed: int = 0
+    """Meta-World benchmark seed of every stage: which tasks are train and test"""
+    episode_length: int = 100
+    """steps per episode in every stage (histories, model context, MAML, evaluation, probes)"""
+    stages: tuple[str, ...] = STAGES
+    """stages to run, in the order of STAGES (a study may leave some out)"""
+    torch_threads: int = 1
+    """torch CPU threads while pretraining (0: torch's default); 1 on a shared small machine, where two
+    threads thrash when another process holds a core (docs/benchmarks.md)"""
+    generate: GenerateConfig = field(default_factory=_default_generate)
+    """history generation on the train split (suite, episode length, split are set from above)"""
+    generate_extra: tuple = ()
+    """more history sets for pretraining, each a JSON object of settings on top of the generate section
+    (e.g. uniform action noise: trials that fail to move the puck, docs/results.md); written to
+    histories-1, histories-2, ... and pretrained on with the first"""
+    pretrain: TrainConfig = field(default_factory=_default_pretrain)
+    """in-context pretraining (data, out and resume are set by the quickstart)"""
+    meta_train: MetaRLConfig = field(default_factory=_default_meta_train)
+    """gradient meta-RL (algo: maml, meta-sgd or reptile)"""
+    evaluate: EvalConfig = field(default_factory=_default_evaluate)
+    """the shared evaluator on the test split; every checkpoint also plays its non-adaptive variant"""
+    probe: ProbeConfig = field(default_factory=_default_probe)
+    """attention probes of the in-context policy on test tasks"""
+
+
+SECTIONS = {"generate": "generate", "pretrain": "pretrain", "meta_train": "meta-train", "evaluate": "evaluate",
+            "probe": "probe"}
+#: fields a section may not set: the quickstart sets them, from the top level or its directory layout
+OWNED = {
+    "generate": ("suite", "suite_seed", "episode_length", "split"),
+    "pretrain": ("data", "out", "resume"),
+    "meta_train": ("suite", "suite_seed", "episode_length"),
+    "evaluate": ("suite", "task_seed", "episode_length", "split"),
+    "probe": ("suite", "suite_seed", "episode_length", "split"),
+}
+#: settings that change how a stage runs, not what it produces: left out of the done-marker comparison
+NOT_RESULTS = ("workers", "progress", "resume", "kill_after", "trace_windows", "torch_threads", "vector")
+
+
+def tiny() -> QuickstartConfig:
+    """A reduced quickstart for tests and a first look (about a minute): every stage, tiny sizes."""
+    return QuickstartConfig(
+        name="quickstart-tiny", description="every stage at a toy size (tests, smoke runs)",
+        budget="about a minute on a 2-core CPU", episode_length=50,
+        generate=GenerateConfig(task_pool="fresh", trials=8, episodes_per_trial=4, trials_per_shard=4, workers=1),
+        pretrain=TrainConfig(episodes_per_window=4, batch_size=4, steps=10, warmup_steps=2, d_model=32, n_layer=1,
+                             n_head=2, checkpoint_every=5, log_every=2, explore_episodes=1, explore_scale=0.25,
+                             relabel_rounds=1, relabel_trials=4),
+        meta_train=MetaRLConfig(iterations=2, meta_batch=2, episode_length=50, hidden=(16, 16), ppo_epochs=1,
+                                checkpoint_every=1),
+        evaluate=EvalConfig(adaptation_episodes=3, evaluation_episodes=1, seeds=(0,), num_tasks=3, batch_size=3),
+        probe=ProbeConfig(trials=2),
+    )
+
+
+def preset(size: str) -> QuickstartConfig:
+    if size == "tiny":
+        return tiny()
+    if size == "default":
+        return QuickstartConfig()
+    raise choice_error("size", size, SIZES)
+
+
+# ------------------------------------------------------------------------------------ config files
+def _section(name: str, base, values):
+    return from_dict(type(base), dict(values) if isinstance(values, dict) else values, name,
+                     base=base, owned=OWNED[name])
+
+
+def config_from_dict(data: dict, size: str | None = None) -> QuickstartConfig:
+    """A QuickstartConfig from a JSON object: its ``size`` preset (or ``size``) with its settings on top."""
+    if not isinstance(data, dict):
+        raise UsageError(f"a quickstart configuration must be a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    base = preset(data.pop("size", size or "default"))
+    top = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    changes = {}
+    for key, value in data.items():
+        if key not in top:
+            raise choice_error("configuration key", key, sorted(top | {"size"}))
+        if key in SECTIONS:
+            changes[key] = _section(key, getattr(base, key), dict(value) if isinstance(value, dict) else value)
+        elif key == "generate_extra":
+            if not isinstance(value, list):
+                raise UsageError(f"generate_extra must be a list of JSON objects (settings on top of the generate "
+                                 f"section), got {value!r}")
+            changes[key] = tuple(_section("generate", changes.get("generate", base.generate),
+                                          dict(v) if isinstance(v, dict) else v) for v in value)
+        else:
+            changes[key] = check_value(key, value, *field_types(QuickstartConfig)[key])
+    return check_config(dataclasses.replace(base, **changes))
+
+
+def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
+    """Read a study configuration (configs/*.json); any problem is a one-line UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"configuration file {str(path)!r} does not exist")
+    data = read_json(path)
+    try:
+        return config_from_dict(data, size)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+
+
+def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
+    """Reject what no stage could run, before any stage starts."""
+    get_suite(cfg.suite)
+    check_episode_length(cfg.episode_length)
+    for s in cfg.stages:
+        if s not in STAGES:
+            raise choice_error("stage", s, STAGES)
+    if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 0:
+        raise UsageError(f"torch_threads must be an integer >= 0 (0: torch's default), got {cfg.torch_threads!r}")
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise UsageError(f"stages must not repeat, got {list(cfg.stages)}")
+    cfg.stages = tuple(s for s in STAGES if s in cfg.stages)  # always in the order they depend on each other
+    check_generate(stage_config(cfg, "generate"))
+    for extra in extra_generate_configs(cfg):
+        check_generate(extra)
+        if cfg.pretrain.episodes_per_window > extra.episodes_per_trial:
+            raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
+                             f"{extra.episodes_per_trial} episodes of a generate_extra trial")
+    stage_config(cfg, "meta-train")  # its __post_init__ validates
+    stage_config(cfg, "evaluate").check()
+    if cfg.pretrain.episodes_per_window > cfg.generate.episodes_per_trial:
+        raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
+                         f"{cfg.generate.episodes_per_trial} episodes of a generated trial")
+    return cfg
+
+
+def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
+    """The effective config a stage runs with: its section plus the settings the quickstart owns."""
+    out = Path(out)
+    common = {"suite": cfg.suite, "episode_length": cfg.episode_length}
+    if stage == "generate":
+        return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train")
+    if stage == "pretrain":
+        data = [str(out / DIRS["generate"])] + [str(d) for d in extra_data_dirs(cfg, out)]
+        return dataclasses.replace(cfg.pretrain, data=data, out=str(out / DIRS["pretrain"]), resume=True)
+    if stage == "meta-train":
+        return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed)
+    if stage == "evaluate":
+        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split="test")
+    if stage == "probe":
+        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split="test")
+    raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
+
+
+def extra_generate_configs(cfg: QuickstartConfig) -> list:
+    """The effective configs of the generate_extra history sets (owned settings as for generate)."""
+    base = stage_config(cfg, "generate")
+    owned = {k: getattr(base, k) for k in OWNED["generate"]}
+    return [dataclasses.replace(extra, **owned) for extra in cfg.generate_extra]
+
+
+def extra_data_dirs(cfg: QuickstartConfig, out: str | Path) -> list[Path]:
+    return [Path(out) / f"{DIRS['generate']}-{i + 1}" for i in range(len(cfg.generate_extra))]
+
+
+def to_dict(cfg: QuickstartConfig) -> dict:
+    """The configuration as JSON (what ``config_from_dict`` reads back), owned fields left out."""
+    out = {k: v for k, v in asdict(cfg).items() if k not in SECTIONS and k != "generate_extra"}
+    for key in SECTIONS:
+        out[key] = {k: v for k, v in asdict(getattr(cfg, key)).items() if k not in OWNED[key]}
+    out["generate_extra"] = [{k: v for k, v in asdict(e).items() if k not in OWNED["generate"]}
+                             for e in cfg.generate_extra]
+    return json.loads(json.dumps(out))
+
+
+@dataclass
+class QuickstartCommand:
+    """What ``icl-metarl quickstart`` is asked to run (besides ``--out``)."""
+
+    size: str | None = None
+    """preset: tiny (a minute, a smoke test) or default (the CPU quickstart)"""
+    config: str | None = None
+    """study configuration JSON (configs/*.json), applied on top of its 'size' preset"""
+    stages: tuple[str, ...] | None = None
+    """subset of generate, pretrain, meta-train, evaluate, probe, report (default: the configuration's)"""
+
+    def config_for(self) -> QuickstartConfig:
+        """The study configuration this command runs, checked."""
+        if self.size is not None and self.size not in SIZES:
+            raise choice_error("--size", self.size, SIZES)
+        cfg = load_config(self.config, self.size) if self.config else preset(self.size or "default")
+        if self.stages:
+            cfg.stages = tuple(self.stages)
+        return check_config(cfg)
+
