@@ -28,22 +28,25 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> str:
+    """gradient_meta is one layer; icl_metarl's layers are its subpackages (or top-level modules)."""
     parts = module.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+    if parts[0] == "gradient_meta" or len(parts) == 1:
+        return parts[0]
+    return ".".join(parts[:2])
 
 
-def imports(path: Path) -> list[tuple[str, bool, int]]:
-    """(imported module, at function level?, line) for every import of a project module in ``path``."""
+def imports(path: Path, project_only: bool = True) -> list[tuple[str, bool, int]]:
+    """(imported module, at function level?, line) for every import (of a project module) in ``path``."""
     tree = ast.parse(path.read_text())
     out = []
+    keep = (lambda name: name.split(".")[0] in PACKAGES) if project_only else (lambda name: True)
 
     def visit(node, nested: bool):
         for child in ast.iter_child_nodes(node):
             inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.Import):
-                out.extend((a.name, nested, child.lineno) for a in child.names if a.name.split(".")[0] in PACKAGES)
-            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0 \
-                    and child.module.split(".")[0] in PACKAGES:
+                out.extend((a.name, nested, child.lineno) for a in child.names if keep(a.name))
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0 and keep(child.module):
                 out.append((child.module, nested, child.lineno))
             visit(child, inner)
 
@@ -82,6 +85,12 @@ def main() -> None:
         print(f"  {a:32s} -> {b:32s} {edges[(a, b, False)]:4d} / {edges[(a, b, True)]:d}")
     packages = {(a.split('.')[0], b.split('.')[0]) for a, b, _ in edges if a.split('.')[0] != b.split('.')[0]}
     print("package edges: " + (", ".join(f"{a} -> {b}" for a, b in sorted(packages)) or "none"))
+    third_party = [f"{f.relative_to(ROOT)}:{line} imports {target}" for f in files
+                   for target, nested, line in imports(f, project_only=False)
+                   if nested and target.split(".")[0] not in PACKAGES]
+    print(f"function-level imports of other modules (optional or heavy dependencies): {len(third_party)}")
+    for line in third_party:
+        print(f"  {line}")
     print(f"function-level imports of project modules: {len(nested_list)}")
     for line in nested_list:
         print(f"  {line}")

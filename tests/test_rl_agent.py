@@ -87,3 +87,17 @@ def test_bad_checkpoints_are_usage_errors(tmp_path, run_dir):
         load_agent(tmp_path)
     with pytest.raises(UsageError, match="adapt_every"):
         RLAgentConfig(adapt_every=0)
+
+
+def test_evaluate_deterministic_option_reaches_gradient_agents_only(run_dir):
+    from icl_metarl.harness.registry import load_agent as load_any
+
+    options = {"deterministic": True, "explore_episodes": 3}  # the second belongs to in-context agents
+    mean = load_any(str(run_dir), options=options)
+    sampled = load_any(str(run_dir), options={"deterministic": None})
+    assert mean.config.deterministic is True and sampled.config.deterministic is False
+    obs = np.random.default_rng(0).standard_normal((2, 39))
+    mean.start_trials(2, 0)
+    a = mean.act(obs)
+    mean.start_trials(2, 1)
+    np.testing.assert_array_equal(mean.act(obs), a)  # the mean action ignores the seed
