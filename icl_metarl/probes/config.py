@@ -1,0 +1,53 @@
+"""Settings of a probe run, free of torch so that the command line can show them without loading a model.
+
+Not for: running probes (``probe.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from icl_metarl.harness.settings import PARSE
+
+CONTEXT_CONDITIONS = ("shuffle_rewards", "zero_rewards", "remove_episodes")
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    """'LAYER.HEAD' -> (layer, head), e.g. '0.1' -> (0, 1)."""
+    layer, _, head = text.partition(".")
+    if not (layer.isdigit() and head.isdigit()):
+        raise ValueError(f"{text!r} is not LAYER.HEAD, e.g. 0.1")
+    return int(layer), int(head)
+
+
+@dataclass
+class ProbeConfig:
+    """What a probe plays and measures; CPU-friendly defaults (10 trials, minutes on 2 cores)."""
+
+    suite: str = "ML1:reach-v3"
+    """suite whose tasks are played (ML1:<env>-v3, ML10, ML45)"""
+    split: str = "test"
+    """task split: test (held-out tasks, default) or train"""
+    trials: int = 10
+    """parallel trials (the split's first N tasks)"""
+    episodes: int | None = None
+    """episodes per trial, >= 2; None: the model's max_context_episodes (the last one sees a full context)"""
+    episode_length: int | None = None
+    """steps per episode; None: the model's max_episode_length (500 by default)"""
+    seed: int = 0
+    """seed of the trials, as one of the evaluator's --seeds (its first batch), and of the reward shuffle"""
+    suite_seed: int = 0
+    """Meta-World benchmark seed for the task list"""
+    conditions: tuple[str, ...] = CONTEXT_CONDITIONS
+    """context interventions replayed on the last episode (any of CONTEXT_CONDITIONS)"""
+    ablate_heads: bool = True
+    """replay the last episode once per head with that head zeroed (n_layer x n_head replays)"""
+    heads: tuple[tuple[int, int], ...] = field(default=(), metadata={PARSE: parse_head})
+    """(layer, head) pairs to draw as query x key maps, besides the three picked automatically"""
+    high_reward_quantile: float = 0.9
+    """a context token is 'high-reward' if its reward is at least this quantile of the trial's context"""
+    max_heatmap_bins: int = 250
+    """query x key maps are mean-pooled to at most this many bins a side"""
+    torch_threads: int = 1
+    """torch CPU threads while probing, the agent's steps included (1, as the evaluator's agent: one-token
+    steps on more threads thrash on a shared machine, docs/benchmarks.md)"""
