@@ -23,20 +23,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import matplotlib.colors as mcolors
 import numpy as np
 import torch
-import matplotlib.colors as mcolors
 from einops import rearrange, reduce
 from matplotlib.figure import Figure
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.evaluation import trial_seed
-from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.rollout import StepHook, play_trials
 from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, shift_previous
+from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
 
 METRICS_FORMAT = "icl_metarl.probes.probe/1"
 #: attention figures of the layer x head summary, in the order drawn
