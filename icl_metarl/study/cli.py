@@ -13,12 +13,11 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 
-from gradient_meta.config import ALGOS, MetaRLConfig, SinusoidConfig
+from gradient_meta.config import MetaRLConfig, SinusoidConfig
 from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig
-from icl_metarl.harness.settings import add_arguments, field_docs, from_args
-from icl_metarl.harness.suites import SPLITS
+from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.incontext.config import GenerateConfig
 from icl_metarl.probes.config import ProbeConfig
 from icl_metarl.study.config import QuickstartCommand
@@ -201,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-__all__ = ["ALGOS", "SPLITS", "build_parser", "field_docs", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())
