@@ -166,6 +166,7 @@ class NoisyExpertAgent(Agent):
             normal = self._rng.standard_normal((self.episodes, num_trials, 3))  # (K, T, 3)
             self._goal_offsets = self._levels.T[:, :, None] * normal  # (K, T, 3)
         self._episode = 0
+        self._labelled = (None, None)  # (obs, the expert's action there told the true goal)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         raise NotImplementedError("the noisy expert acts only through act_privileged (it must be told the goal)")
@@ -174,8 +175,15 @@ class NoisyExpertAgent(Agent):
         k = self._episode
         if self.kind == "goal":
             return expert_actions(privileged.env_names, obs, privileged.goals + self._goal_offsets[k])
-        expert = expert_actions(privileged.env_names, obs, privileged.goals)  # (T, 4)
+        expert = self.label(privileged.env_names, obs, privileged.goals)  # (T, 4)
         return perturb(expert, self.kind, self._levels[:, k], self._rng)
+
+    def label(self, env_names, obs: np.ndarray, goals: np.ndarray) -> np.ndarray:
+        """The expert's action told the true goal (the histories' label): computed once per observation
+        when this agent already computed it to perturb it (uniform and gaussian noise)."""
+        if self._labelled[0] is not obs:
+            self._labelled = (obs, expert_actions(env_names, obs, goals))
+        return self._labelled[1]
 
     def end_episode(self) -> None:
         self._episode += 1
@@ -219,11 +227,12 @@ class HandoverAgent(Agent):
 
 class ShardRecorder:
     """The rollout loop's ``on_step`` for one shard: every step's observation, action taken, expert label
-    (the expert told the true goal; NaN in ``context_only`` episodes), reward and success."""
+    (``label(env_names, obs, goals)``, the expert told the true goal; NaN in ``context_only`` episodes),
+    reward and success."""
 
-    def __init__(self, names: list[str], episodes: int, length: int, context_only: int = 0):
+    def __init__(self, names: list[str], episodes: int, length: int, label, context_only: int = 0):
         T, K, L = len(names), episodes, length
-        self.names, self.context_only = names, context_only
+        self.names, self.label, self.context_only = names, label, context_only
         self.obs = np.empty((T, K, L, OBS_DIM), np.float32)
         self.taken = np.empty((T, K, L, ACT_DIM), np.float32)
         self.expert = np.empty((T, K, L, ACT_DIM), np.float32)
@@ -235,7 +244,7 @@ class ShardRecorder:
         if episode < self.context_only:  # context only: no label, no loss
             label = np.full((len(self.names), ACT_DIM), np.nan, np.float32)
         else:
-            label = expert_actions(self.names, obs, info["goal"])  # (T, 4)
+            label = self.label(self.names, obs, info["goal"])  # (T, 4)
         self.obs[:, episode, t], self.expert[:, episode, t], self.taken[:, episode, t] = obs, label, actions
         self.reward[:, episode, t] = reward
         self.success[:, episode, t] = success > 0
@@ -273,7 +282,7 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
         policy.start_trials(T, shard_seed % (2**31))
         agent = HandoverAgent(policy, expert, cfg.handover) if cfg.handover else policy
         context_only = cfg.handover
-    record = ShardRecorder([t.env_name for t in tasks], K, cfg.episode_length, context_only)
+    record = ShardRecorder([t.env_name for t in tasks], K, cfg.episode_length, expert.label, context_only)
     for _ in play_trials(agent, tasks, shard_seed % (2**31 - T), shard_seed, K, 0, cfg.episode_length,
                          on_step=record, start_trials=False):
         pass
