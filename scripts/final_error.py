@@ -13,6 +13,7 @@ import argparse
 import numpy as np
 import torch
 
+from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 
@@ -32,18 +33,13 @@ def main() -> None:
     agent = InContextAgent.from_pretrained(args.checkpoint, explore_episodes=args.explore_episodes,
                                            explore_scale=args.explore_scale)
     envs = make_trial_envs(tasks, args.episode_length, seed=0)
-    agent.start_trials(len(tasks), 0)
     print(f"{args.checkpoint} on {len(tasks)} {args.suite} test tasks, explore {agent.explore_episodes} "
           f"episode(s) at {agent.explore_scale}")
-    for k in range(args.episodes):
-        obs, info = envs.reset()
-        success = np.zeros(len(tasks), bool)
-        for _ in range(args.episode_length):
-            obs, reward, _, _, info = envs.step(agent.act(obs))
-            agent.observe(reward, info["success"])
-            success |= np.asarray(info["success"]) > 0
-        agent.end_episode()
-        err = np.array([e._env.unwrapped.tcp_center for e in envs.envs]) - np.asarray(info["goal"])  # (N, 3)
+    # the harness's one loop, on envs we keep: after each episode they still hold its last state
+    episodes = play_trials(agent, tasks, 0, 0, args.episodes, 0, args.episode_length, envs=envs)
+    for k, records in enumerate(episodes):
+        success = np.array([r["success"] for r in records])
+        err = np.array([e._env.tcp_center - e._env._get_pos_goal() for e in envs.envs])  # (N, 3)
         d = np.linalg.norm(err, axis=1)
         line = (f"episode {k + 1}: success {success.mean():.2f}, final TCP distance median {np.median(d):.3f} m, "
                 f"mean {d.mean():.3f}, p90 {np.quantile(d, 0.9):.3f}")
