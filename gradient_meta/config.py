@@ -7,9 +7,10 @@ learners. Not for: running anything (``meta_rl.py`` trains, ``rl_agent.py`` acts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.settings import COUNT_OK
 from icl_metarl.harness.suites import check_episode_length, get_suite, parse_task_pool
 
 ALGOS = ("maml", "meta-sgd", "reptile")
@@ -38,7 +39,7 @@ class MetaRLConfig:
     """maml (second order through the inner step), meta-sgd (also learns per-parameter step sizes), reptile."""
     suite: str = "ML1:reach-v3"
     """Meta-World suite; meta-training uses its train split (or new tasks of its train environments)."""
-    task_pool: str = "benchmark"
+    task_pool: str = field(default="benchmark", metadata={COUNT_OK: True})
     """benchmark (the split's train tasks), N (N distinct new train tasks, never a test task), fresh (new every draw)."""
     suite_seed: int = 0
     """Meta-World benchmark seed (which tasks are train and test)."""

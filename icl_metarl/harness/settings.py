@@ -21,6 +21,8 @@ from icl_metarl.harness.errors import UsageError, choice_error
 FLAGS = "flags"
 #: field metadata key: a function parsing one command-line token into one element (e.g. "0.1" -> (0, 1))
 PARSE = "parse"
+#: field metadata key: a string field that a JSON file may also give as an integer (a task pool's count)
+COUNT_OK = "count_ok"
 
 
 @lru_cache(maxsize=None)
@@ -144,24 +146,26 @@ def from_args(cls, args: argparse.Namespace, **fixed):
     return cls(**values)
 
 
-def check_value(where: str, value, kind: type, many: bool, optional: bool):
-    """A JSON value checked against a field's type (lists become tuples); else a UsageError naming it."""
+def check_value(where: str, value, kind: type, many: bool, optional: bool, count_ok: bool = False):
+    """A JSON value checked against a field's type (lists become tuples); else a UsageError naming it.
+    ``count_ok``: a string field that also takes an integer (``COUNT_OK``)."""
     if value is None and optional:
         return None
     if many:
         if not isinstance(value, list):
             raise UsageError(f"{where} must be a list, got {value!r}")
         return tuple(check_value(where, v, kind, False, False) for v in value)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
     ok = {
         bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        int: lambda v: is_int,
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        # task pools are 'fresh', 'benchmark' or a count: a JSON number is fine where a string is
-        str: lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+        str: lambda v: isinstance(v, str) or (count_ok and is_int),
     }.get(kind, lambda v: True)(value)
     if not ok:
-        raise UsageError(f"{where} must be a {kind.__name__}{' or null' if optional else ''}, got {value!r}")
-    return str(value) if kind is str else value
+        also = " or an integer" if count_ok else ""
+        raise UsageError(f"{where} must be a {kind.__name__}{also}{' or null' if optional else ''}, got {value!r}")
+    return value
 
 
 def from_dict(cls, values: dict, where: str, base=None, owned=()):
@@ -173,13 +177,14 @@ def from_dict(cls, values: dict, where: str, base=None, owned=()):
         raise UsageError(f"section {where!r} must be a JSON object, got {values!r}")
     base = base if base is not None else cls()
     kinds = field_types(cls)
+    count_ok = {f.name for f in dataclasses.fields(cls) if f.metadata.get(COUNT_OK)}
     changes = {}
     for key, value in values.items():
         if key in owned:
             raise UsageError(f"{where}.{key} is set by the study (its top-level settings or directory layout); remove it")
         if key not in kinds:
             raise choice_error(f"setting in {where}:", key, [k for k in kinds if k not in owned])
-        changes[key] = check_value(f"{where}.{key}", value, *kinds[key])
+        changes[key] = check_value(f"{where}.{key}", value, *kinds[key], count_ok=key in count_ok)
     try:
         return dataclasses.replace(base, **changes)
     except TypeError as e:

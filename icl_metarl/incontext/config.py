@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.harness.settings import FLAGS
+from icl_metarl.harness.settings import COUNT_OK, FLAGS
 from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, parse_task_pool
 
 NOISE_KINDS = ("uniform", "gaussian", "goal")
@@ -31,7 +31,7 @@ class GenerateConfig:
     """Suite name: ML1:<env>-v3, ML10 or ML45."""
     split: str = "train"
     """Benchmark split to play; 'test' only with the benchmark pool, for held-out evaluation histories."""
-    task_pool: str = "benchmark"
+    task_pool: str = field(default="benchmark", metadata={COUNT_OK: True})
     """'benchmark' (the split's tasks), N (N distinct new train tasks) or 'fresh' (a new task per trial)."""
     trials: int = 50
     """Number of trials to play."""
