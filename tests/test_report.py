@@ -58,7 +58,7 @@ def _results(split="test"):
                                     "episode": e, "phase": "adaptation" if e < 2 else "evaluation",
                                     "success": ok, "return": float(e + p), "steps_to_success": 4 if ok else None})
     return {
-        "format": "icl_metarl.harness.evaluation/1",
+        "format": "icl_metarl.evaluation/1",
         "settings": {"suite": "ML10", "split": split, "adaptation_episodes": 2, "evaluation_episodes": 1,
                      "episode_length": 10, "task_seed": 0},
         "diagnostic": split != "test", "tasks": tasks, "seeds": [0, 1], "versions": {"numpy": "x"},

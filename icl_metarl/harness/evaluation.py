@@ -26,7 +26,7 @@ from icl_metarl.harness.rollout import VECTOR_MODES, play_trials
 from icl_metarl.harness.settings import FLAGS
 from icl_metarl.harness.suites import DEFAULT_EPISODE_LENGTH, TaskSpec, check_episode_length, check_split, get_suite
 
-RESULTS_FORMAT = "icl_metarl.harness.evaluation/1"
+RESULTS_FORMAT = "icl_metarl.evaluation/1"  # names the file format, not the module: kept across moves
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
 TIMING_KEYS = ("timing",)
 

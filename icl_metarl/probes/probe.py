@@ -38,7 +38,7 @@ from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, shift_previous
 from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
 
-METRICS_FORMAT = "icl_metarl.probes.probe/1"
+METRICS_FORMAT = "icl_metarl.probes/1"  # names the file format, not the module: kept across moves
 #: attention figures of the layer x head summary, in the order drawn
 SUMMARY_STATS = (
     "current_episode_share", "previous_episode_share", "earlier_episodes_share",
