@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.incontext.model import ICLPolicy, shift_previous
+from icl_metarl.incontext.model import ICLPolicy, episode_inputs
 
 TRAINING_INFO = "training.json"
 
@@ -146,15 +145,10 @@ class InContextAgent(Agent):
         if not isinstance(episode_index, (int, np.integer)) or episode_index < k:
             raise UsageError(f"episode_index must be an integer >= the {k} context episodes, got {episode_index!r}")
         n = k * t
-        dev = self.device
-        step = torch.arange(t, device=dev).repeat(k).expand(b, n)  # (B, K*T)
-        start = step == 0
-        taken = torch.as_tensor(rearrange(actions, "b k t a -> b (k t) a"), dtype=torch.float32, device=dev)
-        got = torch.as_tensor(rearrange(rewards, "b k t -> b (k t)"), dtype=torch.float32, device=dev)
-        self._obs[:, :n] = torch.as_tensor(rearrange(obs, "b k t d -> b (k t) d"), dtype=torch.float32, device=dev)
-        self._prev_actions[:, :n], self._prev_rewards[:, :n] = shift_previous(taken, got, start)
-        self._episode_start[:, :n] = start
-        self._step[:, :n] = step
+        tokens = episode_inputs(obs, actions, rewards, self.device)  # each (B, K*T, ...)
+        self._obs[:, :n], self._episode_start[:, :n], self._step[:, :n] = (
+            tokens["obs"], tokens["episode_start"], tokens["step_in_episode"])
+        self._prev_actions[:, :n], self._prev_rewards[:, :n] = tokens["prev_actions"], tokens["prev_rewards"]
         self._length, self._episodes, self._episode_index = n, [t] * k, int(episode_index)
         if random_state is not None:
             self._generator.set_state(random_state)

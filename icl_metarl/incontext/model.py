@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -178,6 +179,21 @@ def action_loss(output: "ICLPolicyOutput", target_actions: torch.Tensor) -> torc
     else:
         per_token = tanh_gaussian_nll(output.mean.float(), output.log_std.float(), target)  # (B, T)
     return (per_token * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def episode_inputs(obs, actions, rewards, device=None) -> dict[str, torch.Tensor]:
+    """The model's inputs for whole played episodes laid end to end: obs (B,K,T,D), actions taken
+    (B,K,T,A) and rewards (B,K,T) (arrays) -> obs, prev_actions, prev_rewards, episode_start and
+    step_in_episode, each (B, K*T, ...)."""
+    b, k, t = np.shape(rewards)
+    flat = lambda x, pattern: torch.as_tensor(rearrange(np.asarray(x), pattern), dtype=torch.float32, device=device)
+    actions = flat(actions, "b k t d -> b (k t) d")
+    rewards = flat(rewards, "b k t -> b (k t)")
+    step = torch.arange(t, device=device).repeat(k).expand(b, k * t)  # (B, K*T)
+    start = step == 0
+    prev_actions, prev_rewards = shift_previous(actions, rewards, start)
+    return {"obs": flat(obs, "b k t d -> b (k t) d"), "prev_actions": prev_actions, "prev_rewards": prev_rewards,
+            "episode_start": start, "step_in_episode": step}
 
 
 def window_loss(model, batch: dict, target: str = "expert") -> torch.Tensor:

@@ -35,7 +35,7 @@ from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atom
 from icl_metarl.harness.rollout import StepHook, play_trials
 from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
-from icl_metarl.incontext.model import ICLPolicy, shift_previous
+from icl_metarl.incontext.model import ICLPolicy, episode_inputs, shift_previous
 from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
 
 METRICS_FORMAT = "icl_metarl.probes/1"  # names the file format, not the module: kept across moves
@@ -183,15 +183,7 @@ class Episodes:
 
 def model_inputs(ep: Episodes, device=None) -> dict[str, torch.Tensor]:
     """The model's token inputs for episodes laid end to end: each (B, K*T, ...)."""
-    b, k, t = ep.rewards.shape
-    obs = torch.as_tensor(rearrange(ep.obs, "b k t d -> b (k t) d"), dtype=torch.float32, device=device)
-    actions = torch.as_tensor(rearrange(ep.actions, "b k t d -> b (k t) d"), dtype=torch.float32, device=device)
-    rewards = torch.as_tensor(rearrange(ep.rewards, "b k t -> b (k t)"), dtype=torch.float32, device=device)
-    step = torch.arange(t, device=device).repeat(k).expand(b, k * t)  # (B, K*T)
-    start = step == 0
-    prev_actions, prev_rewards = shift_previous(actions, rewards, start)
-    return {"obs": obs, "prev_actions": prev_actions, "prev_rewards": prev_rewards,
-            "episode_start": start, "step_in_episode": step}
+    return episode_inputs(ep.obs, ep.actions, ep.rewards, device)
 
 
 # ------------------------------------------------------------------------------- interventions
