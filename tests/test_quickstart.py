@@ -248,3 +248,61 @@ def test_tiny_quickstart_end_to_end(tmp_path):
         assert f"| {label} |" in report
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert second.returncode == 0 and second.stdout.count("already done") == 5
+
+
+# ------------------------------------------------------------------------------------ study seed
+def test_study_seed_shifts_data_training_and_evaluation_seeds_together():
+    base, other = qc.tiny(), qc.tiny()
+    other.seed = 2
+    for stage in ("generate", "pretrain", "meta-train"):
+        assert qc.stage_config(other, stage).seed == qc.stage_config(base, stage).seed + 2
+    seeds0, seeds2 = (set(qc.stage_config(c, "evaluate").seeds) for c in (base, other))
+    assert seeds0 and seeds2 and not seeds0 & seeds2  # two study seeds never share an evaluation seed
+    for c in (base, other):  # the probe replays the evaluator's first batch
+        assert qc.stage_config(c, "probe").seed == qc.stage_config(c, "evaluate").seeds[0]
+    for stage in ("generate", "meta-train", "probe"):  # the benchmark's tasks stay the same
+        assert qc.stage_config(other, stage).suite_seed == qc.stage_config(base, stage).suite_seed
+    assert qc.stage_config(other, "evaluate").task_seed == qc.stage_config(base, "evaluate").task_seed
+    assert qc.to_dict(other)["seed"] == 2 and qc.config_from_dict(qc.to_dict(other)).seed == 2
+
+
+def test_study_seed_from_the_command_line_and_a_finished_stage_with_another_seed(tmp_path):
+    cfg = qc.QuickstartCommand(size="tiny", seed=3).config_for()
+    assert cfg.seed == 3
+    qs.mark_done(tmp_path, "generate", qs.stage_settings(qc.tiny(), "generate", tmp_path), 1.0, {})
+    with pytest.raises(UsageError, match="generate with seed=0, not 3"):
+        qs.stage_done(tmp_path, "generate", qs.stage_settings(cfg, "generate", tmp_path))
+    with pytest.raises(UsageError, match="seed must be an integer >= 0, got -1"):
+        qc.config_from_dict({"size": "tiny", "seed": -1})
+
+
+@pytest.mark.slow
+def test_same_study_seed_same_figures_other_seed_other_data(tmp_path):
+    """Two runs of the tiny study with seed 1 report the same figures; seed 2 plays other data and trials."""
+    def run(seed, where):
+        cmd = [sys.executable, "-m", "icl_metarl.study.cli", "quickstart", "--size", "tiny", "--seed", str(seed),
+               "--out", str(where)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = json.loads((where / "eval" / "results.json").read_text())
+        stage_rows = tuple(f"| {stage} |" for stage in qc.STAGES) + ("| stage |",)  # their seconds vary
+        figures = [l for l in (where / "report.md").read_text().splitlines()
+                   if l.startswith(("- Does", "- Which", "| ")) and not l.startswith(stage_rows)]
+        return results, figures
+
+    a, fig_a = run(1, tmp_path / "a")
+    b, fig_b = run(1, tmp_path / "b")
+    assert fig_a == fig_b and any(l.startswith("- Does `icl`") for l in fig_a)
+    key = lambda r: (r["agent"], r["seed"], r["task"], r["episode"], r["return"], r["success"])  # noqa: E731
+    assert sorted(map(key, a["records"])) == sorted(map(key, b["records"]))
+    assert a["seeds"] == b["seeds"] == list(qc.stage_config(qc.QuickstartCommand(size="tiny", seed=1).config_for(),
+                                                              "evaluate").seeds)
+
+    from icl_metarl.incontext.histories import generate  # seed 2: other training data, other trial seeds
+    other = qc.QuickstartCommand(size="tiny", seed=2).config_for()
+    cfg1 = qc.QuickstartCommand(size="tiny", seed=1).config_for()
+    first = generate(qc.stage_config(cfg1, "generate"), tmp_path / "h1")
+    second = generate(qc.stage_config(other, "generate"), tmp_path / "h2")
+    assert first["settings"]["seed"] != second["settings"]["seed"]
+    assert first["tasks"] != second["tasks"]  # other fresh goals
+    assert first["shards"]["00000"]["sha256"]["obs"] != second["shards"]["00000"]["sha256"]["obs"]

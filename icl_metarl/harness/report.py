@@ -147,6 +147,7 @@ def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
                "gain": bootstrap_ci(x[last] - x[0], num_resamples)}  # paired: same task and seed
         if info["adaptive"] and info["spec"] in wiped:
             y = succ[wiped[info["spec"]]][last]
+            row["non_adaptive_last"] = bootstrap_ci(y, num_resamples)
             row["vs_non_adaptive"] = bootstrap_ci(x[last] - y, num_resamples)
             row["won_lost"] = won_lost(x[last] - y)
         rows.append(row)
@@ -214,6 +215,49 @@ def adaptation_lines(results: dict, num_resamples: int = 2000) -> list[str]:
                      f"{_fmt(vs, sign=True) + ' (tasks won {}, lost {} of {}; sign test p {:.3f})'.format(*r['won_lost']) if vs else ''} | "
                      f"{_verdict(vs) if vs else ''} |")
     return lines + [""]
+
+
+def _answer(c, yes: str, no: str, unclear: str) -> str:
+    m, lo, hi = c
+    return "n/a" if np.isnan(m) else yes if lo > 0 else no if hi < 0 else unclear
+
+
+def claim_lines(results: dict, adapters: Sequence[tuple[str, str, str]], versus: tuple[str, str] | None = None,
+                num_resamples: int = 2000) -> list[str]:
+    """One sentence per claim, for the top of a report: does each agent adapt (``adapters``: (label, what
+    adapts it, what its non-adaptive variant lacks)), and which of ``versus`` (two labels) is better in
+    the last adaptation episode; every figure with its 95% interval, differences paired by task and seed."""
+    rows = {r["agent"]: r for r in adaptation_summary(results, num_resamples)}
+    if not rows:
+        return []
+    s = results["settings"]
+    last = next(iter(rows.values()))["last_index"]
+    trials = f"{len(results['tasks'])} {s.get('split', 'test')} tasks x {len(results['seeds'])} seed(s)"
+    lines = []
+    for label, source, lacking in adapters:
+        r = rows.get(label)
+        if r is None or "vs_non_adaptive" not in r:
+            continue
+        vs = r["vs_non_adaptive"]
+        won, lost, _, p = r["won_lost"]
+        verdict = _answer(vs, "**yes**", "**no, it does worse**", "**not shown** (the interval contains 0)")
+        lines.append(f"- Does `{label}` adapt from {source}? {verdict}: in episode {last} (the last adaptation "
+                     f"episode) it succeeds in {_fmt(r['last'])} of the trials, against {_fmt(r['non_adaptive_last'])} {lacking}; "
+                     f"difference {_fmt(vs, sign=True)} (tasks won {won}, lost {lost}, sign test p {p:.3f}).")
+    if versus and all(a in rows for a in versus):
+        a, b = versus
+        succ = {x: episode_array(results["records"], x, "success", len(results["tasks"]), results["seeds"],
+                                 s["adaptation_episodes"] + s["evaluation_episodes"])[last - 1] for x in versus}
+        diff = bootstrap_ci(succ[a] - succ[b], num_resamples)
+        won, lost, _, p = won_lost(succ[a] - succ[b])
+        verdict = _answer(diff, f"`{a}`", f"`{b}`", "neither, beyond the interval")
+        lines.append(f"- Which is better in episode {last}? {verdict}: `{a}` {_fmt(rows[a]['last'])} against `{b}` "
+                     f"{_fmt(rows[b]['last'])}, difference {_fmt(diff, sign=True)} (tasks won {won}, lost {lost}, "
+                     f"sign test p {p:.3f}).")
+    if lines:
+        lines = [f"What this run showed ({trials}; 95% bootstrap intervals over tasks, differences paired by "
+                 "task and seed):", ""] + lines + [""]
+    return lines
 
 
 def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[str] = ()) -> str:

@@ -703,7 +703,8 @@ def describe(result: ProbeResult, figures: Sequence[str] = ()) -> str:
                   f"(largest drop: layer {lo[0]} head {lo[1]}); actions moved most for layer {hi[0]} head "
                   f"{hi[1]} ({ac[hi]:.3f})."]
     lines += ["", f"With {cfg.trials} trials a success rate has a 95% interval of about "
-              f"±{1.96 * math.sqrt(0.25 / cfg.trials):.2f}; read small changes as noise.", "", "## Figures", ""]
+              f"±{1.96 * math.sqrt(0.25 / cfg.trials):.2f}; the changes are paired (same task and start) and carry "
+              "their own intervals: read a change inside its interval as noise.", "", "## Figures", ""]
     notes = {
         "attention_layer_head.png": "each statistic above per layer (rows) and head (columns); enrichment is "
                                     "centred on 1 (red: more than the token share).",

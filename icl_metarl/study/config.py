@@ -74,6 +74,10 @@ class QuickstartConfig:
     """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""
     suite_seed: int = 0
     """Meta-World benchmark seed of every stage: which tasks are train and test"""
+    seed: int = 0
+    """study seed: shifts the seeds of the data, the pretraining, the meta-training, the evaluation and the
+    probe together (each section's seed + this; the evaluation's seeds by this x their number, so two study
+    seeds never share one); the test tasks stay the benchmark's"""
     episode_length: int = 100
     """steps per episode in every stage (histories, model context, MAML, evaluation, probes)"""
     stages: tuple[str, ...] = STAGES
@@ -184,6 +188,8 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     for s in cfg.stages:
         if s not in STAGES:
             raise choice_error("stage", s, STAGES)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise UsageError(f"seed must be an integer >= 0, got {cfg.seed!r}")
     if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 0:
         raise UsageError(f"torch_threads must be an integer >= 0 (0: torch's default), got {cfg.torch_threads!r}")
     if len(set(cfg.stages)) != len(cfg.stages):
@@ -207,17 +213,23 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
     """The effective config a stage runs with: its section plus the settings the quickstart owns."""
     out = Path(out)
     common = {"suite": cfg.suite, "episode_length": cfg.episode_length}
+    shift = cfg.seed * len(cfg.evaluate.seeds)  # evaluation seeds: disjoint blocks, one per study seed
     if stage == "generate":
-        return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train")
+        return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train",
+                                   seed=cfg.generate.seed + cfg.seed)
     if stage == "pretrain":
         data = [str(out / DIRS["generate"])] + [str(d) for d in extra_data_dirs(cfg, out)]
-        return dataclasses.replace(cfg.pretrain, data=data, out=str(out / DIRS["pretrain"]), resume=True)
+        return dataclasses.replace(cfg.pretrain, data=data, out=str(out / DIRS["pretrain"]), resume=True,
+                                   seed=cfg.pretrain.seed + cfg.seed)
     if stage == "meta-train":
-        return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed)
+        return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed,
+                                   seed=cfg.meta_train.seed + cfg.seed)
     if stage == "evaluate":
-        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split="test")
-    if stage == "probe":
-        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split="test")
+        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split="test",
+                                   seeds=tuple(s + shift for s in cfg.evaluate.seeds))
+    if stage == "probe":  # shifted as the evaluation's seeds: it replays the same trials
+        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split="test",
+                                   seed=cfg.probe.seed + shift)
     raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
 
 
@@ -225,7 +237,7 @@ def extra_generate_configs(cfg: QuickstartConfig) -> list:
     """The effective configs of the generate_extra history sets (owned settings as for generate)."""
     base = stage_config(cfg, "generate")
     owned = {k: getattr(base, k) for k in OWNED["generate"]}
-    return [dataclasses.replace(extra, **owned) for extra in cfg.generate_extra]
+    return [dataclasses.replace(extra, **owned, seed=extra.seed + cfg.seed) for extra in cfg.generate_extra]
 
 
 def extra_data_dirs(cfg: QuickstartConfig, out: str | Path) -> list[Path]:
@@ -252,6 +264,9 @@ class QuickstartCommand:
     """study configuration JSON (configs/*.json), applied on top of its 'size' preset"""
     stages: tuple[str, ...] | None = None
     """subset of generate, pretrain, meta-train, evaluate, probe, report (default: the configuration's)"""
+    seed: int | None = None
+    """study seed: shifts the data, training, evaluation and probe seeds together (default: the
+    configuration's, 0); recorded in quickstart_config.json"""
 
     def config_for(self) -> QuickstartConfig:
         """The study configuration this command runs, checked."""
@@ -260,5 +275,7 @@ class QuickstartCommand:
         cfg = load_config(self.config, self.size) if self.config else preset(self.size or "default")
         if self.stages:
             cfg.stages = tuple(self.stages)
+        if self.seed is not None:
+            cfg.seed = self.seed
         return check_config(cfg)
 

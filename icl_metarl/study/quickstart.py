@@ -26,7 +26,7 @@ from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import evaluate, load_agents, load_results
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from icl_metarl.harness.report import adaptation_lines, write_report
+from icl_metarl.harness.report import adaptation_lines, claim_lines, write_report
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.incontext.histories import generate
 from icl_metarl.probes.probe import probe
@@ -240,13 +240,31 @@ def plot_training(out: Path) -> str | None:
     return "training.png"
 
 
+def study_claims(results: dict, out: Path) -> list[str]:
+    """The report's first lines: does each trained agent adapt, and which is better in the last episode."""
+    label = {}
+    for stage in ("pretrain", "meta-train"):
+        spec = str(out / DIRS[stage])
+        label[stage] = next((a for a, info in results["agents"].items()
+                             if info["adaptive"] and Path(info["spec"]).resolve() == Path(spec).resolve()), None)
+    adapters = [(label["pretrain"], "its context", "with its context wiped every episode"),
+                (label["meta-train"], "its gradient step", "without the step")]
+    versus = (label["pretrain"], label["meta-train"])
+    return claim_lines(results, [a for a in adapters if a[0]], versus if all(versus) else None)
+
+
 def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
     """DIR/report.md: the headline figures, with links to the evaluation, training and probe outputs."""
     out = Path(out)
-    lines = [f"# {cfg.name}: {cfg.suite}", "", f"{cfg.description}. Budget: {cfg.budget}.", "",
-             f"Configuration: [quickstart_config.json](quickstart_config.json). Episodes of {cfg.episode_length} "
-             f"steps, benchmark seed {cfg.suite_seed}.", "", "## Stages", "",
-             "| stage | output | seconds (when it ran) | summary |", "|---|---|---|---|"]
+    results_file = out / DIRS["evaluate"] / "results.json"
+    results = load_results(results_file) if results_file.is_file() else None
+    lines = [f"# {cfg.name}: {cfg.suite}", ""]
+    if results:
+        lines += study_claims(results, out)
+    lines += [f"{cfg.description}. Budget: {cfg.budget}.", "",
+              f"Configuration: [quickstart_config.json](quickstart_config.json). Episodes of {cfg.episode_length} "
+              f"steps, benchmark seed {cfg.suite_seed}, study seed {cfg.seed}.", "", "## Stages", "",
+              "| stage | output | seconds (when it ran) | summary |", "|---|---|---|---|"]
     for stage in STAGES[:-1]:
         m = marker_path(out, stage)
         if m.is_file():
@@ -257,9 +275,7 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
             lines.append(f"| {stage} | not run | | |")
     lines.append("")
 
-    results_file = out / DIRS["evaluate"] / "results.json"
-    if results_file.is_file():
-        results = load_results(results_file)
+    if results:
         lines += adaptation_lines(results)
         lines += ["## Adaptation curves", "",
                   "Every agent on the same tasks with the same seeds; oracle (told the goal) and random bound the "
