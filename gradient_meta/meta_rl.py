@@ -3,7 +3,8 @@
 One meta-iteration: draw a meta-batch of train tasks, play the policy (support episodes), adapt it per
 task with policy-gradient step(s), play the adapted policies (query episodes), meta-update (PPO's clipped
 surrogate through the inner step, or Reptile's move), log, checkpoint. A run killed at any moment
-resumes from its last checkpoint and rewrites the same log. Not for: evaluation (``rl_agent.py``).
+resumes from its last checkpoint and rewrites the same log, and its budget.json the same counts.
+Not for: evaluation (``rl_agent.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
 from gradient_meta.policy import PolicyConfig, init_policy
 from gradient_meta.reptile import Reptile, ReptileConfig
 from gradient_meta.rl import ObsNorm, Sampler, advantages, batch_moments, inner_loss, make_outer_loss, to_batch
+from icl_metarl.harness.budget import Budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.settings import add_arguments, from_args
@@ -119,7 +122,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
 
 
 def save_state(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, generator: torch.Generator,
-               iteration: int, env_steps: int, rank: int = 0) -> None:
+               iteration: int, env_steps: int, rank: int = 0, budget: Budget | None = None) -> None:
     """Everything a resume needs in ONE file, written atomically: a kill leaves the old or the new state."""
     tensors = {f"params.{k}": v.detach().clone() for k, v in learner.params.items()}
     for k, v in (learner.step_sizes or {}).items():
@@ -129,7 +132,7 @@ def save_state(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, generator: 
     opt_tensors, opt_meta = _optimizer_tensors(learner.optimizer)
     tensors.update(opt_tensors)
     meta = {"iteration": str(iteration), "env_steps": str(env_steps), "config": json.dumps(asdict(cfg)),
-            "optimizer": json.dumps(opt_meta)}
+            "optimizer": json.dumps(opt_meta), **({"budget": json.dumps(budget.to_json())} if budget else {})}
     atomic_write_bytes(out / (STATE if rank == 0 else f"state-rank{rank}.safetensors"), st_save(tensors, meta))
 
 
@@ -170,6 +173,7 @@ def _read_log(path: Path) -> list[dict]:
 def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: bool = True) -> list[dict]:
     """Meta-train (or resume) into ``out``; returns the log, one dict per iteration."""
     out = Path(out)
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # this piece of the run's cost, for its budget
     nproc = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
     share = local_tasks(cfg.meta_batch, nproc, rank)
@@ -183,6 +187,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     norm = ObsNorm()
     generator = torch.Generator().manual_seed(_seed(cfg.seed, 4, rank))
     start, env_steps, log = 0, 0, []
+    # This process's optimizer steps, CPU and wall time; its tasks and episodes come from the run's seed.
+    spent, counted = Budget(seeds={"train": [cfg.seed], "data": [cfg.seed]}), True
 
     state_file = out / (STATE if rank == 0 else f"state-rank{rank}.safetensors")
     if state_file.exists():
@@ -202,6 +208,12 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         norm = ObsNorm.from_state({k: tensors[f"obs_norm.{k}"] for k in ("mean", "var", "count")})
         generator.set_state(tensors["rng"])
         start, env_steps = int(meta["iteration"]), int(meta["env_steps"])
+        if "budget" in meta:
+            spent = Budget.from_json(json.loads(meta["budget"]))
+        else:
+            counted = False
+            warnings.warn(f"{state_file} predates budget accounting: its optimizer steps are unknown, so this "
+                          f"run writes no budget.json", stacklevel=2)
         # Iterations logged after the checkpoint are redone, so their lines are dropped.
         log = [r for r in _read_log(out / LOG) if r["iteration"] <= start]
         if rank == 0:
@@ -210,6 +222,10 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / LOG, "")
 
+    def count_update(*_):  # every optimizer.step of any learner, however many it takes per iteration
+        spent.optimizer_steps += 1
+
+    learner.optimizer.register_step_post_hook(count_update)
     pool = build_pool(cfg)
     kill_after = int(os.environ.get(KILL_ENV, "0"))
     sampler = None
@@ -266,9 +282,15 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
 
         # 5. checkpoint
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-            save_state(out, cfg, learner, norm, generator, it, env_steps, rank)
+            mine = replace(spent, env_steps=env_steps,
+                           train_cpu_minutes=spent.train_cpu_minutes + (time.process_time() - cpu0) / 60,
+                           wall_minutes=spent.wall_minutes + (time.perf_counter() - wall0) / 60)
+            save_state(out, cfg, learner, norm, generator, it, env_steps, rank, mine if counted else None)
+            cpu = reduce_acc.reduce(torch.tensor(mine.train_cpu_minutes), reduction="sum") if reduce_acc else None
             if rank == 0:
                 save_policy(out, cfg, learner, norm, it)
+                if counted:
+                    write_budget(out, mine if cpu is None else replace(mine, train_cpu_minutes=float(cpu)))
         if kill_after and it == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()

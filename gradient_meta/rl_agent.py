@@ -22,6 +22,7 @@ from gradient_meta.functional import adapt
 from gradient_meta.policy import Params, log_prob, policy_mean
 from gradient_meta.rl import ObsNorm, Rollout, advantages, inner_loss, to_batch
 from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.budget import read_budget
 from icl_metarl.harness.errors import UsageError
 
 
@@ -124,6 +125,9 @@ class GradientRLAgent(Agent):
             pool = meta.get("config", {}).get("task_pool")
             if pool is not None:
                 out["task_pool"] = f"train {pool}"
+        budget = read_budget(self.source) if self.source else None  # the report's budget columns
+        if budget is not None:
+            out["budget"] = budget
         return out
 
 

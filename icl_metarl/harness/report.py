@@ -76,6 +76,26 @@ def _pool(description: dict) -> str:
     return str(description.get("task_pool", "not stated by the agent"))
 
 
+def compact(n: float) -> str:
+    """A count in a few characters: 950 -> '950', 40000 -> '40k', 1234567 -> '1.2M'."""
+    units, i = ("", "k", "M", "G"), 0
+    while abs(n) >= 999.5 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return (f"{n:.1f}".rstrip("0").rstrip(".") if i and abs(n) < 9.95 else f"{n:.0f}") + units[i]
+
+
+def _budget_cells(description: dict) -> str:
+    """The Agents table's budget columns from ``describe()["budget"]`` (a checkpoint's budget.json);
+    blank for an agent that did not train (a baseline) or a checkpoint that predates budgets."""
+    b = description.get("budget")
+    if not b:
+        return "  |  |  |  |"
+    m = b["cpu_minutes"]
+    cpu = f"{m:.2g}" if m < 10 else compact(m)
+    return (f" {compact(b['env_steps'])} | {compact(b['expert_labels'])} | {compact(b['optimizer_steps'])} | "
+            f"{'>=' if b.get('data_cpu_minutes', 0) is None else ''}{cpu} |")
+
+
 def _fmt(ci: tuple[float, float, float], digits: int = 2, sign: bool = False) -> str:
     """'mean [low, high]'; ``sign`` writes a + before positive numbers (for differences)."""
     m, lo, hi = ci
@@ -274,12 +294,19 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
         f"Brackets: 95% bootstrap interval over tasks and seeds within tasks ({num_resamples} resamples).",
         "",
         "## Agents", "",
-        "| agent | status | trained on (task pool) | type | source |", "|---|---|---|---|---|",
+        "| agent | status | trained on (task pool) | type | source | env steps | expert labels | optimizer steps "
+        "| CPU min |", "|---|---|---|---|---|---|---|---|---|",
     ]
     for a, info in results["agents"].items():
         d = info.get("description", {})
-        lines.append(f"| {a} | {info['status']} | {_pool(d)} | {d.get('type', '?')} | {info.get('spec', '')} |")
+        lines.append(f"| {a} | {info['status']} | {_pool(d)} | {d.get('type', '?')} | {info.get('spec', '')} |"
+                     + _budget_cells(d))
     lines.append("")
+    if any(info.get("description", {}).get("budget") for info in results["agents"].values()):
+        lines += ["Budget of each training run, from its checkpoint's budget.json: environment steps played for "
+                  "its training signal, those whose expert action was a training target, optimizer steps, and CPU "
+                  "minutes of training plus generating its stored data ('>=': the data's generation time was not "
+                  "recorded).", ""]
     lines += adaptation_lines(results, num_resamples)
 
     lines += ["## Success, by the definitions papers use", "",

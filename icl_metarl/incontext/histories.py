@@ -10,7 +10,7 @@ reader touch only the fields it needs. Every file is written to a temporary name
 counts only once the manifest (rewritten atomically by the parent process alone) lists it with its
 sha256 checksums. Each shard is a pure function of the settings and its index (its own seeds), so a rerun
 regenerates exactly the missing shards and the directory ends byte-identical to an uninterrupted run,
-whatever the number of workers.
+whatever the number of workers, but for each shard's measured ``cpu_seconds`` in the manifest.
 """
 
 from __future__ import annotations
@@ -297,6 +297,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _generate_shard(job: dict) -> dict:
     """Worker entry (top level, so a spawn pool can call it): play, write each field, return its record."""
+    cpu = time.process_time()  # this worker's CPU time for the shard: the data's cost in training budgets
     cfg = GenerateConfig(**job["config"])
     tasks = [TaskSpec.from_json(t) for t in job["tasks"]]
     arrays = play_shard(tasks, cfg, _derived_seed(cfg.seed, 3, job["index"]))
@@ -310,7 +311,8 @@ def _generate_shard(job: dict) -> dict:
     # Trials (of this shard) that succeeded at least once in each episode: the improvement, at a glance.
     succeeded = rearrange(arrays["successes"], "(t k l) -> t k l", t=len(tasks), k=cfg.episodes_per_trial).max(-1)
     return {"index": job["index"], "trials": len(tasks), "steps": int(arrays["obs"].shape[0]),
-            "successful_trials_per_episode": [int(x) for x in succeeded.sum(0)], "sha256": checksums}
+            "successful_trials_per_episode": [int(x) for x in succeeded.sum(0)], "sha256": checksums,
+            "cpu_seconds": round(time.process_time() - cpu, 3)}
 
 
 # ------------------------------------------------------------------------------------- generation

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
+from icl_metarl.harness.budget import Budget, read_budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.rollout import play_trials
@@ -62,8 +64,9 @@ def complete_checkpoints(run: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, run: Path, step: int, keep: int) -> None:
-    """accelerate ``save_state`` into a temporary directory, then one rename makes it complete."""
+def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget | None = None) -> None:
+    """accelerate ``save_state`` into a temporary directory, then one rename makes it complete; the
+    run's ``budget`` so far rides in its trainer_state.json, so a resume restores it."""
     root = run / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -72,7 +75,7 @@ def save_checkpoint(accelerator, run: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        atomic_write_json(tmp / STATE_NAME, {"step": step})
+        atomic_write_json(tmp / STATE_NAME, {"step": step, **({"budget": budget.to_json()} if budget else {})})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
@@ -133,6 +136,33 @@ def pool_summary(pools: list[dict]) -> str:
                       f"{', relabelled' if 'policy' in str(p['source']) else ''})" for p in pools)
 
 
+# ---------------------------------------------------------------------------------------- budget
+def data_budget(manifests: list[dict], target: str) -> Budget:
+    """What the histories (their manifests) cost: every step played, and the steps whose expert action is
+    a training target. Target 'expert': the labelled steps (all but a hand-over's context-only episodes);
+    target 'taken': the steps the noisy expert played (none of a policy's own). Generation CPU is the
+    shards' ``cpu_seconds``, None if any shard does not record it."""
+    total = Budget()
+    for m in manifests:
+        s, shards = m["settings"], m["shards"].values()
+        steps = sum(int(r["steps"]) for r in shards)
+        k, handover = int(s["episodes_per_trial"]), int(s.get("handover", 0))
+        after_handover = steps * (k - handover) // k  # a trial's episodes all have the same length
+        labels = after_handover if target == "expert" or not s.get("policy") or handover else 0
+        cpu = None if any("cpu_seconds" not in r for r in shards) else sum(r["cpu_seconds"] for r in shards) / 60
+        total = total.add(Budget(env_steps=steps, expert_labels=labels, data_cpu_minutes=cpu,
+                                 seeds={"data": [int(s["seed"])]}))
+    return total
+
+
+def _spent(accelerator, before: Budget, cpu0: float, wall0: float) -> Budget:
+    """``before`` plus this process group's CPU and wall time since (cpu0, wall0); every process calls it."""
+    cpu = accelerator.reduce(torch.tensor(time.process_time() - cpu0, dtype=torch.float64, device=accelerator.device),
+                             reduction="sum")
+    return dataclasses.replace(before, train_cpu_minutes=before.train_cpu_minutes + float(cpu) / 60,
+                               wall_minutes=before.wall_minutes + (time.perf_counter() - wall0) / 60)
+
+
 # ------------------------------------------------------------------------------------------ loop
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops and its last good checkpoint stays."""
@@ -143,6 +173,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
     check_train(cfg)
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # this piece of the run's cost, for its budget
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
@@ -198,10 +229,17 @@ def train(cfg: TrainConfig) -> dict:
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start = 0
+    start, spent = 0, Budget(seeds={"train": [cfg.seed], "data": []})  # optimizer steps, CPU and wall time
     if checkpoints:
         accelerator.load_state(str(checkpoints[-1]))
-        start = json.loads((checkpoints[-1] / STATE_NAME).read_text())["step"]
+        state = json.loads((checkpoints[-1] / STATE_NAME).read_text())
+        start = state["step"]
+        if "budget" in state:
+            spent = Budget.from_json(state["budget"])
+        else:
+            spent.optimizer_steps = start
+            warnings.warn(f"{checkpoints[-1]} predates budget accounting: the CPU and wall time before step "
+                          f"{start} are not in this run's budget.json", stacklevel=2)
     log = run / "log.jsonl"
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -243,6 +281,7 @@ def train(cfg: TrainConfig) -> dict:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         scheduler.step()
+        spent.optimizer_steps += 1
         steps_since += 1
         done = step + 1
         # log
@@ -275,16 +314,18 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         # checkpoint
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints, _spent(accelerator, spent, cpu0, wall0))
         if cfg.kill_after and done - start >= cfg.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     for tracker in accelerator.trackers:  # close the TensorBoard writer; end_training() would also
         tracker.finish()                  # destroy the process group that the barrier below needs
 
+    spent = _spent(accelerator, spent, cpu0, wall0)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         final.save_pretrained(run)
+        write_budget(run, data_budget([h.manifest for h in stream.dataset.sources], cfg.target).add(spent))
         atomic_write_json(run / "training.json", {
             "data": [str(Path(d).resolve()) for d in cfg.data],
             "task_pools": stream.task_pools(),
@@ -345,7 +386,8 @@ def pretrain(cfg: TrainConfig) -> dict:
 
     Round r lives in ``out/round-r``: its relabelled trials (r >= 1, a histories directory played by
     round r-1's policy) and its training run (initialised from round r-1's weights). Every piece
-    resumes by itself, so rerunning with --resume continues a killed run where it stopped.
+    resumes by itself, so rerunning with --resume continues a killed run where it stopped. The run's
+    budget.json counts every histories directory once and every round's optimizer steps and time.
     """
     check_train(cfg)
     if cfg.relabel_rounds == 0:
@@ -399,6 +441,16 @@ def pretrain(cfg: TrainConfig) -> dict:
                          "task_pool": f"{pool_summary(training['task_pools'][:len(cfg.data)])}, "
                                       f"+ {cfg.relabel_rounds} relabelling round(s)"})
         atomic_write_json(run / "training.json", training)
+        phases_spent = [read_budget(run / f"round-{r}" / "train") for r in range(phases)]
+        if None in phases_spent:
+            warnings.warn(f"a round of {run} was trained before budget accounting: no budget.json for the run",
+                          stacklevel=2)
+        else:
+            total = data_budget([load_histories(d, verify=False).manifest for d in data], cfg.target)
+            for b in map(Budget.from_json, phases_spent):  # each round's own loop, not its data again
+                total = total.add(Budget(optimizer_steps=b.optimizer_steps, train_cpu_minutes=b.train_cpu_minutes,
+                                         wall_minutes=b.wall_minutes, seeds={"train": b.seeds["train"]}))
+            write_budget(run, total)
     return record
 
 
