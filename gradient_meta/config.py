@@ -14,6 +14,8 @@ from icl_metarl.harness.settings import COUNT_OK
 from icl_metarl.harness.suites import check_episode_length, get_suite, parse_task_pool
 
 ALGOS = ("maml", "meta-sgd", "reptile")
+#: what the outer loss of MAML and Meta-SGD learns from (the inner step always learns from reward alone)
+OUTER_LOSSES = ("ppo", "imitate")
 #: config.json "model_type" of every gradient meta-RL checkpoint (the algorithm is in its config)
 MODEL_TYPE = "gradient_meta_rl"
 SINUSOID_ALGOS = ("maml", "fomaml", "meta-sgd", "reptile", "pretrain")
@@ -53,6 +55,11 @@ class MetaRLConfig:
     """Episodes played with the pre-adaptation policy per task; the inner step(s) learn from them."""
     query_episodes: int = 1
     """Episodes played with each adapted policy; the outer loss learns from them."""
+    outer_loss: str = "ppo"
+    """ppo (reward: PPO's clipped surrogate on the adapted policy's episodes, MAML-RL) or imitate (the
+    scripted expert's action on the states the adapted policy visits, the supervision the in-context
+    agent trains on: Guided Meta-Policy Search, Mendonca et al. 2019); the inner step learns from reward
+    either way, so at test time the agent sees what the in-context agent sees. MAML and Meta-SGD only."""
     inner_steps: int = 1
     """Policy-gradient steps on the adaptation episodes (Reptile: its k)."""
     inner_lr: float = 0.1
@@ -83,6 +90,11 @@ class MetaRLConfig:
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise choice_error("algorithm", self.algo, ALGOS)
+        if self.outer_loss not in OUTER_LOSSES:
+            raise choice_error("outer loss", self.outer_loss, OUTER_LOSSES)
+        if self.algo == "reptile" and self.outer_loss != "ppo":
+            raise UsageError(f"reptile has no outer loss (it moves toward the inner steps' weights); "
+                             f"outer-loss {self.outer_loss!r} needs maml or meta-sgd")
         get_suite(self.suite)
         parse_task_pool(self.task_pool)
         check_episode_length(self.episode_length)

@@ -1,6 +1,7 @@
-"""Registers the gradient meta-learners with the harness: MAML, Meta-SGD and Reptile on Meta-World.
+"""Registers the gradient meta-learners with the harness: MAML, Meta-SGD and Reptile on Meta-World, and
+MAML and Meta-SGD with the imitation outer loss (the supervision-matched variants).
 
-The three share one settings class, one training loop and one agent; each fixes its ``algo``.
+All share one settings class, one training loop and one agent; each fixes its ``algo`` (and outer loss).
 """
 
 from gradient_meta.config import ALGOS, MODEL_TYPE, GradientAgentOptions, MetaRLConfig
@@ -10,17 +11,24 @@ SUMMARIES = {
     "maml": "MAML: a policy initialisation that one policy-gradient step adapts (second order through the step)",
     "meta-sgd": "Meta-SGD: MAML that also learns a step size per parameter",
     "reptile": "Reptile: move the initialisation toward the weights each task's policy-gradient steps reach",
+    "maml-imitate": "MAML whose reward-only inner step is meta-trained to imitate the expert on the states the "
+                    "adapted policy visits (Guided Meta-Policy Search): the in-context agent's supervision",
+    "meta-sgd-imitate": "Meta-SGD with the same imitation outer loss as maml-imitate",
 }
+#: learner name -> the settings it fixes
+FIXED = {**{algo: {"algo": algo} for algo in ALGOS},
+         "maml-imitate": {"algo": "maml", "outer_loss": "imitate"},
+         "meta-sgd-imitate": {"algo": "meta-sgd", "outer_loss": "imitate"}}
 
-for algo in ALGOS:
+for name, fixed in FIXED.items():
     register(Learner(
-        name=algo,
-        summary=SUMMARIES[algo],
+        name=name,
+        summary=SUMMARIES[name],
         config=MetaRLConfig,
         train="gradient_meta.meta_rl:train_checkpoint",
         load_agent="gradient_meta.rl_agent:load_agent",
         model_type=MODEL_TYPE,
-        fixed={"algo": algo},
+        fixed=fixed,
         agent_options=GradientAgentOptions,
         distributed=True,
     ))

@@ -33,7 +33,16 @@ from gradient_meta.maml import MAML, MAMLConfig
 from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
 from gradient_meta.policy import PolicyConfig, init_policy
 from gradient_meta.reptile import Reptile, ReptileConfig
-from gradient_meta.rl import ObsNorm, Sampler, advantages, batch_moments, inner_loss, make_outer_loss, to_batch
+from gradient_meta.rl import (
+    ObsNorm,
+    Sampler,
+    advantages,
+    batch_moments,
+    inner_loss,
+    make_imitation_loss,
+    make_outer_loss,
+    to_batch,
+)
 from icl_metarl.harness.budget import Budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
@@ -74,12 +83,17 @@ def draw_tasks(cfg: MetaRLConfig, pool: list[TaskSpec] | None, iteration: int) -
 
 
 # ---------------------------------------------------------------------------------- learners
+def outer_loss(cfg: MetaRLConfig):
+    """MAML's and Meta-SGD's outer loss: PPO on reward, or imitating the expert (``cfg.outer_loss``)."""
+    return make_imitation_loss() if cfg.outer_loss == "imitate" else make_outer_loss(cfg.clip, cfg.entropy_coef)
+
+
 def _maml(cfg: MetaRLConfig, params, accelerator):
-    return MAML(params, inner_loss, make_outer_loss(cfg.clip, cfg.entropy_coef), _maml_config(cfg), accelerator)
+    return MAML(params, inner_loss, outer_loss(cfg), _maml_config(cfg), accelerator)
 
 
 def _meta_sgd(cfg: MetaRLConfig, params, accelerator):
-    return MetaSGD(params, inner_loss, make_outer_loss(cfg.clip, cfg.entropy_coef), _maml_config(cfg), accelerator,
+    return MetaSGD(params, inner_loss, outer_loss(cfg), _maml_config(cfg), accelerator,
                    init_step_sizes(params, cfg.inner_lr))
 
 
@@ -244,7 +258,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         t_adapt = time.perf_counter()
         adapted = learner.adapt(support)
         t_adapt = time.perf_counter() - t_adapt
-        post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True)
+        imitate = cfg.outer_loss == "imitate"  # the expert labels the adapted policy's states, not the support's
+        post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True, label_expert=imitate)
         query = to_batch(post, advantages(post, cfg.gamma, cfg.gae_lambda))
         sample_s = time.perf_counter() - t0 - t_adapt
 
@@ -262,6 +277,7 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
             mean, n = mean_all, n * nproc
         norm.update(n, mean, var)
         env_steps += (pre.steps + post.steps) * nproc
+        spent.expert_labels += post.steps * nproc if imitate else 0
 
         # 4. log
         stats = torch.stack([pre.success[:, 0].mean(), post.success[:, -1].mean(),

@@ -20,7 +20,7 @@ from torch.func import vmap
 from gradient_meta.policy import Params, baseline_features, entropy, fit_linear_baseline, log_prob, policy_mean
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.rollout import play_trials
-from icl_metarl.harness.suites import OBS_DIM, TaskSpec, make_trial_envs, metaworld_task
+from icl_metarl.harness.suites import OBS_DIM, TaskSpec, expert_actions, make_trial_envs, metaworld_task
 
 OBS_CLIP = 10.0
 
@@ -85,6 +85,9 @@ class Rollout:
     """(T, E, L) rewards."""
     success: Tensor
     """(T, E) 1.0 where the episode succeeded at any step."""
+    expert: Tensor | None = None
+    """(T, E, L, 4) the scripted expert's action (told the goal) at each observation, if it was asked;
+    the policy acted without it"""
 
     @property
     def steps(self) -> int:
@@ -115,16 +118,20 @@ class GaussianAgent(Agent):
     name = "gaussian-mlp"
 
     def __init__(self, params: Params, norm: ObsNorm, generator: torch.Generator, per_task: bool,
-                 deterministic: bool = False):
+                 deterministic: bool = False, label_expert: bool = False):
         self.params = {k: v.detach() for k, v in params.items()}
         self.std = torch.exp(self.params["log_std"])  # (A,) or (T, A)
         self.norm, self.generator, self.per_task, self.deterministic = norm, generator, per_task, deterministic
         self.mean_fn = vmap(policy_mean) if per_task else policy_mean
+        # Labelling needs the true goals, which only privileged agents are handed; the policy never sees them.
+        self.label_expert = self.privileged = label_expert
         self._clear()
 
     def _clear(self) -> None:
         self.episodes: list[dict[str, Tensor]] = []
         self.steps: dict[str, list[Tensor]] = {"obs": [], "raw_obs": [], "act": [], "rew": [], "success": []}
+        if self.label_expert:
+            self.steps["expert"] = []
 
     def start_trials(self, num_trials: int, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -141,6 +148,12 @@ class GaussianAgent(Agent):
         self.steps["act"].append(act)
         return act.numpy()
 
+    def act_privileged(self, obs: np.ndarray, privileged) -> np.ndarray:
+        """``act`` on the observation alone; the expert's action there (told the goal) is only recorded."""
+        label = expert_actions(privileged.env_names, obs, privileged.goals)
+        self.steps["expert"].append(torch.as_tensor(label))
+        return self.act(obs)
+
     def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
         self.steps["rew"].append(torch.as_tensor(reward, dtype=torch.float32))
         self.steps["success"].append(torch.as_tensor(success, dtype=torch.float32))
@@ -154,7 +167,8 @@ class GaussianAgent(Agent):
         ep = {k: torch.stack([e[k] for e in self.episodes], dim=1) for k in self.steps}  # (T, E, L, ...)
         with torch.no_grad():
             logp = rollout_log_prob(self.params, ep["obs"], ep["act"], self.per_task)
-        return Rollout(ep["obs"], ep["raw_obs"], ep["act"], logp, ep["rew"], ep["success"].amax(dim=-1))
+        return Rollout(ep["obs"], ep["raw_obs"], ep["act"], logp, ep["rew"], ep["success"].amax(dim=-1),
+                       ep.get("expert"))
 
 
 class Sampler:
@@ -177,9 +191,10 @@ class Sampler:
         self.envs.close()
 
     def sample(self, params: Params, norm: ObsNorm, episodes: int, generator: torch.Generator,
-               per_task: bool, deterministic: bool = False) -> Rollout:
-        """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...)."""
-        agent = GaussianAgent(params, norm, generator, per_task, deterministic)
+               per_task: bool, deterministic: bool = False, label_expert: bool = False) -> Rollout:
+        """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...);
+        ``label_expert``: also record the scripted expert's action at every observation (``Rollout.expert``)."""
+        agent = GaussianAgent(params, norm, generator, per_task, deterministic, label_expert)
         # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
         # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.
         threads = torch.get_num_threads()
@@ -246,8 +261,10 @@ def advantages(rollout: Rollout, gamma: float, lam: float, reward_scale: float =
 def to_batch(rollout: Rollout, adv: Tensor) -> dict[str, Tensor]:
     """The per-task batch a loss reads: every leaf (T, N) with N = episodes * steps."""
     flat = lambda x: einops.rearrange(x, "t e l ... -> t (e l) ...")  # noqa: E731
-    return {"obs": flat(rollout.obs), "act": flat(rollout.act), "logp": flat(rollout.logp),
-            "adv": flat(adv).detach()}
+    batch = {"obs": flat(rollout.obs), "act": flat(rollout.act), "logp": flat(rollout.logp), "adv": flat(adv).detach()}
+    if rollout.expert is not None:
+        batch["expert"] = flat(rollout.expert)
+    return batch
 
 
 # --------------------------------------------------------------------------------------- losses
@@ -271,3 +288,14 @@ def make_outer_loss(clip: float = 0.2, entropy_coef: float = 0.0):
         return -surrogate.mean() - entropy_coef * entropy(params)
 
     return outer_loss
+
+
+def make_imitation_loss():
+    """Guided Meta-Policy Search's outer loss (Mendonca et al. 2019): the negative log-likelihood of the
+    scripted expert's action under the adapted policy, on the states that policy visited (DAgger-style
+    labels, as the in-context agent's relabelling rounds). Reads ``batch["expert"]``; only the outer loss
+    does, the inner step (``inner_loss``) learns from reward alone."""
+    def imitation_loss(params: Params, batch: dict[str, Tensor]) -> Tensor:
+        return -log_prob(params, batch["obs"], batch["expert"]).mean()
+
+    return imitation_loss

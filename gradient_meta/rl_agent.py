@@ -162,5 +162,5 @@ def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> Gradient
         cfg = RLAgentConfig(**settings)
     except TypeError as e:
         raise UsageError(f"bad agent setting: {e}") from None
-    label = f"{run['algo']}-{path.name}"
+    label = f"{run['algo']}{'-imitate' if run.get('outer_loss') == 'imitate' else ''}-{path.name}"
     return GradientRLAgent(params, norm, cfg, steps, name=label, source=str(path))
