@@ -50,6 +50,8 @@ from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.harness.suites import TaskSpec, get_suite, parse_task_pool, sample_new_tasks
 
 STATE, WEIGHTS, CONFIG, LOG = "state.safetensors", "model.safetensors", "config.json", "log.jsonl"
+#: every checkpoint's policy also stays in SNAPSHOTS/iteration-NNNNNN (a loadable checkpoint with its budget)
+SNAPSHOTS = "snapshots"
 #: fault injection for the resume test: SIGKILL this process right after logging this iteration
 KILL_ENV = "ICL_METARL_KILL_AFTER_ITERATION"
 
@@ -304,9 +306,12 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
             save_state(out, cfg, learner, norm, generator, it, env_steps, rank, mine if counted else None)
             cpu = reduce_acc.reduce(torch.tensor(mine.train_cpu_minutes), reduction="sum") if reduce_acc else None
             if rank == 0:
-                save_policy(out, cfg, learner, norm, it)
-                if counted:
-                    write_budget(out, mine if cpu is None else replace(mine, train_cpu_minutes=float(cpu)))
+                total = mine if cpu is None else replace(mine, train_cpu_minutes=float(cpu))
+                # the checkpoint, and a snapshot of it that stays: budget curves evaluate every snapshot
+                for where in (out, out / SNAPSHOTS / f"iteration-{it:06d}"):
+                    save_policy(where, cfg, learner, norm, it)
+                    if counted:
+                        write_budget(where, total)
         if kill_after and it == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()

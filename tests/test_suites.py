@@ -141,3 +141,16 @@ def test_reach_expert_parks_the_tcp_on_the_goal_not_the_hand():
     assert np.linalg.norm(tcp - info["goal"], axis=1).max() < 0.015
     assert np.abs(obs[:, :3] - tcp - (0.0, 0.0, 0.045)).max() < 0.006  # the offset the expert is told
     envs.close()
+
+
+def test_validation_split_new_tasks_of_the_train_environments():
+    suite = get_suite("ML1:reach-v3")
+    val = suite.tasks("validation")
+    train, test = suite.tasks("train"), suite.tasks("test")
+    assert len(val) == len(train) == 50 and len(set(val)) == 50
+    assert not set(val) & (set(train) | set(test))  # neither a train nor a test task
+    assert {t.env_name for t in val} == set(suite.envs("validation")) == set(suite.train_envs)
+    assert val == get_suite("ML1:reach-v3").tasks("validation")  # the same every time
+    assert val != suite.tasks("validation", seed=1)  # another benchmark seed, other tasks
+    with pytest.raises(UsageError, match="'valid'.*train, validation, test"):
+        suite.tasks("valid")

@@ -38,7 +38,9 @@ class EvalConfig:
     suite: str = "ML1:reach-v3"
     """Meta-World suite: ML1:<env>-v3, ML10 or ML45."""
     split: str = "test"
-    """Which split's tasks to play; train is a diagnostic only (the agents may have seen them)."""
+    """Which split's tasks to play: test (the figure to report, once per final recipe), validation (new
+    tasks of the train environments: choose recipes and checkpoints here) or train (a diagnostic only:
+    the agents may have seen them)."""
     adaptation_episodes: int = field(default=10, metadata={FLAGS: ("-K",)})
     """K: episodes per trial in which the agent may adapt (Meta-World's benchmark uses 10)."""
     evaluation_episodes: int = field(default=3, metadata={FLAGS: ("-E",)})

@@ -285,7 +285,10 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
     v = _View(results, num_resamples)
     s = results["settings"]
     lines = [f"# Evaluation: {s['suite']}, {s['split']} split", ""]
-    if results.get("diagnostic"):
+    if s["split"] == "validation":
+        lines += ["**Validation split:** new tasks of the training environments, for choosing recipes, budgets and "
+                  "checkpoints; report the test split, played once per final recipe.", ""]
+    elif results.get("diagnostic"):
         lines += ["**Diagnostic only: train split.** The agents may have trained on these tasks; these figures say "
                   "nothing about adaptation to new tasks.", ""]
     lines += [

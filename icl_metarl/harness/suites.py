@@ -28,7 +28,9 @@ from metaworld.policies import ENV_POLICY_MAP
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import atomic_write_json, versions
 
-SPLITS = ("train", "test")
+#: validation: new tasks of the train environments (not the benchmark's), for choosing recipes, budgets and
+#: checkpoints; the test split is then played once per final recipe
+SPLITS = ("train", "validation", "test")
 #: task pools: the split's benchmark tasks, a new task per trial/draw, or (a count) N distinct new tasks
 POOL_WORDS = ("benchmark", "fresh")
 OBS_DIM = 39
@@ -62,11 +64,15 @@ class Suite:
 
     def envs(self, split: str) -> tuple[str, ...]:
         check_split(split)
-        return self.train_envs if split == "train" else self.test_envs
+        return self.test_envs if split == "test" else self.train_envs
 
     def tasks(self, split: str, seed: int = 0) -> list[TaskSpec]:
-        """The benchmark's tasks of a split, in Meta-World's order; the same for the same seed."""
+        """The tasks of a split, the same for the same seed: the benchmark's train or test tasks in
+        Meta-World's order, or the validation tasks: as many new tasks of the train environments as the
+        train split holds, round-robin over environments, none a train or test task."""
         check_split(split)
+        if split == "validation":
+            return list(_validation_tasks(self.name, int(seed)))
         return [TaskSpec.from_json(t) for t in _benchmark_tasks(self.name, int(seed))[split]]
 
 
@@ -138,6 +144,18 @@ def _benchmark_tasks(suite_name: str, seed: int) -> dict[str, list[dict]]:
         ]
     atomic_write_json(cache, out)
     return out
+
+
+#: mixed into the benchmark seed for the validation draw; no training draw uses it
+VALIDATION_SEED = 0x5A11D
+
+
+@lru_cache(maxsize=16)
+def _validation_tasks(suite_name: str, seed: int) -> tuple[TaskSpec, ...]:
+    suite = get_suite(suite_name)
+    bench = [suite.tasks("train", seed), suite.tasks("test", seed)]
+    draw_seed = int(np.random.SeedSequence([seed, VALIDATION_SEED]).generate_state(1)[0])
+    return tuple(sample_new_tasks(suite.train_envs, len(bench[0]), draw_seed, exclude=bench[0] + bench[1]))
 
 
 def parse_task_pool(value) -> str | int:

@@ -30,7 +30,7 @@ class GenerateConfig:
     suite: str = "ML1:reach-v3"
     """Suite name: ML1:<env>-v3, ML10 or ML45."""
     split: str = "train"
-    """Benchmark split to play; 'test' only with the benchmark pool, for held-out evaluation histories."""
+    """Split to play; 'validation' and 'test' only with the benchmark pool, for held-out histories."""
     task_pool: str = field(default="benchmark", metadata={COUNT_OK: True})
     """'benchmark' (the split's tasks), N (N distinct new train tasks) or 'fresh' (a new task per trial)."""
     trials: int = 50
@@ -95,8 +95,9 @@ def check_generate(cfg: GenerateConfig) -> GenerateConfig:
     if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
         raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
     pool = parse_task_pool(cfg.task_pool)
-    if cfg.split == "test" and pool != "benchmark":
-        raise UsageError(f"task pool {cfg.task_pool!r} draws new train tasks; with split 'test' only 'benchmark' is valid")
+    if cfg.split != "train" and pool != "benchmark":
+        raise UsageError(f"task pool {cfg.task_pool!r} draws new train tasks; with split {cfg.split!r} only "
+                         f"'benchmark' is valid")
     if isinstance(pool, int) and pool > cfg.trials:
         raise UsageError(f"task pool {pool} needs at least {pool} trials to play each task once, got trials={cfg.trials}")
     return cfg
@@ -184,8 +185,9 @@ class TrainConfig:
     monitor only: it never selects the checkpoint"""
     eval_tasks: int = 10
     """tasks of eval_split played by each periodic evaluation (one trial each, as many episodes as a window)"""
-    eval_split: str = "test"
-    """split whose first eval_tasks tasks the periodic evaluation plays"""
+    eval_split: str = "validation"
+    """split whose first eval_tasks tasks the periodic evaluation plays (validation: choose the step to
+    keep on new train-environment tasks, not on the test tasks you report)"""
     tensorboard: bool = True
     """also log to out/tensorboard when the tensorboard package is installed"""
     kill_after: int = 0

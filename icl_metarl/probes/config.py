@@ -27,7 +27,7 @@ class ProbeConfig:
     suite: str = "ML1:reach-v3"
     """suite whose tasks are played (ML1:<env>-v3, ML10, ML45)"""
     split: str = "test"
-    """task split: test (held-out tasks, default) or train"""
+    """task split: test (held-out tasks, default), validation (new train-environment tasks) or train"""
     trials: int = 10
     """parallel trials (the split's first N tasks)"""
     episodes: int | None = None

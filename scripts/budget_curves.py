@@ -1,0 +1,141 @@
+"""Learning curves against budget (issue 22): success after adaptation of every snapshot of each training
+run, on the validation split, against the env steps and the CPU minutes it cost to get there.
+
+What a snapshot is: a gradient meta-RL run keeps one per checkpoint (``snapshots/iteration-N``); an
+in-context run with relabelling rounds has one per phase (``round-r/train``), whose cumulative budget is
+its own data (every histories directory so far, counted once) plus the optimizer steps and CPU time of
+every phase up to it; any other checkpoint is one point. Every snapshot is played by the shared
+evaluator on the same tasks and seeds. Resumable: points already in ``DIR/curves.json`` with the same
+settings are kept. Prints one row per point and writes ``curves.json``, ``curves.md`` and
+``budget_curves.png``.
+
+    python scripts/budget_curves.py runs/icl runs/maml-imitate runs/maml --suite ML1:reach-v3 \\
+        -K 3 -E 1 --episode-length 50 --seeds 0 1 --tasks 50 --out curves/reach
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from icl_metarl.harness.budget import Budget, read_budget
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from icl_metarl.harness.report import adaptation_summary, compact
+
+
+def snapshots(run: Path) -> list[tuple[str, Path, dict]]:
+    """(name, loadable checkpoint, cumulative budget) of every point of ``run``, in training order."""
+    snaps = sorted((run / "snapshots").glob("iteration-*"))
+    if snaps:
+        return [(p.name, p, read_budget(p)) for p in snaps if read_budget(p)]
+    rounds = sorted(run.glob("round-*/train"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if rounds:
+        out, loops = [], Budget()
+        for phase in rounds:
+            own = read_budget(phase)
+            if own is None or not (phase / "config.json").is_file():
+                break  # a phase not finished (or trained before budgets): the curve stops before it
+            b = Budget.from_json(own)
+            loops = loops.add(Budget(optimizer_steps=b.optimizer_steps, train_cpu_minutes=b.train_cpu_minutes,
+                                     wall_minutes=b.wall_minutes, seeds={"train": b.seeds["train"]}))
+            total = dataclasses.replace(b, optimizer_steps=loops.optimizer_steps,
+                                        train_cpu_minutes=loops.train_cpu_minutes, wall_minutes=loops.wall_minutes)
+            out.append((phase.parent.name, phase, total.to_json()))
+        return out
+    budget = read_budget(run)
+    if budget is None:
+        raise UsageError(f"{run} has no budget.json (and no snapshots/ or round-*/train with one): train it with "
+                         f"this version to record its budget")
+    return [("final", run, budget)]
+
+
+def plot(points: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "env_steps", "env steps (training)"), (axes[1], "cpu_minutes", "CPU minutes")):
+        for run in dict.fromkeys(p["run"] for p in points):
+            pts = sorted((p for p in points if p["run"] == run), key=lambda p: p["budget"][key] or 0)
+            x = [p["budget"][key] for p in pts]
+            m, lo, hi = (np.array([p["success_last"][i] for p in pts]) for i in range(3))
+            line = ax.plot(x, m, marker="o", label=f"{pts[0]['agent']} ({run})")[0]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set(xscale="log", xlabel=label, ylabel="success, last adaptation episode", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"success after adaptation against budget ({points[0]['split']} split; bands: 95% intervals)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def table(points: list[dict]) -> str:
+    rows = ["| run | point | agent | env steps | expert labels | optimizer steps | CPU min | success, episode 1 "
+            "| success, last adaptation episode |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        b = p["budget"]
+        rows.append(f"| {p['run']} | {p['point']} | {p['agent']} | {compact(b['env_steps'])} | "
+                    f"{compact(b['expert_labels'])} | {compact(b['optimizer_steps'])} | {b['cpu_minutes']:.1f} | "
+                    f"{p['success_first'][0]:.2f} | {p['success_last'][0]:.2f} [{p['success_last'][1]:.2f}, "
+                    f"{p['success_last'][2]:.2f}] |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="training run directories")
+    p.add_argument("--suite", default="ML1:reach-v3")
+    p.add_argument("--split", default="validation", help="validation (default); test only for a final recipe")
+    p.add_argument("-K", "--adaptation-episodes", type=int, default=3)
+    p.add_argument("-E", "--evaluation-episodes", type=int, default=1)
+    p.add_argument("--episode-length", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tasks", type=int, default=50)
+    p.add_argument("--deterministic", action="store_true", help="gradient agents act with their mean action")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        config = EvalConfig(suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
+                            evaluation_episodes=args.evaluation_episodes, episode_length=args.episode_length,
+                            seeds=tuple(args.seeds), num_tasks=args.tasks, batch_size=args.tasks,
+                            progress=False).check()
+        out = Path(args.out)
+        settings = {**dataclasses.asdict(config), "seeds": list(config.seeds), "deterministic": args.deterministic}
+        old = read_json(out / "curves.json") if (out / "curves.json").is_file() else {}
+        points = old.get("points", []) if old.get("settings") == settings else []
+        done = {(q["run"], q["point"]) for q in points}
+        options = {"deterministic": True} if args.deterministic else {}
+        for run in map(Path, args.runs):
+            for name, where, budget in snapshots(run):
+                if (str(run), name) in done:
+                    continue
+                agents = load_agents([str(where)], options=options)
+                results = evaluate(agents, config, out / "evals" / run.name / name)
+                row = next(r for r in adaptation_summary(results) if r["adaptive"])
+                points.append({"run": str(run), "point": name, "agent": row["agent"], "split": config.split,
+                               "budget": budget, "success_first": row["first"], "success_last": row["last"]})
+                atomic_write_json(out / "curves.json", {"settings": settings, "points": points})
+                b = budget
+                print(f"{run} {name}: env steps {compact(b['env_steps'])}, expert labels {compact(b['expert_labels'])}, "
+                      f"CPU {b['cpu_minutes']:.1f} min -> success {row['last'][0]:.2f} "
+                      f"[{row['last'][1]:.2f}, {row['last'][2]:.2f}]", flush=True)
+    except UsageError as e:
+        print(f"budget_curves: error: {e}", file=sys.stderr)
+        return 2
+    if points:
+        plot(points, out / "budget_curves.png")
+        atomic_write_text(out / "curves.md", table(points) + "\n")
+        print(table(points))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""scripts/budget_curves.py: every snapshot of a run played on the validation split, with its budget."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from gradient_meta.meta_rl import SNAPSHOTS, MetaRLConfig, meta_train
+from icl_metarl.harness.budget import read_budget
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "budget_curves.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("budget_curves", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("curves") / "maml"
+    meta_train(MetaRLConfig(iterations=3, meta_batch=2, episode_length=10, hidden=(4,), ppo_epochs=1,
+                            checkpoint_every=2, seed=1), out, progress=False)
+    return out
+
+
+def test_meta_rl_keeps_a_snapshot_per_checkpoint_with_its_budget(run):
+    snaps = sorted((run / SNAPSHOTS).iterdir())
+    assert [p.name for p in snaps] == ["iteration-000002", "iteration-000003"]
+    steps = [read_budget(p)["env_steps"] for p in snaps]
+    assert steps == [2 * 2 * 2 * 10, 3 * 2 * 2 * 10] and read_budget(run) == read_budget(snaps[-1])
+    assert json.loads((snaps[0] / "config.json").read_text())["iteration"] == 2
+
+
+def test_curves_play_every_snapshot_and_resume(run, tmp_path, monkeypatch):
+    bc = _script()
+    args = [str(run), "--suite", "ML1:reach-v3", "-K", "2", "-E", "1", "--episode-length", "10", "--tasks", "2",
+            "--out", str(tmp_path)]
+    assert bc.main(args) == 0
+    data = json.loads((tmp_path / "curves.json").read_text())
+    assert [p["point"] for p in data["points"]] == ["iteration-000002", "iteration-000003"]
+    assert data["points"][0]["budget"]["env_steps"] < data["points"][1]["budget"]["env_steps"]
+    assert data["settings"]["split"] == "validation" and (tmp_path / "budget_curves.png").stat().st_size > 0
+    first = json.loads((tmp_path / "evals" / "maml" / "iteration-000002" / "results.json").read_text())
+    assert first["settings"]["split"] == "validation" and len(first["tasks"]) == 2
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished point was played again")
+
+    monkeypatch.setattr(bc, "evaluate", refuse)
+    assert bc.main(args) == 0  # resumed: nothing to play
+
+
+def test_a_run_without_a_budget_is_a_clear_error(tmp_path, capsys):
+    bc = _script()
+    assert bc.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "has no budget.json" in capsys.readouterr().err
+
+
+def test_relabelling_phases_are_points_with_cumulative_budgets(tmp_path):
+    from icl_metarl.harness.budget import Budget, write_budget
+    own = [Budget(1000, 1000, 10, 1.0, 2.0, 0.5, {"train": [0], "data": [7]}),  # phase 0: base data
+           Budget(1300, 1300, 10, 1.5, 3.0, 0.5, {"train": [0], "data": [7]})]  # phase 1: base + relabelled
+    for r, b in enumerate(own):
+        phase = tmp_path / f"round-{r}" / "train"
+        write_budget(phase, b)
+        (phase / "config.json").write_text("{}")
+    (tmp_path / "round-2" / "train").mkdir(parents=True)  # an unfinished phase is not a point
+    points = _script().snapshots(tmp_path)
+    assert [name for name, _, _ in points] == ["round-0", "round-1"]
+    last = points[1][2]
+    assert (last["env_steps"], last["expert_labels"], last["optimizer_steps"]) == (1300, 1300, 20)
+    assert last["train_cpu_minutes"] == pytest.approx(2.5) and last["data_cpu_minutes"] == pytest.approx(3.0)
