@@ -130,8 +130,10 @@ def test_periodic_evaluation_and_tensorboard_log_beside_the_loss(data, tmp_path)
     evals = {r["step"]: r for r in records if "eval_success" in r}
     assert sorted(evals) == [2, 4] and [r["step"] for r in records] == [2, 3, 4]
     assert all(len(r["eval_success"]) == 2 and r["eval_tasks"] == 2 and "loss" in r for r in evals.values())
-    # The step-4 evaluation is the final model's, played directly through the evaluator's loop.
-    tasks = get_suite("ML1:reach-v3").tasks("test", 0)[:2]
+    # The step-4 evaluation is the final model's, played directly through the evaluator's loop, on the
+    # validation tasks (the default eval_split: checkpoints are chosen there, never on the test tasks).
+    assert all(r["eval_split"] == "validation" for r in evals.values())
+    tasks = get_suite("ML1:reach-v3").tasks("validation", 0)[:2]
     direct = [[r["return"] for r in episode] for episode in play_trials(
         InContextAgent.from_pretrained(run, deterministic=True), tasks, env_seed=0, agent_seed=0,
         adaptation_episodes=2, evaluation_episodes=0, episode_length=20)]
