@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def plot(points: list[dict], path: Path) -> None:
             pts = sorted((p for p in points if p["run"] == run), key=lambda p: p["budget"][key] or 0)
             x = [p["budget"][key] for p in pts]
             m, lo, hi = (np.array([p["success_last"][i] for p in pts]) for i in range(3))
-            line = ax.plot(x, m, marker="o", label=f"{pts[0]['agent']} ({run})")[0]
+            family = re.sub(r"-iteration-\d+$", "", pts[0]["agent"])  # a snapshot's label ends with its name
+            line = ax.plot(x, m, marker="o", label=f"{family} ({run})")[0]
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
         ax.set(xscale="log", xlabel=label, ylabel="success, last adaptation episode", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
