@@ -10,6 +10,7 @@ from gradient_meta import sinusoid
 from icl_metarl.fewshot import evaluation, solvers
 from icl_metarl.fewshot.config import FewShotProbeConfig, FewShotTrainConfig
 from icl_metarl.fewshot.evaluation import (
+    FunctionPredictor,
     GradientPredictor,
     MismatchError,
     check_same_inputs,
@@ -159,6 +160,22 @@ def test_a_learner_fed_other_points_is_caught(monkeypatch, tmp_path):
         check_same_inputs(a + b)
     with pytest.raises(MismatchError):
         write_report({"records": a + b}, tmp_path)
+
+
+def test_a_diverging_learner_is_reported_as_such(tmp_path):
+    test = make_test_set(MAML_SINE, n_tasks=4, max_shots=2, n_query=3, seed=0)
+
+    def nan_on_task_0(sx, sy, qx):
+        out = torch.zeros(qx.shape[:2])
+        out[0] = float("nan")
+        return out
+
+    records = score([FunctionPredictor("unstable", nan_on_task_0)], test, shots=(2,))
+    assert records[0]["nonfinite_tasks"] == 1
+    results = {"run": "r", "trained_on": "maml-sine", "families": ["maml-sine"], "budgets": {},
+               "training_shots": {"gradient": 2, "in-context": 2}, "records": records, "versions": {},
+               "settings": {"tasks": 4, "queries": 3, "seed": 0, "shots": [2], "gradient_steps": [1]}}
+    assert "diverged on 1/4 tasks" in write_report(results, tmp_path).read_text()
 
 
 def test_gradient_learner_scores_as_gradient_meta_evaluates():

@@ -118,7 +118,8 @@ def score(predictors: Sequence[Predictor], test: TestSet, shots: Sequence[int]) 
             per_task = ((pred.double() - test.query_f[..., 0].double()) ** 2).mean(1)  # (T,)
             mse, ci = mean_ci(per_task)
             records.append({"learner": p.name, "family": test.family, "shots": k, "mse": mse, "ci95": ci,
-                            "tasks": len(per_task), "queries": qx.shape[1], "inputs": inputs})
+                            "tasks": len(per_task), "nonfinite_tasks": int((~per_task.isfinite()).sum()),
+                            "queries": qx.shape[1], "inputs": inputs})
     check_same_inputs(records)
     return records
 
@@ -256,7 +257,7 @@ def plot_family(results: dict, family: str, out: Path) -> str:
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab20"].colors
-    lowest = min(r["mse"] for r in recs)
+    lowest = min((r["mse"] for r in recs if math.isfinite(r["mse"]) and r["mse"] > 0), default=1.0)
     for i, name in enumerate(_learners(recs)):
         rs = sorted((r for r in recs if r["learner"] == name), key=lambda r: r["shots"])
         k = np.array([r["shots"] for r in rs])
@@ -290,6 +291,12 @@ def _reference_names(results: dict) -> set[str]:
     return {r["learner"] for r in results["records"]} - set(results["budgets"])
 
 
+def _cell(r: dict) -> str:
+    if r.get("nonfinite_tasks"):  # a gradient learner whose steps diverged: said, not averaged away
+        return f"diverged on {r['nonfinite_tasks']}/{r['tasks']} tasks"
+    return f"{r['mse']:.3g} ± {r['ci95']:.2g}"
+
+
 def report_markdown(results: dict, plots: dict[str, str]) -> str:
     s = results["settings"]
     lines = [f"# Few-shot regression: run {results['run']} (trained on {results['trained_on']})", "",
@@ -307,7 +314,7 @@ def report_markdown(results: dict, plots: dict[str, str]) -> str:
     for family in results["families"]:
         recs = [r for r in results["records"] if r["family"] == family]
         shots = sorted({r["shots"] for r in recs})
-        cell = {(r["learner"], r["shots"]): f"{r['mse']:.3g} ± {r['ci95']:.2g}" for r in recs}
+        cell = {(r["learner"], r["shots"]): _cell(r) for r in recs}
         lines += [f"## {family}", "", "| learner | " + " | ".join(f"K={k}" for k in shots) + " |",
                   "|---|" + "---|" * len(shots)]
         lines += [f"| {n} | " + " | ".join(cell[(n, k)] for k in shots) + " |" for n in _learners(recs)]
@@ -316,12 +323,15 @@ def report_markdown(results: dict, plots: dict[str, str]) -> str:
         trained = results["training_shots"]["gradient"]
         k = min(results["settings"]["shots"], key=lambda s: (abs(s - trained), s))  # the K evaluated nearest it
         fams = results["families"]
-        mse = {(r["learner"], r["family"]): r["mse"] for r in results["records"] if r["shots"] == k}
+        mse = {(r["learner"], r["family"]): r["mse"] if not r.get("nonfinite_tasks") else math.nan
+               for r in results["records"] if r["shots"] == k}
         if all((n, fams[0]) in mse for n in _learners(results["records"])):
             lines += [f"## Out of distribution at K={k}: MSE on each family / MSE on {fams[0]}", "",
                       "| learner | " + " | ".join(fams[1:]) + " |", "|---|" + "---|" * (len(fams) - 1)]
             for n in _learners(results["records"]):
-                lines.append(f"| {n} | " + " | ".join(f"{mse[(n, f)] / mse[(n, fams[0])]:.3g}" for f in fams[1:]) + " |")
+                ratios = [mse[(n, f)] / mse[(n, fams[0])] for f in fams[1:]]
+                lines.append(f"| {n} | " + " | ".join(f"{x:.3g}" if math.isfinite(x) else "diverged" for x in ratios)
+                             + " |")
             lines.append("")
     lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", ""]
     return "\n".join(lines)

@@ -255,13 +255,17 @@ def write_report(result: dict, out: str | Path) -> Path:
              "difference of predictions / mean squared in-context prediction (0: identical); cosines per task of "
              "predictions and of sensitivities d prediction / d y_i (1: identical direction), averaged over "
              f"{result['settings']['tasks']} tasks x {result['settings']['queries']} queries (seed "
-             f"{result['settings']['seed']}).", ""]
+             f"{result['settings']['seed']}). A step size at the grid's edge may be the grid's limit, not the best "
+             "match: widen --step-sizes there.", ""]
     for k in shots:
         entry = result["shots"][k]
         lines += [f"## K = {k}: most similar k first: {', '.join(map(str, entry['ranking']))}", "",
                   "| k | step-size scale | relative error | prediction cosine | sensitivity cosine |", "|---|---|---|---|---|"]
-        lines += [f"| {r['gd_steps']} | {r['step_size_scale']:g} | {r['relative_error']:.3g} | "
-                  f"{r['prediction_cosine']:.3f} | {r['sensitivity_cosine']:.3f} |" for r in entry["rows"]]
+        grid = result["settings"]["step_sizes"]
+        edge = lambda scale: " (grid edge)" if len(grid) > 1 and scale in (min(grid), max(grid)) else ""  # noqa: E731
+        lines += [f"| {r['gd_steps']} | {r['step_size_scale']:g}{edge(r['step_size_scale'])} | "
+                  f"{r['relative_error']:.3g} | {r['prediction_cosine']:.3f} | {r['sensitivity_cosine']:.3f} |"
+                  for r in entry["rows"]]
         if "attention" in entry:
             a = entry["attention"]
             lines += ["", "| layer | share on support | entropy / log K | nearest point / uniform |", "|---|---|---|---|"]
