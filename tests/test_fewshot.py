@@ -250,7 +250,7 @@ def test_a_linear_attention_layer_built_by_hand_is_one_gradient_step():
     g = torch.Generator().manual_seed(0)
     sx, sy, qx = torch.randn(5, 7, d, generator=g), torch.randn(5, 7, 1, generator=g), torch.randn(5, 3, d, generator=g)
     closed_form = torch.einsum("tk,tkd,tqd->tq", sy[..., 0], sx, qx) * lr / 7  # w1 = lr/K sum_j y_j x_j
-    gd, _ = gd_predictions(linear_reference(d), lr, sx, sy, qx, steps=[1])
+    gd = gd_predictions(linear_reference(d), lr, sx, sy, qx, steps=[1])
     torch.testing.assert_close(layer.predict(sx, sy, qx), closed_form)
     torch.testing.assert_close(gd[:, 0], closed_form, atol=1e-5, rtol=1e-5)
 
@@ -269,7 +269,7 @@ def test_the_probe_ranks_one_gradient_step_first_for_that_layer_and_two_for_two_
     # control: a predictor that IS two gradient steps is reported as two
     ref, two = linear_reference(family.dim), _two_step_predictor(family.dim, 0.3)
     inputs = make_test_set(family, 3, 4, 2, seed=0).inputs(4)
-    torch.testing.assert_close(two(*inputs), gd_predictions(ref, 0.3, *inputs, steps=[2])[0][:, 0])
+    torch.testing.assert_close(two(*inputs), gd_predictions(ref, 0.3, *inputs, steps=[2])[:, 0])
     result = probe_predictor(two, family, ref, config)
     assert all(entry["ranking"][0] == 2 for entry in result["shots"].values())
 

@@ -79,14 +79,12 @@ def _scaled(step: StepSize, scale: float) -> StepSize:
     return {k: v * scale for k, v in step.items()} if isinstance(step, dict) else step * scale
 
 
-def gd_predictions(ref: Reference, scale: float, support_x, support_y, query_x, steps: Sequence[int]
-                   ) -> tuple[Tensor, Tensor]:
-    """Predictions (T, S, Q) after each of ``steps`` SGD steps, and their sensitivities to the support
-    targets (T, S, Q, K), one task at a time under vmap."""
+def _unrolled(ref: Reference, scale: float, steps: Sequence[int]):
+    """One task's predictions after each of ``steps`` SGD steps: run(y (K, 1), x, xq) -> (S, Q)."""
     lr, wanted = _scaled(ref.step_size, scale), sorted(steps)
     params = {k: v.detach() for k, v in ref.params.items()}
 
-    def run(y, x, xq):  # one task: y (K, 1) -> (S, Q)
+    def run(y, x, xq):
         p, out = params, []
         for step in range(1, wanted[-1] + 1):
             p = sgd_update(p, grad(ref.loss)(p, (x, y)), lr)
@@ -94,10 +92,21 @@ def gd_predictions(ref: Reference, scale: float, support_x, support_y, query_x, 
                 out.append(functional_call(ref.net, p, (xq,))[..., 0])
         return torch.stack(out)
 
+    return run
+
+
+def gd_predictions(ref: Reference, scale: float, support_x, support_y, query_x, steps: Sequence[int]) -> Tensor:
+    """Predictions (T, S, Q) of the reference after each of ``steps`` SGD steps on each task's support."""
     y = support_y.reshape(*support_y.shape[:2], 1)
-    pred = vmap(run)(y, support_x, query_x)  # (T, S, Q)
-    sens = vmap(jacrev(run))(y, support_x, query_x)[..., 0]  # (T, S, Q, K)
-    return pred.detach(), sens.detach()
+    return vmap(_unrolled(ref, scale, steps))(y, support_x, query_x).detach()
+
+
+def gd_sensitivities(ref: Reference, scale: float, support_x, support_y, query_x, steps: Sequence[int]) -> Tensor:
+    """d prediction / d support target of the reference after each of ``steps`` steps: (T, S, Q, K).
+    Reverse mode through the unrolled steps (S x Q cotangents): costly, so the probe asks only for the
+    step size it kept."""
+    y = support_y.reshape(*support_y.shape[:2], 1)
+    return vmap(jacrev(_unrolled(ref, scale, steps)))(y, support_x, query_x)[..., 0].detach()
 
 
 def predictor_sensitivities(predict, support_x, support_y, query_x) -> tuple[Tensor, Tensor]:
@@ -116,10 +125,15 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
 
 
+def relative_error(icl_pred: Tensor, gd_pred: Tensor) -> float:
+    """Mean squared difference of predictions over the mean squared in-context prediction (0: identical)."""
+    return float(((icl_pred.double() - gd_pred.double()) ** 2).mean() / (icl_pred.double() ** 2).mean().clamp(min=1e-12))
+
+
 def similarity(icl_pred: Tensor, icl_sens: Tensor, gd_pred: Tensor, gd_sens: Tensor) -> dict:
     """How alike two predictors are on one support set: relative prediction error (0: the same
     predictions), cosine of predictions and of sensitivities per task (1: the same direction)."""
-    err = float(((icl_pred.double() - gd_pred.double()) ** 2).mean() / (icl_pred.double() ** 2).mean().clamp(min=1e-12))
+    err = relative_error(icl_pred, gd_pred)
     return {"relative_error": err, "prediction_cosine": float(_cosine(icl_pred, gd_pred).mean()),
             "sensitivity_cosine": float(_cosine(icl_sens, gd_sens).mean())}
 
@@ -160,15 +174,19 @@ def probe_predictor(predict, family: Family, reference: Reference, config: FewSh
     for k in config.shots:
         sx, sy, qx = test.inputs(k)
         icl_pred, icl_sens = predictor_sensitivities(predict, sx, sy, qx)
-        rows = {}
+        best: dict[int, tuple[float, float]] = {}  # k -> (relative error, step-size scale)
         for scale in config.step_sizes:
-            gd_pred, gd_sens = gd_predictions(reference, scale, sx, sy, qx, config.gd_steps)
+            gd_pred = gd_predictions(reference, scale, sx, sy, qx, config.gd_steps)
             for i, steps in enumerate(sorted(config.gd_steps)):
-                row = {"gd_steps": steps, "step_size_scale": scale,
-                       **similarity(icl_pred, icl_sens, gd_pred[:, i], gd_sens[:, i])}
-                if math.isfinite(row["relative_error"]) and \
-                        row["relative_error"] < rows.get(steps, {}).get("relative_error", math.inf):
-                    rows[steps] = row
+                err = relative_error(icl_pred, gd_pred[:, i])
+                if math.isfinite(err) and err < best.get(steps, (math.inf, 0.0))[0]:
+                    best[steps] = (err, scale)
+        rows = {}
+        for steps, (_, scale) in best.items():
+            gd_pred = gd_predictions(reference, scale, sx, sy, qx, [steps])[:, 0]
+            gd_sens = gd_sensitivities(reference, scale, sx, sy, qx, [steps])[:, 0]
+            rows[steps] = {"gd_steps": steps, "step_size_scale": scale,
+                           **similarity(icl_pred, icl_sens, gd_pred, gd_sens)}
         entry = {"rows": [rows[s] for s in sorted(rows)],
                  "ranking": [r["gd_steps"] for r in sorted(rows.values(), key=lambda r: r["relative_error"])]}
         if model is not None:
