@@ -147,7 +147,7 @@ class FewShotProbeConfig:
     """seed of the probed tasks and points"""
     gd_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     """gradient steps k of the reference learner on the support set"""
-    step_sizes: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    step_sizes: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     """step sizes tried for the reference (relative to its own for a gradient checkpoint); per k the best
     match to the in-context predictions is kept"""
     reference: str = "auto"
