@@ -131,6 +131,9 @@ class SinusoidConfig:
 
     algo: str = "maml"
     """maml, fomaml, meta-sgd, reptile, or pretrain (plain regression on all tasks, the baseline)."""
+    family: str = "maml-sine"
+    """task family (icl_metarl.harness.regression_tasks): maml-sine, metasgd-sine, linear, ...; an unknown
+    name is an error that lists them."""
     shots: int = 10
     """K: support points per task (the query set has K points too during training)."""
     iterations: int = 2000

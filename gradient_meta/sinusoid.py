@@ -1,8 +1,9 @@
-"""The few-shot sinusoid regression benchmark of the MAML and Meta-SGD papers, as a built-in task family.
+"""Few-shot regression with the gradient learners: the sinusoid benchmark of the MAML and Meta-SGD papers.
 
-Tasks y = A sin(x - phase), A in [0.1, 5], phase in [0, pi], x in [-5, 5]; a 1-40-40-1 ReLU network.
-Meta-training (MAML, Meta-SGD, Reptile, or a pretrained-on-all-tasks baseline) and an evaluation that
-reports post-adaptation MSE with a 95% confidence interval over test tasks.
+Tasks come from a family of ``icl_metarl.harness.regression_tasks`` (default MAML's: y = A sin(x - phase),
+A in [0.1, 5], phase in [0, pi], x in [-5, 5]; also the Meta-SGD paper's sinusoids and linear regression);
+a d-40-40-1 ReLU network. Meta-training (MAML, Meta-SGD, Reptile, or a pretrained-on-all-tasks baseline)
+and an evaluation that reports post-adaptation MSE with a 95% confidence interval over test tasks.
 """
 
 from __future__ import annotations
@@ -25,18 +26,15 @@ from gradient_meta.maml import MAML, MAMLConfig
 from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
 from gradient_meta.reptile import Reptile, ReptileConfig
 from icl_metarl.harness.errors import UsageError
-
-AMPLITUDE = (0.1, 5.0)
-PHASE = (0.0, math.pi)
-X_RANGE = (-5.0, 5.0)
+from icl_metarl.harness.regression_tasks import MAML_SINE, Family, get_family
 
 
 class SineNet(nn.Module):
-    """The papers' regressor: 1 -> 40 -> 40 -> 1 with ReLU."""
+    """The papers' regressor: 1 -> 40 -> 40 -> 1 with ReLU (``inputs`` -> ... for d-dimensional tasks)."""
 
-    def __init__(self, hidden: int = 40):
+    def __init__(self, hidden: int = 40, inputs: int = 1):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        self.net = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., 1) -> (..., 1)
@@ -54,16 +52,14 @@ def mse_loss_fn(model: nn.Module):
 
 
 def sample_tasks(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Amplitudes and phases of ``n`` tasks, each (n,)."""
-    amp = AMPLITUDE[0] + (AMPLITUDE[1] - AMPLITUDE[0]) * torch.rand(n, generator=generator)
-    phase = PHASE[0] + (PHASE[1] - PHASE[0]) * torch.rand(n, generator=generator)
-    return amp, phase
+    """Amplitudes and phases of ``n`` tasks of MAML's family, each (n,)."""
+    tasks = MAML_SINE.sample_tasks(n, generator)
+    return tasks["amplitude"], tasks["phase"]
 
 
 def sample_points(amp: Tensor, phase: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``k`` uniform inputs per task and their targets, each (T, k, 1)."""
-    x = X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * torch.rand(len(amp), k, 1, generator=generator)
-    return x, amp[:, None, None] * torch.sin(x - phase[:, None, None])
+    """``k`` uniform inputs per task of MAML's family and their targets, each (T, k, 1)."""
+    return MAML_SINE.sample_points({"amplitude": amp, "phase": phase, "frequency": torch.ones_like(amp)}, k, generator)
 
 
 def _maml(config: SinusoidConfig, model: nn.Module, accelerator):
@@ -121,18 +117,19 @@ assert set(BUILDERS) == set(SINUSOID_ALGOS)
 def train(config: SinusoidConfig, accelerator=None, log=print):
     """Meta-train on freshly sampled tasks; returns (model, learner, seconds). Every process samples the
     whole meta-batch from the same seed and keeps its own share, so N processes see the same tasks as one."""
+    family = get_family(config.family)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model = SineNet(config.hidden)
+    model = SineNet(config.hidden, family.x_dim)
     nproc = accelerator.num_processes if accelerator else 1
     share = local_tasks(config.meta_batch, nproc, accelerator.process_index if accelerator else 0)
     learner = build_learner(config, model, accelerator)
     g = torch.Generator().manual_seed(10_000 + config.seed)
     start, running = time.perf_counter(), 0.0
     for it in range(1, config.iterations + 1):
-        amp, phase = sample_tasks(config.meta_batch, g)
-        support = sample_points(amp, phase, config.shots, g)
-        query = sample_points(amp, phase, config.shots, g)
+        tasks = family.sample_tasks(config.meta_batch, g)
+        support = family.sample_points(tasks, config.shots, g)
+        query = family.sample_points(tasks, config.shots, g)
         running += learner.step(tuple(t[share] for t in support), tuple(t[share] for t in query))
         if config.log_every and it % config.log_every == 0:
             log(f"iter {it}: train query MSE {running / config.log_every:.3f} "
@@ -142,13 +139,14 @@ def train(config: SinusoidConfig, accelerator=None, log=print):
 
 
 def evaluate(model: nn.Module, params: Params, step_size: StepSize, shots: int, steps: int = 1,
-             n_tasks: int = 1000, n_query: int = 100, seed: int = 1234) -> dict:
+             n_tasks: int = 1000, n_query: int = 100, seed: int = 1234, family: Family = MAML_SINE) -> dict:
     """Post-adaptation MSE on ``n_tasks`` test tasks: adapt with ``steps`` SGD steps on ``shots`` points,
-    score ``n_query`` fresh points. Returns mean, 95% CI half-width (1.96 standard errors over tasks)."""
+    score ``n_query`` fresh points. Returns mean, 95% CI half-width (1.96 standard errors over tasks).
+    (``icl_metarl.fewshot.evaluation`` scores every learner, in-context ones too, on one test set.)"""
     g = torch.Generator().manual_seed(seed)
-    amp, phase = sample_tasks(n_tasks, g)
-    support = sample_points(amp, phase, shots, g)
-    qx, qy = sample_points(amp, phase, n_query, g)
+    tasks = family.sample_tasks(n_tasks, g)
+    support = family.sample_points(tasks, shots, g)
+    qx, qy = family.sample_points(tasks, n_query, g)
     adapted = adapt_tasks(mse_loss_fn(model), params, support, step_size, steps) if steps else \
         {k: v.detach().expand(n_tasks, *v.shape) for k, v in params.items()}
     with torch.no_grad():
@@ -179,7 +177,7 @@ def train_command(config: SinusoidConfig, out, eval_tasks: int = 1000) -> None:
     if main:
         save(out, config, learner, seconds)
         res = evaluate(model, learner.params, learned_step_size(config, learner), config.shots,
-                       config.inner_steps, eval_tasks)
+                       config.inner_steps, eval_tasks, family=get_family(config.family))
         print(f"{config.algo} K={config.shots}: {config.iterations} iterations in {seconds:.0f}s on "
               f"{accelerator.num_processes} process(es); test MSE after {config.inner_steps} step(s) "
               f"{res['mse']:.3f} ± {res['ci95']:.3f} (95% CI, {res['tasks']} tasks); checkpoint {out}")
@@ -195,7 +193,9 @@ def evaluate_command(checkpoint, options) -> None:
     if shots < 1 or options.steps < 0 or options.tasks < 2:
         raise UsageError(f"need --shots >= 1, --steps >= 0, --tasks >= 2; got {shots}, {options.steps}, {options.tasks}")
     torch.set_num_threads(config.threads)
-    model = SineNet(config.hidden)
-    res = evaluate(model, params, step_sizes or config.inner_lr, shots, options.steps, options.tasks, seed=options.seed)
+    family = get_family(config.family)
+    model = SineNet(config.hidden, family.x_dim)
+    res = evaluate(model, params, step_sizes or config.inner_lr, shots, options.steps, options.tasks, seed=options.seed,
+                   family=family)
     print(f"{config.algo} K={shots}, {options.steps} step(s): test MSE {res['mse']:.3f} ± {res['ci95']:.3f} "
           f"(95% CI over {res['tasks']} tasks, {res['query_points']} query points each)")

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from gradient_meta.config import MetaRLConfig, SinusoidConfig
+from icl_metarl.fewshot.config import FewShotEvalConfig, FewShotProbeConfig, FewShotTrainConfig
 from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig
@@ -153,6 +154,31 @@ def _add_sinusoid(sub) -> None:
                                           from_args(SinusoidEvaluateCommand, a)))
 
 
+def _add_fewshot(sub) -> None:
+    p = sub.add_parser("fewshot", help="few-shot regression: the in-context regressor beside MAML, Meta-SGD, Reptile, "
+                                       "pretraining and reference solvers on the same tasks; gradient-descent probe")
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = acts.add_parser("train", help="train every learner of a study on one task family (a run directory)")
+    add_arguments(t, FewShotTrainConfig)
+    t.add_argument("--out", required=True, help="run directory; rerun the same command to finish it")
+    t.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.train:train_command", from_args(FewShotTrainConfig, a),
+                                          a.out))
+    e = acts.add_parser("evaluate", help="MSE against shots of every learner on the same test tasks and points; "
+                                         "results.json, report.md, plots")
+    e.add_argument("run", help="run directory written by `icl-metarl fewshot train`")
+    add_arguments(e, FewShotEvalConfig)
+    e.add_argument("--out", required=True, help="output directory")
+    e.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.evaluation:evaluate_command", a.run,
+                                          from_args(FewShotEvalConfig, a), a.out))
+    r = acts.add_parser("probe", help="does the in-context prediction behave like k gradient steps? metrics.json, "
+                                      "probe.md, plots")
+    r.add_argument("run", help="run directory with an in-context regressor (icl/)")
+    add_arguments(r, FewShotProbeConfig)
+    r.add_argument("--out", required=True, help="output directory")
+    r.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.probe:probe_command", a.run,
+                                          from_args(FewShotProbeConfig, a), a.out))
+
+
 def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole study, small, on a CPU: generate, pretrain, MAML, evaluate, "
                                           "probe, report")
@@ -177,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_probe(sub)
     _add_sinusoid(sub)
+    _add_fewshot(sub)
     _add_quickstart(sub)
     return parser
 
