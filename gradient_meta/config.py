@@ -121,8 +121,9 @@ class GradientAgentOptions:
     """How an evaluated gradient meta-RL agent acts (None: as the checkpoint says)."""
 
     deterministic: bool | None = None
-    """gradient checkpoints: act with the policy's mean action instead of sampling it (adaptation still
-    learns from the episodes played)"""
+    """gradient checkpoints: act with the policy's mean action instead of sampling it; the policy-gradient
+    step on such episodes moves only log_std, so the agent then does not adapt (it measures the
+    initialisation alone; docs/results.md, issue 22)"""
 
 
 @dataclass
