@@ -54,7 +54,11 @@ def _loop_meta_gradient(params, step, support, query, steps, outer):
 @pytest.mark.parametrize("steps,learned", [(1, False), (2, False), (1, True)])
 def test_rl_meta_gradient_equals_a_per_task_autograd_loop(rl_batches, steps, learned):
     params, support, query = rl_batches
-    outer = make_outer_loss(0.2, 0.01)
+    check_against_loop(params, support, query, make_outer_loss(0.2, 0.01), steps, learned)
+
+
+def check_against_loop(params, support, query, outer, steps, learned):
+    """The vmapped meta-gradient (and step-size gradient) equals the per-task autograd loop, in float64."""
     step = {k: torch.full_like(v, 0.05) + 0.01 * torch.rand(v.shape) for k, v in params.items()} if learned else 0.05
     # float64 on both sides, so the comparison measures the maths, not rounding
     p64 = {k: v.double() for k, v in params.items()}
