@@ -11,7 +11,6 @@ if two learners were given different points. MSE is taken against the noise-free
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,13 @@ from icl_metarl.fewshot import solvers
 from icl_metarl.fewshot.config import LEARNERS, MODEL_TYPE, RUN_FILE, FewShotEvalConfig
 from icl_metarl.fewshot.model import ICLRegressor
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, versions
+from icl_metarl.harness.files import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    versions,
+)
 from icl_metarl.harness.regression_tasks import Family, LinearFamily, get_family, shifted_families
 
 
@@ -280,10 +285,8 @@ def plot_family(results: dict, family: str, out: Path) -> str:
     ax.set_title(f"{family} (trained on {results['trained_on']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
     name = f"mse-{family}.png"
-    atomic_write_bytes(out / name, buf.getvalue())
+    atomic_write_figure(fig, out / name)
     return name
 
 

@@ -11,7 +11,6 @@ shares per support point (the in-context regressor, eager attention) use the att
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,12 @@ from icl_metarl.fewshot.config import FewShotProbeConfig
 from icl_metarl.fewshot.evaluation import load_gradient, make_test_set, run_family
 from icl_metarl.fewshot.model import ICLRegressor
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.files import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    versions,
+)
 from icl_metarl.harness.regression_tasks import Family, LinearFamily, get_family
 from icl_metarl.probes.probe import attention_entropy, key_mass
 
@@ -233,9 +237,7 @@ def probe_command(run: str, config: FewShotProbeConfig, out) -> None:
 # ----------------------------------------------------------------------------------------- report
 def _png(fig: Figure, path: Path) -> None:
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path)
 
 
 def write_report(result: dict, out: str | Path) -> Path:

@@ -5,6 +5,7 @@ Every JSON, shard and checkpoint this toolkit writes goes through here or throug
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from importlib import metadata
@@ -27,6 +28,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_figure(fig, path: str | Path, **savefig) -> None:
+    """A matplotlib figure as PNG at ``path``, atomically (``savefig``: e.g. dpi, bbox_inches)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

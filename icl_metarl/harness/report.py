@@ -6,7 +6,6 @@ Not for: playing agents (``evaluation.py``); every figure here is recomputed fro
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_text
+from icl_metarl.harness.files import atomic_write_figure, atomic_write_text
 
 
 # ----------------------------------------------------------------------------------------- maths
@@ -379,10 +378,8 @@ def plot_curves(results: dict, out_dir: str | Path, num_resamples: int = 2000) -
         ax.set_title(f"{results['settings']['suite']} {results['settings']['split']}: {key.replace('_', ' ')}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
         name = f"{key}.png"
-        atomic_write_bytes(Path(out_dir) / name, buf.getvalue())
+        atomic_write_figure(fig, Path(out_dir) / name)
         names.append(name)
     return names
 

@@ -16,7 +16,6 @@ Python API, three lines from a notebook::
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,12 @@ from matplotlib.figure import Figure
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.evaluation import trial_seed
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.files import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    versions,
+)
 from icl_metarl.harness.rollout import StepHook, play_trials
 from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
@@ -583,9 +587,7 @@ def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin=None, vmax=None, c
 
 
 def _save_figure(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 

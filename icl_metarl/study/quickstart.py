@@ -10,7 +10,6 @@ JSON files (``configs/``) read by ``load_config``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from matplotlib.figure import Figure
 from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import evaluate, load_agents, load_results
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from icl_metarl.harness.files import atomic_write_figure, atomic_write_json, atomic_write_text
 from icl_metarl.harness.report import adaptation_lines, claim_lines, write_report
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.incontext.histories import generate
@@ -234,9 +233,7 @@ def plot_training(out: Path) -> str | None:
             ax.set(xlabel="meta-iteration", ylabel="success (train tasks)", title="gradient meta-training")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(out / "training.png", buf.getvalue())
+    atomic_write_figure(fig, out / "training.png", dpi=100)
     return "training.png"
 
 
