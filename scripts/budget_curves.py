@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,12 @@ from matplotlib.figure import Figure
 from icl_metarl.harness.budget import Budget, read_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from icl_metarl.harness.files import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from icl_metarl.harness.report import adaptation_summary, compact
 
 
@@ -45,8 +49,7 @@ def snapshots(run: Path) -> list[tuple[str, Path, dict]]:
             if own is None or not (phase / "config.json").is_file():
                 break  # a phase not finished (or trained before budgets): the curve stops before it
             b = Budget.from_json(own)
-            loops = loops.add(Budget(optimizer_steps=b.optimizer_steps, train_cpu_minutes=b.train_cpu_minutes,
-                                     wall_minutes=b.wall_minutes, seeds={"train": b.seeds["train"]}))
+            loops = loops.add(b.training_loop())
             total = dataclasses.replace(b, optimizer_steps=loops.optimizer_steps,
                                         train_cpu_minutes=loops.train_cpu_minutes, wall_minutes=loops.wall_minutes)
             out.append((phase.parent.name, phase, total.to_json()))
@@ -74,9 +77,7 @@ def plot(points: list[dict], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"success after adaptation against budget ({points[0]['split']} split; bands: 95% intervals)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path, dpi=100)
 
 
 def table(points: list[dict]) -> str:

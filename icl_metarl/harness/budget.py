@@ -49,6 +49,12 @@ class Budget:
                       self.optimizer_steps + other.optimizer_steps, self.train_cpu_minutes + other.train_cpu_minutes,
                       data_cpu, self.wall_minutes + other.wall_minutes, seeds)
 
+    def training_loop(self) -> Budget:
+        """This piece's training loop alone (optimizer steps, training CPU and wall time, training seeds),
+        without its data: phases that train on shared data add up without counting the data twice."""
+        return Budget(optimizer_steps=self.optimizer_steps, train_cpu_minutes=self.train_cpu_minutes,
+                      wall_minutes=self.wall_minutes, seeds={"train": self.seeds["train"]})
+
     def to_json(self) -> dict:
         """The fields, plus ``cpu_minutes`` (their sum) for readers that want one CPU figure."""
         out = asdict(self)

@@ -448,8 +448,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         else:
             total = data_budget([load_histories(d, verify=False).manifest for d in data], cfg.target)
             for b in map(Budget.from_json, phases_spent):  # each round's own loop, not its data again
-                total = total.add(Budget(optimizer_steps=b.optimizer_steps, train_cpu_minutes=b.train_cpu_minutes,
-                                         wall_minutes=b.wall_minutes, seeds={"train": b.seeds["train"]}))
+                total = total.add(b.training_loop())
             write_budget(run, total)
     return record
 
