@@ -142,7 +142,8 @@ def test_an_agent_that_raises_loses_nothing(tmp_path):
     ({"adaptation_episodes": -1}, "-K"), ({"evaluation_episodes": -2}, "-E"),
     ({"adaptation_episodes": 0, "evaluation_episodes": 0}, "at least 1"),
     ({"split": "val"}, "split 'val'"), ({"seeds": ()}, "seed"), ({"vector": "threads"}, "vector mode"),
-    ({"suite": "ML2"}, "ML2"), ({"num_tasks": 0}, "--tasks"),
+    ({"suite": "ML2"}, "ML2"), ({"num_tasks": 0}, "--tasks"), ({"tasks_per_env": 0}, "--tasks-per-env"),
+    ({"num_tasks": 2, "tasks_per_env": 2}, "not both"),
 ])
 def test_bad_settings_are_one_line_errors(change, match):
     with pytest.raises(UsageError, match=match) as e:
@@ -153,6 +154,18 @@ def test_bad_settings_are_one_line_errors(change, match):
 def test_too_many_tasks():
     with pytest.raises(UsageError, match="--tasks 51 exceeds the 50"):
         EvalConfig(**{**TINY, "num_tasks": 51}).tasks()
+
+
+def test_tasks_per_env_takes_the_first_of_each_environment_in_split_order():
+    all_tasks = EvalConfig(suite="ML10", split="test").tasks()
+    picked = EvalConfig(suite="ML10", split="test", tasks_per_env=3).tasks()
+    envs = sorted({t.env_name for t in all_tasks})
+    assert len(envs) == 5 and len(picked) == 15
+    for env in envs:
+        assert [t for t in picked if t.env_name == env] == [t for t in all_tasks if t.env_name == env][:3]
+    assert sorted(picked, key=all_tasks.index) == picked  # the split's order is kept
+    with pytest.raises(UsageError, match="--tasks-per-env 51 exceeds the tasks of"):
+        EvalConfig(suite="ML10", split="test", tasks_per_env=51).tasks()
 
 
 def test_load_agent_errors(tmp_path):

@@ -51,6 +51,9 @@ class EvalConfig:
     """Evaluation seeds: each seeds the environments and the agent's random numbers."""
     num_tasks: int | None = field(default=None, metadata={FLAGS: ("--tasks",)})
     """Play only the first N tasks of the split (None: all of them)."""
+    tasks_per_env: int | None = None
+    """Play only the first N tasks of each environment of the split, in the split's order (None: all of
+    them); the benchmark's subset for multi-environment suites, the same for every agent."""
     task_seed: int = 0
     """Benchmark seed that fixes the task list (0: the tasks the agents' training split came from)."""
     batch_size: int = 50
@@ -81,6 +84,10 @@ class EvalConfig:
             raise UsageError(f"seeds must be distinct, got {list(self.seeds)}")
         if self.num_tasks is not None and self.num_tasks < 1:
             raise UsageError(f"--tasks must be >= 1, got {self.num_tasks}")
+        if self.tasks_per_env is not None and self.tasks_per_env < 1:
+            raise UsageError(f"--tasks-per-env must be >= 1, got {self.tasks_per_env}")
+        if self.tasks_per_env is not None and self.num_tasks is not None:
+            raise UsageError("give --tasks or --tasks-per-env, not both")
         if self.batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
         if self.vector not in VECTOR_MODES:
@@ -94,7 +101,27 @@ class EvalConfig:
             if self.num_tasks > len(tasks):
                 raise UsageError(f"--tasks {self.num_tasks} exceeds the {len(tasks)} {self.split} tasks of {self.suite}")
             tasks = tasks[: self.num_tasks]
+        if self.tasks_per_env is not None:
+            tasks = first_per_env(tasks, self.tasks_per_env, f"{self.split} split of {self.suite}")
         return tasks
+
+
+def first_per_env(tasks: Sequence[TaskSpec], n: int, what: str = "tasks") -> list[TaskSpec]:
+    """The first ``n`` tasks of each environment, in the order of ``tasks``; every environment must have n."""
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t.env_name] = counts.get(t.env_name, 0) + 1
+    short = {e: c for e, c in counts.items() if c < n}
+    if short:
+        raise UsageError(f"--tasks-per-env {n} exceeds the tasks of {sorted(short)} in the {what} "
+                         f"(fewest: {min(short.values())})")
+    taken: dict[str, int] = {}
+    out = []
+    for t in tasks:
+        if taken.get(t.env_name, 0) < n:
+            taken[t.env_name] = taken.get(t.env_name, 0) + 1
+            out.append(t)
+    return out
 
 
 @dataclass
