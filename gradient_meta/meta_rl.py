@@ -69,7 +69,7 @@ def build_pool(cfg: MetaRLConfig) -> list[TaskSpec] | None:
         return suite.tasks("train", cfg.suite_seed)
     if pool == "fresh":
         return None
-    return sample_new_tasks(suite.train_envs, pool, _seed(cfg.seed, 1), exclude=suite.tasks("test", cfg.suite_seed))
+    return sample_new_tasks(suite.train_envs, pool, _seed(cfg.seed, 1), exclude=suite.training_exclusions(cfg.suite_seed))
 
 
 def draw_tasks(cfg: MetaRLConfig, pool: list[TaskSpec] | None, iteration: int) -> list[TaskSpec]:
@@ -77,7 +77,7 @@ def draw_tasks(cfg: MetaRLConfig, pool: list[TaskSpec] | None, iteration: int) -
     if pool is None:
         suite = get_suite(cfg.suite)
         return sample_new_tasks(suite.train_envs, cfg.meta_batch, _seed(cfg.seed, 2, iteration),
-                                exclude=suite.tasks("test", cfg.suite_seed))
+                                exclude=suite.training_exclusions(cfg.suite_seed))
     rng = np.random.default_rng(_seed(cfg.seed, 3, iteration))
     idx = rng.choice(len(pool), cfg.meta_batch, replace=len(pool) < cfg.meta_batch)
     # Grouping by environment lets the sampler reuse its environments across meta-batches.

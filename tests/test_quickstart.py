@@ -89,6 +89,8 @@ def test_to_dict_round_trips():
     ({"stages": ["generate", "train"]}, "'train'"),
     ({"pretrain": {"episodes_per_window": 9}}, "episodes_per_window"),
     ({"torch_threads": -1}, "torch_threads"),
+    ({"split": "val"}, "split 'val'"),
+    ({"suite": "ML10-holdout", "split": "test"}, "use --suite ML10 for the test split"),
     ({"generate_extra": {"trials": 4}}, "generate_extra must be a list"),
     ({"generate_extra": [{"noise_kind": "pink"}]}, "'pink'"),
     ({"generate_extra": [{"suite": "ML10"}]}, "generate.suite"),

@@ -8,7 +8,9 @@ import pytest
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.suites import (
+    VALIDATION_ENVS,
     TaskSpec,
+    check_playable,
     expert_actions,
     get_suite,
     make_trial_envs,
@@ -154,3 +156,53 @@ def test_validation_split_new_tasks_of_the_train_environments():
     assert val != suite.tasks("validation", seed=1)  # another benchmark seed, other tasks
     with pytest.raises(UsageError, match="'valid'.*train, validation, test"):
         suite.tasks("valid")
+
+
+@pytest.mark.parametrize("name", ["ML10", "ML45"])
+def test_holdout_suites_validation_environments_are_never_trained_on(name):
+    full, held = get_suite(name), get_suite(f"{name.lower()}-HOLDOUT")  # any case
+    assert held.name == f"{name}-holdout" and held.validation_envs == VALIDATION_ENVS[name]
+    assert set(held.validation_envs) <= set(full.train_envs)
+    assert not set(held.validation_envs) & set(held.train_envs)
+    assert set(held.train_envs) | set(held.validation_envs) == set(full.train_envs)
+    assert held.envs("test") == full.test_envs and held.envs("validation") == held.validation_envs
+    if name == "ML10":  # ML45's 2,250 new validation tasks take ~20 s to draw: ML10 shows the rest
+        val, train = held.tasks("validation"), held.tasks("train")
+        assert {t.env_name for t in val} == set(held.validation_envs) and len(val) == 50 * len(held.validation_envs)
+        assert {t.env_name for t in train} == set(held.train_envs)
+        assert train == [t for t in full.tasks("train") if t.env_name in held.train_envs]
+        assert not set(val) & (set(full.tasks("train")) | set(full.tasks("test")))
+
+
+def test_holdout_suites_test_split_is_refused_with_one_line():
+    check_playable("ML10-holdout", "validation")
+    check_playable("ML10", "test")
+    with pytest.raises(UsageError, match="use --suite ML10 for the test split") as e:
+        check_playable("ML10-holdout", "test")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="'dev'.*train, validation, test"):
+        check_playable("ML10-holdout", "dev")
+
+
+def test_training_pools_hold_no_validation_or_test_task(monkeypatch):
+    from gradient_meta.config import MetaRLConfig
+    from gradient_meta.meta_rl import build_pool, draw_tasks
+    from icl_metarl.harness import suites
+    from icl_metarl.incontext.config import GenerateConfig
+    from icl_metarl.incontext.histories import build_task_pool
+
+    held = get_suite("ML10-holdout")
+    gen = GenerateConfig(suite="ML10-holdout", task_pool="fresh", trials=24, episode_length=10)
+    tasks, _ = build_task_pool(gen)
+    meta = MetaRLConfig(suite="ML10-holdout", task_pool="fresh", meta_batch=8)
+    drawn = draw_tasks(meta, build_pool(meta), 0)
+    for pool in (tasks, drawn, build_pool(MetaRLConfig(suite="ML10-holdout", task_pool="benchmark"))):
+        assert {t.env_name for t in pool} <= set(held.train_envs)
+    # ML1: validation tasks are new tasks of the train environment, as the fresh pools are; the pools skip them.
+    # Make the first task a fresh pool would draw a validation task, and see it skipped.
+    cfg = GenerateConfig(suite="ML1:reach-v3", task_pool=3, trials=3, episode_length=10)
+    first = build_task_pool(cfg)[0][0]
+    suites._validation_tasks.cache_clear()
+    monkeypatch.setattr(suites, "_validation_tasks", lambda name, seed: (first,))
+    again = build_task_pool(cfg)[0]
+    assert first not in again and len(again) == 3

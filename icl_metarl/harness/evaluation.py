@@ -24,7 +24,7 @@ from icl_metarl.harness.pipeline import split_in_two
 from icl_metarl.harness.registry import load_agent
 from icl_metarl.harness.rollout import VECTOR_MODES, play_trials
 from icl_metarl.harness.settings import FLAGS
-from icl_metarl.harness.suites import DEFAULT_EPISODE_LENGTH, TaskSpec, check_episode_length, check_split, get_suite
+from icl_metarl.harness.suites import DEFAULT_EPISODE_LENGTH, TaskSpec, check_episode_length, check_playable, get_suite
 
 RESULTS_FORMAT = "icl_metarl.evaluation/1"  # names the file format, not the module: kept across moves
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
@@ -67,8 +67,7 @@ class EvalConfig:
 
     def check(self) -> "EvalConfig":
         """Raise UsageError naming the first bad setting; return self."""
-        get_suite(self.suite)
-        check_split(self.split)
+        check_playable(self.suite, self.split)
         check_episode_length(self.episode_length)
         for what, k in (("adaptation episodes (-K)", self.adaptation_episodes),
                         ("evaluation episodes (-E)", self.evaluation_episodes)):

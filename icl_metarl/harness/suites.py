@@ -56,24 +56,61 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Suite:
-    """A Meta-World ML benchmark: its name and the environments of each split."""
+    """A Meta-World ML benchmark: its name and the environments of each split.
+
+    A hold-out suite (``ML10-holdout``, ``ML45-holdout``) is its benchmark with some train environments
+    set aside as validation environments: train on the rest, choose the recipe on the held-out ones,
+    then retrain on the full benchmark for the test figure (its own test split is never played).
+    """
 
     name: str
     train_envs: tuple[str, ...]
     test_envs: tuple[str, ...]
+    validation_envs: tuple[str, ...] = ()
+    """environments of the validation split when they are held out of training (empty: the train ones)"""
+
+    @property
+    def benchmark(self) -> str:
+        """The Meta-World benchmark whose tasks this suite plays."""
+        return self.name.removesuffix(HOLDOUT)
+
+    @property
+    def holds_out(self) -> bool:
+        return bool(self.validation_envs)
 
     def envs(self, split: str) -> tuple[str, ...]:
         check_split(split)
+        if split == "validation" and self.holds_out:
+            return self.validation_envs
         return self.test_envs if split == "test" else self.train_envs
 
     def tasks(self, split: str, seed: int = 0) -> list[TaskSpec]:
         """The tasks of a split, the same for the same seed: the benchmark's train or test tasks in
-        Meta-World's order, or the validation tasks: as many new tasks of the train environments as the
-        train split holds, round-robin over environments, none a train or test task."""
+        Meta-World's order (train: of this suite's train environments), or the validation tasks: new
+        tasks of the validation environments, round-robin over them, none a benchmark train or test task
+        (as many as the benchmark's train split holds, or 50 per held-out environment)."""
         check_split(split)
         if split == "validation":
             return list(_validation_tasks(self.name, int(seed)))
-        return [TaskSpec.from_json(t) for t in _benchmark_tasks(self.name, int(seed))[split]]
+        tasks = [TaskSpec.from_json(t) for t in _benchmark_tasks(self.benchmark, int(seed))[split]]
+        return [t for t in tasks if t.env_name in self.envs(split)]
+
+    def training_exclusions(self, seed: int = 0) -> list[TaskSpec]:
+        """Tasks no training pool may hold: the test and the validation tasks."""
+        return self.tasks("test", seed) + self.tasks("validation", seed)
+
+
+#: the suffix of a hold-out suite's name
+HOLDOUT = "-holdout"
+#: train environments the hold-out suites set aside for validation; each shares a skill with an environment
+#: that stays in training, as every test environment does (ML10: drawer-open with drawer-close, ...)
+VALIDATION_ENVS = {
+    "ML10": ("window-open-v3", "basketball-v3"),
+    "ML45": ("window-close-v3", "button-press-wall-v3", "plate-slide-back-side-v3", "handle-pull-side-v3",
+             "stick-pull-v3"),
+}
+#: new tasks per held-out environment in a hold-out suite's validation split (the benchmark's 50 per env)
+VALIDATION_TASKS_PER_ENV = 50
 
 
 @lru_cache(maxsize=1)
@@ -88,12 +125,24 @@ def env_names() -> list[str]:
 
 def suite_names() -> list[str]:
     """Every suite name this toolkit accepts."""
-    return ["ML10", "ML45"] + [f"ML1:{e}" for e in env_names()]
+    return ["ML10", "ML45"] + [b + HOLDOUT for b in VALIDATION_ENVS] + [f"ML1:{e}" for e in env_names()]
 
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
         raise choice_error("split", split, SPLITS)
+    return split
+
+
+def check_playable(suite_name: str, split: str) -> str:
+    """A split agents may be played on: any, except the test split of a hold-out suite (whose agents never
+    trained on its validation environments; the test figure comes from a retrain on the full benchmark)."""
+    suite = get_suite(suite_name)
+    check_split(split)
+    if split == "test" and suite.holds_out:
+        raise UsageError(f"suite {suite.name} holds out {', '.join(suite.validation_envs)} to choose a recipe on "
+                         f"its validation split; the test figure comes from agents retrained on all train "
+                         f"environments: use --suite {suite.benchmark} for the test split")
     return split
 
 
@@ -107,12 +156,17 @@ def get_suite(name: str) -> Suite:
             raise choice_error("Meta-World environment", env, env_names())
         return Suite(f"ML1:{env}", (env,), (env,))
     table = {"ML10": env_dict.ML10_V3, "ML45": env_dict.ML45_V3}
-    if name.upper() in table:
-        d = table[name.upper()]
-        return Suite(name.upper(), tuple(d["train"]), tuple(d["test"]))
+    key = name.upper().replace(HOLDOUT.upper(), HOLDOUT)
+    base = key.removesuffix(HOLDOUT)
+    if base in table:
+        d = table[base]
+        if key == base:
+            return Suite(base, tuple(d["train"]), tuple(d["test"]))
+        held = VALIDATION_ENVS[base]
+        return Suite(key, tuple(e for e in d["train"] if e not in held), tuple(d["test"]), held)
     raise UsageError(
-        f"unknown suite {name!r}; valid: ML10, ML45, or ML1:<env> with env one of the 50 v3 "
-        f"environments (e.g. ML1:reach-v3; `icl-metarl suites` lists them)"
+        f"unknown suite {name!r}; valid: ML10, ML45, ML10-holdout, ML45-holdout, or ML1:<env> with env one "
+        f"of the 50 v3 environments (e.g. ML1:reach-v3; `icl-metarl suites` lists them)"
     )
 
 
@@ -153,9 +207,12 @@ VALIDATION_SEED = 0x5A11D
 @lru_cache(maxsize=16)
 def _validation_tasks(suite_name: str, seed: int) -> tuple[TaskSpec, ...]:
     suite = get_suite(suite_name)
-    bench = [suite.tasks("train", seed), suite.tasks("test", seed)]
+    full = get_suite(suite.benchmark)
+    bench = full.tasks("train", seed) + full.tasks("test", seed)
+    envs = suite.envs("validation")
+    count = VALIDATION_TASKS_PER_ENV * len(envs) if suite.holds_out else len(full.tasks("train", seed))
     draw_seed = int(np.random.SeedSequence([seed, VALIDATION_SEED]).generate_state(1)[0])
-    return tuple(sample_new_tasks(suite.train_envs, len(bench[0]), draw_seed, exclude=bench[0] + bench[1]))
+    return tuple(sample_new_tasks(envs, count, draw_seed, exclude=bench))
 
 
 def parse_task_pool(value) -> str | int:

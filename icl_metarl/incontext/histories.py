@@ -106,18 +106,18 @@ def build_task_pool(cfg: GenerateConfig) -> tuple[list, list[int]]:
     """
     suite = get_suite(cfg.suite)
     pool = parse_task_pool(cfg.task_pool)
-    test_tasks = suite.tasks("test", cfg.suite_seed)
+    excluded = suite.training_exclusions(cfg.suite_seed)  # test and validation tasks
     if pool == "benchmark":
         tasks = suite.tasks(cfg.split, cfg.suite_seed)
     else:
         count = cfg.trials if pool == "fresh" else pool
-        tasks = sample_new_tasks(suite.train_envs, count, _derived_seed(cfg.seed, 1), exclude=test_tasks)
+        tasks = sample_new_tasks(suite.train_envs, count, _derived_seed(cfg.seed, 1), exclude=excluded)
     if cfg.split == "train":
-        banned = {(t.env_name, t.rand_vec) for t in test_tasks}
+        banned = {(t.env_name, t.rand_vec) for t in excluded}
         clash = [t for t in tasks if (t.env_name, t.rand_vec) in banned]
         if clash:
-            raise UsageError(f"task pool {cfg.task_pool!r} of {cfg.suite} contains {len(clash)} test task(s), "
-                             f"e.g. {clash[0].env_name}; valid pools never do")
+            raise UsageError(f"task pool {cfg.task_pool!r} of {cfg.suite} contains {len(clash)} test or validation "
+                             f"task(s), e.g. {clash[0].env_name}; valid pools never do")
     # Every task is played floor or ceil(trials / len(tasks)) times, in a seeded order.
     order = np.random.default_rng(_derived_seed(cfg.seed, 2)).permutation(len(tasks))
     trial_tasks = [int(order[i % len(tasks)]) for i in range(cfg.trials)]

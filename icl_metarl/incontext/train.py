@@ -35,7 +35,7 @@ from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.settings import add_arguments, from_args
-from icl_metarl.harness.suites import get_suite
+from icl_metarl.harness.suites import check_playable, get_suite
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
 from icl_metarl.incontext.histories import generate, load_histories
@@ -346,6 +346,7 @@ def periodic_evaluation(model, stream: "WindowStream", cfg: TrainConfig) -> dict
     """Success per episode of the in-context agent on the first ``eval_tasks`` tasks of ``eval_split``:
     one trial per task of ``episodes_per_window`` episodes, deterministic actions, env seed 0."""
 
+    check_playable(stream.suite, cfg.eval_split)
     tasks = get_suite(stream.suite).tasks(cfg.eval_split, 0)[: cfg.eval_tasks]
     agent = InContextAgent(model, deterministic=True, device=next(model.parameters()).device)
     episodes = list(play_trials(agent, tasks, env_seed=0, agent_seed=0, adaptation_episodes=cfg.episodes_per_window,

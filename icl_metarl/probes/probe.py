@@ -37,7 +37,7 @@ from icl_metarl.harness.files import (
     versions,
 )
 from icl_metarl.harness.rollout import StepHook, play_trials
-from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, make_trial_envs
+from icl_metarl.harness.suites import check_episode_length, check_playable, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, episode_inputs, shift_previous
 from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
@@ -337,7 +337,7 @@ def load_model(model_or_path):
 
 def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
     c = model.config
-    check_split(cfg.split)
+    check_playable(cfg.suite, cfg.split)
     length = c.max_episode_length if cfg.episode_length is None else check_episode_length(cfg.episode_length)
     if length > c.max_episode_length:
         raise UsageError(f"episode length {length} > the model's max_episode_length {c.max_episode_length}")

@@ -14,7 +14,7 @@ from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig, load_agents
 from icl_metarl.harness.evaluation import evaluate as evaluate_agents
 from icl_metarl.harness.report import write_report
-from icl_metarl.harness.suites import check_episode_length, check_split, env_names, get_suite
+from icl_metarl.harness.suites import HOLDOUT, check_episode_length, check_split, env_names, get_suite
 from icl_metarl.probes.config import ProbeConfig
 from icl_metarl.probes.probe import probe as probe_checkpoint
 
@@ -30,6 +30,9 @@ def suites(name: str | None, options) -> None:
             s = get_suite(suite_name)
             print(f"{suite_name}: {len(s.train_envs)} train environments, {len(s.test_envs)} test environments")
             print(f"  test: {', '.join(s.test_envs)}")
+            held = get_suite(suite_name + HOLDOUT)
+            print(f"{held.name}: {suite_name} with {', '.join(held.validation_envs)} held out of training as its "
+                  f"validation environments (choose recipes there; test with {suite_name})")
         print(f"ML1:<env>: 50 train and 50 test goals of one environment; env is one of {len(env_names())}:")
         for i in range(0, len(env_names()), 6):
             print("  " + ", ".join(env_names()[i : i + 6]))
@@ -37,7 +40,7 @@ def suites(name: str | None, options) -> None:
         return
     s = get_suite(name)
     print(f"{s.name}")
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         tasks = s.tasks(split, options.seed)
         print(f"  {split}: {len(tasks)} tasks over {len(s.envs(split))} environments (seed {options.seed})")
         print(f"    {', '.join(s.envs(split))}")

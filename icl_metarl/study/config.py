@@ -17,7 +17,7 @@ from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.evaluation import EvalConfig
 from icl_metarl.harness.files import read_json
 from icl_metarl.harness.settings import check_value, field_types, from_dict
-from icl_metarl.harness.suites import check_episode_length, get_suite
+from icl_metarl.harness.suites import check_episode_length, check_playable, get_suite
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_generate
 from icl_metarl.probes.config import ProbeConfig
 
@@ -78,6 +78,9 @@ class QuickstartConfig:
     """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""
     suite_seed: int = 0
     """Meta-World benchmark seed of every stage: which tasks are train and test"""
+    split: str = "test"
+    """split the evaluate and probe stages play: validation while choosing a recipe, budget or checkpoint
+    (with ML10-holdout / ML45-holdout: the held-out train environments), test once per final recipe"""
     seed: int = 0
     """study seed: shifts the seeds of the data, the pretraining, the meta-training, the evaluation and the
     probe together (each section's seed + this; the evaluation's seeds by this x their number, so two study
@@ -191,6 +194,7 @@ def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
 def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     """Reject what no stage could run, before any stage starts."""
     get_suite(cfg.suite)
+    check_playable(cfg.suite, cfg.split)
     check_episode_length(cfg.episode_length)
     for s in cfg.stages:
         if s not in STAGES:
@@ -232,10 +236,10 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
         return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed,
                                    seed=cfg.meta_train.seed + cfg.seed)
     if stage == "evaluate":
-        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split="test",
+        return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split=cfg.split,
                                    seeds=tuple(s + shift for s in cfg.evaluate.seeds))
     if stage == "probe":  # shifted as the evaluation's seeds: it replays the same trials
-        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split="test",
+        return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split=cfg.split,
                                    seed=cfg.probe.seed + shift)
     raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
 
