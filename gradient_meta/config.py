@@ -121,9 +121,9 @@ class GradientAgentOptions:
     """How an evaluated gradient meta-RL agent acts (None: as the checkpoint says)."""
 
     deterministic: bool | None = None
-    """gradient checkpoints: act with the policy's mean action instead of sampling it; the policy-gradient
-    step on such episodes moves only log_std, so the agent then does not adapt (it measures the
-    initialisation alone; docs/results.md, issue 22)"""
+    """gradient checkpoints: act with the policy's mean action once adapted (non-adaptive: in every
+    episode); the episodes the inner step learns from are still sampled, since a policy-gradient step on
+    mean actions moves only log_std (docs/results.md, issue 22)"""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 It implements ``icl_metarl.harness.agent.Agent``: every ``adapt_every`` episodes of a trial (up to
 ``max_adaptations`` times) it takes the inner step(s) on the episodes it just played; ``start_trials``
-forgets the adapted weights. ``adaptive=False`` is the non-adaptive baseline (never steps).
+forgets the adapted weights. ``adaptive=False`` is the non-adaptive baseline (never steps). An episode
+whose data an inner step will learn from is sampled; ``deterministic`` acts with the mean in the others.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class RLAgentConfig:
     gae_lambda: float = 0.95
     """GAE lambda of the inner loss's advantages."""
     deterministic: bool = False
-    """Play the policy's mean action instead of sampling (adaptation still learns from what was played)."""
+    """Act with the policy's mean action once adapted (non-adaptive: always); the episodes an inner step
+    learns from are sampled, since a policy-gradient step on mean actions cannot move the mean (issue 22)."""
 
     def __post_init__(self):
         if not isinstance(self.adapt_every, int) or self.adapt_every < 1:
@@ -79,7 +81,7 @@ class GradientRLAgent(Agent):
         x = self.norm(obs)  # (B, 39)
         with torch.no_grad():
             mean = vmap(policy_mean)(self.trial_params, x)  # (B, 4)
-            act = mean if self.config.deterministic else \
+            act = mean if self._acts_with_mean() else \
                 mean + torch.exp(self.trial_params["log_std"]) * torch.randn(mean.shape, generator=self.generator)
         self.steps["obs"].append(x)
         self.steps["act"].append(act)
@@ -87,6 +89,12 @@ class GradientRLAgent(Agent):
 
     def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
         self.steps["rew"].append(torch.as_tensor(reward, dtype=torch.float32))
+
+    def _acts_with_mean(self) -> bool:
+        """Whether this episode is played with the mean action: only if ``deterministic``, and only once no
+        inner step will learn from it. A policy-gradient step on mean-action episodes is zero for the mean's
+        weights (grad log pi(a|s) vanishes at a = mean) and moves only log_std: the agent would not adapt."""
+        return self.config.deterministic and self.adaptations >= self.config.max_adaptations
 
     def end_episode(self) -> None:
         if not self.steps["obs"]:

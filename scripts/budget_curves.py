@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episode-length", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--tasks", type=int, default=50)
-    p.add_argument("--deterministic", action="store_true", help="gradient agents act with their mean action")
+    p.add_argument("--deterministic", action="store_true",
+                   help="gradient agents act with their mean action once adapted")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:

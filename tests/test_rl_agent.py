@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from torch.func import vmap
 
 from gradient_meta.functional import adapt_tasks
 from gradient_meta.meta_rl import MetaRLConfig, meta_train
-from gradient_meta.rl import Rollout, advantages, inner_loss, to_batch
-from gradient_meta.rl_agent import RLAgentConfig, load_agent
+from gradient_meta.policy import policy_mean
+from gradient_meta.rl import GaussianAgent, Rollout, advantages, inner_loss, to_batch
+from gradient_meta.rl_agent import GradientRLAgent, RLAgentConfig, load_agent
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import get_suite
@@ -96,8 +98,94 @@ def test_evaluate_deterministic_option_reaches_gradient_agents_only(run_dir):
     mean = load_any(str(run_dir), options=options)
     sampled = load_any(str(run_dir), options={"deterministic": None})
     assert mean.config.deterministic is True and sampled.config.deterministic is False
+    fixed = load_any(str(run_dir), adaptive=False, options=options)  # an adaptive one samples until it adapts
     obs = np.random.default_rng(0).standard_normal((2, 39))
-    mean.start_trials(2, 0)
-    a = mean.act(obs)
-    mean.start_trials(2, 1)
-    np.testing.assert_array_equal(mean.act(obs), a)  # the mean action ignores the seed
+    fixed.start_trials(2, 0)
+    a = fixed.act(obs)
+    fixed.start_trials(2, 1)
+    np.testing.assert_array_equal(fixed.act(obs), a)  # the mean action ignores the seed
+
+
+def _record(agent, adaptation, evaluation, seed):
+    """Play K + E episodes of 2 trials; the records and, per episode, its (obs, actions) steps and the
+    parameters the agent acted with (taken before ``end_episode`` may adapt them)."""
+    played, steps = [], []
+    orig_act, orig_end = agent.act, agent.end_episode
+
+    def act(obs):
+        steps.append((obs, orig_act(obs)))
+        return steps[-1][1]
+
+    def end_episode():
+        played.append((list(steps), {k: v.clone() for k, v in agent.trial_params.items()}))
+        steps.clear()
+        orig_end()
+
+    agent.act, agent.end_episode = act, end_episode
+    tasks = get_suite("ML1:reach-v3").tasks("test")[:2]
+    records = [r for r in play_trials(agent, tasks, 0, seed, adaptation, evaluation, 8)]
+    return records, played
+
+
+def _is_mean(agent, steps, params) -> bool:
+    """Every action equals the mean of ``params``, clipped as ``act`` clips, bit for bit."""
+    with torch.no_grad():
+        return all(np.array_equal(a, vmap(policy_mean)(params, agent.norm(obs)).clamp(-1.0, 1.0).numpy())
+                   for obs, a in steps)
+
+
+def test_deterministic_samples_while_adapting_then_acts_with_the_adapted_mean(run_dir):
+    agent = load_agent(run_dir, deterministic=True)
+    assert (agent.config.adapt_every, agent.config.max_adaptations) == (1, 1)  # one step, after episode 1
+    _, played = _record(agent, 2, 1, seed=0)
+    _, other = _record(load_agent(run_dir, deterministic=True), 2, 1, seed=1)
+    (first, initial), *after = played
+    assert not _is_mean(agent, first, initial)  # the episode the inner step learns from is sampled ...
+    assert not np.array_equal(first[0][1], other[0][0][1])  # ... from the seed's noise
+    for steps, params in after:  # the rest of K and the evaluation episode: the adapted policy's mean
+        assert _is_mean(agent, steps, params)
+        assert any(not torch.equal(params[k], initial[k]) for k in params if k != "log_std")
+    fixed = load_agent(run_dir, adaptive=False, deterministic=True)  # never adapts: the mean throughout
+    _, played = _record(fixed, 2, 1, seed=0)
+    assert all(_is_mean(fixed, steps, params) for steps, params in played)
+
+
+def test_deterministic_adaptation_moves_the_mean_network_as_sampled_adaptation_does(run_dir):
+    mean, sampled = load_agent(run_dir, deterministic=True), load_agent(run_dir)
+    _record(mean, 1, 0, seed=4)
+    _record(sampled, 1, 0, seed=4)
+    assert mean.adaptations == 1
+    for k, v in mean.params.items():  # the same sampled episode, so the same inner step
+        torch.testing.assert_close(mean.trial_params[k], sampled.trial_params[k], rtol=0, atol=0)
+        if k != "log_std":  # mean-action episodes only moved log_std (issue 22)
+            assert all(not torch.equal(p, v) for p in mean.trial_params[k])
+
+
+class _AlwaysSampled(GradientRLAgent):
+    """The agent's ``act`` before issue 22, with deterministic False: mean + std * noise in every episode."""
+
+    def act(self, obs):
+        x = self.norm(obs)
+        with torch.no_grad():
+            mean = vmap(policy_mean)(self.trial_params, x)
+            act = mean + torch.exp(self.trial_params["log_std"]) * torch.randn(mean.shape, generator=self.generator)
+        self.steps["obs"].append(x)
+        self.steps["act"].append(act)
+        return act.clamp(-1.0, 1.0).numpy()
+
+
+def test_sampled_agent_plays_as_before(run_dir):
+    agent = load_agent(run_dir)
+    old = _AlwaysSampled(agent.params, agent.norm, agent.config, agent.step_sizes)
+    records, played = _record(agent, 2, 1, seed=3)
+    want, old_played = _record(old, 2, 1, seed=3)
+    assert records == want
+    for (steps, params), (old_steps, old_params) in zip(played, old_played, strict=True):
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(steps, old_steps, strict=True))
+        assert all(torch.equal(params[k], old_params[k]) for k in params)
+    # non-adaptive, it is the meta-training sampler's player, clipped
+    fixed = load_agent(run_dir, adaptive=False)
+    player = GaussianAgent(fixed.params, fixed.norm, torch.Generator(), per_task=False)
+    fixed.start_trials(2, 7), player.start_trials(2, 7)
+    for obs in np.random.default_rng(0).normal(size=(3, 2, 39)):
+        np.testing.assert_array_equal(fixed.act(obs), np.clip(player.act(obs), -1.0, 1.0))
