@@ -1,6 +1,9 @@
 """Our evaluator against Meta-World's own metalearning_evaluation, on the same tasks and env seeds.
 
-Prints, for the oracle and random baselines, the evaluation-episode success rate from (a) our evaluator,
+    python scripts/compare_metaworld_eval.py [AGENT ...] --suite ML10 --tasks-per-env 10 -K 10 -E 3
+
+Prints, for each agent (default: the oracle and random baselines; or checkpoint directories, e.g. an
+in-context policy), the evaluation-episode success rate from (a) our evaluator,
 (b) Meta-World's function called once per task (exact bookkeeping), (c) Meta-World's function with all
 tasks in one vector env, as make_ml_envs builds it (its per-name bookkeeping; see docs/results.md).
 """
@@ -10,34 +13,38 @@ import time
 
 import numpy as np
 
-from icl_metarl.harness.baselines import make_baseline
-from icl_metarl.harness.evaluation import EvalAgent, EvalConfig, evaluate, trial_seed
+from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents, trial_seed
 from icl_metarl.harness.mw_adapter import evaluate_with_metaworld
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("agents", nargs="*", default=["oracle", "random"])
     p.add_argument("--suite", default="ML1:reach-v3")
-    p.add_argument("--tasks", type=int, default=50)
+    p.add_argument("--split", default="test")
+    p.add_argument("--tasks", type=int, default=None, help="the first N tasks (default: all, or --tasks-per-env)")
+    p.add_argument("--tasks-per-env", type=int, default=None)
     p.add_argument("-K", type=int, default=2)
     p.add_argument("-E", type=int, default=3)
     p.add_argument("--episode-length", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    cfg = EvalConfig(suite=a.suite, num_tasks=a.tasks, adaptation_episodes=a.K, evaluation_episodes=a.E,
-                     episode_length=a.episode_length, seeds=(a.seed,), progress=False)
+    cfg = EvalConfig(suite=a.suite, split=a.split, num_tasks=a.tasks, tasks_per_env=a.tasks_per_env,
+                     adaptation_episodes=a.K, evaluation_episodes=a.E, episode_length=a.episode_length,
+                     seeds=(a.seed,), progress=False).check()
     tasks = cfg.tasks()
     env_seeds = [trial_seed(a.seed, j) for j in range(len(tasks))]
-    print(f"{a.suite} test, {len(tasks)} tasks, K={a.K} E={a.E}, episodes of {a.episode_length} steps, seed {a.seed}")
-    for name in ("oracle", "random"):
+    print(f"{a.suite} {a.split}, {len(tasks)} tasks, K={a.K} E={a.E}, episodes of {a.episode_length} steps, seed {a.seed}")
+    for agent in load_agents(a.agents):
+        name = agent.label
         t0 = time.perf_counter()
-        res = evaluate([EvalAgent(name, make_baseline(name))], cfg)
+        res = evaluate([agent], cfg)
         ours = np.array([[r["success"] for r in res["records"] if r["task"] == j and r["phase"] == "evaluation"]
                          for j in range(len(tasks))], dtype=float)  # (tasks, E)
         t1 = time.perf_counter()
-        mw = evaluate_with_metaworld(make_baseline(name), tasks, env_seeds, a.K, a.E, a.episode_length, a.seed)
+        mw = evaluate_with_metaworld(agent.agent, tasks, env_seeds, a.K, a.E, a.episode_length, a.seed)
         t2 = time.perf_counter()
-        mw_one = evaluate_with_metaworld(make_baseline(name), tasks, env_seeds, a.K, a.E, a.episode_length, a.seed,
+        mw_one = evaluate_with_metaworld(agent.agent, tasks, env_seeds, a.K, a.E, a.episode_length, a.seed,
                                          one_task_per_call=False)
         t3 = time.perf_counter()
         mw_tasks = np.array([c["success"] for c in mw["calls"]])
