@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from icl_metarl.harness.settings import FLAGS
 from icl_metarl.harness.suites import DEFAULT_EPISODE_LENGTH, TaskSpec, check_episode_length, check_playable, get_suite
 
 RESULTS_FORMAT = "icl_metarl.evaluation/1"  # names the file format, not the module: kept across moves
+RANK_FORMAT = "icl_metarl.evaluation.rank/1"  # the batches one of several processes played
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
 TIMING_KEYS = ("timing",)
 
@@ -138,6 +139,15 @@ def trial_seed(seed: int, task_index: int) -> int:
     return int(seed) * 1_000_003 + int(task_index)
 
 
+class Processes(Protocol):
+    """The processes of one launch as ``evaluate`` sees them; ``accelerate.PartialState`` is one."""
+
+    process_index: int
+    num_processes: int
+
+    def wait_for_everyone(self) -> None: ...
+
+
 # ------------------------------------------------------------------------------------- loading
 def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict | None = None) -> list[EvalAgent]:
     """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant.
@@ -164,7 +174,7 @@ def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict 
 def _new_results(config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence[EvalAgent]) -> dict:
     return {
         "format": RESULTS_FORMAT,
-        "settings": {**asdict(config), "seeds": list(config.seeds)},
+        "settings": _settings(config),
         "diagnostic": config.split != "test",  # train-split figures say nothing about adaptation to new tasks
         "tasks": [{"index": j, **t.to_json()} for j, t in enumerate(tasks)],
         "seeds": list(config.seeds),
@@ -189,51 +199,169 @@ def _describe(agent: Agent) -> dict:
         return {"name": getattr(agent, "name", "?"), "describe_error": f"{type(e).__name__}: {e}"}
 
 
-def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Path | None = None) -> dict:
+def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Path | None = None,
+             processes: Processes | None = None) -> dict | None:
     """Play every agent on the same trials; return the results dict, written to ``out_dir/results.json``
     after every agent and seed, so an agent that raises loses none of what was computed before.
+
+    ``processes`` (an ``accelerate.PartialState`` under ``accelerate launch``): each process plays every
+    world-th batch of trials (``rank_batches``) and writes them to ``out_dir/ranks/rank-NNNNN.json`` after
+    every agent and seed; after a barrier the main process merges them into the results.json one process
+    would have written (timing aside) and returns it; the other processes return None.
     """
     config.check()
     labels = [a.label for a in agents]
     if len(set(labels)) != len(labels):
         raise UsageError(f"agent labels must be unique, got {labels}")
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+    if world > 1 and out_dir is None:
+        raise UsageError(f"an evaluation in {world} processes needs an output directory for their records")
     tasks = config.tasks()
-    results = _new_results(config, tasks, agents)
-    path = Path(out_dir) / "results.json" if out_dir is not None else None
-    K, E, L = config.adaptation_episodes, config.evaluation_episodes, config.episode_length
+    batches = trial_batches(len(tasks), config.batch_size)
+    if world == 1:
+        results = _new_results(config, tasks, agents)
+        path = Path(out_dir) / "results.json" if out_dir is not None else None
+        for a in agents:
+            for seed in config.seeds:
+                played, seconds = _play_seed(a, seed, batches, tasks, config, f"{a.label} seed {seed}")
+                _add_seed(results, a.label, seed, played, seconds)
+                if path is not None:
+                    atomic_write_json(path, results)
+        return results
 
-    for a in agents:
-        status = "ok"
-        for seed in config.seeds:
-            t0 = time.perf_counter()
-            bar = _progress_bar(config, f"{a.label} seed {seed}", len(tasks) * (K + E) * L)
-            try:
-                for start in range(0, len(tasks), config.batch_size):
-                    batch = list(range(start, min(start + config.batch_size, len(tasks))))
-                    env_seed = trial_seed(seed, start)
-                    trial = {"agent": a.label, "seed": seed, "tasks": batch,
-                             "env_seeds": [trial_seed(seed, j) for j in batch], "agent_seed": env_seed}
-                    if config.vector == "pipelined":  # each group is played as a batch of its own
-                        trial["groups"] = [{"tasks": batch[s], "agent_seed": env_seed + s.start}
-                                           for s in split_in_two(len(batch))]
-                    results["trials"].append(trial)
-                    for episode_records in play_trials(a.agent, [tasks[j] for j in batch], env_seed, env_seed,
-                                                       K, E, L, config.vector, bar):
-                        for j, rec in zip(batch, episode_records):
-                            results["records"].append({"agent": a.label, "seed": seed, "task": j,
-                                                       "env_name": tasks[j].env_name, **rec})
-            except Exception as e:  # the agent's fault, not the user's: record it and go on with the others
-                status = "failed"
-                results["failures"].append({"agent": a.label, "seed": seed, "error": f"{type(e).__name__}: {e}",
-                                            "traceback": traceback.format_exc(limit=5)})
-            finally:
-                if bar is not None:
-                    bar.close()
-            results["timing"].setdefault(a.label, {})[str(seed)] = round(time.perf_counter() - t0, 3)
-            results["agents"][a.label]["status"] = status
-            if path is not None:
-                atomic_write_json(path, results)
+    mine = rank_batches(len(agents), len(config.seeds), batches, rank, world)
+    path = rank_path(out_dir, rank)
+    share = {"format": RANK_FORMAT, "rank": rank, "world": world, "settings": _settings(config), "shares": []}
+    atomic_write_json(path, share)  # a process without batches still says so
+    for i, a in enumerate(agents):
+        for s, seed in enumerate(config.seeds):
+            if not mine[i][s]:
+                continue
+            played, seconds = _play_seed(a, seed, mine[i][s], tasks, config,
+                                         f"{a.label} seed {seed} [rank {rank} of {world}]", show=rank == 0)
+            share["shares"].append({"agent": a.label, "seed": seed, "seconds": seconds, "batches": played})
+            atomic_write_json(path, share)
+    processes.wait_for_everyone()
+    if rank != 0:
+        return None
+    results = merge_ranks(out_dir, config, tasks, agents, world)
+    atomic_write_json(Path(out_dir) / "results.json", results)
     return results
+
+
+def trial_batches(num_tasks: int, batch_size: int) -> list[range]:
+    """The task indices of each batch of trials, in the order one process plays them."""
+    return [range(start, min(start + batch_size, num_tasks)) for start in range(0, num_tasks, batch_size)]
+
+
+def rank_batches(num_agents: int, num_seeds: int, batches: Sequence[range], rank: int,
+                 world: int) -> list[list[list[range]]]:
+    """The batches process ``rank`` of ``world`` plays, by agent and seed: every world-th of the
+    (agent, seed, batch) units in the one-process order. Whole batches, never trials: an agent draws its
+    random numbers per batch (``start_trials``), so a trial's records depend on the trials beside it."""
+    n = len(batches)
+    return [[[b for k, b in enumerate(batches) if ((i * num_seeds + s) * n + k) % world == rank]
+             for s in range(num_seeds)] for i in range(num_agents)]
+
+
+def rank_path(out_dir: str | Path, rank: int) -> Path:
+    """Where process ``rank`` writes the batches it played."""
+    return Path(out_dir) / "ranks" / f"rank-{rank:05d}.json"
+
+
+def merge_ranks(out_dir: str | Path, config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence[EvalAgent],
+                world: int) -> dict:
+    """The results of the ``world`` processes' files in one: trials, records and failures in the
+    one-process order, and, as there, an agent's seed stops at its first failed batch."""
+    results = _new_results(config, tasks, agents)
+    played: dict[tuple, dict] = {}
+    seconds: dict[tuple, float] = {}
+    for rank in range(world):
+        path = rank_path(out_dir, rank)
+        if not path.is_file():
+            raise UsageError(f"no records of process {rank} at {str(path)!r}; on several machines --out must be "
+                             f"a directory they share")
+        share = read_json(path)
+        if (share.get("format") != RANK_FORMAT or share.get("world") != world
+                or share.get("settings") != _settings(config)):
+            raise UsageError(f"{path} was written by another evaluation (other settings or number of "
+                             f"processes than {world}); rerun the evaluation")
+        for s in share["shares"]:
+            key = (s["agent"], s["seed"])
+            seconds[key] = seconds.get(key, 0.0) + s["seconds"]
+            for p in s["batches"]:
+                played[(*key, p["trial"]["tasks"][0])] = p
+    for a in agents:
+        for seed in config.seeds:
+            ordered = []
+            for batch in trial_batches(len(tasks), config.batch_size):
+                p = played.get((a.label, seed, batch.start))
+                if p is None:
+                    raise UsageError(f"no process played tasks {batch.start}-{batch.stop - 1} of agent "
+                                     f"{a.label!r} seed {seed} in {out_dir}/ranks; rerun the evaluation")
+                ordered.append(p)
+                if p["failure"] is not None:
+                    break
+            _add_seed(results, a.label, seed, ordered, round(seconds.get((a.label, seed), 0.0), 3))
+    return results
+
+
+def _settings(config: EvalConfig) -> dict:
+    return {**asdict(config), "seeds": list(config.seeds)}
+
+
+def _play_seed(a: EvalAgent, seed: int, batches: Sequence[range], tasks: Sequence[TaskSpec], config: EvalConfig,
+               desc: str, show: bool = True) -> tuple[list[dict], float]:
+    """Play ``batches`` of one agent and seed, up to the first that fails; each batch played as
+    ``_play_batch`` returns it, and the wall-clock seconds."""
+    t0 = time.perf_counter()
+    steps = sum(len(b) for b in batches) * (config.adaptation_episodes + config.evaluation_episodes)
+    bar = _progress_bar(config, desc, steps * config.episode_length) if show else None
+    played = []
+    try:
+        for batch in batches:
+            played.append(_play_batch(a, seed, batch, tasks, config, bar))
+            if played[-1]["failure"] is not None:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return played, round(time.perf_counter() - t0, 3)
+
+
+def _play_batch(a: EvalAgent, seed: int, batch: range, tasks: Sequence[TaskSpec], config: EvalConfig, bar) -> dict:
+    """One batch of trials: its entry of results["trials"], its records, and its failure (None if none)."""
+    env_seed = trial_seed(seed, batch.start)
+    trial = {"agent": a.label, "seed": seed, "tasks": list(batch),
+             "env_seeds": [trial_seed(seed, j) for j in batch], "agent_seed": env_seed}
+    if config.vector == "pipelined":  # each group is played as a batch of its own
+        trial["groups"] = [{"tasks": list(batch)[s], "agent_seed": env_seed + s.start}
+                           for s in split_in_two(len(batch))]
+    records, failure = [], None
+    try:
+        for episode_records in play_trials(a.agent, [tasks[j] for j in batch], env_seed, env_seed,
+                                           config.adaptation_episodes, config.evaluation_episodes,
+                                           config.episode_length, config.vector, bar):
+            for j, rec in zip(batch, episode_records):
+                records.append({"agent": a.label, "seed": seed, "task": j, "env_name": tasks[j].env_name, **rec})
+    except Exception as e:  # the agent's fault, not the user's: record it and go on with the others
+        failure = {"agent": a.label, "seed": seed, "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc(limit=5)}
+    return {"trial": trial, "records": records, "failure": failure}
+
+
+def _add_seed(results: dict, label: str, seed: int, played: Sequence[dict], seconds: float) -> None:
+    """Append one agent's seed, its batches in order, to ``results``."""
+    info = results["agents"][label]
+    for p in played:
+        results["trials"].append(p["trial"])
+        results["records"].extend(p["records"])
+        if p["failure"] is not None:
+            results["failures"].append(p["failure"])
+            info["status"] = "failed"
+    if info["status"] == "pending":
+        info["status"] = "ok"
+    results["timing"].setdefault(label, {})[str(seed)] = seconds
 
 
 def _progress_bar(config: EvalConfig, desc: str, total: int):

@@ -6,8 +6,12 @@ Not for: parsing (``cli.py``) or the work itself (the harness, the learners, the
 
 from __future__ import annotations
 
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
+
+from accelerate import PartialState
 
 from icl_metarl.harness.baselines import check_suite
 from icl_metarl.harness.errors import UsageError
@@ -53,13 +57,26 @@ def suites(name: str | None, options) -> None:
               f"{r['steps_per_s']:.0f} env steps/s")
 
 
+#: how long the first process to finish its share waits for the last at the barrier: shares of the
+#: same number of batches can end hours apart (agents differ in cost); if a process dies, the launcher
+#: ends the others at once
+_SHARES_APART = timedelta(hours=24)
+
+
 def evaluate(specs: list[str], config: EvalConfig, non_adaptive: bool, bootstrap: int, options: dict, out) -> None:
-    """``icl-metarl evaluate``: every agent on the same tasks and seeds; results.json, report.md, plots."""
+    """``icl-metarl evaluate``: every agent on the same tasks and seeds; results.json, report.md, plots.
+    Under ``accelerate launch`` every process plays a share of the trials and the main one reports."""
     if bootstrap < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {bootstrap}")
     config.tasks()  # a bad --tasks fails before any checkpoint is loaded
     agents = load_agents(specs, non_adaptive=non_adaptive, options=options)
-    results = evaluate_agents(agents, config, out)
+    # Under accelerate launch: a share of the trials each. Agents act on CPUs, so the barrier is gloo's;
+    # one process leaves accelerate's state alone (a later Accelerator in it may want a GPU).
+    processes = (PartialState(cpu=True, timeout=_SHARES_APART) if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 else None)
+    results = evaluate_agents(agents, config, out, processes)
+    if results is None:  # another process than the main one: its share is in out/ranks
+        return
     report = write_report(results, out, bootstrap)
     for f in results["failures"]:
         print(f"agent {f['agent']} failed at seed {f['seed']}: {f['error']} (earlier records kept)", file=sys.stderr)
