@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.settings import COUNT_OK
-from icl_metarl.harness.suites import check_episode_length, get_suite, parse_task_pool
+from icl_metarl.harness.suites import check_episode_length, get_suite, parse_goal_offsets, parse_task_pool
 
 ALGOS = ("maml", "meta-sgd", "reptile")
 #: what the outer loss of MAML and Meta-SGD learns from (the inner step always learns from reward alone)
@@ -60,6 +60,9 @@ class MetaRLConfig:
     scripted expert's action on the states the adapted policy visits, the supervision the in-context
     agent trains on: Guided Meta-Policy Search, Mendonca et al. 2019); the inner step learns from reward
     either way, so at test time the agent sees what the in-context agent sees. MAML and Meta-SGD only."""
+    expert_goal_offsets: tuple[str, ...] = ()
+    """outer-loss imitate: ENV=x,y,z (metres), tell the labelling expert the goal shifted by this in ENV,
+    as the in-context agent's histories did (e.g. reach-v3=0,0,0.045); each ENV an environment of the suite"""
     inner_steps: int = 1
     """Policy-gradient steps on the adaptation episodes (Reptile: its k)."""
     inner_lr: float = 0.1
@@ -98,6 +101,7 @@ class MetaRLConfig:
         get_suite(self.suite)
         parse_task_pool(self.task_pool)
         check_episode_length(self.episode_length)
+        parse_goal_offsets(self.expert_goal_offsets, self.suite)
         for what in ("iterations", "meta_batch", "adapt_episodes", "query_episodes", "ppo_epochs",
                      "checkpoint_every"):
             v = getattr(self, what)

@@ -47,7 +47,7 @@ from icl_metarl.harness.budget import Budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.settings import add_arguments, from_args
-from icl_metarl.harness.suites import TaskSpec, get_suite, parse_task_pool, sample_new_tasks
+from icl_metarl.harness.suites import TaskSpec, get_suite, parse_goal_offsets, parse_task_pool, sample_new_tasks
 
 STATE, WEIGHTS, CONFIG, LOG = "state.safetensors", "model.safetensors", "config.json", "log.jsonl"
 #: every checkpoint's policy also stays in SNAPSHOTS/iteration-NNNNNN (a loadable checkpoint with its budget)
@@ -261,7 +261,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         adapted = learner.adapt(support)
         t_adapt = time.perf_counter() - t_adapt
         imitate = cfg.outer_loss == "imitate"  # the expert labels the adapted policy's states, not the support's
-        post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True, label_expert=imitate)
+        post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True, label_expert=imitate,
+                              goal_offsets=parse_goal_offsets(cfg.expert_goal_offsets))
         query = to_batch(post, advantages(post, cfg.gamma, cfg.gae_lambda))
         sample_s = time.perf_counter() - t0 - t_adapt
 

@@ -20,7 +20,7 @@ from torch.func import vmap
 from gradient_meta.policy import Params, baseline_features, entropy, fit_linear_baseline, log_prob, policy_mean
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.rollout import play_trials
-from icl_metarl.harness.suites import OBS_DIM, TaskSpec, expert_actions, make_trial_envs, metaworld_task
+from icl_metarl.harness.suites import OBS_DIM, GoalOffsets, TaskSpec, expert_actions, make_trial_envs, metaworld_task
 
 OBS_CLIP = 10.0
 
@@ -118,7 +118,8 @@ class GaussianAgent(Agent):
     name = "gaussian-mlp"
 
     def __init__(self, params: Params, norm: ObsNorm, generator: torch.Generator, per_task: bool,
-                 deterministic: bool = False, label_expert: bool = False):
+                 deterministic: bool = False, label_expert: bool = False, goal_offsets: GoalOffsets | None = None):
+        self.goal_offsets = goal_offsets  # the labelling expert's corrections (suites.parse_goal_offsets)
         self.params = {k: v.detach() for k, v in params.items()}
         self.std = torch.exp(self.params["log_std"])  # (A,) or (T, A)
         self.norm, self.generator, self.per_task, self.deterministic = norm, generator, per_task, deterministic
@@ -150,7 +151,7 @@ class GaussianAgent(Agent):
 
     def act_privileged(self, obs: np.ndarray, privileged) -> np.ndarray:
         """``act`` on the observation alone; the expert's action there (told the goal) is only recorded."""
-        label = expert_actions(privileged.env_names, obs, privileged.goals)
+        label = expert_actions(privileged.env_names, obs, privileged.goals, self.goal_offsets)
         self.steps["expert"].append(torch.as_tensor(label))
         return self.act(obs)
 
@@ -191,10 +192,11 @@ class Sampler:
         self.envs.close()
 
     def sample(self, params: Params, norm: ObsNorm, episodes: int, generator: torch.Generator,
-               per_task: bool, deterministic: bool = False, label_expert: bool = False) -> Rollout:
+               per_task: bool, deterministic: bool = False, label_expert: bool = False,
+               goal_offsets: GoalOffsets | None = None) -> Rollout:
         """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...);
         ``label_expert``: also record the scripted expert's action at every observation (``Rollout.expert``)."""
-        agent = GaussianAgent(params, norm, generator, per_task, deterministic, label_expert)
+        agent = GaussianAgent(params, norm, generator, per_task, deterministic, label_expert, goal_offsets)
         # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
         # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.
         threads = torch.get_num_threads()

@@ -1,5 +1,5 @@
 """Where Meta-World's scripted reach expert parks the TCP (where success is measured), told the true goal
-or the goal raised by the hand-TCP offset (``suites.EXPERT_GOAL_OFFSETS``).
+or the goal raised by the hand-TCP offset (``suites.MEASURED_GOAL_OFFSETS``, which a study names in ``expert_goal_offsets``).
 
     python scripts/expert_tcp_offset.py --tasks 20
 
@@ -13,7 +13,13 @@ import argparse
 
 import numpy as np
 
-from icl_metarl.harness.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
+from icl_metarl.harness.suites import (
+    MEASURED_GOAL_OFFSETS,
+    expert_policy,
+    get_suite,
+    make_trial_envs,
+    parse_goal_offsets,
+)
 
 
 def play(tasks, offset: np.ndarray, length: int) -> None:
@@ -45,7 +51,9 @@ def main() -> None:
     args = p.parse_args()
     tasks = get_suite(args.suite).tasks("test", 0)[: args.tasks]
     print(f"{args.suite}, {len(tasks)} test tasks, one {args.episode_length}-step episode, success radius 0.05 m")
-    for offset in (np.zeros(3), np.asarray(EXPERT_GOAL_OFFSETS.get(tasks[0].env_name, (0.0, 0.0, 0.0)))):
+    env = tasks[0].env_name
+    measured = parse_goal_offsets([MEASURED_GOAL_OFFSETS[env]]) if env in MEASURED_GOAL_OFFSETS else {}
+    for offset in (np.zeros(3), np.asarray(measured.get(env, (0.0, 0.0, 0.0)))):
         play(tasks, offset, args.episode_length)
 
 

@@ -4,7 +4,7 @@ import pytest
 from icl_metarl.harness.agent import Privileged
 from icl_metarl.harness.baselines import OracleAgent, RandomAgent, make_baseline
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.suites import EXPERT_GOAL_OFFSETS, expert_policy, get_suite, make_trial_envs
+from icl_metarl.harness.suites import expert_policy, get_suite, make_trial_envs
 
 
 def test_random_is_in_range_and_repeats_with_its_seed():
@@ -24,13 +24,14 @@ def test_oracle_matches_expert_called_directly():
     tasks = get_suite("ML1:reach-v3").tasks("test", 0)[:3]
     envs = make_trial_envs(tasks, episode_length=10)
     obs, info = envs.reset()
-    oracle = OracleAgent()
-    oracle.start_trials(3, 0)
-    got = oracle.act_privileged(obs, Privileged([t.env_name for t in tasks], info["goal"]))
-    for i, t in enumerate(tasks):  # second way: the expert on a copy of obs with the goal filled in
-        o = obs[i].copy()
-        o[-3:] = info["goal"][i] + np.asarray(EXPERT_GOAL_OFFSETS[t.env_name])  # reach: aim the TCP, not the hand
-        np.testing.assert_allclose(got[i], np.clip(expert_policy(t.env_name).get_action(o), -1, 1), rtol=1e-6)
+    for offsets, shift in (((), 0.0), (("reach-v3=0,0,0.045",), 0.045)):  # told the true goal, or aim the TCP
+        oracle = OracleAgent(expert_goal_offsets=offsets)
+        oracle.start_trials(3, 0)
+        got = oracle.act_privileged(obs, Privileged([t.env_name for t in tasks], info["goal"]))
+        for i, t in enumerate(tasks):  # second way: the expert on a copy of obs with the goal filled in
+            o = obs[i].copy()
+            o[-3:] = info["goal"][i] + np.array([0.0, 0.0, shift])
+            np.testing.assert_allclose(got[i], np.clip(expert_policy(t.env_name).get_action(o), -1, 1), rtol=1e-6)
     assert np.all(obs[:, -3:] == 0)  # the observation itself stays goal-free
     envs.close()
 

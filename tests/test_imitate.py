@@ -32,8 +32,8 @@ def labelled_batches():
     g = torch.Generator().manual_seed(2)
     calls, real = [], rl.expert_actions
 
-    def spy(names, obs, goals):
-        calls.append((np.array(obs), np.array(goals), real(names, obs, goals)))
+    def spy(names, obs, goals, goal_offsets=None):
+        calls.append((np.array(obs), np.array(goals), real(names, obs, goals, goal_offsets)))
         return calls[-1][2]
 
     rl.expert_actions = spy
@@ -139,7 +139,7 @@ def test_at_test_time_expert_labels_poisoned_with_nan_change_nothing(imitate_run
     agent = load_agents([str(out)])[0]
     assert not agent.agent.privileged and agent.label.startswith("maml-imitate")
     clean = evaluate(load_agents([str(out)]), config, tmp_path / "clean")["records"]
-    nan = lambda names, obs, goals: np.full((len(obs), 4), np.nan, np.float32)  # noqa: E731
+    nan = lambda names, obs, goals, offsets=None: np.full((len(obs), 4), np.nan, np.float32)  # noqa: E731
     monkeypatch.setattr(suites, "expert_actions", nan)
     monkeypatch.setattr(rl, "expert_actions", nan)
     dirty = evaluate(load_agents([str(out)]), config, tmp_path / "dirty")["records"]
@@ -159,3 +159,27 @@ def test_registered_learners_and_bad_settings():
         MetaRLConfig(algo="reptile", outer_loss="imitate")
     with pytest.raises(UsageError, match="'dagger'.*ppo, imitate"):
         MetaRLConfig(outer_loss="dagger")
+
+
+def test_labels_follow_the_configured_expert_goal_offsets():
+    """The imitation learner's labels come from the expert told the goal shifted as the study says (the
+    histories' correction), and from the plain expert when it names none."""
+    from icl_metarl.harness.agent import Privileged
+    from icl_metarl.harness.suites import expert_actions, parse_goal_offsets
+
+    goals = np.array([[0.0, 0.7, 0.2], [0.1, 0.8, 0.1]])
+    obs = np.zeros((2, 39))
+    obs[:, :3] = goals  # at the goal: a shifted goal changes the expert's action
+    params = init_policy(PolicyConfig(hidden=(8,)), torch.Generator().manual_seed(0))
+    offsets = parse_goal_offsets(["reach-v3=0,0,0.045"])
+    labels = []
+    for table in (None, offsets):
+        agent = rl.GaussianAgent(params, ObsNorm(), torch.Generator().manual_seed(0), per_task=False,
+                                 label_expert=True, goal_offsets=table)
+        agent.act_privileged(obs, Privileged(["reach-v3"] * 2, goals))
+        labels.append(agent.steps["expert"][0].numpy())
+        np.testing.assert_array_equal(labels[-1], expert_actions(["reach-v3"] * 2, obs, goals, table))
+    assert not np.array_equal(labels[0], labels[1])
+    assert MetaRLConfig(expert_goal_offsets=("reach-v3=0,0,0.045",)).expert_goal_offsets
+    with pytest.raises(UsageError, match="not an environment of suite ML1:reach-v3"):
+        MetaRLConfig(expert_goal_offsets=("push-v3=0,0,0.01",))

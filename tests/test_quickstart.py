@@ -25,7 +25,8 @@ def write(tmp_path, obj, name="c.json"):
 
 # ----------------------------------------------------------------------------------- config files
 def test_config_file_overrides_its_preset(tmp_path):
-    path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "evaluate": {"seeds": [3, 4], "num_tasks": 2},
+    path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "expert_goal_offsets": [],
+                            "evaluate": {"seeds": [3, 4], "num_tasks": 2},
                             "meta_train": {"algo": "reptile", "hidden": [8]}, "stages": ["report", "generate"]})
     cfg = qc.load_config(path)
     expected = qc.tiny()  # the same configuration built by hand
@@ -37,6 +38,8 @@ def test_config_file_overrides_its_preset(tmp_path):
     assert cfg.stages == ("generate", "report")  # put in dependency order
     # the owned settings come from the top level, whatever the section's own default
     assert qc.stage_config(cfg, "meta-train").suite == "ML1:push-v3"
+    assert qc.stage_config(cfg, "generate").expert_goal_offsets == () == qc.stage_config(cfg, "meta-train").expert_goal_offsets
+    assert qc.stage_config(expected, "generate").expert_goal_offsets == ("reach-v3=0,0,0.045",)  # the reach preset's
     assert qc.stage_config(cfg, "evaluate").split == "test" and qc.stage_config(cfg, "generate").split == "train"
     assert qc.stage_config(cfg, "pretrain", tmp_path).data == [str(tmp_path / "histories")]
 
@@ -44,7 +47,7 @@ def test_config_file_overrides_its_preset(tmp_path):
 def test_generate_extra_sets_are_generated_and_pretrained_on(tmp_path):
     """Extra history sets: settings on top of the generate section, owned ones from the top level; the
     generate stage writes each to histories-N and pretraining reads them all; changing one redoes it."""
-    path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "generate": {"trials": 4, "trials_per_shard": 2},
+    path = write(tmp_path, {"size": "tiny", "suite": "ML1:push-v3", "expert_goal_offsets": [], "generate": {"trials": 4, "trials_per_shard": 2},
                             "generate_extra": [{"noise_kind": "uniform", "noise_max": 1.0, "seed": 41, "trials": 2}]})
     cfg = qc.load_config(path)
     (extra,) = qc.extra_generate_configs(cfg)
@@ -90,6 +93,9 @@ def test_to_dict_round_trips():
     ({"pretrain": {"episodes_per_window": 9}}, "episodes_per_window"),
     ({"torch_threads": -1}, "torch_threads"),
     ({"split": "val"}, "split 'val'"),
+    ({"suite": "ML1:push-v3"}, "expert_goal_offsets names reach-v3, not an environment of suite ML1:push-v3"),
+    ({"expert_goal_offsets": ["bin-picking-v3=0,0,0.1"]}, "bin-picking-v3, not an environment of suite ML1:reach-v3"),
+    ({"generate": {"expert_goal_offsets": []}}, "generate.expert_goal_offsets"),
     ({"suite": "ML10-holdout", "split": "test"}, "use --suite ML10 for the test split"),
     ({"generate_extra": {"trials": 4}}, "generate_extra must be a list"),
     ({"generate_extra": [{"noise_kind": "pink"}]}, "'pink'"),
@@ -118,6 +124,9 @@ def test_shipped_configs_load():
         suites.add(cfg.suite)
         assert cfg.budget and cfg.name == f.stem
         gradient = "meta-train" in cfg.stages
+        if f.stem.endswith("-cpu"):  # a whole study at a CPU budget: both learners, every stage
+            assert set(cfg.stages) == set(qc.STAGES)
+            continue
         assert gradient != ("pretrain" in cfg.stages)  # each file is one learner's study
         if gradient:
             assert cfg.meta_train.algo in f.stem

@@ -8,12 +8,14 @@ import pytest
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.suites import (
+    MEASURED_GOAL_OFFSETS,
     VALIDATION_ENVS,
     TaskSpec,
     check_playable,
     expert_actions,
     get_suite,
     make_trial_envs,
+    parse_goal_offsets,
     sample_new_tasks,
     suite_names,
 )
@@ -128,7 +130,7 @@ def test_bad_input_names_the_value(call, fragment):
 def test_suite_names_cover_all_environments():
     names = suite_names()
     assert "ML10" in names and "ML45" in names and "ML1:reach-v3" in names
-    assert len(names) == 52
+    assert len(names) == 54 and "ML10-holdout" in names and "ML45-holdout" in names
 
 
 def test_reach_expert_parks_the_tcp_on_the_goal_not_the_hand():
@@ -137,8 +139,9 @@ def test_reach_expert_parks_the_tcp_on_the_goal_not_the_hand():
     tasks = get_suite("ML1:reach-v3").tasks("test", 0)[:5]
     envs = make_trial_envs(tasks, episode_length=100, seed=0)
     obs, info = envs.reset()
+    offsets = parse_goal_offsets([MEASURED_GOAL_OFFSETS["reach-v3"]], "ML1:reach-v3")
     for _ in range(100):
-        obs, _, _, _, info = envs.step(expert_actions([t.env_name for t in tasks], obs, info["goal"]))
+        obs, _, _, _, info = envs.step(expert_actions([t.env_name for t in tasks], obs, info["goal"], offsets))
     tcp = np.array([e._env.unwrapped.tcp_center for e in envs.envs])
     assert np.linalg.norm(tcp - info["goal"], axis=1).max() < 0.015
     assert np.abs(obs[:, :3] - tcp - (0.0, 0.0, 0.045)).max() < 0.006  # the offset the expert is told
@@ -206,3 +209,27 @@ def test_training_pools_hold_no_validation_or_test_task(monkeypatch):
     monkeypatch.setattr(suites, "_validation_tasks", lambda name, seed: (first,))
     again = build_task_pool(cfg)[0]
     assert first not in again and len(again) == 3
+
+
+@pytest.mark.parametrize("entries, suite, match", [
+    (["reach-v3=0,0"], None, "not ENV=x,y,z"), (["reach-v3=0,0,x"], None, "not ENV=x,y,z"),
+    (["reech-v3=0,0,0.045"], None, "'reech-v3'"), (["reach-v3=0,0,1", "reach-v3=0,0,2"], None, "twice"),
+    (["reach-v3=0,0,0.045"], "ML1:push-v3", "reach-v3, not an environment of suite ML1:push-v3"),
+    (["reach-v3=0,0,0.045"], "ML10-holdout", None), (["bin-picking-v3=0,0,0.01"], "ML10", "not an environment"),
+])
+def test_goal_offsets_name_environments_of_their_suite(entries, suite, match):
+    if match is None:
+        assert parse_goal_offsets(entries, suite) == {"reach-v3": (0.0, 0.0, 0.045)}
+        return
+    with pytest.raises(UsageError, match=match) as e:
+        parse_goal_offsets(entries, suite)
+    assert "\n" not in str(e.value)
+
+
+def test_goal_offsets_move_only_the_named_environment():
+    goals = np.array([[0.0, 0.7, 0.2], [0.1, 0.8, 0.05]])
+    obs = np.zeros((2, 39))
+    obs[:, :3] = goals  # the hand at the goal: a shift of the goal it is told changes its (unclipped) action
+    plain = expert_actions(["reach-v3", "push-v3"], obs, goals)
+    shifted = expert_actions(["reach-v3", "push-v3"], obs, goals, parse_goal_offsets(["reach-v3=0,0,0.045"]))
+    assert not np.array_equal(plain[0], shifted[0]) and np.array_equal(plain[1], shifted[1])

@@ -8,6 +8,7 @@ Not for: learners; the non-adaptive variants of learners live with the learners 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import choice_error
 from icl_metarl.harness.rollout import play_trials
-from icl_metarl.harness.suites import ACT_DIM, DEFAULT_EPISODE_LENGTH, TaskSpec, expert_actions
+from icl_metarl.harness.suites import ACT_DIM, DEFAULT_EPISODE_LENGTH, TaskSpec, expert_actions, parse_goal_offsets
 
 
 class RandomAgent(Agent):
@@ -47,6 +48,11 @@ class OracleAgent(Agent):
     name = "oracle"
     privileged = True
 
+    def __init__(self, expert_goal_offsets: Sequence[str] = ()):
+        """``expert_goal_offsets``: the study's ``ENV=x,y,z`` corrections (``suites.parse_goal_offsets``)."""
+        self.expert_goal_offsets = tuple(expert_goal_offsets)
+        self._offsets = parse_goal_offsets(self.expert_goal_offsets)
+
     def start_trials(self, num_trials: int, seed: int) -> None:
         pass  # deterministic and memoryless
 
@@ -54,23 +60,33 @@ class OracleAgent(Agent):
         raise NotImplementedError("the oracle acts only through act_privileged (it must be told the goal)")
 
     def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
-        return expert_actions(privileged.env_names, obs, privileged.goals)
+        return expert_actions(privileged.env_names, obs, privileged.goals, self._offsets)
 
     def end_episodes(self, done: np.ndarray) -> None:
         """Episodes may end in some trials only (Meta-World's evaluation); nothing to remember."""
 
     def describe(self) -> dict:
-        return {**super().describe(), "task_pool": "none (scripted expert told the goal)"}
+        return {**super().describe(), "task_pool": "none (scripted expert told the goal)",
+                "expert_goal_offsets": list(self.expert_goal_offsets)}
 
 
 BASELINES = {"random": RandomAgent, "oracle": OracleAgent}
 
 
-def make_baseline(name: str) -> Agent:
-    """A baseline agent by name: ``random`` or ``oracle``."""
+@dataclass
+class BaselineOptions:
+    """How an evaluated baseline acts (None: its default)."""
+
+    expert_goal_offsets: tuple[str, ...] | None = None
+    """oracle: ENV=x,y,z corrections of the goal the scripted expert is told (metres), as the study's
+    histories used them (e.g. reach-v3=0,0,0.045: aim the TCP, not the hand; suites.MEASURED_GOAL_OFFSETS)"""
+
+
+def make_baseline(name: str, expert_goal_offsets: Sequence[str] = ()) -> Agent:
+    """A baseline agent by name: ``random`` or ``oracle`` (told the goal shifted by ``expert_goal_offsets``)."""
     if name not in BASELINES:
         raise choice_error("baseline", name, BASELINES)
-    return BASELINES[name]()
+    return OracleAgent(expert_goal_offsets) if name == "oracle" else BASELINES[name]()
 
 
 def check_suite(tasks: Sequence[TaskSpec], episode_length: int = DEFAULT_EPISODE_LENGTH, seed: int = 0) -> dict:

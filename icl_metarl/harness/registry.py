@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from icl_metarl.harness.agent import Agent
-from icl_metarl.harness.baselines import BASELINES, make_baseline
+from icl_metarl.harness.baselines import BASELINES, BaselineOptions, make_baseline
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import read_json
 
@@ -133,7 +133,7 @@ def load_agent(spec: str, adaptive: bool = True, options: dict | None = None) ->
     those of its own ``agent_options`` that are not None.
     """
     if spec in BASELINES:
-        return make_baseline(spec)
+        return make_baseline(spec, (options or {}).get("expert_goal_offsets") or ())
     path = Path(spec)
     if not path.is_dir():
         raise UsageError(
@@ -146,7 +146,7 @@ def load_agent(spec: str, adaptive: bool = True, options: dict | None = None) ->
 
 def agent_option_classes() -> list[type]:
     """The distinct acting-option dataclasses of all learners (their fields become evaluate's flags)."""
-    seen: list[type] = []
+    seen: list[type] = [BaselineOptions]
     for learner in discover().values():
         if learner.agent_options is not None and learner.agent_options not in seen:
             seen.append(learner.agent_options)

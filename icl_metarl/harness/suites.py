@@ -384,24 +384,57 @@ def expert_policy(env_name: str):
     return ENV_POLICY_MAP[env_name]()
 
 
-#: Where the expert is told the goal is, relative to the true goal, per environment (metres).
-#: Meta-World's reach experts steer the *hand* (obs[:3]) to the goal, but success and reward are
-#: measured at the TCP between the fingers, 4.49 cm below the hand: told the true goal, the expert parks
-#: the TCP 4.55 cm from it, inside the 5 cm success radius by 4.5 mm (first success at step 50 on
-#: average), so a policy that imitates it has a 4.5 mm error budget. Told the goal raised by the
-#: hand-TCP offset, it parks the TCP 0.6 cm from the goal (first success at step 36); measured on 20
-#: test tasks of ML1:reach-v3 (hand - TCP = (0.0004, -0.0020, 0.0449) m, std <= 2 mm).
-EXPERT_GOAL_OFFSETS = {"reach-v3": (0.0, 0.0, 0.045), "reach-wall-v3": (0.0, 0.0, 0.045)}
+#: Measured corrections a study configuration may name in ``expert_goal_offsets`` (none is applied unless
+#: it does): where the expert is told the goal is, relative to the true goal (metres). Meta-World's reach
+#: experts steer the *hand* (obs[:3]) to the goal, but success and reward are measured at the TCP between
+#: the fingers, 4.49 cm below the hand: told the true goal, the expert parks the TCP 4.55 cm from it, inside
+#: the 5 cm success radius by 4.5 mm (first success at step 50 on average), so a policy that imitates it has
+#: a 4.5 mm error budget. Told the goal raised by the hand-TCP offset, it parks the TCP 0.6 cm from the goal
+#: (first success at step 36); measured on 20 test tasks of ML1:reach-v3 (hand - TCP = (0.0004, -0.0020,
+#: 0.0449) m, std <= 2 mm; scripts/expert_tcp_offset.py).
+MEASURED_GOAL_OFFSETS = {"reach-v3": "reach-v3=0,0,0.045", "reach-wall-v3": "reach-wall-v3=0,0,0.045"}
+
+GoalOffsets = dict[str, tuple[float, float, float]]
 
 
-def expert_actions(env_names_: Sequence[str], obs: np.ndarray, goals: np.ndarray) -> np.ndarray:
+def parse_goal_offsets(entries: Sequence[str], suite_name: str | None = None) -> GoalOffsets:
+    """``ENV=x,y,z`` entries (metres) -> {env: offset}; with ``suite_name``, each ENV must be one of its
+    environments. The one reader of a configuration's ``expert_goal_offsets``."""
+    allowed = None
+    if suite_name is not None:
+        suite = get_suite(suite_name)
+        allowed = sorted(set(suite.train_envs) | set(suite.test_envs) | set(suite.validation_envs))
+    out: GoalOffsets = {}
+    for entry in entries:
+        env, _, xyz = str(entry).partition("=")
+        try:
+            offset = tuple(float(v) for v in xyz.split(","))
+        except ValueError:
+            offset = ()
+        if len(offset) != 3 or not all(np.isfinite(offset)):
+            raise UsageError(f"expert goal offset {entry!r} is not ENV=x,y,z (metres), e.g. {MEASURED_GOAL_OFFSETS['reach-v3']}")
+        if env not in ALL_V3_ENVIRONMENTS:
+            raise choice_error("environment in expert_goal_offsets", env, env_names())
+        if allowed is not None and env not in allowed:
+            raise UsageError(f"expert_goal_offsets names {env}, not an environment of suite {suite_name} "
+                             f"(its environments: {', '.join(allowed)})")
+        if env in out:
+            raise UsageError(f"expert_goal_offsets names {env} twice")
+        out[env] = offset
+    return out
+
+
+def expert_actions(env_names_: Sequence[str], obs: np.ndarray, goals: np.ndarray,
+                   goal_offsets: GoalOffsets | None = None) -> np.ndarray:
     """The expert's action for each row of ``obs`` (goal hidden), told the true ``goals``: (B, 4).
 
-    The goal it is told is shifted by ``EXPERT_GOAL_OFFSETS`` for environments whose scripted policy
-    aims a point other than the one success is measured at.
+    The goal it is told is shifted by ``goal_offsets`` (a configuration's ``expert_goal_offsets``, parsed)
+    for the environments it names, e.g. those whose scripted policy aims a point other than the one
+    success is measured at (``MEASURED_GOAL_OFFSETS``).
     """
     obs = np.array(obs, dtype=np.float64, copy=True)  # (B, 39)
-    offsets = np.array([EXPERT_GOAL_OFFSETS.get(n, (0.0, 0.0, 0.0)) for n in env_names_])  # (B, 3)
+    table = goal_offsets or {}
+    offsets = np.array([table.get(n, (0.0, 0.0, 0.0)) for n in env_names_])  # (B, 3)
     obs[:, -3:] = np.asarray(goals) + offsets
     return np.stack(
         [np.clip(expert_policy(n).get_action(o), -1.0, 1.0) for n, o in zip(env_names_, obs)]

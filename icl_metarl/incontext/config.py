@@ -13,7 +13,7 @@ import numpy as np
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.settings import COUNT_OK, FLAGS
-from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, parse_task_pool
+from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, parse_goal_offsets, parse_task_pool
 
 NOISE_KINDS = ("uniform", "gaussian", "goal")
 NOISE_SCHEDULES = ("linear", "cosine", "none", "random")
@@ -56,6 +56,10 @@ class GenerateConfig:
     """Seed of the noise, the task order and the task pool."""
     suite_seed: int = 0
     """Meta-World benchmark seed: which train/test tasks the suite has (use the evaluator's)."""
+    expert_goal_offsets: tuple[str, ...] = ()
+    """ENV=x,y,z (metres): tell the expert the goal shifted by this in environment ENV, for every action
+    and label (e.g. reach-v3=0,0,0.045: its experts aim the hand, success is measured at the TCP;
+    suites.MEASURED_GOAL_OFFSETS); each ENV must be an environment of the suite. Default: none."""
     workers: int = 0
     """Worker processes; 0 = one per core. Does not change the data."""
     policy: str = ""
@@ -72,6 +76,7 @@ def check_generate(cfg: GenerateConfig) -> GenerateConfig:
     get_suite(cfg.suite)
     check_split(cfg.split)
     check_episode_length(cfg.episode_length)
+    parse_goal_offsets(cfg.expert_goal_offsets, cfg.suite)
     for name in ("trials", "trials_per_shard"):
         v = getattr(cfg, name)
         if not isinstance(v, (int, np.integer)) or v < 1:

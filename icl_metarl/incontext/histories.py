@@ -34,9 +34,11 @@ from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import (
     ACT_DIM,
     OBS_DIM,
+    GoalOffsets,
     TaskSpec,
     expert_actions,
     get_suite,
+    parse_goal_offsets,
     parse_task_pool,
     sample_new_tasks,
 )
@@ -128,6 +130,7 @@ def _settings(cfg: GenerateConfig) -> dict:
     """What determines the data: the config without the worker count, with the pool normalised."""
     d = asdict(cfg)
     d.pop("workers")
+    d["expert_goal_offsets"] = list(cfg.expert_goal_offsets)  # as JSON reads it back
     d["task_pool"] = str(parse_task_pool(cfg.task_pool))
     if cfg.policy:  # the policy's weights, not only its path, determine the data
         d["policy_sha256"] = _sha256_file(Path(cfg.policy) / "model.safetensors")
@@ -156,8 +159,10 @@ class NoisyExpertAgent(Agent):
     name = "noisy-expert"
     privileged = True
 
-    def __init__(self, kind: str, schedule: str, noise_max: float, episodes: int):
+    def __init__(self, kind: str, schedule: str, noise_max: float, episodes: int,
+                 goal_offsets: GoalOffsets | None = None):
         self.kind, self.schedule, self.noise_max, self.episodes = kind, schedule, noise_max, episodes
+        self.goal_offsets = goal_offsets or {}  # the configuration's expert corrections, parsed
 
     def start_trials(self, num_trials: int, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
@@ -174,7 +179,8 @@ class NoisyExpertAgent(Agent):
     def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
         k = self._episode
         if self.kind == "goal":
-            return expert_actions(privileged.env_names, obs, privileged.goals + self._goal_offsets[k])
+            return expert_actions(privileged.env_names, obs, privileged.goals + self._goal_offsets[k],
+                                  self.goal_offsets)
         expert = self.label(privileged.env_names, obs, privileged.goals)  # (T, 4)
         return perturb(expert, self.kind, self._levels[:, k], self._rng)
 
@@ -182,7 +188,7 @@ class NoisyExpertAgent(Agent):
         """The expert's action told the true goal (the histories' label): computed once per observation
         when this agent already computed it to perturb it (uniform and gaussian noise)."""
         if self._labelled[0] is not obs:
-            self._labelled = (obs, expert_actions(env_names, obs, goals))
+            self._labelled = (obs, expert_actions(env_names, obs, goals, self.goal_offsets))
         return self._labelled[1]
 
     def end_episode(self) -> None:
@@ -274,7 +280,8 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
     """
     T, K = len(tasks), cfg.episodes_per_trial
     # Each agent is started here with its own seed (the policy's in 31 bits), as shards always were.
-    expert = NoisyExpertAgent(cfg.noise_kind, cfg.noise_schedule, cfg.noise_max, K)
+    expert = NoisyExpertAgent(cfg.noise_kind, cfg.noise_schedule, cfg.noise_max, K,
+                              parse_goal_offsets(cfg.expert_goal_offsets))
     expert.start_trials(T, shard_seed)
     agent, context_only = expert, 0
     if cfg.policy:
@@ -351,7 +358,8 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
     if old.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{path / MANIFEST} has schema version {old.get('schema_version')!r}, this toolkit "
                          f"writes {SCHEMA_VERSION}; use another --out")
-    defaults = {f.name: f.default for f in fields(GenerateConfig)}  # a setting added later: its default
+    # a setting added later: its default, as JSON has it (a tuple reads back as a list)
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(GenerateConfig)}
     for key, value in new["settings"].items():
         before = old["settings"].get(key, defaults.get(key))
         if before != value:

@@ -419,7 +419,7 @@ def pretrain(cfg: TrainConfig) -> dict:
                 episode_length=base["episode_length"], trials_per_shard=base["trials_per_shard"],
                 seed=base["seed"] + (1000 * r if cfg.relabel_new_tasks else 0), suite_seed=base["suite_seed"],
                 workers=1, policy=str(init),
-                handover=cfg.relabel_handover,
+                handover=cfg.relabel_handover, expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),
                 **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
             )
             manifest = generate(gen, relabelled, progress=cfg.progress)

@@ -17,7 +17,13 @@ from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.evaluation import EvalConfig
 from icl_metarl.harness.files import read_json
 from icl_metarl.harness.settings import check_value, field_types, from_dict
-from icl_metarl.harness.suites import check_episode_length, check_playable, get_suite
+from icl_metarl.harness.suites import (
+    MEASURED_GOAL_OFFSETS,
+    check_episode_length,
+    check_playable,
+    get_suite,
+    parse_goal_offsets,
+)
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_generate
 from icl_metarl.probes.config import ProbeConfig
 
@@ -78,6 +84,11 @@ class QuickstartConfig:
     """Meta-World suite of every stage (ML1:<env>-v3, ML10, ML45)"""
     suite_seed: int = 0
     """Meta-World benchmark seed of every stage: which tasks are train and test"""
+    expert_goal_offsets: tuple[str, ...] = (MEASURED_GOAL_OFFSETS["reach-v3"],)
+    """ENV=x,y,z (metres): the scripted expert of environment ENV is told the goal shifted by this, in the
+    histories, their relabelling, the imitation learners' labels and the oracle (suites.MEASURED_GOAL_OFFSETS
+    says why reach-v3 needs one); each ENV must be an environment of the suite ([] for none: a study that
+    changes the suite must say which it keeps)"""
     split: str = "test"
     """split the evaluate and probe stages play: validation while choosing a recipe, budget or checkpoint
     (with ML10-holdout / ML45-holdout: the held-out train environments), test once per final recipe"""
@@ -115,9 +126,9 @@ SECTIONS = {"generate": "generate", "pretrain": "pretrain", "meta_train": "meta-
             "probe": "probe"}
 #: fields a section may not set: the quickstart sets them, from the top level or its directory layout
 OWNED = {
-    "generate": ("suite", "suite_seed", "episode_length", "split"),
+    "generate": ("suite", "suite_seed", "episode_length", "split", "expert_goal_offsets"),
     "pretrain": ("data", "out", "resume"),
-    "meta_train": ("suite", "suite_seed", "episode_length"),
+    "meta_train": ("suite", "suite_seed", "episode_length", "expert_goal_offsets"),
     "evaluate": ("suite", "task_seed", "episode_length", "split"),
     "probe": ("suite", "suite_seed", "episode_length", "split"),
 }
@@ -195,6 +206,7 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     """Reject what no stage could run, before any stage starts."""
     get_suite(cfg.suite)
     check_playable(cfg.suite, cfg.split)
+    parse_goal_offsets(cfg.expert_goal_offsets, cfg.suite)
     check_episode_length(cfg.episode_length)
     for s in cfg.stages:
         if s not in STAGES:
@@ -227,6 +239,7 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
     shift = cfg.seed * len(cfg.evaluate.seeds)  # evaluation seeds: disjoint blocks, one per study seed
     if stage == "generate":
         return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train",
+                                   expert_goal_offsets=tuple(cfg.expert_goal_offsets),
                                    seed=cfg.generate.seed + cfg.seed)
     if stage == "pretrain":
         data = [str(out / DIRS["generate"])] + [str(d) for d in extra_data_dirs(cfg, out)]
@@ -234,6 +247,7 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
                                    seed=cfg.pretrain.seed + cfg.seed)
     if stage == "meta-train":
         return dataclasses.replace(cfg.meta_train, **common, suite_seed=cfg.suite_seed,
+                                   expert_goal_offsets=tuple(cfg.expert_goal_offsets),
                                    seed=cfg.meta_train.seed + cfg.seed)
     if stage == "evaluate":
         return dataclasses.replace(cfg.evaluate, **common, task_seed=cfg.suite_seed, split=cfg.split,

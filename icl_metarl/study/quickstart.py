@@ -123,7 +123,8 @@ def run_meta_train(cfg: QuickstartConfig, out: Path) -> dict:
 
 def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
     config = stage_config(cfg, "evaluate", out).check()
-    agents = load_agents(agent_specs(cfg, out), non_adaptive=True)
+    agents = load_agents(agent_specs(cfg, out), non_adaptive=True,
+                         options={"expert_goal_offsets": tuple(cfg.expert_goal_offsets)})  # the oracle's
     results = evaluate(agents, config, out / DIRS["evaluate"])
     write_report(results, out / DIRS["evaluate"])
     for f in results["failures"]:
