@@ -16,7 +16,9 @@ from icl_metarl.harness.suites import expert_actions, get_suite
 from icl_metarl.incontext.histories import (
     GenerateConfig,
     _check_same_settings,
+    _interleave_envs,
     build_task_pool,
+    environment_counts,
     generate,
     load_histories,
     noise_levels,
@@ -177,11 +179,32 @@ def test_task_pools_never_hold_test_tasks():
         assert len(trial_tasks) == 20 and len(set(trial_tasks)) == min(distinct, 20)
 
 
+def test_trials_spread_over_environments_floor_ceil():
+    """Any number of trials on ML10: per-environment trial counts differ by at most 1 (benchmark: 50 tasks
+    per environment; fresh: one task per trial, round-robin; N new tasks, N a multiple of 10), every task
+    is played floor or ceil(trials / tasks) times, and the counts add up to the trials and steps played."""
+    for pool, trials in (("benchmark", 23), ("benchmark", 57), ("fresh", 23), ("20", 57)):
+        cfg = GenerateConfig(suite="ML10", task_pool=pool, trials=trials, episodes_per_trial=2, episode_length=10)
+        tasks, trial_tasks = build_task_pool(cfg)
+        counts = environment_counts(cfg, tasks, trial_tasks)
+        per_env = [c["trials"] for c in counts.values()]
+        assert len(counts) == 10 and max(per_env) - min(per_env) <= 1, (pool, trials, per_env)
+        assert sum(per_env) == trials and sum(c["steps"] for c in counts.values()) == trials * 2 * 10
+        assert sum(c["tasks"] for c in counts.values()) == len(tasks)
+        per_task = np.bincount(trial_tasks, minlength=len(tasks))
+        assert set(per_task) <= {trials // len(tasks), -(-trials // len(tasks))}
+    # One environment: the interleaving keeps the seeded permutation as it was (ML1 data unchanged).
+    tasks = get_suite("ML1:reach-v3").tasks("train", 0)
+    order = np.random.default_rng(0).permutation(len(tasks))
+    assert np.array_equal(_interleave_envs(order, tasks), order)
+
+
 def test_pool_records_in_manifest(tmp_path):
     cfg = replace(SMALL, trials=2, episode_length=5, task_pool="2", trials_per_shard=2)
     m = generate(cfg, tmp_path / "h", progress=False)
     assert m["pool"] == {"kind": "count", "distinct_tasks": 2, "disjoint_from_test_tasks": True}
     assert m["settings"]["task_pool"] == "2" and len(m["tasks"]) == 2
+    assert m["environments"] == {"reach-v3": {"tasks": 2, "trials": 2, "steps": 2 * 3 * 5}}
 
 
 @pytest.mark.parametrize(

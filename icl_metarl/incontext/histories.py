@@ -119,9 +119,33 @@ def build_task_pool(cfg: GenerateConfig) -> tuple[list, list[int]]:
             raise UsageError(f"task pool {cfg.task_pool!r} of {cfg.suite} contains {len(clash)} test task(s), "
                              f"e.g. {clash[0].env_name}; valid pools never do")
     # Every task is played floor or ceil(trials / len(tasks)) times, in a seeded order.
-    order = np.random.default_rng(_derived_seed(cfg.seed, 2)).permutation(len(tasks))
+    order = _interleave_envs(np.random.default_rng(_derived_seed(cfg.seed, 2)).permutation(len(tasks)), tasks)
     trial_tasks = [int(order[i % len(tasks)]) for i in range(cfg.trials)]
     return tasks, trial_tasks
+
+
+def _interleave_envs(order: np.ndarray, tasks: list) -> np.ndarray:
+    """``order`` stably sorted by each task's rank among its environment's tasks in it: one task of every
+    environment, then a second of every environment, ... so any number of trials is spread over the
+    environments floor/ceil when they hold equally many tasks. One environment: ``order`` unchanged."""
+    seen: dict[str, int] = {}
+    rank = np.empty(len(order), np.int64)
+    for j, i in enumerate(order):
+        name = tasks[i].env_name
+        rank[j], seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
+    return order[np.argsort(rank, kind="stable")]
+
+
+def environment_counts(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> dict[str, dict[str, int]]:
+    """Per environment: its distinct tasks in the pool, and the trials and steps played on it."""
+    steps_per_trial = cfg.episodes_per_trial * cfg.episode_length
+    counts: dict[str, dict[str, int]] = {}
+    for t in tasks:
+        counts.setdefault(t.env_name, {"tasks": 0, "trials": 0, "steps": 0})["tasks"] += 1
+    for i in trial_tasks:
+        counts[tasks[i].env_name]["trials"] += 1
+        counts[tasks[i].env_name]["steps"] += steps_per_trial
+    return dict(sorted(counts.items()))
 
 
 def _settings(cfg: GenerateConfig) -> dict:
@@ -316,7 +340,7 @@ def _generate_shard(job: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- generation
-def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
+def _new_manifest(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> dict:
     pool = parse_task_pool(cfg.task_pool)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -330,6 +354,7 @@ def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
             "distinct_tasks": len(tasks),
             "disjoint_from_test_tasks": cfg.split == "train",
         },
+        "environments": environment_counts(cfg, tasks, trial_tasks),
         "noise": {
             "kind": cfg.noise_kind,
             "schedule": cfg.noise_schedule,
@@ -371,6 +396,16 @@ def _remove_stale_temporaries(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _check_trial_order(out: Path, records: dict, spans: list[range], trial_tasks: list[int]) -> None:
+    """Refuse to finish a directory whose shards play other tasks than this version assigns them (multi-
+    environment directories from before trials were interleaved over environments)."""
+    for name, record in records.items():
+        expected = np.asarray([trial_tasks[t] for t in spans[int(name)]], dtype=np.int32)
+        if record["sha256"]["trial_task"] != hashlib.sha256(_npy_bytes(expected)).hexdigest():
+            raise UsageError(f"{out} shard {name} plays other tasks than this version assigns to its trials "
+                             f"(an older trial order); use another --out")
+
+
 def default_workers() -> int:
     """One worker per core this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -381,10 +416,12 @@ def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dic
     check_generate(cfg)
     out = Path(out)
     tasks, trial_tasks = build_task_pool(cfg)
-    manifest = _new_manifest(cfg, tasks)
+    manifest = _new_manifest(cfg, tasks, trial_tasks)
+    spans = _shard_trials(cfg)
     if (out / MANIFEST).exists():
         old = _read_manifest(out)
         _check_same_settings(out, old, manifest)
+        _check_trial_order(out, old["shards"], spans, trial_tasks)
         manifest["shards"] = old["shards"]
     elif out.exists() and any(not p.name.startswith(".") and p.name != SHARDS_DIR for p in out.iterdir()):
         raise UsageError(f"{out} exists and is not a histories directory (no {MANIFEST}); use another --out")
@@ -392,7 +429,6 @@ def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dic
         _remove_stale_temporaries(out)
     atomic_write_json(out / MANIFEST, manifest)
 
-    spans = _shard_trials(cfg)
     todo = [i for i in range(len(spans)) if _shard_name(i) not in manifest["shards"]]
     jobs = [
         {
