@@ -57,7 +57,7 @@ class GenerateConfig:
     suite_seed: int = 0
     """Meta-World benchmark seed: which train/test tasks the suite has (use the evaluator's)."""
     workers: int = 0
-    """Worker processes; 0 = one per core. Does not change the data."""
+    """Worker processes; 0 = one per core (one per process under accelerate launch). Does not change the data."""
     policy: str = ""
     """On-policy relabelling: an in-context checkpoint that plays the trials with its own context
     (noise settings unused); every step is still labelled with the expert's action. Empty: the expert."""
