@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,7 +17,9 @@ from icl_metarl.harness.suites import expert_actions, get_suite
 from icl_metarl.incontext.histories import (
     GenerateConfig,
     _check_same_settings,
+    _interleave_envs,
     build_task_pool,
+    environment_counts,
     generate,
     load_histories,
     noise_levels,
@@ -177,11 +180,32 @@ def test_task_pools_never_hold_test_tasks():
         assert len(trial_tasks) == 20 and len(set(trial_tasks)) == min(distinct, 20)
 
 
+def test_trials_spread_over_environments_floor_ceil():
+    """Any number of trials on ML10: per-environment trial counts differ by at most 1 (benchmark: 50 tasks
+    per environment; fresh: one task per trial, round-robin; N new tasks, N a multiple of 10), every task
+    is played floor or ceil(trials / tasks) times, and the counts add up to the trials and steps played."""
+    for pool, trials in (("benchmark", 23), ("benchmark", 57), ("fresh", 23), ("20", 57)):
+        cfg = GenerateConfig(suite="ML10", task_pool=pool, trials=trials, episodes_per_trial=2, episode_length=10)
+        tasks, trial_tasks = build_task_pool(cfg)
+        counts = environment_counts(cfg, tasks, trial_tasks)
+        per_env = [c["trials"] for c in counts.values()]
+        assert len(counts) == 10 and max(per_env) - min(per_env) <= 1, (pool, trials, per_env)
+        assert sum(per_env) == trials and sum(c["steps"] for c in counts.values()) == trials * 2 * 10
+        assert sum(c["tasks"] for c in counts.values()) == len(tasks)
+        per_task = np.bincount(trial_tasks, minlength=len(tasks))
+        assert set(per_task) <= {trials // len(tasks), -(-trials // len(tasks))}
+    # One environment: the interleaving keeps the seeded permutation as it was (ML1 data unchanged).
+    tasks = get_suite("ML1:reach-v3").tasks("train", 0)
+    order = np.random.default_rng(0).permutation(len(tasks))
+    assert np.array_equal(_interleave_envs(order, tasks), order)
+
+
 def test_pool_records_in_manifest(tmp_path):
     cfg = replace(SMALL, trials=2, episode_length=5, task_pool="2", trials_per_shard=2)
     m = generate(cfg, tmp_path / "h", progress=False)
     assert m["pool"] == {"kind": "count", "distinct_tasks": 2, "disjoint_from_test_tasks": True}
     assert m["settings"]["task_pool"] == "2" and len(m["tasks"]) == 2
+    assert m["environments"] == {"reach-v3": {"tasks": 2, "trials": 2, "steps": 2 * 3 * 5}}
 
 
 @pytest.mark.parametrize(
@@ -409,3 +433,72 @@ def test_relabel_new_tasks_draws_other_train_tasks_each_round(tmp_path):
                             trials_per_shard=2, workers=1), bench, progress=False)
     with pytest.raises(UsageError, match="relabel_new_tasks needs base data drawn from new tasks"):
         pretrain(TrainConfig(data=[str(bench)], out=str(tmp_path / "x"), relabel_new_tasks=True, **tiny))
+
+
+# ------------------------------------------------------------------------------------- processes
+# 4 shards of one ML10 trial, 2 episodes of 10 steps: several environments, quick to play in two processes.
+TINY_ML10 = GenerateConfig(suite="ML10", trials=4, episodes_per_trial=2, episode_length=10, trials_per_shard=1,
+                           workers=1)
+
+
+def launch_args(cfg: GenerateConfig, out: Path, processes: int) -> list[str]:
+    """``accelerate launch`` of the generate command with ``processes`` gloo processes on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port)]
+    return launch + ["-m", "icl_metarl.study.cli"] + cli_args(cfg, out, workers=0)[3:]
+
+
+@pytest.fixture(scope="module")
+def ml10_reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ml10") / "h"
+    generate(TINY_ML10, out, progress=False)
+    return out
+
+
+def test_two_processes_write_what_one_writes(tmp_path, ml10_reference):
+    """Under accelerate launch each process plays its shards (index % 2) and process 0 merges their rank
+    files: every shard file and the manifest (timings aside) equal a single process's."""
+    run = subprocess.run(launch_args(TINY_ML10, tmp_path / "h", 2), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "in each of 2 processes" in run.stdout and run.stdout.count("steps/s") == 1  # process 0 reports
+    assert not (tmp_path / "h" / "ranks").exists()
+    assert all_bytes(tmp_path / "h") == all_bytes(ml10_reference)
+    counts = load_histories(tmp_path / "h").manifest["environments"]
+    assert sorted(c["trials"] for c in counts.values()) == [0] * 6 + [1] * 4  # 4 trials over 10 environments
+    assert all(c["tasks"] == 50 and c["steps"] == c["trials"] * 2 * 10 for c in counts.values())
+
+
+def test_killed_two_process_run_resumes_in_one_to_the_same_bytes(tmp_path, ml10_reference, capsys):
+    """Killed after process 0's first shard, a 2-process ML10 run has listed its shards only in rank files;
+    one process resumes it, keeping the shards whose checksums verify and replaying a damaged one."""
+    out = tmp_path / "h"
+    proc = subprocess.Popen(launch_args(TINY_ML10, out, 2), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            start_new_session=True)
+    listed = lambda: [n for f in (out / "ranks").glob("rank-*.json")  # noqa: E731
+                      for n in json.loads(f.read_text())["shards"]]
+    # Process 0's progress bar prints once per finished shard, after its rank file lists it: kill at the first.
+    try:
+        while not (out / "ranks" / "rank-00000.json").exists():
+            assert os.read(proc.stderr.fileno(), 4096), "generation ended before a shard was written"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    done = listed()
+    assert 1 <= len(done) < TINY_ML10.trials and json.loads((out / "manifest.json").read_text())["shards"] == {}
+    damaged = out / "shards" / done[0] / "rewards.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-4])
+    generate(TINY_ML10, out, progress=False)
+    assert f"shard {done[0]} listed in {out / 'ranks'} fails its checksums" in capsys.readouterr().err
+    assert not (out / "ranks").exists()
+    assert all_bytes(out) == all_bytes(ml10_reference)
+    # A directory whose shards play other tasks (an older trial order) is refused, not finished.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"]["00001"]["sha256"]["trial_task"] = manifest["shards"]["00000"]["sha256"]["trial_task"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="shard 00001 plays other tasks"):
+        generate(TINY_ML10, out, progress=False)

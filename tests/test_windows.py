@@ -1,3 +1,4 @@
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -56,6 +57,24 @@ def test_several_dirs_merge_and_splits_are_checked(dirs):
     assert len(WindowDataset(dirs / "test", 2, splits=("test",))) == 2 * 3
     with pytest.raises(UsageError, match="episodes_per_window"):
         WindowDataset(dirs / "a", episodes_per_window=5)
+
+
+def test_windows_read_memory_mapped_shards_and_hold_only_their_index(tmp_path):
+    """The data stays on disk: every shard field is a read-only memory map, and building the dataset and
+    reading windows allocates a small part of what the shards hold (tracemalloc counts numpy's buffers)."""
+    generate(replace(CFG, trials=4, episodes_per_trial=2, episode_length=500, trials_per_shard=1), tmp_path / "big",
+             progress=False)
+    ds = WindowDataset(tmp_path / "big", 2, verify=False)
+    arrays = [a for shard in ds.sources[0].shards for a in shard.values()]
+    assert len(arrays) == 4 * 8 and all(isinstance(a, np.memmap) and not a.flags.writeable for a in arrays)
+    data = sum(a.nbytes for a in arrays)  # 4,000 steps: about 790 kB
+    tracemalloc.start()
+    ds = WindowDataset(tmp_path / "big", 2, verify=False)
+    windows = [ds[i] for i in range(len(ds))]  # 4 windows of 1,000 steps, copied out as tensors
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    held = sum(t.numel() * t.element_size() for w in windows for t in w.values())
+    assert peak - held < data / 4, (peak, held, data)  # loaded into RAM instead: above data
 
 
 def test_sampler_is_deterministic_and_disjoint_across_ranks():

@@ -61,7 +61,7 @@ class GenerateConfig:
     and label (e.g. reach-v3=0,0,0.045: its experts aim the hand, success is measured at the TCP;
     suites.MEASURED_GOAL_OFFSETS); each ENV must be an environment of the suite. Default: none."""
     workers: int = 0
-    """Worker processes; 0 = one per core. Does not change the data."""
+    """Worker processes; 0 = one per core (one per process under accelerate launch). Does not change the data."""
     policy: str = ""
     """On-policy relabelling: an in-context checkpoint that plays the trials with its own context
     (noise settings unused); every step is still labelled with the expert's action. Empty: the expert."""

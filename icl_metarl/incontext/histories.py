@@ -7,10 +7,12 @@ Not for: sampling training windows (``windows.py``); the trials are played by th
 Storage: one directory per shard, one ``.npy`` per field. ``.npy`` is the plainest format numpy can
 memory-map (``np.load(mmap_mode="r")``) with no extra dependency and no pickle; one file per field lets a
 reader touch only the fields it needs. Every file is written to a temporary name and renamed, and a shard
-counts only once the manifest (rewritten atomically by the parent process alone) lists it with its
-sha256 checksums. Each shard is a pure function of the settings and its index (its own seeds), so a rerun
-regenerates exactly the missing shards and the directory ends byte-identical to an uninterrupted run,
-whatever the number of workers, but for each shard's measured ``cpu_seconds`` in the manifest.
+counts only once the manifest (rewritten atomically by one process alone) lists it with its sha256
+checksums, or, under ``accelerate launch``, the rank file of the process that played it does (merged into
+the manifest at the end, or on resume if its checksums verify). Each shard is a pure function of the
+settings and its index (its own seeds), so a rerun regenerates exactly the missing shards and the
+directory ends byte-identical to an uninterrupted run, whatever the number of workers or processes, but
+for each shard's measured ``cpu_seconds`` in the manifest.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ import hashlib
 import io
 import multiprocessing as mp
 import os
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import torch
+from accelerate import PartialState
 from einops import rearrange
 from tqdm import tqdm
 
@@ -48,6 +55,7 @@ from icl_metarl.incontext.config import NOISE_KINDS, NOISE_SCHEDULES, GenerateCo
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
+RANKS_DIR = "ranks"  # under several processes: the shards each one finished, until merged
 # Per-step fields (first axis = steps, trial-major: trial, episode, step) and per-trial fields.
 STEP_FIELDS = ("obs", "actions", "expert_actions", "rewards", "successes", "episode", "step")
 TRIAL_FIELDS = ("trial_task",)
@@ -121,9 +129,33 @@ def build_task_pool(cfg: GenerateConfig) -> tuple[list, list[int]]:
             raise UsageError(f"task pool {cfg.task_pool!r} of {cfg.suite} contains {len(clash)} test or validation "
                              f"task(s), e.g. {clash[0].env_name}; valid pools never do")
     # Every task is played floor or ceil(trials / len(tasks)) times, in a seeded order.
-    order = np.random.default_rng(_derived_seed(cfg.seed, 2)).permutation(len(tasks))
+    order = _interleave_envs(np.random.default_rng(_derived_seed(cfg.seed, 2)).permutation(len(tasks)), tasks)
     trial_tasks = [int(order[i % len(tasks)]) for i in range(cfg.trials)]
     return tasks, trial_tasks
+
+
+def _interleave_envs(order: np.ndarray, tasks: list) -> np.ndarray:
+    """``order`` stably sorted by each task's rank among its environment's tasks in it: one task of every
+    environment, then a second of every environment, ... so any number of trials is spread over the
+    environments floor/ceil when they hold equally many tasks. One environment: ``order`` unchanged."""
+    seen: dict[str, int] = {}
+    rank = np.empty(len(order), np.int64)
+    for j, i in enumerate(order):
+        name = tasks[i].env_name
+        rank[j], seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
+    return order[np.argsort(rank, kind="stable")]
+
+
+def environment_counts(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> dict[str, dict[str, int]]:
+    """Per environment: its distinct tasks in the pool, and the trials and steps played on it."""
+    steps_per_trial = cfg.episodes_per_trial * cfg.episode_length
+    counts: dict[str, dict[str, int]] = {}
+    for t in tasks:
+        counts.setdefault(t.env_name, {"tasks": 0, "trials": 0, "steps": 0})["tasks"] += 1
+    for i in trial_tasks:
+        counts[tasks[i].env_name]["trials"] += 1
+        counts[tasks[i].env_name]["steps"] += steps_per_trial
+    return dict(sorted(counts.items()))
 
 
 def _settings(cfg: GenerateConfig) -> dict:
@@ -323,7 +355,7 @@ def _generate_shard(job: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- generation
-def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
+def _new_manifest(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> dict:
     pool = parse_task_pool(cfg.task_pool)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -337,6 +369,7 @@ def _new_manifest(cfg: GenerateConfig, tasks: list) -> dict:
             "distinct_tasks": len(tasks),
             "disjoint_from_test_tasks": cfg.split == "train",
         },
+        "environments": environment_counts(cfg, tasks, trial_tasks),
         "noise": {
             "kind": cfg.noise_kind,
             "schedule": cfg.noise_schedule,
@@ -384,24 +417,88 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dict:
-    """Generate (or finish) the histories directory ``out``; returns the complete manifest."""
-    check_generate(cfg)
-    out = Path(out)
-    tasks, trial_tasks = build_task_pool(cfg)
-    manifest = _new_manifest(cfg, tasks)
+def _open_directory(out: Path, manifest: dict) -> dict:
+    """The shard records an earlier run of the same settings left in ``out`` (none in a new directory);
+    refuses a directory of other settings, or one that is not a histories directory."""
     if (out / MANIFEST).exists():
         old = _read_manifest(out)
         _check_same_settings(out, old, manifest)
-        manifest["shards"] = old["shards"]
-    elif out.exists() and any(not p.name.startswith(".") and p.name != SHARDS_DIR for p in out.iterdir()):
+        return old["shards"]
+    if out.exists() and any(not p.name.startswith(".") and p.name not in (SHARDS_DIR, RANKS_DIR) for p in out.iterdir()):
         raise UsageError(f"{out} exists and is not a histories directory (no {MANIFEST}); use another --out")
-    if out.exists():
-        _remove_stale_temporaries(out)
-    atomic_write_json(out / MANIFEST, manifest)
+    return {}
 
+
+def _check_trial_order(out: Path, records: dict, spans: list[range], trial_tasks: list[int]) -> None:
+    """Refuse to finish a directory whose shards play other tasks than this version assigns them (multi-
+    environment directories from before trials were interleaved over environments)."""
+    for name, record in records.items():
+        expected = np.asarray([trial_tasks[t] for t in spans[int(name)]], dtype=np.int32)
+        if record["sha256"]["trial_task"] != hashlib.sha256(_npy_bytes(expected)).hexdigest():
+            raise UsageError(f"{out} shard {name} plays other tasks than this version assigns to its trials "
+                             f"(an older trial order); use another --out")
+
+
+def _rank_file(out: Path, rank: int) -> Path:
+    return out / RANKS_DIR / f"rank-{rank:05d}.json"
+
+
+def _rank_records(out: Path) -> dict:
+    """The shard records that the processes of a multi-process run listed, each in its own rank file."""
+    records = {}
+    for file in sorted((out / RANKS_DIR).glob("rank-*.json")):
+        records.update(read_json(file)["shards"])
+    return records
+
+
+def _shard_intact(out: Path, name: str, record: dict) -> bool:
+    """Every file of the shard is there with the checksum its record lists."""
+    files = [out / SHARDS_DIR / name / f"{field}.npy" for field in FIELDS]
+    return all(f.is_file() and _sha256_file(f) == record["sha256"][f.stem] for f in files)
+
+
+def _adopt_rank_records(out: Path, shards: dict) -> dict:
+    """``shards`` plus the intact shards that a killed multi-process run listed only in its rank files."""
+    shards = dict(shards)
+    for name, record in _rank_records(out).items():
+        if name in shards:
+            continue
+        if _shard_intact(out, name, record):
+            shards[name] = record
+        else:
+            print(f"shard {name} listed in {out / RANKS_DIR} fails its checksums; generating it again", file=sys.stderr)
+    return dict(sorted(shards.items()))
+
+
+def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dict:
+    """Generate (or finish) the histories directory ``out``; returns the complete manifest.
+
+    Under ``accelerate launch`` with N processes, process r plays the missing shards i with i % N == r
+    and lists them in its own rank file; process 0 merges the lists into the manifest once every process
+    has finished, so the directory is the one a single process writes.
+    """
+    check_generate(cfg)
+    out = Path(out)
+    # Processes finish their shares at different times: wait at the last barrier longer than torch's 30 min.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    world, rank = state.num_processes, state.process_index
+    with state.main_process_first():  # process 0 builds (and caches) the task lists, the others then read them
+        tasks, trial_tasks = build_task_pool(cfg)
+    manifest = _new_manifest(cfg, tasks, trial_tasks)
     spans = _shard_trials(cfg)
-    todo = [i for i in range(len(spans)) if _shard_name(i) not in manifest["shards"]]
+    done = _open_directory(out, manifest)
+    _check_trial_order(out, done, spans, trial_tasks)
+    state.wait_for_everyone()  # every process has checked the directory before process 0 rewrites it
+    if state.is_main_process:
+        if out.exists():
+            _remove_stale_temporaries(out)
+        manifest["shards"] = _adopt_rank_records(out, done)
+        atomic_write_json(out / MANIFEST, manifest)
+        shutil.rmtree(out / RANKS_DIR, ignore_errors=True)  # what they listed is in the manifest now
+    state.wait_for_everyone()
+    manifest["shards"] = _read_manifest(out)["shards"]
+
+    todo = [i for i in range(len(spans)) if _shard_name(i) not in manifest["shards"] and i % world == rank]
     jobs = [
         {
             "index": i,
@@ -413,31 +510,45 @@ def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dic
         for i in todo
     ]
     steps_per_trial = cfg.episodes_per_trial * cfg.episode_length
-    workers = min(cfg.workers or default_workers(), max(len(jobs), 1))
+    done_steps = sum(r["steps"] for r in manifest["shards"].values())
+    workers = min(cfg.workers or (default_workers() if world == 1 else 1), max(len(jobs), 1))
     bar = tqdm(
-        total=cfg.trials * steps_per_trial,
-        initial=sum(r["steps"] for r in manifest["shards"].values()),
-        unit="step", unit_scale=True, disable=not progress, mininterval=0, miniters=1,
-        desc=f"generate {cfg.suite} ({workers} worker{'s' * (workers > 1)})",
+        total=done_steps + sum(len(spans[i]) for i in todo) * steps_per_trial,
+        initial=done_steps,
+        unit="step", unit_scale=True, disable=not progress or not state.is_main_process, mininterval=0, miniters=1,
+        desc=f"generate {cfg.suite} ({workers} worker{'s' * (workers > 1)}"
+             f"{f' in each of {world} processes' if world > 1 else ''})",
     )
-    start, new_steps = time.perf_counter(), 0
+    start = time.perf_counter()
+    mine = {}  # under several processes: the shards this one played, listed in its rank file
     with _shard_runner(workers) as run:
         for record in run(_generate_shard, jobs):
-            manifest["shards"][_shard_name(record["index"])] = record
-            manifest["shards"] = dict(sorted(manifest["shards"].items()))
-            atomic_write_json(out / MANIFEST, manifest)  # the shard counts from here on
-            new_steps += record["steps"]
+            name = _shard_name(record["index"])
+            if world == 1:
+                manifest["shards"] = dict(sorted({**manifest["shards"], name: record}.items()))
+                atomic_write_json(out / MANIFEST, manifest)  # the shard counts from here on
+            else:
+                mine[name] = record
+                atomic_write_json(_rank_file(out, rank), {"shards": mine})  # ... or from here on
             bar.update(record["steps"])
     bar.close()
-    manifest["complete"] = len(manifest["shards"]) == len(spans)
-    atomic_write_json(out / MANIFEST, manifest)
+    state.wait_for_everyone()  # every process has listed its shards
+    if state.is_main_process:
+        manifest["shards"] = dict(sorted({**manifest["shards"], **_rank_records(out)}.items()))
+        manifest["complete"] = len(manifest["shards"]) == len(spans)
+        atomic_write_json(out / MANIFEST, manifest)
+        shutil.rmtree(out / RANKS_DIR, ignore_errors=True)
+    state.wait_for_everyone()
+    manifest = _read_manifest(out)
     seconds = time.perf_counter() - start
-    if progress:
+    if progress and state.is_main_process:
+        new_steps = sum(r["steps"] for r in manifest["shards"].values()) - done_steps
         rate = new_steps / seconds if seconds > 0 else float("nan")
         per_episode = np.sum([r["successful_trials_per_episode"] for r in manifest["shards"].values()], 0) / cfg.trials
         print(f"success rate per episode: {' '.join(f'{x:.2f}' for x in per_episode)}")
-        print(f"generated {new_steps} steps in {seconds:.1f} s: {rate:,.0f} steps/s with {workers} worker(s); "
-              f"{out} holds {cfg.trials} trials, {len(spans)} shards, complete")
+        print(f"generated {new_steps} steps in {seconds:.1f} s: {rate:,.0f} steps/s with {workers} worker(s)"
+              f"{f' in each of {world} processes' if world > 1 else ''}; {out} holds {cfg.trials} trials, "
+              f"{len(spans)} shards, complete")
     return manifest
 
 
