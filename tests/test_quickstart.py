@@ -192,7 +192,7 @@ def test_rerun_reuses_finished_stages_and_redoes_the_killed_one(tmp_path, monkey
 def test_only_distributed_stages_under_accelerate(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = qc.tiny()
-    with pytest.raises(UsageError, match="pretrain,meta-train"):
+    with pytest.raises(UsageError, match="run only --stages generate,pretrain,meta-train,evaluate; got .*probe"):
         qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
 
 

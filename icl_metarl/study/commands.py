@@ -63,6 +63,14 @@ def suites(name: str | None, options) -> None:
 _SHARES_APART = timedelta(hours=24)
 
 
+def launched_processes() -> PartialState | None:
+    """The processes of an ``accelerate launch`` for the evaluator to split its trials over, or None alone.
+
+    Agents act on CPUs, so the barrier is gloo's; one process leaves accelerate's state alone (a later
+    Accelerator in it may want a GPU)."""
+    return PartialState(cpu=True, timeout=_SHARES_APART) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def evaluate(specs: list[str], config: EvalConfig, non_adaptive: bool, bootstrap: int, options: dict, out) -> None:
     """``icl-metarl evaluate``: every agent on the same tasks and seeds; results.json, report.md, plots.
     Under ``accelerate launch`` every process plays a share of the trials and the main one reports."""
@@ -70,11 +78,7 @@ def evaluate(specs: list[str], config: EvalConfig, non_adaptive: bool, bootstrap
         raise UsageError(f"--bootstrap must be >= 1, got {bootstrap}")
     config.tasks()  # a bad --tasks fails before any checkpoint is loaded
     agents = load_agents(specs, non_adaptive=non_adaptive, options=options)
-    # Under accelerate launch: a share of the trials each. Agents act on CPUs, so the barrier is gloo's;
-    # one process leaves accelerate's state alone (a later Accelerator in it may want a GPU).
-    processes = (PartialState(cpu=True, timeout=_SHARES_APART) if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                 else None)
-    results = evaluate_agents(agents, config, out, processes)
+    results = evaluate_agents(agents, config, out, launched_processes())
     if results is None:  # another process than the main one: its share is in out/ranks
         return
     report = write_report(results, out, bootstrap)

@@ -30,7 +30,7 @@ from icl_metarl.probes.config import ProbeConfig
 STAGES = ("generate", "pretrain", "meta-train", "evaluate", "probe", "report")
 SIZES = ("tiny", "default")
 #: stages that may run under `accelerate launch` with several processes (the others would run N times)
-DISTRIBUTED_STAGES = ("pretrain", "meta-train")
+DISTRIBUTED_STAGES = ("generate", "pretrain", "meta-train", "evaluate")
 #: where each stage writes, under the quickstart directory
 DIRS = {"generate": "histories", "pretrain": "icl", "meta-train": "gradient", "evaluate": "eval", "probe": "probe"}
 DONE_DIR = "done"

@@ -29,6 +29,7 @@ from icl_metarl.harness.report import adaptation_lines, claim_lines, write_repor
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.incontext.histories import generate
 from icl_metarl.probes.probe import probe
+from icl_metarl.study.commands import launched_processes
 from icl_metarl.study.config import (
     DIRS,
     DISTRIBUTED_STAGES,
@@ -125,7 +126,9 @@ def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
     config = stage_config(cfg, "evaluate", out).check()
     agents = load_agents(agent_specs(cfg, out), non_adaptive=True,
                          options={"expert_goal_offsets": tuple(cfg.expert_goal_offsets)})  # the oracle's
-    results = evaluate(agents, config, out / DIRS["evaluate"])
+    results = evaluate(agents, config, out / DIRS["evaluate"], launched_processes())
+    if results is None:  # not the main process of an accelerate launch: its share is in eval/ranks
+        return {}
     write_report(results, out / DIRS["evaluate"])
     for f in results["failures"]:
         print(f"  agent {f['agent']} failed at seed {f['seed']}: {f['error']}", file=sys.stderr)
