@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.harness.settings import COUNT_OK
+from icl_metarl.harness.settings import COMMAS, COUNT_OK
 from icl_metarl.harness.suites import check_episode_length, get_suite, parse_goal_offsets, parse_task_pool
 
 ALGOS = ("maml", "meta-sgd", "reptile")
@@ -60,7 +60,7 @@ class MetaRLConfig:
     scripted expert's action on the states the adapted policy visits, the supervision the in-context
     agent trains on: Guided Meta-Policy Search, Mendonca et al. 2019); the inner step learns from reward
     either way, so at test time the agent sees what the in-context agent sees. MAML and Meta-SGD only."""
-    expert_goal_offsets: tuple[str, ...] = ()
+    expert_goal_offsets: tuple[str, ...] = field(default=(), metadata={COMMAS: False})
     """outer-loss imitate: ENV=x,y,z (metres), tell the labelling expert the goal shifted by this in ENV,
     as the in-context agent's histories did (e.g. reach-v3=0,0,0.045); each ENV an environment of the suite"""
     inner_steps: int = 1

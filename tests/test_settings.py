@@ -61,3 +61,12 @@ def test_json_sections_are_checked_by_type():
             from_dict(Example, bad, "s")
     with pytest.raises(UsageError, match="s.name is set by the study"):
         from_dict(Example, {"name": "x"}, "s", owned=("name",))
+
+
+def test_a_sequence_flag_whose_values_hold_commas_splits_at_spaces_only():
+    from icl_metarl.incontext.config import GenerateConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, GenerateConfig)
+    a = p.parse_args(["--expert-goal-offsets", "reach-v3=0,0,0.045", "push-v3=0,0,0.01", "--trials", "3"])
+    assert from_args(GenerateConfig, a).expert_goal_offsets == ("reach-v3=0,0,0.045", "push-v3=0,0,0.01")

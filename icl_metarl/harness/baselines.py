@@ -8,7 +8,7 @@ Not for: learners; the non-adaptive variants of learners live with the learners 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import choice_error
 from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.settings import COMMAS
 from icl_metarl.harness.suites import ACT_DIM, DEFAULT_EPISODE_LENGTH, TaskSpec, expert_actions, parse_goal_offsets
 
 
@@ -77,7 +78,7 @@ BASELINES = {"random": RandomAgent, "oracle": OracleAgent}
 class BaselineOptions:
     """How an evaluated baseline acts (None: its default)."""
 
-    expert_goal_offsets: tuple[str, ...] | None = None
+    expert_goal_offsets: tuple[str, ...] | None = field(default=None, metadata={COMMAS: False})
     """oracle: ENV=x,y,z corrections of the goal the scripted expert is told (metres), as the study's
     histories used them (e.g. reach-v3=0,0,0.045: aim the TCP, not the hand; suites.MEASURED_GOAL_OFFSETS)"""
 

@@ -23,6 +23,9 @@ FLAGS = "flags"
 PARSE = "parse"
 #: field metadata key: a string field that a JSON file may also give as an integer (a task pool's count)
 COUNT_OK = "count_ok"
+#: field metadata key: False for a sequence flag whose values hold commas themselves (ENV=x,y,z): only
+#: spaces separate its values
+COMMAS = "commas"
 
 
 @lru_cache(maxsize=None)
@@ -101,9 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required=(), de
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_)
         elif many:  # several values, spaces or commas between them (--hidden 64 64 or 64,64)
-            shown = ",".join(map(str, default)) if default is not None else default
+            commas = f.metadata.get(COMMAS, True)
+            shown = (",".join if commas else " ".join)(map(str, default)) if default is not None else default
             parser.add_argument(*names, dest=f.name, default=default, nargs="+", metavar=f.name.upper(),
-                                action=_split_at_commas(f.metadata.get(PARSE, _scalar(kind))),
+                                action=_split_at_commas(f.metadata.get(PARSE, _scalar(kind)), commas),
                                 help=f"{help_} (default: {shown})")
         else:
             convert = f.metadata.get(PARSE, _scalar(kind))
@@ -111,13 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required=(), de
                                 type=_optional(convert) if optional else convert, help=f"{help_} (default: {default})")
 
 
-def _split_at_commas(convert):
-    """An argparse action for a sequence flag: every token split at commas, each part converted."""
+def _split_at_commas(convert, commas: bool = True):
+    """An argparse action for a sequence flag: every token split at commas (unless ``commas`` is False),
+    each part converted."""
 
     class SplitAtCommas(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             items = []
-            for part in (p.strip() for token in values for p in str(token).split(",")):
+            for part in (p.strip() for token in values for p in (str(token).split(",") if commas else [token])):
                 if part:
                     try:
                         items.append(convert(part))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.harness.settings import COUNT_OK, FLAGS
+from icl_metarl.harness.settings import COMMAS, COUNT_OK, FLAGS
 from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, parse_goal_offsets, parse_task_pool
 
 NOISE_KINDS = ("uniform", "gaussian", "goal")
@@ -56,7 +56,7 @@ class GenerateConfig:
     """Seed of the noise, the task order and the task pool."""
     suite_seed: int = 0
     """Meta-World benchmark seed: which train/test tasks the suite has (use the evaluator's)."""
-    expert_goal_offsets: tuple[str, ...] = ()
+    expert_goal_offsets: tuple[str, ...] = field(default=(), metadata={COMMAS: False})
     """ENV=x,y,z (metres): tell the expert the goal shifted by this in environment ENV, for every action
     and label (e.g. reach-v3=0,0,0.045: its experts aim the hand, success is measured at the TCP;
     suites.MEASURED_GOAL_OFFSETS); each ENV must be an environment of the suite. Default: none."""
