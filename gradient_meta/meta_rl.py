@@ -209,10 +209,12 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     state_file = out / (STATE if rank == 0 else f"state-rank{rank}.safetensors")
     if state_file.exists():
         tensors, meta = load_state(state_file)
-        saved = json.loads(meta["config"])
-        saved["hidden"] = tuple(saved["hidden"])
-        if saved != asdict(cfg):
-            diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+        # Compared as JSON has them (tuples read back as lists); a setting added since: its default.
+        now = json.loads(json.dumps(asdict(cfg)))
+        defaults = json.loads(json.dumps(asdict(MetaRLConfig())))
+        saved = {**{k: defaults[k] for k in now if k in defaults}, **json.loads(meta["config"])}
+        if saved != now:
+            diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
             raise UsageError(f"{str(out)!r} holds a run with other settings ({', '.join(diff)}); "
                              f"use a new --out or the same settings to resume")
         with torch.no_grad():
