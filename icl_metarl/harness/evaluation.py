@@ -40,8 +40,8 @@ class EvalConfig:
     """Meta-World suite: ML1:<env>-v3, ML10 or ML45."""
     split: str = "test"
     """Which split's tasks to play: test (the figure to report, once per final recipe), validation (new
-    tasks of the train environments: choose recipes and checkpoints here) or train (a diagnostic only:
-    the agents may have seen them)."""
+    tasks of the train environments, or with ML10-holdout / ML45-holdout of the held-out environments:
+    choose recipes and checkpoints here) or train (a diagnostic only: the agents may have seen them)."""
     adaptation_episodes: int = field(default=10, metadata={FLAGS: ("-K",)})
     """K: episodes per trial in which the agent may adapt (Meta-World's benchmark uses 10)."""
     evaluation_episodes: int = field(default=3, metadata={FLAGS: ("-E",)})
