@@ -287,6 +287,16 @@ def test_study_seed_from_the_command_line_and_a_finished_stage_with_another_seed
         qc.config_from_dict({"size": "tiny", "seed": -1})
 
 
+def test_suite_and_split_from_the_command_line_choose_on_held_out_environments():
+    cfg = qc.QuickstartCommand(config=str(CONFIGS / "ml10-cpu.json"), suite="ML10-holdout", split="validation").config_for()
+    assert cfg.suite == "ML10-holdout" and qc.stage_config(cfg, "evaluate").split == "validation"
+    assert qc.stage_config(cfg, "generate").suite == "ML10-holdout" == qc.stage_config(cfg, "meta-train").suite
+    with pytest.raises(UsageError, match="use --suite ML10 for the test split"):
+        qc.QuickstartCommand(config=str(CONFIGS / "ml10-cpu.json"), suite="ML10-holdout").config_for()
+    with pytest.raises(UsageError, match="not an environment of suite ML1:push-v3"):  # reach's correction
+        qc.QuickstartCommand(size="tiny", suite="ML1:push-v3").config_for()
+
+
 @pytest.mark.slow
 def test_same_study_seed_same_figures_other_seed_other_data(tmp_path):
     """Two runs of the tiny study with seed 1 report the same figures; seed 2 plays other data and trials."""

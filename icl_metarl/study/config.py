@@ -292,6 +292,12 @@ class QuickstartCommand:
     seed: int | None = None
     """study seed: shifts the data, training, evaluation and probe seeds together (default: the
     configuration's, 0); recorded in quickstart_config.json"""
+    suite: str | None = None
+    """another suite than the configuration's, e.g. ML10-holdout to choose a recipe on held-out
+    environments (default: the configuration's)"""
+    split: str | None = None
+    """split the evaluate and probe stages play: validation while choosing, test once per final recipe
+    (default: the configuration's)"""
 
     def config_for(self) -> QuickstartConfig:
         """The study configuration this command runs, checked."""
@@ -302,5 +308,9 @@ class QuickstartCommand:
             cfg.stages = tuple(self.stages)
         if self.seed is not None:
             cfg.seed = self.seed
+        if self.suite is not None:
+            cfg.suite = self.suite
+        if self.split is not None:
+            cfg.split = self.split
         return check_config(cfg)
 
