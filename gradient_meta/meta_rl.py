@@ -45,7 +45,7 @@ from gradient_meta.rl import (
 )
 from icl_metarl.harness.budget import Budget, write_budget
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.files import as_json, atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.harness.suites import TaskSpec, get_suite, parse_goal_offsets, parse_task_pool, sample_new_tasks
 
@@ -210,8 +210,7 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     if state_file.exists():
         tensors, meta = load_state(state_file)
         # Compared as JSON has them (tuples read back as lists); a setting added since: its default.
-        now = json.loads(json.dumps(asdict(cfg)))
-        defaults = json.loads(json.dumps(asdict(MetaRLConfig())))
+        now, defaults = as_json(asdict(cfg)), as_json(asdict(MetaRLConfig()))
         saved = {**{k: defaults[k] for k in now if k in defaults}, **json.loads(meta["config"])}
         if saved != now:
             diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))

@@ -25,7 +25,14 @@ from gradient_meta.config import SinusoidConfig
 from icl_metarl.fewshot.config import RUN_FILE, FewShotTrainConfig
 from icl_metarl.fewshot.model import ICLRegressor, ICLRegressorConfig
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, versions
+from icl_metarl.harness.files import (
+    as_json,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    versions,
+)
 from icl_metarl.harness.regression_tasks import Family, get_family
 
 STATE_NAME = "trainer_state.json"
@@ -170,7 +177,7 @@ def _check_run(out: Path, config: FewShotTrainConfig) -> None:
         return
     before = read_json(out / RUN_FILE)["config"]
     now = dataclasses.asdict(config)
-    differ = [k for k in now if k not in _MAY_DIFFER and json.loads(json.dumps(now[k])) != before.get(k)]
+    differ = [k for k in now if k not in _MAY_DIFFER and as_json(now[k]) != before.get(k)]
     if differ:
         raise UsageError(f"{out} was started with other settings ({', '.join(differ)}); use another --out")
 

@@ -45,6 +45,12 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def as_json(value):
+    """``value`` as it reads back from a JSON file (tuples become lists): the form in which settings
+    written to disk are compared with the settings of a rerun."""
+    return json.loads(json.dumps(value))
+
+
 def read_json(path: str | Path):
     """The JSON value in ``path``; a file that is not JSON is a one-line UsageError naming it."""
     try:

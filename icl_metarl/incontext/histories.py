@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, read_json, versions
+from icl_metarl.harness.files import as_json, atomic_write_bytes, atomic_write_json, read_json, versions
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import (
     ACT_DIM,
@@ -160,9 +160,8 @@ def environment_counts(cfg: GenerateConfig, tasks: list, trial_tasks: list[int])
 
 def _settings(cfg: GenerateConfig) -> dict:
     """What determines the data: the config without the worker count, with the pool normalised."""
-    d = asdict(cfg)
+    d = as_json(asdict(cfg))  # as the manifest reads it back
     d.pop("workers")
-    d["expert_goal_offsets"] = list(cfg.expert_goal_offsets)  # as JSON reads it back
     d["task_pool"] = str(parse_task_pool(cfg.task_pool))
     if cfg.policy:  # the policy's weights, not only its path, determine the data
         d["policy_sha256"] = _sha256_file(Path(cfg.policy) / "model.safetensors")
@@ -391,8 +390,7 @@ def _check_same_settings(path: Path, old: dict, new: dict) -> None:
     if old.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{path / MANIFEST} has schema version {old.get('schema_version')!r}, this toolkit "
                          f"writes {SCHEMA_VERSION}; use another --out")
-    # a setting added later: its default, as JSON has it (a tuple reads back as a list)
-    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(GenerateConfig)}
+    defaults = as_json(asdict(GenerateConfig()))  # a setting added later: its default
     for key, value in new["settings"].items():
         before = old["settings"].get(key, defaults.get(key))
         if before != value:

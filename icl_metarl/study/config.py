@@ -8,14 +8,13 @@ running the stages (``quickstart.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gradient_meta.config import MetaRLConfig
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.evaluation import EvalConfig
-from icl_metarl.harness.files import read_json
+from icl_metarl.harness.files import as_json, read_json
 from icl_metarl.harness.settings import check_value, field_types, from_dict
 from icl_metarl.harness.suites import (
     MEASURED_GOAL_OFFSETS,
@@ -276,7 +275,7 @@ def to_dict(cfg: QuickstartConfig) -> dict:
         out[key] = {k: v for k, v in asdict(getattr(cfg, key)).items() if k not in OWNED[key]}
     out["generate_extra"] = [{k: v for k, v in asdict(e).items() if k not in OWNED["generate"]}
                              for e in cfg.generate_extra]
-    return json.loads(json.dumps(out))
+    return as_json(out)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import evaluate, load_agents, load_results
-from icl_metarl.harness.files import atomic_write_figure, atomic_write_json, atomic_write_text
+from icl_metarl.harness.files import as_json, atomic_write_figure, atomic_write_json, atomic_write_text
 from icl_metarl.harness.report import adaptation_lines, claim_lines, write_report
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.incontext.histories import generate
@@ -58,7 +58,7 @@ def stage_settings(cfg: QuickstartConfig, stage: str, out: str | Path) -> dict:
         d.pop(key, None)
     if stage == "evaluate":
         d["agents"] = [Path(a).name for a in agent_specs(cfg, out)]
-    return json.loads(json.dumps(d))
+    return as_json(d)
 
 
 def marker_path(out: str | Path, stage: str) -> Path:
