@@ -248,6 +248,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     sampler = None
     bar = tqdm(range(start + 1, cfg.iterations + 1), initial=start, total=cfg.iterations,
                desc=f"meta-train {cfg.algo}", disable=not progress or rank != 0, dynamic_ncols=True)
+    imitate = cfg.outer_loss == "imitate"  # the expert labels the adapted policy's states, not the support's
+    goal_offsets = parse_goal_offsets(cfg.expert_goal_offsets)  # the labelling expert's corrections
     for it in bar:
         # 1. sample: pre-adaptation episodes, inner step(s), post-adaptation episodes
         t0 = time.perf_counter()
@@ -261,9 +263,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         t_adapt = time.perf_counter()
         adapted = learner.adapt(support)
         t_adapt = time.perf_counter() - t_adapt
-        imitate = cfg.outer_loss == "imitate"  # the expert labels the adapted policy's states, not the support's
         post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True, label_expert=imitate,
-                              goal_offsets=parse_goal_offsets(cfg.expert_goal_offsets))
+                              goal_offsets=goal_offsets)
         query = to_batch(post, advantages(post, cfg.gamma, cfg.gae_lambda))
         sample_s = time.perf_counter() - t0 - t_adapt
 
