@@ -41,6 +41,15 @@ class GPT2Policy(nn.Module):
         return ((torch.tanh(mean) - batch["expert_actions"]) ** 2).mean()
 
 
+def random_batch(c: ICLPolicyConfig, batch: int) -> dict:
+    """``batch`` windows of random tokens at the model's full context (max_positions), episodes aligned."""
+    T = c.max_positions
+    step = torch.arange(T) % c.max_episode_length
+    return {"obs": torch.randn(batch, T, 39), "actions": torch.rand(batch, T, 4) * 2 - 1,
+            "expert_actions": torch.rand(batch, T, 4) * 2 - 1, "rewards": torch.rand(batch, T) * 10,
+            "episode_start": (step == 0).repeat(batch, 1), "step_in_episode": step.repeat(batch, 1)}
+
+
 def tokens_per_second(model, batch: dict, steps: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
@@ -70,10 +79,7 @@ def main() -> None:
     torch.manual_seed(0)
     c = ICLPolicyConfig(max_episode_length=args.episode_length, max_context_episodes=args.context_episodes)
     B, T = args.batch, c.max_positions
-    step = torch.arange(T) % args.episode_length
-    batch = {"obs": torch.randn(B, T, 39), "actions": torch.rand(B, T, 4) * 2 - 1,
-             "expert_actions": torch.rand(B, T, 4) * 2 - 1, "rewards": torch.rand(B, T) * 10,
-             "episode_start": (step == 0).repeat(B, 1), "step_in_episode": step.repeat(B, 1)}
+    batch = random_batch(c, B)
     ours = ICLPolicy(c)
     gpt2 = GPT2Policy(c)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

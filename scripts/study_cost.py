@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import torch
-from bench_train import tokens_per_second  # scripts/ is on the path when run as a script
+from bench_train import random_batch, tokens_per_second  # scripts/ is on the path when run as a script
 
 from icl_metarl.harness.suites import get_suite
 from icl_metarl.incontext.histories import generate
@@ -54,12 +54,8 @@ def main() -> None:
     c = ICLPolicyConfig(d_model=pre.d_model, n_layer=pre.n_layer, n_head=pre.n_head,
                         max_episode_length=cfg.episode_length, max_context_episodes=pre.episodes_per_window)
     T = c.max_positions
-    step = torch.arange(T) % cfg.episode_length
-    batch = {"obs": torch.randn(a.batch, T, 39), "actions": torch.rand(a.batch, T, 4) * 2 - 1,
-             "expert_actions": torch.rand(a.batch, T, 4) * 2 - 1, "rewards": torch.rand(a.batch, T) * 10,
-             "episode_start": (step == 0).repeat(a.batch, 1), "step_in_episode": step.repeat(a.batch, 1)}
     model = ICLPolicy(c)
-    token_rate = tokens_per_second(model, batch, a.train_steps)
+    token_rate = tokens_per_second(model, random_batch(c, a.batch), a.train_steps)
     params = sum(x.numel() for x in model.parameters())
 
     # 3. the full-size totals
