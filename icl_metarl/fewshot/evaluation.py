@@ -256,8 +256,8 @@ def _learners(records: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["learner"] for r in records))
 
 
-def plot_family(results: dict, family: str, out: Path) -> str:
-    """mse-<family>.png: MSE against shots, one line per learner with its 95% band, log scales."""
+def plot_family(results: dict, family: str, out: Path, note: str = "", prefix: str = "") -> str:
+    """<prefix>mse-<family>.png: MSE against shots, one line per learner with its 95% band, log scales."""
     recs = [r for r in results["records"] if r["family"] == family]
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.subplots()
@@ -282,10 +282,10 @@ def plot_family(results: dict, family: str, out: Path) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("support points (shots)")
     ax.set_ylabel("MSE against the task function")
-    ax.set_title(f"{family} (trained on {results['trained_on']})")
+    ax.set_title(f"{family} (trained on {results['trained_on']}{note})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    name = f"mse-{family}.png"
+    name = f"{prefix}mse-{family}.png"
     atomic_write_figure(fig, out / name)
     return name
 

@@ -177,6 +177,12 @@ def _add_fewshot(sub) -> None:
     r.add_argument("--out", required=True, help="output directory")
     r.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.probe:probe_command", a.run,
                                           from_args(FewShotProbeConfig, a), a.out))
+    o = acts.add_parser("pool", help="pool the evaluations (or the probes) of several training seeds: mean over "
+                                     "seeds with a t-interval, per-seed values; pooled.json, pooled.md, plots")
+    o.add_argument("dirs", nargs="+", help="output directories of `fewshot evaluate` (or of `fewshot probe`), one "
+                                         "per training seed, all of one test set")
+    o.add_argument("--out", required=True, help="output directory")
+    o.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.pool:pool_command", a.dirs, a.out))
 
 
 def _add_quickstart(sub) -> None:
