@@ -1,3 +1,4 @@
+import os
 import tracemalloc
 from dataclasses import replace
 
@@ -7,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext import histories
 from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
 from icl_metarl.incontext.windows import WindowDataset, WindowSampler
 
@@ -75,6 +77,39 @@ def test_windows_read_memory_mapped_shards_and_hold_only_their_index(tmp_path):
     tracemalloc.stop()
     held = sum(t.numel() * t.element_size() for w in windows for t in w.values())
     assert peak - held < data / 4, (peak, held, data)  # loaded into RAM instead: above data
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_open_files_stay_bounded_however_many_shards(tmp_path, monkeypatch):
+    """Each memory map holds a file descriptor; a set of many shards must not hold one per field (8 per
+    shard ran out of descriptors at about 128 shards). With room for 12 maps, 12 shards (96 fields) are
+    loaded and every window read, and the windows equal those read with room for all of them."""
+    generate(replace(CFG, trials=12, trials_per_shard=1), tmp_path / "many", progress=False)
+    monkeypatch.setattr(histories._OPEN_MAPS, "limit", 1000)
+    reference = [WindowDataset(tmp_path / "many", 2)[i] for i in range(36)]
+    monkeypatch.setattr(histories, "_OPEN_MAPS", histories._MapCache(limit=12))
+    before = _open_descriptors()
+    ds = WindowDataset(tmp_path / "many", 2)
+    windows = [ds[i] for i in range(len(ds))]
+    assert len(ds.sources[0].shards) == 12 and len(windows) == 36
+    assert _open_descriptors() - before <= 12
+    for got, want in zip(windows, reference):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_shard_file_replaced_on_disk_is_mapped_again(tmp_path):
+    generate(replace(CFG, trials=2), tmp_path / "h", progress=False)
+    shard = load_histories(tmp_path / "h").shards[0]
+    rewards = np.array(shard["rewards"])
+    file = shard.directory / "rewards.npy"
+    tmp = file.with_suffix(".tmp.npy")
+    np.save(tmp, rewards + 1.0)
+    os.replace(tmp, file)  # as a regenerated shard would be: a new file under the old name
+    np.testing.assert_array_equal(np.asarray(shard["rewards"]), rewards + 1.0)
 
 
 def test_sampler_is_deterministic_and_disjoint_across_ranks():

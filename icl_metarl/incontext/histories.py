@@ -23,7 +23,10 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -591,11 +594,11 @@ def _sha256_file(file: Path) -> str:
 
 @dataclass
 class Histories:
-    """A validated histories directory: its manifest and, per shard, its fields memory-mapped."""
+    """A validated histories directory: its manifest and, per shard, its fields memory-mapped on access."""
 
     path: Path
     manifest: dict
-    shards: list[dict[str, np.ndarray]]
+    shards: list[Shard]
 
     @property
     def episode_length(self) -> int:
@@ -624,7 +627,6 @@ def load_histories(path: str | Path, verify: bool = True) -> Histories:
                          f"did not finish; rerun the same generate command to complete it")
     shards = []
     for name, record in manifest["shards"].items():
-        arrays = {}
         for field in FIELDS:
             file = path / SHARDS_DIR / name / f"{field}.npy"
             if not file.is_file():
@@ -632,11 +634,82 @@ def load_histories(path: str | Path, verify: bool = True) -> Histories:
             if verify and _sha256_file(file) != record["sha256"][field]:
                 raise UsageError(f"checksum mismatch in {file}: truncated or edited since generation")
             try:
-                arrays[field] = np.load(file, mmap_mode="r", allow_pickle=False)
+                rows = _OPEN_MAPS.get(file).shape[0]
             except (ValueError, OSError) as e:
                 raise UsageError(f"cannot read {file} as .npy: {e}") from None
             expected = record["trials"] if field in TRIAL_FIELDS else record["steps"]
-            if arrays[field].shape[0] != expected:
-                raise UsageError(f"{file} holds {arrays[field].shape[0]} rows, the manifest says {expected}")
-        shards.append(arrays)
+            if rows != expected:
+                raise UsageError(f"{file} holds {rows} rows, the manifest says {expected}")
+        shards.append(Shard(path / SHARDS_DIR / name))
     return Histories(path, manifest, shards)
+
+
+class _MapCache:
+    """The memory maps open at once, over every shard of every histories directory: at most ``limit``.
+
+    Each ``np.load(mmap_mode="r")`` holds one file descriptor (Python's mmap keeps a duplicate) for as long
+    as the map lives, so mapping every field of every shard up front ran out of descriptors (8 per shard:
+    the common limit of 1,024 at about 128 shards, where a full-size ML45 set has thousands). Maps are
+    opened on access and the least recently used is dropped past the limit (half the open-file limit, see
+    ``_map_limit``; a set larger than that reads random windows about 9x slower, scripts/bench_windows.py,
+    so raise ``ulimit -n`` or add DataLoader workers there); an array a caller still holds
+    keeps its own map alive. A file replaced since it was mapped (same path, other inode, size or time) is
+    mapped again, never served stale.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._maps: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file: Path) -> np.ndarray:
+        key, st = str(file), os.stat(file)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._maps.get(key)
+            if hit is not None and hit[0] == stamp:
+                self._maps.move_to_end(key)
+                return hit[1]
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+            self._maps[key] = (stamp, array)
+            self._maps.move_to_end(key)
+            while len(self._maps) > self.limit:
+                self._maps.popitem(last=False)
+            return array
+
+
+def _map_limit() -> int:
+    """How many memory maps may stay open: half the process's open-file limit, after raising its soft
+    limit to the hard one (at most 65,536) where the system allows; 512 where it cannot be read."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        ceiling = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < ceiling:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        return max(64, min(soft, 65536) // 2)
+    except (ImportError, ValueError, OSError):
+        return 512
+
+
+_OPEN_MAPS = _MapCache(limit=_map_limit())
+
+
+class Shard(Mapping):
+    """One shard's fields by name (``shard["obs"]``), each a read-only memory map opened on access."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __getitem__(self, field: str) -> np.ndarray:
+        if field not in FIELDS:
+            raise KeyError(field)
+        return _OPEN_MAPS.get(self.directory / f"{field}.npy")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FIELDS)
+
+    def __len__(self) -> int:
+        return len(FIELDS)
