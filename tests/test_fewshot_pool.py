@@ -82,6 +82,14 @@ def test_pool_command_writes_evaluation_and_probe_reports(tmp_path, capsys):
     report = (tmp_path / "pooled" / "pooled.md").read_text()
     assert "pooled over 2 training seeds" in report and "| shrunk |" in report
     assert (tmp_path / "pooled" / "pooled-mse-maml-sine.png").stat().st_size > 1000
+    shifted = [_results(scale) for scale in (0.5, 0.8)]  # a second family: the same tasks, relabelled
+    for i, r in enumerate(shifted):
+        r["families"] = ["maml-sine", "maml-sine-noisy"]
+        r["records"] += [dict(rec, family="maml-sine-noisy", mse=2 * rec["mse"]) for rec in r["records"]]
+        atomic_write_json(tmp_path / f"ood-s{i}" / "results.json", r)
+    assert main(["fewshot", "pool", *(str(tmp_path / f"ood-s{i}") for i in (0, 1)), "--out",
+                 str(tmp_path / "ood")]) == 0
+    assert "| zero | 2 (2, 2) |" in (tmp_path / "ood" / "pooled.md").read_text()  # twice the error in each seed
     config = FewShotProbeConfig(shots=(3,), tasks=4, queries=3, gd_steps=(1, 2), step_sizes=(0.3, 1.0))
     probes = []
     for i, lr in enumerate((0.3, 1.0)):  # two 'seeds': one-step layers with different step sizes

@@ -112,6 +112,25 @@ def evaluation_markdown(pooled: dict, plots: dict[str, str]) -> str:
                   "|---|" + "---|" * len(shots)]
         lines += [f"| {name} | " + " | ".join(cell[(name, k)] for k in shots) + " |" for name in learners]
         lines += ["", f"![{plots[family]}]({plots[family]})", ""]
+    fams = pooled["families"]
+    if len(fams) > 1:  # who degrades least: each seed's MSE on a shifted family over its MSE on the training one
+        trained = pooled["training_shots"]["gradient"]
+        k = min(s["shots"], key=lambda shots: (abs(shots - trained), shots))
+        cell = {(r["learner"], r["family"]): r for r in pooled["rows"] if r["shots"] == k}
+        lines += [f"## Out of distribution at K={k}: MSE on each family / MSE on {fams[0]}, mean over seeds", "",
+                  "| learner | " + " | ".join(fams[1:]) + " |", "|---|" + "---|" * (len(fams) - 1)]
+        for name in dict.fromkeys(r["learner"] for r in pooled["rows"]):
+            base = cell.get((name, fams[0]))
+            ratios = []
+            for f in fams[1:]:
+                shifted = cell.get((name, f))
+                if base is None or shifted is None or any(base["diverged_tasks"]) or any(shifted["diverged_tasks"]):
+                    ratios.append("diverged")
+                else:
+                    r = [a / b for a, b in zip(shifted["per_seed"], base["per_seed"])]
+                    ratios.append(f"{np.mean(r):.3g} ({', '.join(f'{x:.3g}' for x in r)})")
+            lines.append(f"| {name} | " + " | ".join(ratios) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
