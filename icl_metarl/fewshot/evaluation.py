@@ -252,6 +252,11 @@ def evaluate_command(run: str, config: FewShotEvalConfig, out) -> None:
 
 
 # ----------------------------------------------------------------------------------------- report
+def nearest_shots(shots: Sequence[int], trained: int) -> int:
+    """The evaluated shot count nearest the one the gradient learners trained at (the smaller on a tie)."""
+    return min(shots, key=lambda k: (abs(k - trained), k))
+
+
 def _learners(records: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["learner"] for r in records))
 
@@ -323,8 +328,7 @@ def report_markdown(results: dict, plots: dict[str, str]) -> str:
         lines += [f"| {n} | " + " | ".join(cell[(n, k)] for k in shots) + " |" for n in _learners(recs)]
         lines += ["", f"![{plots[family]}]({plots[family]})", ""]
     if len(results["families"]) > 1:
-        trained = results["training_shots"]["gradient"]
-        k = min(results["settings"]["shots"], key=lambda s: (abs(s - trained), s))  # the K evaluated nearest it
+        k = nearest_shots(results["settings"]["shots"], results["training_shots"]["gradient"])
         fams = results["families"]
         mse = {(r["learner"], r["family"]): r["mse"] if not r.get("nonfinite_tasks") else math.nan
                for r in results["records"] if r["shots"] == k}

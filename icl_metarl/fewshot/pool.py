@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from icl_metarl.fewshot.evaluation import MismatchError, check_same_inputs, plot_family
+from icl_metarl.fewshot.evaluation import MismatchError, check_same_inputs, nearest_shots, plot_family
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_json, atomic_write_text, read_json
 
@@ -114,8 +114,7 @@ def evaluation_markdown(pooled: dict, plots: dict[str, str]) -> str:
         lines += ["", f"![{plots[family]}]({plots[family]})", ""]
     fams = pooled["families"]
     if len(fams) > 1:  # who degrades least: each seed's MSE on a shifted family over its MSE on the training one
-        trained = pooled["training_shots"]["gradient"]
-        k = min(s["shots"], key=lambda shots: (abs(shots - trained), shots))
+        k = nearest_shots(s["shots"], pooled["training_shots"]["gradient"])
         cell = {(r["learner"], r["family"]): r for r in pooled["rows"] if r["shots"] == k}
         lines += [f"## Out of distribution at K={k}: MSE on each family / MSE on {fams[0]}, mean over seeds", "",
                   "| learner | " + " | ".join(fams[1:]) + " |", "|---|" + "---|" * (len(fams) - 1)]
@@ -150,7 +149,8 @@ def pool_probes(metrics: Sequence[dict], names: Sequence[str]) -> dict:
                    "best_k": [m["shots"][k]["ranking"][0] for m in metrics]}
             for key in ("relative_error", "prediction_cosine", "sensitivity_cosine"):
                 values = [m["shots"][k]["rows"][i][key] for m in metrics]
-                row[key] = {"per_seed": values, "mean": seed_interval(values)[0], "ci95": seed_interval(values)[1]}
+                mean, half = seed_interval(values)
+                row[key] = {"per_seed": values, "mean": mean, "ci95": half}
             rows.append(row)
     return {"kind": "probe", "runs": list(names), "family": first["family"], "reference": first["reference"],
             "settings": first["settings"], "rows": rows}
