@@ -657,8 +657,8 @@ class _MapCache:
     mapped again, never served stale.
     """
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int | None = None):
+        self.limit = limit  # None: ``_map_limit()``, decided at the first map, not when the module is imported
         self._maps: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -666,6 +666,8 @@ class _MapCache:
         key, st = str(file), os.stat(file)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
+            if self.limit is None:
+                self.limit = _map_limit()
             hit = self._maps.get(key)
             if hit is not None and hit[0] == stamp:
                 self._maps.move_to_end(key)
@@ -694,7 +696,7 @@ def _map_limit() -> int:
         return 512
 
 
-_OPEN_MAPS = _MapCache(limit=_map_limit())
+_OPEN_MAPS = _MapCache()
 
 
 class Shard(Mapping):
