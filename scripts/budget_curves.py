@@ -9,6 +9,12 @@ evaluator on the same tasks and seeds. Resumable: points already in ``DIR/curves
 settings are kept. Prints one row per point and writes ``curves.json``, ``curves.md`` and
 ``budget_curves.png``.
 
+Choosing on validation: for each run the point with the best success in the last adaptation episode is
+the one to play on test (a tie goes to the earlier, cheaper point). The run has *stopped improving* when
+``--patience`` later points (default 2) all failed to beat it; otherwise the report says it was still
+improving, and a longer run is needed before its figure can be called converged. ``--every N`` plays only
+the snapshots whose iteration is a multiple of N (and the last), to spend less CPU on a long run.
+
     python scripts/budget_curves.py runs/icl runs/maml-imitate runs/maml --suite ML1:reach-v3 \\
         -K 3 -E 1 --episode-length 50 --seeds 0 1 --tasks 50 --out curves/reach
 """
@@ -36,10 +42,12 @@ from icl_metarl.harness.files import (
 from icl_metarl.harness.report import adaptation_summary, compact
 
 
-def snapshots(run: Path) -> list[tuple[str, Path, dict]]:
-    """(name, loadable checkpoint, cumulative budget) of every point of ``run``, in training order."""
+def snapshots(run: Path, every: int = 1) -> list[tuple[str, Path, dict]]:
+    """(name, loadable checkpoint, cumulative budget) of every point of ``run``, in training order; of a
+    meta-RL run's snapshots only iterations that are multiples of ``every``, and the last."""
     snaps = sorted((run / "snapshots").glob("iteration-*"))
     if snaps:
+        snaps = [p for p in snaps if int(p.name.split("-")[1]) % every == 0 or p == snaps[-1]]
         return [(p.name, p, read_budget(p)) for p in snaps if read_budget(p)]
     rounds = sorted(run.glob("round-*/train"), key=lambda p: int(p.parent.name.split("-")[1]))
     if rounds:
@@ -59,6 +67,28 @@ def snapshots(run: Path) -> list[tuple[str, Path, dict]]:
         raise UsageError(f"{run} has no budget.json (and no snapshots/ or round-*/train with one): train it with "
                          f"this version to record its budget")
     return [("final", run, budget)]
+
+
+def choose(points: list[dict], patience: int = 2) -> dict[str, dict]:
+    """Per run: the point to play on test (best validation success in the last adaptation episode, a tie to
+    the earlier point), how many later points failed to beat it, and whether that makes it stopped."""
+    chosen = {}
+    for run in dict.fromkeys(p["run"] for p in points):
+        pts = sorted((p for p in points if p["run"] == run), key=lambda p: p["budget"]["env_steps"] or 0)
+        best = max(range(len(pts)), key=lambda i: (pts[i]["success_last"][0], -i))
+        after = len(pts) - 1 - best
+        chosen[run] = {"point": pts[best]["point"], "success_last": pts[best]["success_last"],
+                       "points_after": after, "stopped_improving": after >= patience}
+    return chosen
+
+
+def summary(chosen: dict[str, dict], patience: int) -> list[str]:
+    """One line per run: which point to play on test and whether the run had stopped improving."""
+    return [f"- {run}: play {c['point']} on test ({c['success_last'][0]:.2f} [{c['success_last'][1]:.2f}, "
+            f"{c['success_last'][2]:.2f}]); "
+            + (f"stopped improving ({c['points_after']} later points below it)" if c["stopped_improving"]
+               else f"still improving ({c['points_after']} later point(s), patience {patience})")
+            for run, c in chosen.items()]
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -104,9 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=50)
     p.add_argument("--deterministic", action="store_true",
                    help="gradient agents act with their mean action once adapted")
+    p.add_argument("--every", type=int, default=1,
+                   help="play only snapshots whose iteration is a multiple of this (and the last)")
+    p.add_argument("--patience", type=int, default=2,
+                   help="a run has stopped improving when this many points after its best did not beat it")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
+        if args.every < 1 or args.patience < 1:
+            raise UsageError(f"--every {args.every} / --patience {args.patience}: both must be at least 1")
         config = EvalConfig(suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
                             evaluation_episodes=args.evaluation_episodes, episode_length=args.episode_length,
                             seeds=tuple(args.seeds), num_tasks=args.tasks, batch_size=args.tasks,
@@ -118,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {(q["run"], q["point"]) for q in points}
         options = {"deterministic": True} if args.deterministic else {}
         for run in map(Path, args.runs):
-            for name, where, budget in snapshots(run):
+            for name, where, budget in snapshots(run, args.every):
                 if (str(run), name) in done:
                     continue
                 agents = load_agents([str(where)], options=options)
@@ -135,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"budget_curves: error: {e}", file=sys.stderr)
         return 2
     if points:
+        chosen = choose(points, args.patience)
+        atomic_write_json(out / "curves.json", {"settings": settings, "points": points, "chosen": chosen})
         plot(points, out / "budget_curves.png")
-        atomic_write_text(out / "curves.md", table(points) + "\n")
+        lines = summary(chosen, args.patience)
+        atomic_write_text(out / "curves.md", f"{table(points)}\n\nChosen on the {config.split} split:\n"
+                          + "\n".join(lines) + "\n")
         print(table(points))
+        print("\n".join(lines))
     return 0
 
 

@@ -44,6 +44,8 @@ def test_curves_play_every_snapshot_and_resume(run, tmp_path, monkeypatch):
     assert [p["point"] for p in data["points"]] == ["iteration-000002", "iteration-000003"]
     assert data["points"][0]["budget"]["env_steps"] < data["points"][1]["budget"]["env_steps"]
     assert data["settings"]["split"] == "validation" and (tmp_path / "budget_curves.png").stat().st_size > 0
+    assert data["chosen"][str(run)]["point"] in ("iteration-000002", "iteration-000003")
+    assert f"- {run}: play {data['chosen'][str(run)]['point']} on test" in (tmp_path / "curves.md").read_text()
     first = json.loads((tmp_path / "evals" / "maml" / "iteration-000002" / "results.json").read_text())
     assert first["settings"]["split"] == "validation" and len(first["tasks"]) == 2
 
@@ -74,3 +76,35 @@ def test_relabelling_phases_are_points_with_cumulative_budgets(tmp_path):
     last = points[1][2]
     assert (last["env_steps"], last["expert_labels"], last["optimizer_steps"]) == (1300, 1300, 20)
     assert last["train_cpu_minutes"] == pytest.approx(2.5) and last["data_cpu_minutes"] == pytest.approx(3.0)
+
+
+def _point(run, i, success):
+    return {"run": run, "point": f"iteration-{i:06d}", "budget": {"env_steps": 1000 * i},
+            "success_last": [success, success - 0.1, success + 0.1]}
+
+
+def test_choice_is_the_best_validation_point_ties_to_the_earlier_and_says_if_it_stopped():
+    choose = _script().choose
+    rising = [_point("a", i, s) for i, s in ((3, 0.5), (1, 0.1), (2, 0.3))]  # out of order on purpose
+    plateau = [_point("b", i, s) for i, s in ((1, 0.2), (2, 0.4), (3, 0.4), (4, 0.3))]
+    chosen = choose(rising + plateau, patience=2)
+    assert chosen["a"]["point"] == "iteration-000003" and not chosen["a"]["stopped_improving"]
+    assert chosen["b"]["point"] == "iteration-000002"  # the tie at 0.40 goes to the cheaper point
+    assert chosen["b"]["points_after"] == 2 and chosen["b"]["stopped_improving"]
+    assert not choose(plateau, patience=3)["b"]["stopped_improving"]
+
+
+def test_every_keeps_the_multiples_and_the_last_snapshot(run, tmp_path):
+    from icl_metarl.harness.budget import Budget, write_budget
+    bc = _script()
+    assert [n for n, _, _ in bc.snapshots(run, every=2)] == ["iteration-000002", "iteration-000003"]
+    fake = tmp_path / "long"
+    for i in (80, 160, 240, 320, 350):
+        write_budget(fake / "snapshots" / f"iteration-{i:06d}", Budget(env_steps=i, optimizer_steps=i))
+    assert [n for n, _, _ in bc.snapshots(fake, every=160)] == ["iteration-000160", "iteration-000320",
+                                                                 "iteration-000350"]
+
+
+def test_a_bad_every_is_a_clear_error(run, tmp_path, capsys):
+    assert _script().main([str(run), "--every", "0", "--out", str(tmp_path)]) == 2
+    assert "--every 0" in capsys.readouterr().err
