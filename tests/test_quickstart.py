@@ -11,6 +11,7 @@ import pytest
 
 from icl_metarl.harness import report
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.suites import get_suite
 from icl_metarl.study import config as qc
 from icl_metarl.study import quickstart as qs
 
@@ -327,3 +328,33 @@ def test_same_study_seed_same_figures_other_seed_other_data(tmp_path):
     assert first["settings"]["seed"] != second["settings"]["seed"]
     assert first["tasks"] != second["tasks"]  # other fresh goals
     assert first["shards"]["00000"]["sha256"]["obs"] != second["shards"]["00000"]["sha256"]["obs"]
+
+
+# ------------------------------------------------------------------------- train-split diagnostic
+def test_train_diagnostic_plays_every_train_environment_beside_the_test_split(tmp_path):
+    cfg = qc.tiny()
+    cfg.suite, cfg.expert_goal_offsets, cfg.episode_length = "ML10", (), 10
+    cfg.stages, cfg.train_diagnostic = ("evaluate", "report"), 1
+    cfg.evaluate.num_tasks, cfg.evaluate.adaptation_episodes = 2, 1
+    qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
+    test = json.loads((tmp_path / "eval" / "results.json").read_text())
+    train = json.loads((tmp_path / qc.TRAIN_DIAGNOSTIC_DIR / "results.json").read_text())
+    assert test["settings"]["split"] == "test" and train["settings"]["split"] == "train"
+    train_envs = [t["env_name"] for t in train["tasks"]]
+    assert sorted(train_envs) == sorted(get_suite("ML10").envs("train"))  # one task of each
+    assert not set(train_envs) & {t["env_name"] for t in test["tasks"]}
+    assert train["seeds"] == test["seeds"] and set(train["agents"]) == set(test["agents"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## Train environments (a diagnostic, not a result)" in report and "| oracle |" in report
+    assert (tmp_path / qc.TRAIN_DIAGNOSTIC_DIR / "report.md").is_file()
+
+    cfg.train_diagnostic = 2  # the finished evaluation played one task per environment: not reused silently
+    with pytest.raises(UsageError, match="evaluate with train_diagnostic=1, not 2"):
+        qs.run_quickstart(cfg, tmp_path, say=lambda m: None)
+
+
+def test_a_bad_train_diagnostic_is_a_one_line_error():
+    cfg = qc.tiny()
+    cfg.train_diagnostic = -1
+    with pytest.raises(UsageError, match="train_diagnostic must be an integer >= 0"):
+        qc.check_config(cfg)

@@ -32,6 +32,8 @@ SIZES = ("tiny", "default")
 DISTRIBUTED_STAGES = ("generate", "pretrain", "meta-train", "evaluate")
 #: where each stage writes, under the quickstart directory
 DIRS = {"generate": "histories", "pretrain": "icl", "meta-train": "gradient", "evaluate": "eval", "probe": "probe"}
+#: where the evaluate stage writes its train-split diagnostic (QuickstartConfig.train_diagnostic)
+TRAIN_DIAGNOSTIC_DIR = "eval-train"
 DONE_DIR = "done"
 
 
@@ -91,6 +93,10 @@ class QuickstartConfig:
     split: str = "test"
     """split the evaluate and probe stages play: validation while choosing a recipe, budget or checkpoint
     (with ML10-holdout / ML45-holdout: the held-out train environments), test once per final recipe"""
+    train_diagnostic: int = 0
+    """tasks per train environment that the evaluate stage also plays on the train split, with the same agents,
+    episodes and seeds, into eval-train/: a diagnostic beside the split's figures (did the agents learn the
+    environments they trained on?), never a result (0: none)"""
     seed: int = 0
     """study seed: shifts the seeds of the data, the pretraining, the meta-training, the evaluation and the
     probe together (each section's seed + this; the evaluation's seeds by this x their number, so two study
@@ -212,6 +218,9 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
             raise choice_error("stage", s, STAGES)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise UsageError(f"seed must be an integer >= 0, got {cfg.seed!r}")
+    if not isinstance(cfg.train_diagnostic, int) or isinstance(cfg.train_diagnostic, bool) or cfg.train_diagnostic < 0:
+        raise UsageError(f"train_diagnostic must be an integer >= 0 (tasks per train environment; 0: none), "
+                         f"got {cfg.train_diagnostic!r}")
     if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 0:
         raise UsageError(f"torch_threads must be an integer >= 0 (0: torch's default), got {cfg.torch_threads!r}")
     if len(set(cfg.stages)) != len(cfg.stages):
@@ -225,6 +234,8 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
                              f"{extra.episodes_per_trial} episodes of a generate_extra trial")
     stage_config(cfg, "meta-train")  # its __post_init__ validates
     stage_config(cfg, "evaluate").check()
+    if cfg.train_diagnostic:
+        train_diagnostic_config(cfg).check()
     if cfg.pretrain.episodes_per_window > cfg.generate.episodes_per_trial:
         raise UsageError(f"pretrain.episodes_per_window={cfg.pretrain.episodes_per_window} exceeds the "
                          f"{cfg.generate.episodes_per_trial} episodes of a generated trial")
@@ -255,6 +266,13 @@ def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
         return dataclasses.replace(cfg.probe, **common, suite_seed=cfg.suite_seed, split=cfg.split,
                                    seed=cfg.probe.seed + shift)
     raise choice_error("stage with a config", stage, [s for s in STAGES if s != "report"])
+
+
+def train_diagnostic_config(cfg: QuickstartConfig, out: str | Path = "DIR"):
+    """The evaluate stage's config for its train-split diagnostic: the same protocol and seeds on
+    ``cfg.train_diagnostic`` tasks of each train environment."""
+    config = stage_config(cfg, "evaluate", out)
+    return dataclasses.replace(config, split="train", num_tasks=None, tasks_per_env=cfg.train_diagnostic)
 
 
 def extra_generate_configs(cfg: QuickstartConfig) -> list:

@@ -36,6 +36,7 @@ from icl_metarl.study.config import (
     DONE_DIR,
     NOT_RESULTS,
     STAGES,
+    TRAIN_DIAGNOSTIC_DIR,
     QuickstartCommand,
     QuickstartConfig,
     check_config,
@@ -43,6 +44,7 @@ from icl_metarl.study.config import (
     extra_generate_configs,
     stage_config,
     to_dict,
+    train_diagnostic_config,
 )
 
 
@@ -58,6 +60,8 @@ def stage_settings(cfg: QuickstartConfig, stage: str, out: str | Path) -> dict:
         d.pop(key, None)
     if stage == "evaluate":
         d["agents"] = [Path(a).name for a in agent_specs(cfg, out)]
+        if cfg.train_diagnostic:  # only when set: markers written before the diagnostic existed stay valid
+            d["train_diagnostic"] = cfg.train_diagnostic
     return as_json(d)
 
 
@@ -123,16 +127,25 @@ def run_meta_train(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
-    config = stage_config(cfg, "evaluate", out).check()
     agents = load_agents(agent_specs(cfg, out), non_adaptive=True,
                          options={"expert_goal_offsets": tuple(cfg.expert_goal_offsets)})  # the oracle's
-    results = evaluate(agents, config, out / DIRS["evaluate"], launched_processes())
-    if results is None:  # not the main process of an accelerate launch: its share is in eval/ranks
-        return {}
-    write_report(results, out / DIRS["evaluate"])
-    for f in results["failures"]:
-        print(f"  agent {f['agent']} failed at seed {f['seed']}: {f['error']}", file=sys.stderr)
-    return {"agents": list(results["agents"]), "failures": len(results["failures"])}
+    plays = [(stage_config(cfg, "evaluate", out).check(), out / DIRS["evaluate"])]
+    if cfg.train_diagnostic:
+        plays.append((train_diagnostic_config(cfg, out).check(), out / TRAIN_DIAGNOSTIC_DIR))
+    summary = {}
+    for config, where in plays:
+        results = evaluate(agents, config, where, launched_processes())
+        if results is None:  # not the main process of an accelerate launch: its share is in <where>/ranks
+            continue
+        write_report(results, where)
+        for f in results["failures"]:
+            print(f"  agent {f['agent']} failed at seed {f['seed']} ({config.split} split): {f['error']}",
+                  file=sys.stderr)
+        if config.split == "train" and len(plays) > 1:
+            summary["train_diagnostic_failures"] = len(results["failures"])
+        else:
+            summary.update(agents=list(results["agents"]), failures=len(results["failures"]))
+    return summary
 
 
 def run_probe(cfg: QuickstartConfig, out: Path) -> dict:
@@ -286,6 +299,16 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
             if (out / DIRS["evaluate"] / f"{name}.png").is_file():
                 lines.append(f"![{name}]({DIRS['evaluate']}/{name}.png)")
         lines.append("")
+
+    train_file = out / TRAIN_DIAGNOSTIC_DIR / "results.json"
+    if cfg.train_diagnostic and train_file.is_file():
+        train = load_results(train_file)
+        lines += ["## Train environments (a diagnostic, not a result)", "",
+                  f"The same agents, episodes and seeds on {cfg.train_diagnostic} task(s) of each train environment "
+                  f"({', '.join(sorted({t['env_name'] for t in train['tasks']}))}): whether they learned what they trained "
+                  f"on, beside the {cfg.split} figures above. Per-environment tables: "
+                  f"[{TRAIN_DIAGNOSTIC_DIR}/report.md]({TRAIN_DIAGNOSTIC_DIR}/report.md).", ""]
+        lines += adaptation_lines(train)[2:]  # its table, under this heading
 
     training = plot_training(out)
     if training:
