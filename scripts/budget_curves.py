@@ -13,7 +13,8 @@ Choosing on validation: for each run the point with the best success in the last
 the one to play on test (a tie goes to the earlier, cheaper point). The run has *stopped improving* when
 ``--patience`` later points (default 2) all failed to beat it; otherwise the report says it was still
 improving, and a longer run is needed before its figure can be called converged. ``--every N`` plays only
-the snapshots whose iteration is a multiple of N (and the last), to spend less CPU on a long run.
+the snapshots whose iteration is a multiple of N (and the run's final one), to spend less CPU on a
+long run; rerun it while the run trains to add the new points.
 
     python scripts/budget_curves.py runs/icl runs/maml-imitate runs/maml --suite ML1:reach-v3 \\
         -K 3 -E 1 --episode-length 50 --seeds 0 1 --tasks 50 --out curves/reach
@@ -42,12 +43,18 @@ from icl_metarl.harness.files import (
 from icl_metarl.harness.report import adaptation_summary, compact
 
 
+def _final(snapshot: Path) -> bool:
+    """Whether a meta-RL snapshot is its run's last iteration (not just the newest of a run still going)."""
+    config = read_json(snapshot / "config.json")
+    return config.get("iteration") == config.get("config", {}).get("iterations")
+
+
 def snapshots(run: Path, every: int = 1) -> list[tuple[str, Path, dict]]:
     """(name, loadable checkpoint, cumulative budget) of every point of ``run``, in training order; of a
-    meta-RL run's snapshots only iterations that are multiples of ``every``, and the last."""
+    meta-RL run's snapshots only iterations that are multiples of ``every``, and the run's final one."""
     snaps = sorted((run / "snapshots").glob("iteration-*"))
     if snaps:
-        snaps = [p for p in snaps if int(p.name.split("-")[1]) % every == 0 or p == snaps[-1]]
+        snaps = [p for p in snaps if int(p.name.split("-")[1]) % every == 0 or (p == snaps[-1] and _final(p))]
         return [(p.name, p, read_budget(p)) for p in snaps if read_budget(p)]
     rounds = sorted(run.glob("round-*/train"), key=lambda p: int(p.parent.name.split("-")[1]))
     if rounds:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deterministic", action="store_true",
                    help="gradient agents act with their mean action once adapted")
     p.add_argument("--every", type=int, default=1,
-                   help="play only snapshots whose iteration is a multiple of this (and the last)")
+                   help="play only snapshots whose iteration is a multiple of this (and the run's final one)")
     p.add_argument("--patience", type=int, default=2,
                    help="a run has stopped improving when this many points after its best did not beat it")
     p.add_argument("--out", required=True)

@@ -100,9 +100,13 @@ def test_every_keeps_the_multiples_and_the_last_snapshot(run, tmp_path):
     assert [n for n, _, _ in bc.snapshots(run, every=2)] == ["iteration-000002", "iteration-000003"]
     fake = tmp_path / "long"
     for i in (80, 160, 240, 320, 350):
-        write_budget(fake / "snapshots" / f"iteration-{i:06d}", Budget(env_steps=i, optimizer_steps=i))
-    assert [n for n, _, _ in bc.snapshots(fake, every=160)] == ["iteration-000160", "iteration-000320",
-                                                                 "iteration-000350"]
+        snap = fake / "snapshots" / f"iteration-{i:06d}"
+        write_budget(snap, Budget(env_steps=i, optimizer_steps=i))
+        (snap / "config.json").write_text(json.dumps({"iteration": i, "config": {"iterations": 400}}))
+    still_running = ["iteration-000160", "iteration-000320"]  # 350 is only the newest, not the last
+    assert [n for n, _, _ in bc.snapshots(fake, every=160)] == still_running
+    (snap / "config.json").write_text(json.dumps({"iteration": 350, "config": {"iterations": 350}}))
+    assert [n for n, _, _ in bc.snapshots(fake, every=160)] == still_running + ["iteration-000350"]
 
 
 def test_a_bad_every_is_a_clear_error(run, tmp_path, capsys):
