@@ -204,16 +204,17 @@ def _verdict(c) -> str:
     return "not shown: the interval contains 0"
 
 
-def adaptation_lines(results: dict, num_resamples: int = 2000) -> list[str]:
+def adaptation_lines(results: dict, num_resamples: int = 2000,
+                     heading: str | None = "## Does each agent adapt?") -> list[str]:
     """The 'Does each agent adapt?' section: first vs last adaptation episode and adaptive vs non-adaptive
-    variant, both paired by task and seed, each with its verdict."""
+    variant, both paired by task and seed, each with its verdict; ``heading=None``: without its heading,
+    for a caller that puts the table under its own."""
     s = results["settings"]
     rows = adaptation_summary(results, num_resamples)
     if not rows:
         return []
     last = rows[0]["last_index"]
-    lines = [
-        "## Does each agent adapt?", "",
+    lines = ([heading, ""] if heading else []) + [
         f"{len(results['tasks'])} {s.get('split', 'test')} tasks x seeds {results['seeds']}; per trial "
         f"{s['adaptation_episodes']} adaptation then {s['evaluation_episodes']} evaluation episode(s). "
         f"Success of episode 1 and of episode {last} (the last adaptation episode); 'gain' is their difference "

@@ -207,6 +207,11 @@ def load_config(path: str | Path, size: str | None = None) -> QuickstartConfig:
         raise UsageError(f"{path}: {e}") from None
 
 
+def _check_count(name: str, value, meaning: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"{name} must be an integer >= 0{meaning}, got {value!r}")
+
+
 def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     """Reject what no stage could run, before any stage starts."""
     get_suite(cfg.suite)
@@ -216,11 +221,8 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     for s in cfg.stages:
         if s not in STAGES:
             raise choice_error("stage", s, STAGES)
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise UsageError(f"seed must be an integer >= 0, got {cfg.seed!r}")
-    if not isinstance(cfg.train_diagnostic, int) or isinstance(cfg.train_diagnostic, bool) or cfg.train_diagnostic < 0:
-        raise UsageError(f"train_diagnostic must be an integer >= 0 (tasks per train environment; 0: none), "
-                         f"got {cfg.train_diagnostic!r}")
+    _check_count("seed", cfg.seed)
+    _check_count("train_diagnostic", cfg.train_diagnostic, " (tasks per train environment; 0: none)")
     if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 0:
         raise UsageError(f"torch_threads must be an integer >= 0 (0: torch's default), got {cfg.torch_threads!r}")
     if len(set(cfg.stages)) != len(cfg.stages):

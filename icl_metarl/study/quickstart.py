@@ -126,25 +126,28 @@ def run_meta_train(cfg: QuickstartConfig, out: Path) -> dict:
     return {"success_pre": last.get("success_pre"), "success_post": last.get("success_post")}
 
 
+def _play(agents, config, where: Path) -> dict | None:
+    """One evaluation with its report; None on a process of an accelerate launch other than the main one
+    (its share is in <where>/ranks)."""
+    results = evaluate(agents, config.check(), where, launched_processes())
+    if results is None:
+        return None
+    write_report(results, where)
+    for f in results["failures"]:
+        print(f"  agent {f['agent']} failed at seed {f['seed']} ({config.split} split): {f['error']}",
+              file=sys.stderr)
+    return results
+
+
 def run_evaluate(cfg: QuickstartConfig, out: Path) -> dict:
     agents = load_agents(agent_specs(cfg, out), non_adaptive=True,
                          options={"expert_goal_offsets": tuple(cfg.expert_goal_offsets)})  # the oracle's
-    plays = [(stage_config(cfg, "evaluate", out).check(), out / DIRS["evaluate"])]
+    results = _play(agents, stage_config(cfg, "evaluate", out), out / DIRS["evaluate"])
+    summary = {} if results is None else {"agents": list(results["agents"]), "failures": len(results["failures"])}
     if cfg.train_diagnostic:
-        plays.append((train_diagnostic_config(cfg, out).check(), out / TRAIN_DIAGNOSTIC_DIR))
-    summary = {}
-    for config, where in plays:
-        results = evaluate(agents, config, where, launched_processes())
-        if results is None:  # not the main process of an accelerate launch: its share is in <where>/ranks
-            continue
-        write_report(results, where)
-        for f in results["failures"]:
-            print(f"  agent {f['agent']} failed at seed {f['seed']} ({config.split} split): {f['error']}",
-                  file=sys.stderr)
-        if config.split == "train" and len(plays) > 1:
-            summary["train_diagnostic_failures"] = len(results["failures"])
-        else:
-            summary.update(agents=list(results["agents"]), failures=len(results["failures"]))
+        train = _play(agents, train_diagnostic_config(cfg, out), out / TRAIN_DIAGNOSTIC_DIR)
+        if train is not None:
+            summary["train_diagnostic_failures"] = len(train["failures"])
     return summary
 
 
@@ -308,7 +311,7 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
                   f"({', '.join(sorted({t['env_name'] for t in train['tasks']}))}): whether they learned what they trained "
                   f"on, beside the {cfg.split} figures above. Per-environment tables: "
                   f"[{TRAIN_DIAGNOSTIC_DIR}/report.md]({TRAIN_DIAGNOSTIC_DIR}/report.md).", ""]
-        lines += adaptation_lines(train)[2:]  # its table, under this heading
+        lines += adaptation_lines(train, heading=None)
 
     training = plot_training(out)
     if training:
