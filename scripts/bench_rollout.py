@@ -6,6 +6,7 @@
     python scripts/bench_rollout.py --trials 10 20 --episodes 4 --episode-length 100
     python scripts/bench_rollout.py --backbones      # per-step cached forward: ours vs HF Llama / GPT-2
     python scripts/bench_rollout.py --split-timers   # ms in act vs in env.step, decode_step vs forward
+    python scripts/bench_rollout.py --device cuda    # adds (d): the cached agent with its model on the GPU
     python scripts/bench_rollout.py --layouts sync pipelined --skip-recompute
                                                      # (a) and (b) through the evaluator's loop, in one
                                                      # process and with two env worker processes
@@ -22,6 +23,7 @@ figure is the best of ``--repeats`` runs, since the machine is shared; ratios ar
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import numpy as np
@@ -155,6 +157,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting; the best is reported")
     p.add_argument("--agent-threads", type=int, nargs="+", default=[1, 2],
                    help="torch threads of the cached agent's steps, one column (b) each (default 1 2)")
+    p.add_argument("--device", default="cpu",
+                   help="also time the cached agent with its model on this device (e.g. cuda), column (d)")
     p.add_argument("--skip-recompute", action="store_true", help="leave out (c), the slowest")
     p.add_argument("--layouts", nargs="+", choices=["sync", "pipelined"], default=None,
                    help="time (a) and (b) at the first --agent-threads through the evaluator's loop in these "
@@ -221,6 +225,8 @@ def main() -> None:
         envs = make_trial_envs(tasks[:n], episode_length=args.episode_length, seed=0)
         cached = {f"(b) cached, {k} thr": InContextAgent(model, cpu_threads=k) for k in args.agent_threads}
         agents = {"(a) random": RandomAgent(), **cached}
+        if args.device != "cpu":  # a copy: the agent moves its model to its device
+            agents[f"(d) cached on {args.device}"] = InContextAgent(copy.deepcopy(model), device=args.device)
         if not args.skip_recompute:  # at the first thread count
             agents["(c) recompute"] = InContextAgent(model, use_cache=False, cpu_threads=args.agent_threads[0])
         best = {k: 0.0 for k in agents}
@@ -230,6 +236,8 @@ def main() -> None:
         envs.close()
         print(f"{n:3d} trials: " + "  ".join(f"{name} {v:6.0f}" for name, v in best.items()) + " steps/s", flush=True)
         ratios = [f"{name[4:]} / random {best[name] / best['(a) random']:.2f}x" for name in cached]
+        if args.device != "cpu":
+            ratios.append(f"on {args.device} / random {best[f'(d) cached on {args.device}'] / best['(a) random']:.2f}x")
         if "(c) recompute" in best:
             first = next(iter(cached))
             ratios.append(f"b/c ({first[4:]}) {best[first] / best['(c) recompute']:.1f}x")
