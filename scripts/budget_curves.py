@@ -14,7 +14,9 @@ the one to play on test (a tie goes to the earlier, cheaper point). The run has 
 ``--patience`` later points (default 2) all failed to beat it; otherwise the report says it was still
 improving, and a longer run is needed before its figure can be called converged. ``--every N`` plays only
 the snapshots whose iteration is a multiple of N (and the run's final one), to spend less CPU on a
-long run; rerun it while the run trains to add the new points.
+long run; rerun it while the run trains to add the new points. ``--reuse DIR ...`` takes the points of
+earlier output directories (same settings) instead of playing them again, so runs curved one by one can
+share one plot.
 
     python scripts/budget_curves.py runs/icl runs/maml-imitate runs/maml --suite ML1:reach-v3 \\
         -K 3 -E 1 --episode-length 50 --seeds 0 1 --tasks 50 --out curves/reach
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="play only snapshots whose iteration is a multiple of this (and the run's final one)")
     p.add_argument("--patience", type=int, default=2,
                    help="a run has stopped improving when this many points after its best did not beat it")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="DIR",
+                   help="earlier --out directories played with the same settings: their points of these runs "
+                        "are taken, not played again (one plot and one choice over runs curved apart)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
@@ -159,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         old = read_json(out / "curves.json") if (out / "curves.json").is_file() else {}
         points = old.get("points", []) if old.get("settings") == settings else []
         done = {(q["run"], q["point"]) for q in points}
+        named = {str(Path(r)) for r in args.runs}
+        for other in map(Path, args.reuse):
+            found = read_json(other / "curves.json") if (other / "curves.json").is_file() else None
+            if found is None or found.get("settings") != settings:
+                raise UsageError(f"--reuse {other}: " + ("no curves.json there" if found is None else
+                                 "played with other settings than these (suite, split, episodes, tasks, seeds)"))
+            for q in found["points"]:
+                if q["run"] in named and (q["run"], q["point"]) not in done:
+                    points.append(q)
+                    done.add((q["run"], q["point"]))
         options = {"deterministic": True} if args.deterministic else {}
         for run in map(Path, args.runs):
             for name, where, budget in snapshots(run, args.every):

@@ -112,3 +112,21 @@ def test_every_keeps_the_multiples_and_the_last_snapshot(run, tmp_path):
 def test_a_bad_every_is_a_clear_error(run, tmp_path, capsys):
     assert _script().main([str(run), "--every", "0", "--out", str(tmp_path)]) == 2
     assert "--every 0" in capsys.readouterr().err
+
+
+def test_reuse_takes_earlier_points_of_the_named_runs_and_refuses_other_settings(run, tmp_path, monkeypatch, capsys):
+    bc = _script()
+    common = ["--suite", "ML1:reach-v3", "-K", "2", "-E", "1", "--episode-length", "10", "--tasks", "2"]
+    assert bc.main([str(run), *common, "--out", str(tmp_path / "a")]) == 0
+    played = json.loads((tmp_path / "a" / "curves.json").read_text())["points"]
+
+    def refuse(*a, **k):
+        raise AssertionError("a point of a reused directory was played again")
+
+    monkeypatch.setattr(bc, "evaluate", refuse)
+    assert bc.main([str(run) + "/", *common, "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "curves.json").read_text())["points"] == played
+    assert (tmp_path / "b" / "budget_curves.png").stat().st_size > 0
+    capsys.readouterr()
+    assert bc.main([str(run), *common[:-1], "3", "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+    assert "played with other settings" in capsys.readouterr().err
