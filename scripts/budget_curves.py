@@ -100,22 +100,36 @@ def summary(chosen: dict[str, dict], patience: int) -> list[str]:
             for run, c in chosen.items()]
 
 
+def _family(agent: str) -> str:
+    """The learner of a point's agent label: a snapshot's label ends with its iteration, a seed's with #n."""
+    return re.sub(r"(-iteration-\d+)?( #\d+)?$", "", agent)
+
+
 def plot(points: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(11, 4))
+    """Success against env steps and CPU minutes, one line per run: one colour per learner, one line style per
+    run of that learner (its training seeds), so many runs stay readable."""
+    runs = list(dict.fromkeys(p["run"] for p in points))
+    family = {run: _family(next(p["agent"] for p in points if p["run"] == run)) for run in runs}
+    colours = {f: f"C{i % 10}" for i, f in enumerate(dict.fromkeys(family.values()))}
+    styles = {run: ("-", "--", ":", "-.")[[r for r in runs if family[r] == family[run]].index(run) % 4] for run in runs}
+    fig = Figure(figsize=(13 if len(runs) > 6 else 11, 4.5))
     axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "env_steps", "env steps (training)"), (axes[1], "cpu_minutes", "CPU minutes")):
-        for run in dict.fromkeys(p["run"] for p in points):
+        for run in runs:
             pts = sorted((p for p in points if p["run"] == run), key=lambda p: p["budget"][key] or 0)
             x = [p["budget"][key] for p in pts]
             m, lo, hi = (np.array([p["success_last"][i] for p in pts]) for i in range(3))
-            family = re.sub(r"-iteration-\d+$", "", pts[0]["agent"])  # a snapshot's label ends with its name
-            line = ax.plot(x, m, marker="o", label=f"{family} ({run})")[0]
-            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.plot(x, m, marker="o", markersize=3, color=colours[family[run]], linestyle=styles[run],
+                    label=f"{family[run]} ({run})")
+            ax.fill_between(x, lo, hi, color=colours[family[run]], alpha=0.15 if len(runs) <= 6 else 0.05)
         ax.set(xscale="log", xlabel=label, ylabel="success, last adaptation episode", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if len(runs) <= 6:
+        axes[0].legend(fontsize=7)
+    else:  # many runs: the legend beside the plots, not over the lines
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.suptitle(f"success after adaptation against budget ({points[0]['split']} split; bands: 95% intervals)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.78, 1) if len(runs) > 6 else None)
     atomic_write_figure(fig, path, dpi=100)
 
 

@@ -130,3 +130,14 @@ def test_reuse_takes_earlier_points_of_the_named_runs_and_refuses_other_settings
     capsys.readouterr()
     assert bc.main([str(run), *common[:-1], "3", "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
     assert "played with other settings" in capsys.readouterr().err
+
+
+def test_many_runs_plot_one_colour_per_learner(tmp_path):
+    bc = _script()
+    assert [bc._family(a) for a in ("maml-iteration-000160", "maml-iteration-000160 #2", "icl #3", "icl", "meta-sgd")] \
+        == ["maml", "maml", "icl", "icl", "meta-sgd"]
+    points = [{"run": f"runs/{f}-s{s}", "point": f"p{i}", "agent": f"{f}-iteration-{i:06d}", "split": "validation",
+               "budget": {"env_steps": 1000 * i, "cpu_minutes": 0.5 * i}, "success_last": [0.1 * i, 0.0, 0.2 * i]}
+              for f in ("maml", "reptile") for s in range(4) for i in (1, 2)]
+    bc.plot(points, tmp_path / "curves.png")  # 8 runs: the legend goes beside the plots
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
