@@ -3,7 +3,8 @@
 One meta-iteration: draw a meta-batch of train tasks, play the policy (support episodes), adapt it per
 task with policy-gradient step(s), play the adapted policies (query episodes), meta-update (PPO's clipped
 surrogate through the inner step, or Reptile's move), log, checkpoint. A run killed at any moment
-resumes from its last checkpoint and rewrites the same log, and its budget.json the same counts.
+resumes from its last checkpoint and rewrites the same log, and its budget.json the same counts; a finished
+run is extended by rerunning it with a larger ``--iterations`` (the same run as one trained that long).
 Not for: evaluation (``rl_agent.py``).
 """
 
@@ -212,10 +213,15 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         # Compared as JSON has them (tuples read back as lists); a setting added since: its default.
         now, defaults = as_json(asdict(cfg)), as_json(asdict(MetaRLConfig()))
         saved = {**{k: defaults[k] for k in now if k in defaults}, **json.loads(meta["config"])}
-        if saved != now:
-            diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        # Only the iteration count may differ: nothing but the loop's end depends on it (each iteration's
+        # tasks are a function of (seed, iteration)), so a finished run extended equals a longer run.
+        if diff == ["iterations"] and cfg.iterations <= int(meta["iteration"]):
+            raise UsageError(f"--iterations {cfg.iterations}: {str(out)!r} is already at iteration "
+                             f"{meta['iteration']}; to extend it give more")
+        if diff and diff != ["iterations"]:
             raise UsageError(f"{str(out)!r} holds a run with other settings ({', '.join(diff)}); "
-                             f"use a new --out or the same settings to resume")
+                             f"use a new --out or the same settings to resume (--iterations may grow: extend)")
         with torch.no_grad():
             for k, p in learner.params.items():
                 p.copy_(tensors[f"params.{k}"])

@@ -125,6 +125,27 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path, algo):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_finished_run_extended_equals_a_longer_run(tmp_path):
+    """Rerunning a finished run with more --iterations continues it: the same log, weights and budget counts
+    as a run trained that long in one go; fewer iterations than it holds is a one-line error."""
+    from safetensors.torch import load_file
+
+    cfg = lambda n: MetaRLConfig(iterations=n, meta_batch=2, episode_length=6, hidden=(4,), checkpoint_every=2,  # noqa: E731
+                                 algo="meta-sgd")
+    whole = meta_train(cfg(4), tmp_path / "whole", progress=False)
+    meta_train(cfg(2), tmp_path / "run", progress=False)
+    extended = meta_train(cfg(4), tmp_path / "run", progress=False)
+    assert _strip(extended) == _strip(whole)
+    a, b = load_file(tmp_path / "whole" / "state.safetensors"), load_file(tmp_path / "run" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    budget = lambda d: {k: v for k, v in json.loads((d / "budget.json").read_text()).items()  # noqa: E731
+                        if "minutes" not in k}
+    assert budget(tmp_path / "run") == budget(tmp_path / "whole")
+    assert (tmp_path / "run" / "snapshots" / "iteration-000002").is_dir()
+    with pytest.raises(UsageError, match="already at iteration 4"):
+        meta_train(cfg(3), tmp_path / "run", progress=False)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     cfg = MetaRLConfig(iterations=1, meta_batch=2, episode_length=6, hidden=(4,), checkpoint_every=1)
     log = meta_train(cfg, tmp_path, progress=False)
