@@ -1,11 +1,11 @@
 """scripts/bench_gpu.py, the prepared device check: every path runs on the CPU at a tiny size, its FLOPs
 count is the standard one, and bad input is one line."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
+from _scripts import load_script
 
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
@@ -13,10 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_gpu")
 
 
 def test_flops_per_token_counts_matrix_weights_and_causal_attention():

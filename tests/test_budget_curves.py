@@ -1,22 +1,16 @@
 """scripts/budget_curves.py: every snapshot of a run played on the validation split, with its budget."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from gradient_meta.meta_rl import SNAPSHOTS, MetaRLConfig, meta_train
 from icl_metarl.harness.budget import read_budget
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "budget_curves.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("budget_curves", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("budget_curves")
 
 
 @pytest.fixture(scope="module")
