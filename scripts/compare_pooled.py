@@ -32,10 +32,10 @@ def load_all(paths: list[str]) -> list[tuple[str, dict]]:
     """(name, results) of each path; exits in one line unless they share one protocol, tasks and seeds."""
     loaded = []
     for where in paths:
-        path = Path(where)
-        if not (path / "results.json" if path.is_dir() else path).is_file():
+        path = Path(where) / "results.json" if Path(where).is_dir() else Path(where)
+        if not path.is_file():
             sys.exit(f"compare_pooled: no results.json at {where!r}")
-        loaded.append((where.rstrip("/"), load_results(path / "results.json" if path.is_dir() else path)))
+        loaded.append((where.rstrip("/"), load_results(path)))
     (first, r0), rest = loaded[0], loaded[1:]
     for name, r in rest:
         for key in PROTOCOL:

@@ -10,17 +10,20 @@ import numpy as np
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_pooled.py"
 
 
+def _results(success: dict, tasks: list, split: str = "test") -> dict:
+    records = [{"agent": a, "seed": s, "task": t, "episode": k, "success": bool(x[k, t, s]), "return": 0.0,
+                "steps_to_success": None}
+               for a, x in success.items() for k in range(2) for t in range(len(tasks)) for s in range(2)]
+    return {"format": "icl_metarl.evaluation/1", "settings": {"adaptation_episodes": 1, "evaluation_episodes": 1,
+            "split": split}, "tasks": tasks, "seeds": [0, 1], "records": records,
+            "agents": {a: {"spec": a, "adaptive": True} for a in success}}
+
+
 def test_pooled_difference_against_hand_computed_means(tmp_path):
     rng = np.random.default_rng(0)
     success = {f"a{i}": (rng.random((2, 6, 2)) < 0.7).astype(float) for i in range(2)}
     success["b0"] = (rng.random((2, 6, 2)) < 0.2).astype(float)
-    records = [{"agent": a, "seed": s, "task": t, "episode": k, "success": bool(x[k, t, s]), "return": 0.0,
-                "steps_to_success": None}
-               for a, x in success.items() for k in range(2) for t in range(6) for s in range(2)]
-    results = {"format": "icl_metarl.evaluation/1", "settings": {"adaptation_episodes": 1, "evaluation_episodes": 1,
-               "split": "test"}, "tasks": [{}] * 6, "seeds": [0, 1], "records": records,
-               "agents": {a: {"spec": a, "adaptive": True} for a in success}}
-    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "results.json").write_text(json.dumps(_results(success, [{}] * 6)))
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--a", "a0", "a1", "--b", "b0", "--episode", "2"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -29,15 +32,6 @@ def test_pooled_difference_against_hand_computed_means(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--a", "zz", "--b", "b0", "--episode", "2"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no agent 'zz'" in bad.stderr and "valid: a0, a1, b0" in bad.stderr
-
-
-def _results(success: dict, tasks: list, split: str = "test") -> dict:
-    records = [{"agent": a, "seed": s, "task": t, "episode": k, "success": bool(x[k, t, s]), "return": 0.0,
-                "steps_to_success": None}
-               for a, x in success.items() for k in range(2) for t in range(len(tasks)) for s in range(2)]
-    return {"format": "icl_metarl.evaluation/1", "settings": {"adaptation_episodes": 1, "evaluation_episodes": 1,
-            "split": split}, "tasks": tasks, "seeds": [0, 1], "records": records,
-            "agents": {a: {"spec": a, "adaptive": True} for a in success}}
 
 
 def test_agents_of_several_evaluations_pair_task_by_task(tmp_path):
