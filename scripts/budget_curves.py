@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from icl_metarl.harness.budget import Budget, read_budget
+from icl_metarl.harness.budget import read_budget, run_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
 from icl_metarl.harness.files import (
@@ -60,16 +60,12 @@ def snapshots(run: Path, every: int = 1) -> list[tuple[str, Path, dict]]:
         return [(p.name, p, read_budget(p)) for p in snaps if read_budget(p)]
     rounds = sorted(run.glob("round-*/train"), key=lambda p: int(p.parent.name.split("-")[1]))
     if rounds:
-        out, loops = [], Budget()
+        out = []
         for phase in rounds:
-            own = read_budget(phase)
-            if own is None or not (phase / "config.json").is_file():
+            total = run_budget(phase)
+            if total is None or not (phase / "config.json").is_file():
                 break  # a phase not finished (or trained before budgets): the curve stops before it
-            b = Budget.from_json(own)
-            loops = loops.add(b.training_loop())
-            total = dataclasses.replace(b, optimizer_steps=loops.optimizer_steps,
-                                        train_cpu_minutes=loops.train_cpu_minutes, wall_minutes=loops.wall_minutes)
-            out.append((phase.parent.name, phase, total.to_json()))
+            out.append((phase.parent.name, phase, total))
         return out
     budget = read_budget(run)
     if budget is None:

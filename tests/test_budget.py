@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradient_meta.meta_rl import KILL_ENV, MetaRLConfig, meta_train
-from icl_metarl.harness.budget import Budget, read_budget
+from icl_metarl.harness.budget import Budget, read_budget, run_budget
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
 from icl_metarl.harness.report import compact, report_markdown
 from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
@@ -71,6 +71,18 @@ def test_pretrain_budget_counts_the_histories_steps_and_the_optimizer_steps(data
     assert (r0["env_steps"], r1["env_steps"]) == (steps // 2, steps)
     assert json.loads((icl_run / "round-0" / "train" / "checkpoints" / "step-00000004" / "trainer_state.json")
                       .read_text())["budget"]["optimizer_steps"] == 4  # the counters ride in the resumable state
+
+
+def test_a_relabelling_phase_reports_the_runs_budget_so_far(icl_run):
+    first, last = (icl_run / f"round-{r}" / "train" for r in (0, 1))
+    own = read_budget(last)  # the phase's own loop only: fewer optimizer steps than the run's
+    assert own["optimizer_steps"] < read_budget(icl_run)["optimizer_steps"]
+    assert run_budget(first) == read_budget(first)  # nothing before phase 0
+    shown = load_agents([str(last)])[0].agent.describe()["budget"]  # what the evaluation report shows
+    run = read_budget(icl_run)
+    assert {k: shown[k] for k in COUNTS} == {k: run[k] for k in COUNTS}
+    assert shown["train_cpu_minutes"] == pytest.approx(run["train_cpu_minutes"], abs=1e-3)
+    assert run_budget(icl_run) == run  # a run's own directory: its own budget
 
 
 def test_killed_and_resumed_pretrain_ends_with_the_same_counts(data, icl_run, tmp_path, no_sigkill):

@@ -8,7 +8,8 @@ uninterrupted one; CPU and wall time add up over the pieces of the run. Not for:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from icl_metarl.harness.files import atomic_write_json, read_json
@@ -77,3 +78,23 @@ def read_budget(checkpoint_dir: str | Path) -> dict | None:
     """The budget a checkpoint recorded, or None for one written before budgets were (or not a directory)."""
     path = Path(checkpoint_dir) / BUDGET
     return read_json(path) if path.is_file() else None
+
+
+def run_budget(checkpoint_dir: str | Path) -> dict | None:
+    """What it cost to reach this checkpoint. Its own ``budget.json``, except for one phase of an in-context
+    run with relabelling rounds (``RUN/round-r/train``): that phase recorded its data (all of the run's data
+    so far) but only its own training loop, so the loops of phases 0..r are summed in. None where any of
+    them has no budget (trained before budgets were recorded)."""
+    path = Path(checkpoint_dir)
+    own = read_budget(path)
+    phase = re.fullmatch(r"round-(\d+)", path.parent.name)
+    if own is None or phase is None or path.name != "train":
+        return own
+    loops = Budget()
+    for r in range(int(phase.group(1)) + 1):
+        earlier = read_budget(path.parent.parent / f"round-{r}" / "train")
+        if earlier is None:
+            return None
+        loops = loops.add(Budget.from_json(earlier).training_loop())
+    return replace(Budget.from_json(own), optimizer_steps=loops.optimizer_steps,
+                   train_cpu_minutes=loops.train_cpu_minutes, wall_minutes=loops.wall_minutes).to_json()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from icl_metarl.harness.agent import Agent
-from icl_metarl.harness.budget import read_budget
+from icl_metarl.harness.budget import run_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.model import ICLPolicy, episode_inputs
 
@@ -251,7 +251,7 @@ class InContextAgent(Agent):
                     raise UsageError(f"{info} is not valid JSON: {e}") from None
                 if "task_pool" in out["training"]:  # the report's "trained on" column
                     out["task_pool"] = out["training"]["task_pool"]
-            budget = read_budget(self.checkpoint)  # the report's budget columns
+            budget = run_budget(self.checkpoint)  # the report's budget columns (a phase's: the run's so far)
             if budget is not None:
                 out["budget"] = budget
         return out
