@@ -5,7 +5,8 @@ train`` with a larger ``--iterations`` extends a run exactly, so a run grown in 
 that long), then play its new snapshot on the validation split (``scripts/budget_curves.py``, which keeps
 the points already played). It stops when ``--patience`` points after the best did not beat it (the
 best is then the snapshot to play on test), or at ``--max-iterations`` with the run still improving,
-which it says. Stopping is decided on counts and validation figures only, never on wall-clock time.
+which it says. ``--min-iterations`` trains at least that far whatever the curve says (a budget the run
+must reach, e.g. the one it is compared at; near zero success the rule can stop a run on noise early). Stopping is decided on counts and validation figures only, never on wall-clock time.
 
 Resumable: kill it and rerun the same command; the run resumes from its last checkpoint and no played
 point is played again. The training command comes after ``--`` without ``--iterations``; it must name
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                 usage="%(prog)s [options] --out CURVES -- TRAIN-COMMAND (without --iterations)")
     p.add_argument("--every", type=int, required=True, help="iterations between two validation points")
     p.add_argument("--max-iterations", type=int, required=True, help="stop here even if still improving")
+    p.add_argument("--min-iterations", type=int, default=0, help="train at least this far even if stopped earlier")
     p.add_argument("--patience", type=int, default=2, help="points after the best that must fail to beat it")
     p.add_argument("--out", required=True, help="budget curves directory (curves.json, the plot, the evaluations)")
     for flag, kind, default in (("--suite", str, "ML1:reach-v3"), ("--split", str, "validation"),
@@ -93,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deterministic", action="store_true", help="gradient agents act with their mean action")
     args = p.parse_args(own)
     try:
-        if args.every < 1 or args.max_iterations < args.every or args.patience < 1:
-            raise UsageError(f"--every {args.every} / --max-iterations {args.max_iterations} / --patience "
-                             f"{args.patience}: need 1 <= every <= max-iterations and patience >= 1")
+        if not 1 <= args.every <= args.max_iterations or args.patience < 1 or args.min_iterations > args.max_iterations:
+            raise UsageError(f"--every {args.every} / --min-iterations {args.min_iterations} / --max-iterations "
+                             f"{args.max_iterations} / --patience {args.patience}: need 1 <= every <= max-iterations, "
+                             f"min-iterations <= max-iterations and patience >= 1")
         run = check_train_args(train, args.every)
     except UsageError as e:
         print(f"train_until_stopped: error: {e}", file=sys.stderr)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             if (rc := curves.main(curve_args)) != 0:
                 return rc
             chosen = read_json(Path(args.out) / "curves.json")["chosen"][str(run)]
-            if chosen["stopped_improving"]:
+            if chosen["stopped_improving"] and at >= args.min_iterations:
                 print(f"{run}: stopped improving at iteration {at}; play {chosen['point']} on test "
                       f"({chosen['success_last'][0]:.2f} on {args.split})", flush=True)
                 return 0

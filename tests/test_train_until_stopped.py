@@ -45,6 +45,17 @@ def test_stops_two_points_after_the_best_and_resumes_without_training(tmp_path, 
     assert driver.main(argv) == 0
 
 
+def test_min_iterations_trains_on_past_an_early_stop(tmp_path, monkeypatch, capsys):
+    driver = load_script("train_until_stopped")
+    _fake_success(monkeypatch, driver, [0.3, 0.1, 0.1, 0.2, 0.2])
+    run = tmp_path / "run"
+    argv = ["--every", "1", "--max-iterations", "9", "--min-iterations", "5", *EVAL, "--out", str(tmp_path / "c"),
+            "--", *TRAIN, "--out", str(run)]
+    assert driver.main(argv) == 0  # stopped by the rule at 3, trained on to 5, best still the first point
+    assert json.loads((run / "config.json").read_text())["iteration"] == 5
+    assert "stopped improving at iteration 5; play iteration-000001" in capsys.readouterr().out
+
+
 def test_the_cap_comes_first_and_says_so(tmp_path, monkeypatch, capsys):
     driver = load_script("train_until_stopped")
     _fake_success(monkeypatch, driver, [0.1, 0.2, 0.3])
