@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from icl_metarl.harness.budget import read_budget, run_budget
 from icl_metarl.harness.errors import UsageError
@@ -119,6 +120,10 @@ def plot(points: list[dict], path: Path) -> None:
                     label=f"{family[run]} ({run})")
             ax.fill_between(x, lo, hi, color=colours[family[run]], alpha=0.15 if len(runs) <= 6 else 0.05)
         ax.set(xscale="log", xlabel=label, ylabel="success, last adaptation episode", ylim=(-0.02, 1.02))
+        # ticks at 1, 2, 5 x 10^k written as 200k or 20 (the default log labels of minor ticks overlap)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(int(v)) if v >= 1000 else f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     if len(runs) <= 6:
         axes[0].legend(fontsize=7)
