@@ -146,9 +146,9 @@ def table(points: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="training run directories")
+def add_play_arguments(p: argparse.ArgumentParser) -> None:
+    """How every point is played (suite, split, episodes, seeds, tasks, actions): shared with
+    train_until_stopped.py, which passes them on here."""
     p.add_argument("--suite", default="ML1:reach-v3")
     p.add_argument("--split", default="validation", help="validation (default); test only for a final recipe")
     p.add_argument("-K", "--adaptation-episodes", type=int, default=3)
@@ -158,6 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=50)
     p.add_argument("--deterministic", action="store_true",
                    help="gradient agents act with their mean action once adapted")
+
+
+def play_config(args: argparse.Namespace) -> EvalConfig:
+    """The checked evaluation settings of ``add_play_arguments``' flags (UsageError if bad)."""
+    return EvalConfig(suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
+                      evaluation_episodes=args.evaluation_episodes, episode_length=args.episode_length,
+                      seeds=tuple(args.seeds), num_tasks=args.tasks, batch_size=args.tasks, progress=False).check()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="training run directories")
+    add_play_arguments(p)
     p.add_argument("--every", type=int, default=1,
                    help="play only snapshots whose iteration is a multiple of this (and the run's final one)")
     p.add_argument("--patience", type=int, default=2,
@@ -170,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.every < 1 or args.patience < 1:
             raise UsageError(f"--every {args.every} / --patience {args.patience}: both must be at least 1")
-        config = EvalConfig(suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
-                            evaluation_episodes=args.evaluation_episodes, episode_length=args.episode_length,
-                            seeds=tuple(args.seeds), num_tasks=args.tasks, batch_size=args.tasks,
-                            progress=False).check()
+        config = play_config(args)
         out = Path(args.out)
         settings = {**dataclasses.asdict(config), "seeds": list(config.seeds), "deterministic": args.deterministic}
         old = read_json(out / "curves.json") if (out / "curves.json").is_file() else {}

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     own, train = argv[:split], argv[split + 1:]
+    curves = _budget_curves()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [options] --out CURVES -- TRAIN-COMMAND (without --iterations)")
     p.add_argument("--every", type=int, required=True, help="iterations between two validation points")
@@ -86,15 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-iterations", type=int, default=0, help="train at least this far even if stopped earlier")
     p.add_argument("--patience", type=int, default=2, help="points after the best that must fail to beat it")
     p.add_argument("--out", required=True, help="budget curves directory (curves.json, the plot, the evaluations)")
-    for flag, kind, default in (("--suite", str, "ML1:reach-v3"), ("--split", str, "validation"),
-                                ("--episode-length", int, 50), ("--tasks", int, 50)):
-        p.add_argument(flag, type=kind, default=default)
-    p.add_argument("-K", "--adaptation-episodes", type=int, default=3)
-    p.add_argument("-E", "--evaluation-episodes", type=int, default=1)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--deterministic", action="store_true", help="gradient agents act with their mean action")
+    curves.add_play_arguments(p)  # how each point is played: budget_curves.py's flags, passed on to it
     args = p.parse_args(own)
     try:
+        curves.play_config(args)  # bad play settings fail here, not after the first chunk of training
         if not 1 <= args.every <= args.max_iterations or args.patience < 1 or args.min_iterations > args.max_iterations:
             raise UsageError(f"--every {args.every} / --min-iterations {args.min_iterations} / --max-iterations "
                              f"{args.max_iterations} / --patience {args.patience}: need 1 <= every <= max-iterations, "
@@ -103,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"train_until_stopped: error: {e}", file=sys.stderr)
         return 2
-    curves = _budget_curves()
     curve_args = [str(run), "--suite", args.suite, "--split", args.split, "-K", str(args.adaptation_episodes),
                   "-E", str(args.evaluation_episodes), "--episode-length", str(args.episode_length),
                   "--tasks", str(args.tasks), "--seeds", *map(str, args.seeds), "--every", str(args.every),

@@ -91,3 +91,12 @@ def test_bad_commands_are_one_line_errors(tmp_path, capsys, train, message):
     assert driver.main(["--every", "1", "--max-iterations", "3", "--out", str(tmp_path), "--", *train]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_bad_play_settings_fail_before_any_training(tmp_path, capsys):
+    driver = load_script("train_until_stopped")
+    run = tmp_path / "run"
+    argv = ["--every", "1", "--max-iterations", "3", "--split", "bogus", "--out", str(tmp_path / "c"), "--", *TRAIN,
+            "--out", str(run)]
+    assert driver.main(argv) == 2
+    assert "bogus" in capsys.readouterr().err and not run.exists()

@@ -90,11 +90,11 @@ def run_budget(checkpoint_dir: str | Path) -> dict | None:
     phase = re.fullmatch(r"round-(\d+)", path.parent.name)
     if own is None or phase is None or path.name != "train":
         return own
+    earlier = [read_budget(path.parent.parent / f"round-{r}" / "train") for r in range(int(phase.group(1)))]
+    if None in earlier:
+        return None
     loops = Budget()
-    for r in range(int(phase.group(1)) + 1):
-        earlier = read_budget(path.parent.parent / f"round-{r}" / "train")
-        if earlier is None:
-            return None
-        loops = loops.add(Budget.from_json(earlier).training_loop())
+    for b in [*earlier, own]:  # phases in training order, this one (already read) last
+        loops = loops.add(Budget.from_json(b).training_loop())
     return replace(Budget.from_json(own), optimizer_steps=loops.optimizer_steps,
                    train_cpu_minutes=loops.train_cpu_minutes, wall_minutes=loops.wall_minutes).to_json()

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
-from icl_metarl.harness.budget import Budget, read_budget, write_budget
+from icl_metarl.harness.budget import Budget, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
 from icl_metarl.harness.rollout import play_trials
@@ -442,15 +442,13 @@ def pretrain(cfg: TrainConfig) -> dict:
                          "task_pool": f"{pool_summary(training['task_pools'][:len(cfg.data)])}, "
                                       f"+ {cfg.relabel_rounds} relabelling round(s)"})
         atomic_write_json(run / "training.json", training)
-        phases_spent = [read_budget(run / f"round-{r}" / "train") for r in range(phases)]
-        if None in phases_spent:
+        # the last phase trained on all of the run's data: its budget with every phase's loop is the run's
+        total = run_budget(run / f"round-{phases - 1}" / "train")
+        if total is None:
             warnings.warn(f"a round of {run} was trained before budget accounting: no budget.json for the run",
                           stacklevel=2)
         else:
-            total = data_budget([load_histories(d, verify=False).manifest for d in data], cfg.target)
-            for b in map(Budget.from_json, phases_spent):  # each round's own loop, not its data again
-                total = total.add(b.training_loop())
-            write_budget(run, total)
+            write_budget(run, Budget.from_json(total))
     return record
 
 
