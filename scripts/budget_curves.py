@@ -102,10 +102,18 @@ def _family(agent: str) -> str:
     return re.sub(r"(-iteration-\d+)?( #\d+)?$", "", agent)
 
 
+def grouped_runs(points: list[dict]) -> list[str]:
+    """The runs of the points, each learner's together (learners in order of first appearance, runs in order
+    within one): a run curved later, e.g. a seed added with --reuse, sits beside its learner's other seeds."""
+    runs = list(dict.fromkeys(p["run"] for p in points))
+    families = list(dict.fromkeys(_family(next(p["agent"] for p in points if p["run"] == r)) for r in runs))
+    return sorted(runs, key=lambda r: families.index(_family(next(p["agent"] for p in points if p["run"] == r))))
+
+
 def plot(points: list[dict], path: Path) -> None:
     """Success against env steps and CPU minutes, one line per run: one colour per learner, one line style per
     run of that learner (its training seeds), so many runs stay readable."""
-    runs = list(dict.fromkeys(p["run"] for p in points))
+    runs = grouped_runs(points)
     family = {run: _family(next(p["agent"] for p in points if p["run"] == run)) for run in runs}
     colours = {f: f"C{i % 10}" for i, f in enumerate(dict.fromkeys(family.values()))}
     styles = {run: ("-", "--", ":", "-.")[[r for r in runs if family[r] == family[run]].index(run) % 4] for run in runs}

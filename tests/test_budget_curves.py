@@ -135,3 +135,12 @@ def test_many_runs_plot_one_colour_per_learner(tmp_path):
               for f in ("maml", "reptile") for s in range(4) for i in (1, 2)]
     bc.plot(points, tmp_path / "curves.png")  # 8 runs: the legend goes beside the plots
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_plot_keeps_each_learners_runs_together_in_the_legend():
+    bc = _script()
+    # a MAML seed curved later (--reuse) comes after Reptile's runs in the points; the plot groups it with MAML's
+    runs = [("maml", 0), ("reptile", 0), ("reptile", 1), ("maml", 1), ("icl", 0)]
+    points = [{"run": f"runs/{f}-s{s}", "agent": f"{f}-iteration-{i:06d}"} for f, s in runs for i in (1, 2)]
+    assert bc.grouped_runs(points) == ["runs/maml-s0", "runs/maml-s1", "runs/reptile-s0", "runs/reptile-s1",
+                                       "runs/icl-s0"]
