@@ -121,6 +121,15 @@ def test_budget_add_and_json_round_trip():
     assert Budget.from_json(a.to_json()) == a and a.to_json()["cpu_minutes"] == 2.0
 
 
+def test_a_budget_read_back_and_written_again_is_the_same_file():
+    # 0.00136 + 0.00708 = 0.00844 rounds to 0.0084, but the file shows 0.0014 and 0.0071, which sum to 0.0085:
+    # cpu_minutes is the sum of the rounded figures, so a phase's budget re-read by run_budget equals its file
+    j = Budget(train_cpu_minutes=0.00136, data_cpu_minutes=0.00708).to_json()
+    assert (j["train_cpu_minutes"], j["data_cpu_minutes"], j["cpu_minutes"]) == (0.0014, 0.0071, 0.0085)
+    assert Budget.from_json(j).to_json() == j
+    assert Budget(train_cpu_minutes=0.00136, data_cpu_minutes=None).to_json()["cpu_minutes"] == 0.0014
+
+
 # ------------------------------------------------------------------------------- gradient meta-RL
 META = MetaRLConfig(algo="maml", iterations=4, meta_batch=2, episode_length=8, hidden=(4,), ppo_epochs=2,
                     checkpoint_every=2, seed=5)

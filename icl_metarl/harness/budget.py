@@ -57,11 +57,13 @@ class Budget:
                       wall_minutes=self.wall_minutes, seeds={"train": self.seeds["train"]})
 
     def to_json(self) -> dict:
-        """The fields, plus ``cpu_minutes`` (their sum) for readers that want one CPU figure."""
+        """The fields (minutes rounded to 4 decimals), plus ``cpu_minutes``: the sum of the rounded CPU fields, so
+        that a budget read back and written again is the same file (summing before rounding can differ in the
+        last decimal from summing the figures the file shows)."""
         out = asdict(self)
-        out["cpu_minutes"] = self.cpu_minutes
-        for k in ("train_cpu_minutes", "data_cpu_minutes", "wall_minutes", "cpu_minutes"):
+        for k in ("train_cpu_minutes", "data_cpu_minutes", "wall_minutes"):
             out[k] = None if out[k] is None else round(out[k], 4)
+        out["cpu_minutes"] = round(out["train_cpu_minutes"] + (out["data_cpu_minutes"] or 0.0), 4)
         return out
 
     @classmethod
