@@ -102,19 +102,24 @@ def _family(agent: str) -> str:
     return re.sub(r"(-iteration-\d+)?( #\d+)?$", "", agent)
 
 
-def grouped_runs(points: list[dict]) -> list[str]:
-    """The runs of the points, each learner's together (learners in order of first appearance, runs in order
-    within one): a run curved later, e.g. a seed added with --reuse, sits beside its learner's other seeds."""
-    runs = list(dict.fromkeys(p["run"] for p in points))
-    families = list(dict.fromkeys(_family(next(p["agent"] for p in points if p["run"] == r)) for r in runs))
-    return sorted(runs, key=lambda r: families.index(_family(next(p["agent"] for p in points if p["run"] == r))))
+def run_families(points: list[dict]) -> dict[str, str]:
+    """Each run of the points (in order of first appearance) and its learner."""
+    return {run: _family(next(p["agent"] for p in points if p["run"] == run))
+            for run in dict.fromkeys(p["run"] for p in points)}
+
+
+def grouped_runs(family: dict[str, str]) -> list[str]:
+    """The runs of ``run_families``, each learner's together (learners in order of first appearance, runs in
+    order within one): a run curved later, e.g. a seed added with --reuse, sits beside its learner's others."""
+    learners = list(dict.fromkeys(family.values()))
+    return sorted(family, key=lambda run: learners.index(family[run]))
 
 
 def plot(points: list[dict], path: Path) -> None:
     """Success against env steps and CPU minutes, one line per run: one colour per learner, one line style per
     run of that learner (its training seeds), so many runs stay readable."""
-    runs = grouped_runs(points)
-    family = {run: _family(next(p["agent"] for p in points if p["run"] == run)) for run in runs}
+    family = run_families(points)
+    runs = grouped_runs(family)
     colours = {f: f"C{i % 10}" for i, f in enumerate(dict.fromkeys(family.values()))}
     styles = {run: ("-", "--", ":", "-.")[[r for r in runs if family[r] == family[run]].index(run) % 4] for run in runs}
     fig = Figure(figsize=(13 if len(runs) > 6 else 11, 4.5))
@@ -166,6 +171,21 @@ def add_play_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=50)
     p.add_argument("--deterministic", action="store_true",
                    help="gradient agents act with their mean action once adapted")
+
+
+def play_argv(args: argparse.Namespace) -> list[str]:
+    """``add_play_arguments``' flags with the values in ``args``: the command-line part that plays the same way
+    (derived from the parser, so a flag added there is passed on without being listed again)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_play_arguments(parser)
+    argv = []
+    for dest in vars(parser.parse_args([])):  # every play flag, by its long name
+        flag, value = "--" + dest.replace("_", "-"), getattr(args, dest)
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, *map(str, value if isinstance(value, list | tuple) else [value])]
+    return argv
 
 
 def play_config(args: argparse.Namespace) -> EvalConfig:

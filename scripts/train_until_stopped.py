@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"train_until_stopped: error: {e}", file=sys.stderr)
         return 2
-    curve_args = [str(run), "--suite", args.suite, "--split", args.split, "-K", str(args.adaptation_episodes),
-                  "-E", str(args.evaluation_episodes), "--episode-length", str(args.episode_length),
-                  "--tasks", str(args.tasks), "--seeds", *map(str, args.seeds), "--every", str(args.every),
-                  "--patience", str(args.patience), "--out", args.out] + (["--deterministic"] if args.deterministic else [])
+    curve_args = [str(run), *curves.play_argv(args), "--every", str(args.every), "--patience", str(args.patience),
+                  "--out", args.out]
     at = iteration(run)
     while True:
         if at > 0:

@@ -1,5 +1,6 @@
 """scripts/budget_curves.py: every snapshot of a run played on the validation split, with its budget."""
 
+import argparse
 import json
 
 import pytest
@@ -142,5 +143,17 @@ def test_plot_keeps_each_learners_runs_together_in_the_legend():
     # a MAML seed curved later (--reuse) comes after Reptile's runs in the points; the plot groups it with MAML's
     runs = [("maml", 0), ("reptile", 0), ("reptile", 1), ("maml", 1), ("icl", 0)]
     points = [{"run": f"runs/{f}-s{s}", "agent": f"{f}-iteration-{i:06d}"} for f, s in runs for i in (1, 2)]
-    assert bc.grouped_runs(points) == ["runs/maml-s0", "runs/maml-s1", "runs/reptile-s0", "runs/reptile-s1",
+    assert bc.grouped_runs(bc.run_families(points)) == ["runs/maml-s0", "runs/maml-s1", "runs/reptile-s0", "runs/reptile-s1",
                                        "runs/icl-s0"]
+
+
+def test_play_argv_gives_back_every_play_flag():
+    bc = _script()
+    parser = argparse.ArgumentParser()
+    bc.add_play_arguments(parser)
+    argv = ["--suite", "ML1:push-v3", "--split", "test", "-K", "5", "-E", "2", "--episode-length", "100",
+            "--seeds", "3", "4", "--tasks", "7", "--deterministic"]  # every flag away from its default
+    args = parser.parse_args(argv)
+    assert vars(parser.parse_args(bc.play_argv(args))) == vars(args)
+    assert all(vars(args)[k] != v for k, v in vars(parser.parse_args([])).items())  # each differs from its default
+    assert "--deterministic" not in bc.play_argv(parser.parse_args([]))
