@@ -116,7 +116,10 @@ def meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: Params, suppor
 
 
 def adapt_tasks(inner_loss: LossFn, params: Params, support, step_size: StepSize, steps: int = 1) -> Params:
-    """Adapted parameters of every task of a batch, each tensor with a leading task axis (T, ...)."""
+    """Adapted parameters of every task of a batch, each tensor with a leading task axis (T, ...);
+    ``steps=0``: the initialisation itself, once per task (no adaptation)."""
+    if not isinstance(steps, int) or steps < 0:
+        raise UsageError(f"adaptation steps must be an integer >= 0, got {steps!r}")
     params = {k: v.detach() for k, v in params.items()}
     if isinstance(step_size, dict):
         step_size = {k: v.detach() for k, v in step_size.items()}

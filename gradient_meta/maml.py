@@ -94,5 +94,7 @@ class MAML:
         return loss
 
     def adapt(self, support, steps: int | None = None) -> Params:
-        """Adapted parameters for a batch of tasks (leading task axis), as at test time."""
-        return adapt_tasks(self.inner_loss, self.params, support, self.step_size, steps or self.config.inner_steps)
+        """Adapted parameters for a batch of tasks (leading task axis), as at test time; ``steps``: inner
+        steps (None: the configured ``inner_steps``; 0: none, the initialisation for every task)."""
+        steps = self.config.inner_steps if steps is None else steps
+        return adapt_tasks(self.inner_loss, self.params, support, self.step_size, steps)

@@ -116,4 +116,5 @@ class Reptile:
 
     def adapt(self, support, steps: int | None = None) -> Params:
         """Adapted parameters for a batch of tasks (leading task axis): plain SGD steps, as at test time."""
-        return adapt_tasks(self.inner_loss, self.params, support, self.step_size, steps or self.config.inner_steps)
+        steps = self.config.inner_steps if steps is None else steps  # 0: none, the initialisation for every task
+        return adapt_tasks(self.inner_loss, self.params, support, self.step_size, steps)

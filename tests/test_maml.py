@@ -65,3 +65,32 @@ def test_config_rejects_bad_values():
         MAMLConfig(inner_lr=0.0)
     with pytest.raises(UsageError, match="meta_lr"):
         MAMLConfig(meta_lr=-1e-3)
+
+
+def _sgd_by_hand(w, support, alpha, steps):
+    """Each task's weights after ``steps`` least-squares gradient steps, written out; (T, d)."""
+    xs, ys = support
+    out = []
+    for x, y in zip(xs, ys):
+        phi = w.clone()
+        for _ in range(steps):
+            phi = phi - alpha * 2 / len(x) * x.T @ (x @ phi - y)
+        out.append(phi)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("steps", [None, 0, 1, 3])
+def test_adapt_takes_exactly_the_steps_asked(steps):
+    """``adapt(steps=0)`` is no step (the initialisation per task), None the configured two."""
+    s, _, w = _tasks()
+    learner = MAML({"w": w}, linear_loss, linear_loss, MAMLConfig(inner_lr=0.1, inner_steps=2))
+    got = learner.adapt(s, steps)["w"]
+    torch.testing.assert_close(got, _sgd_by_hand(w, s, 0.1, 2 if steps is None else steps), atol=1e-12, rtol=1e-10)
+    assert got.shape == (len(s[0]), len(w))
+
+
+def test_adapt_refuses_negative_steps():
+    s, _, w = _tasks()
+    learner = MAML({"w": w}, linear_loss, linear_loss, MAMLConfig(inner_lr=0.1))
+    with pytest.raises(UsageError, match="adaptation steps must be an integer >= 0, got -1"):
+        learner.adapt(s, -1)

@@ -5,7 +5,7 @@ import torch
 
 from gradient_meta.reptile import Reptile, ReptileConfig, adam_train
 from icl_metarl.harness.errors import UsageError
-from tests.test_maml import _tasks, linear_loss
+from tests.test_maml import _sgd_by_hand, _tasks, linear_loss
 
 torch.set_num_threads(1)
 
@@ -55,3 +55,12 @@ def test_config_rejects_bad_values():
         ReptileConfig(inner_lr=-0.1)
     with pytest.raises(UsageError, match="unknown inner optimizer 'rmsprop'"):
         ReptileConfig(inner_optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("steps", [None, 0, 2])
+def test_adapt_takes_exactly_the_steps_asked(steps):
+    """``adapt(steps=0)`` is no step (the initialisation per task), None the configured k = 3."""
+    (xs, ys), _, w = _tasks()
+    learner = Reptile({"w": w}, linear_loss, ReptileConfig(inner_steps=3, inner_lr=0.05))
+    want = _sgd_by_hand(w, (xs, ys), 0.05, 3 if steps is None else steps)
+    torch.testing.assert_close(learner.adapt((xs, ys), steps)["w"], want, atol=1e-12, rtol=1e-10)
