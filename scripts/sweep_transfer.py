@@ -25,7 +25,8 @@ import numpy as np
 
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
 from icl_metarl.harness.files import atomic_write_json, atomic_write_text
-from icl_metarl.harness.report import bootstrap_ci, episode_array
+from icl_metarl.harness.report import episode_array
+from icl_metarl.harness.statistics import mean_interval
 from icl_metarl.incontext.histories import GenerateConfig, generate
 from icl_metarl.incontext.train import TrainConfig, heldout_loss, pretrain
 
@@ -36,7 +37,7 @@ def success_curves(results: dict, num_tasks: int) -> dict:
     episodes = results["settings"]["adaptation_episodes"] + results["settings"]["evaluation_episodes"]
     for label in results["agents"]:
         arr = episode_array(results["records"], label, "success", num_tasks, results["seeds"], episodes)
-        out[label] = [bootstrap_ci(arr[k]) for k in range(episodes)]  # arr: (episodes, tasks, seeds)
+        out[label] = [mean_interval(arr[k]) for k in range(episodes)]  # arr: (episodes, tasks, seeds)
     return out
 
 

@@ -5,36 +5,12 @@ import pytest
 
 from icl_metarl.harness.report import (
     _View,
-    bootstrap_ci,
     episode_array,
     report_markdown,
     success_definitions,
     success_within,
     write_report,
 )
-
-
-def test_bootstrap_matches_normal_approximation():
-    rng = np.random.default_rng(1)
-    x = rng.binomial(1, 0.3, size=(400, 1)).astype(float)
-    m, lo, hi = bootstrap_ci(x, num_resamples=4000)
-    assert m == pytest.approx(x.mean())
-    half = 1.96 * x.std() / np.sqrt(len(x))  # second way: the normal interval of a mean
-    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
-    assert lo < m < hi
-
-
-def test_bootstrap_treats_seeds_as_nested_in_tasks():
-    rng = np.random.default_rng(2)
-    per_task = rng.normal(size=(30, 1))
-    repeated = np.repeat(per_task, 3, axis=1)  # a deterministic agent: the same value on every seed
-    assert bootstrap_ci(repeated, 500) == pytest.approx(bootstrap_ci(per_task, 500))
-
-
-def test_bootstrap_skips_missing_cells():
-    x = np.array([[1.0, np.nan], [0.0, 0.0], [np.nan, np.nan]])
-    m, lo, hi = bootstrap_ci(x, 200)
-    assert m == pytest.approx(1 / 3) and 0 <= lo <= hi <= 1
 
 
 def test_success_within_k_matches_a_loop():

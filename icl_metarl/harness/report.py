@@ -6,8 +6,6 @@ Not for: playing agents (``evaluation.py``); every figure here is recomputed fro
 
 from __future__ import annotations
 
-import math
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -15,34 +13,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from icl_metarl.harness.files import atomic_write_figure, atomic_write_text
+from icl_metarl.harness.statistics import Interval, difference_interval, mean_interval, won_lost
 
 
-# ----------------------------------------------------------------------------------------- maths
-def bootstrap_ci(values: np.ndarray, num_resamples: int = 2000, level: float = 0.95, seed: int = 0
-                 ) -> tuple[float, float, float]:
-    """Mean of ``values`` (tasks, seeds) and its percentile bootstrap interval.
-
-    Two-level resampling: tasks with replacement, then seeds within each drawn task, because seeds
-    are nested in tasks (a deterministic agent repeats itself across seeds; treating its (task, seed)
-    cells as independent would shrink the interval). NaN cells (a failed run) are left out.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.all(np.isnan(values), axis=1)]  # tasks with no record at all
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    T, S = values.shape
-    tasks = rng.integers(T, size=(num_resamples, T))  # (R, T)
-    seeds = rng.integers(S, size=(num_resamples, T, S))  # (R, T, S)
-    draws = values[tasks[:, :, None], seeds]  # (R, T, S)
-    with warnings.catch_warnings():  # a resample of only missing cells is NaN, and skipped below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        means = np.nanmean(draws.reshape(num_resamples, -1), axis=1)  # (R,)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.nanquantile(means, [alpha, 1.0 - alpha])
-    return float(np.nanmean(values)), float(lo), float(hi)
-
-
+# ----------------------------------------------------------------------------------------- arrays
 def episode_array(records: Sequence[dict], agent: str, key: str, num_tasks: int, seeds: Sequence[int],
                   num_episodes: int, episode_length: int | None = None) -> np.ndarray:
     """One agent's records as an array (episodes, tasks, seeds); NaN where no record exists.
@@ -122,8 +96,8 @@ class _View:
             for key in ("success", "return", "steps_to_success")
         }
 
-    def ci(self, values: np.ndarray) -> tuple[float, float, float]:
-        return bootstrap_ci(values, self.R)
+    def ci(self, values: np.ndarray) -> Interval:
+        return mean_interval(values, self.R)
 
     def curve(self, key: str, agent: str) -> np.ndarray:
         """(episodes, 3): mean, low, high at every episode index."""
@@ -162,35 +136,15 @@ def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
     for a, info in results["agents"].items():
         x = succ[a]
         row = {"agent": a, "spec": info["spec"], "adaptive": info["adaptive"], "last_index": last + 1,
-               "first": bootstrap_ci(x[0], num_resamples), "last": bootstrap_ci(x[last], num_resamples),
-               "gain": bootstrap_ci(x[last] - x[0], num_resamples)}  # paired: same task and seed
+               "first": mean_interval(x[0], num_resamples), "last": mean_interval(x[last], num_resamples),
+               "gain": difference_interval(x[last], x[0], num_resamples)}  # paired: same task and seed
         if info["adaptive"] and info["spec"] in wiped:
             y = succ[wiped[info["spec"]]][last]
-            row["non_adaptive_last"] = bootstrap_ci(y, num_resamples)
-            row["vs_non_adaptive"] = bootstrap_ci(x[last] - y, num_resamples)
+            row["non_adaptive_last"] = mean_interval(y, num_resamples)
+            row["vs_non_adaptive"] = difference_interval(x[last], y, num_resamples)
             row["won_lost"] = won_lost(x[last] - y)
         rows.append(row)
     return rows
-
-
-def won_lost(diff: np.ndarray) -> tuple[int, int, int, float]:
-    """Paired differences (tasks, seeds) -> tasks won, tasks lost, tasks with records, sign test p; the
-    seeds are averaged within a task first (tasks are the independent units)."""
-    with warnings.catch_warnings():  # a task without records has a NaN mean and counts for neither side
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_task = np.nanmean(diff, axis=1)
-    won, lost = int(np.sum(per_task > 0)), int(np.sum(per_task < 0))
-    return won, lost, int(np.isfinite(per_task).sum()), sign_test(won, lost)
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (McNemar's exact test for paired successes): the chance of a split at
-    least this uneven among the ``wins + losses`` untied tasks if either side were equally likely."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
 
 
 def _verdict(c) -> str:
@@ -268,7 +222,7 @@ def claim_lines(results: dict, adapters: Sequence[tuple[str, str, str]], versus:
         a, b = versus
         succ = {x: episode_array(results["records"], x, "success", len(results["tasks"]), results["seeds"],
                                  s["adaptation_episodes"] + s["evaluation_episodes"])[last - 1] for x in versus}
-        diff = bootstrap_ci(succ[a] - succ[b], num_resamples)
+        diff = difference_interval(succ[a], succ[b], num_resamples)
         won, lost, _, p = won_lost(succ[a] - succ[b])
         verdict = _answer(diff, f"`{a}`", f"`{b}`", "neither, beyond the interval")
         lines.append(f"- Which is better in episode {last}? {verdict}: `{a}` {_fmt(rows[a]['last'])} against `{b}` "
