@@ -10,20 +10,14 @@ import torch
 from icl_metarl.fewshot.config import FewShotProbeConfig
 from icl_metarl.fewshot.evaluation import FunctionPredictor, MismatchError, make_test_set, score
 from icl_metarl.fewshot.model import LinearSelfAttention
-from icl_metarl.fewshot.pool import pool_evaluations, pool_probes, seed_interval
+from icl_metarl.fewshot.pool import pool_evaluations, pool_probes
 from icl_metarl.fewshot.probe import linear_reference, probe_predictor
 from icl_metarl.harness.files import atomic_write_json
 from icl_metarl.harness.regression_tasks import LINEAR, MAML_SINE
+from icl_metarl.harness.statistics import t_interval
 from icl_metarl.study.cli import main
 
 torch.set_num_threads(1)
-
-
-def test_seed_interval_is_the_t_interval_over_seeds():
-    mean, half = seed_interval([1.0, 2.0, 3.0])
-    assert mean == 2.0
-    assert half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2 df) x sd / sqrt(n)
-    assert math.isnan(seed_interval([5.0])[1])
 
 
 def _results(scale, test_seed=0, diverge=False, learners=("shrunk", "zero")):
@@ -51,7 +45,7 @@ def test_pooled_evaluation_is_the_mean_of_the_seeds_figures():
         per_seed = [next(r["mse"] for r in run["records"] if r["learner"] == row["learner"]
                          and r["shots"] == row["shots"]) for run in runs]
         assert row["per_seed"] == per_seed
-        assert (row["mean"], row["ci95"]) == seed_interval(per_seed)
+        assert (row["mean"], row["ci95"]) == t_interval(per_seed)
     zero = [row for row in pooled["rows"] if row["learner"] == "zero"]
     assert all(row["ci95"] == 0 for row in zero)  # the same predictions in every seed: no spread
     shrunk = [row for row in pooled["rows"] if row["learner"] == "shrunk"]

@@ -39,6 +39,7 @@ from icl_metarl.harness.files import (
     versions,
 )
 from icl_metarl.harness.regression_tasks import Family, LinearFamily, get_family, shifted_families
+from icl_metarl.harness.statistics import normal_interval
 
 
 class MismatchError(RuntimeError):
@@ -100,12 +101,6 @@ def check_same_inputs(records: Sequence[dict]) -> None:
                                 f"{r['family']}, {r['shots']} shots (input fingerprints {r['inputs']} != {first[1]})")
 
 
-def mean_ci(per_task: Tensor) -> tuple[float, float]:
-    """Mean and 95% half-width (1.96 standard errors over tasks)."""
-    x = per_task.double()
-    return float(x.mean()), 1.96 * float(x.std()) / math.sqrt(len(x))
-
-
 def score(predictors: Sequence[Predictor], test: TestSet, shots: Sequence[int]) -> list[dict]:
     """One record per (learner, shots): MSE against the task function, its interval, the input fingerprint."""
     if max(shots) > test.max_shots:
@@ -121,7 +116,7 @@ def score(predictors: Sequence[Predictor], test: TestSet, shots: Sequence[int]) 
                 raise RuntimeError(f"learner {p.name!r} returned predictions {tuple(pred.shape)}, "
                                    f"expected {tuple(qx.shape[:2])}")
             per_task = ((pred.double() - test.query_f[..., 0].double()) ** 2).mean(1)  # (T,)
-            mse, ci = mean_ci(per_task)
+            mse, ci = map(float, normal_interval(per_task.detach().numpy()))  # 1.96 standard errors over tasks
             records.append({"learner": p.name, "family": test.family, "shots": k, "mse": mse, "ci95": ci,
                             "tasks": len(per_task), "nonfinite_tasks": int((~per_task.isfinite()).sum()),
                             "queries": qx.shape[1], "inputs": inputs})

@@ -17,19 +17,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
 from icl_metarl.fewshot.evaluation import MismatchError, check_same_inputs, nearest_shots, plot_family
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_json, atomic_write_text, read_json
-
-
-def seed_interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean over seeds and the 95% t half-width with the seed as the unit (nan for one seed)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return float(x.mean()), math.nan
-    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+from icl_metarl.harness.statistics import t_interval
 
 
 def _read(dirs: Sequence[str | Path]) -> tuple[str, list[dict]]:
@@ -72,7 +64,7 @@ def pool_evaluations(results: Sequence[dict], names: Sequence[str]) -> dict:
                                 f"evaluations ({family}, K={shots}); pool runs that trained the same learners")
         diverged = [rec["nonfinite_tasks"] for rec in recs]
         mses = [rec["mse"] for rec in recs]
-        mean, half = seed_interval(mses) if not any(diverged) else (math.nan, math.nan)
+        mean, half = t_interval(mses) if not any(diverged) else (math.nan, math.nan)
         rows.append({"family": family, "learner": learner, "shots": shots, "per_seed": mses,
                      "diverged_tasks": diverged, "tasks": recs[0]["tasks"], "mean": mean, "ci95": half})
     budgets = {name: r["budgets"] for name, r in zip(names, results)}
@@ -149,7 +141,7 @@ def pool_probes(metrics: Sequence[dict], names: Sequence[str]) -> dict:
                    "best_k": [m["shots"][k]["ranking"][0] for m in metrics]}
             for key in ("relative_error", "prediction_cosine", "sensitivity_cosine"):
                 values = [m["shots"][k]["rows"][i][key] for m in metrics]
-                mean, half = seed_interval(values)
+                mean, half = t_interval(values)
                 row[key] = {"per_seed": values, "mean": mean, "ci95": half}
             rows.append(row)
     return {"kind": "probe", "runs": list(names), "family": first["family"], "reference": first["reference"],

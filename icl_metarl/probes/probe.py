@@ -37,6 +37,7 @@ from icl_metarl.harness.files import (
     versions,
 )
 from icl_metarl.harness.rollout import StepHook, play_trials
+from icl_metarl.harness.statistics import Z95, normal_interval
 from icl_metarl.harness.suites import check_episode_length, check_playable, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, episode_inputs, shift_previous
@@ -459,11 +460,9 @@ def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) 
 
 
 def _mean_ci(x: np.ndarray) -> dict:
-    """Mean over trials (last axis) and a 95% normal interval half-width."""
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[-1]
-    sd = x.std(axis=-1, ddof=1) if n > 1 else np.zeros(x.shape[:-1])
-    return {"mean": x.mean(axis=-1), "ci95": 1.96 * sd / math.sqrt(n)}
+    """Mean over trials (last axis) and a 95% normal interval half-width (NaN for one trial)."""
+    mean, half = normal_interval(x, axis=-1)
+    return {"mean": mean, "ci95": half}
 
 
 def _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timing) -> ProbeResult:
@@ -705,7 +704,7 @@ def describe(result: ProbeResult, figures: Sequence[str] = ()) -> str:
                   f"(largest drop: layer {lo[0]} head {lo[1]}); actions moved most for layer {hi[0]} head "
                   f"{hi[1]} ({ac[hi]:.3f})."]
     lines += ["", f"With {cfg.trials} trials a success rate has a 95% interval of about "
-              f"±{1.96 * math.sqrt(0.25 / cfg.trials):.2f}; the changes are paired (same task and start) and carry "
+              f"±{Z95 * math.sqrt(0.25 / cfg.trials):.2f}; the changes are paired (same task and start) and carry "
               "their own intervals: read a change inside its interval as noise.", "", "## Figures", ""]
     notes = {
         "attention_layer_head.png": "each statistic above per layer (rows) and head (columns); enrichment is "
