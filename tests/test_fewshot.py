@@ -23,6 +23,7 @@ from icl_metarl.fewshot.model import ICLRegressor, ICLRegressorConfig, LinearSel
 from icl_metarl.fewshot.probe import gd_predictions, linear_reference, probe_predictor
 from icl_metarl.fewshot.train import complete_checkpoints, train_regressor
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.files import read_log
 from icl_metarl.harness.regression_tasks import FAMILIES, LINEAR, MAML_SINE, get_family, shifted_families
 from icl_metarl.study.cli import main
 
@@ -236,7 +237,11 @@ def test_regressor_training_resumes_to_the_same_weights(tmp_path):
     train_regressor(_small_config(icl_steps=3), tmp_path / "split", log=lambda m: None)
     with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
         train_regressor(_small_config(), tmp_path / "split", log=lambda m: None)
+    with open(tmp_path / "split" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a kill cut the next record short
     resumed = train_regressor(_small_config(resume=True), tmp_path / "split", log=lambda m: None)
+    steps = lambda run: [r["step"] for r in read_log(tmp_path / run / "log.jsonl")]  # noqa: E731
+    assert steps("split") == steps("whole") and steps("whole")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert [p.name for p in complete_checkpoints(tmp_path / "split")] == ["step-00000003", "step-00000006"]

@@ -29,8 +29,8 @@ from icl_metarl.harness.files import (
     as_json,
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     read_json,
+    trim_log,
     versions,
 )
 from icl_metarl.harness.regression_tasks import Family, get_family
@@ -87,13 +87,6 @@ def load_state(checkpoint: Path, model: ICLRegressor, optimizer, generator: torc
     return state
 
 
-def _trim_log(log: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from."""
-    if log.exists():
-        kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(log, "".join(line + "\n" for line in kept))
-
-
 # -------------------------------------------------------------------------------------- training
 def regressor_config(config: FewShotTrainConfig, family: Family) -> ICLRegressorConfig:
     return ICLRegressorConfig(x_dim=family.x_dim, d_model=config.d_model, n_layer=config.n_layer,
@@ -128,7 +121,7 @@ def train_regressor(config: FewShotTrainConfig, run: str | Path, log=print) -> I
         log(f"icl: resuming from {checkpoints[-1]}")
     run.mkdir(parents=True, exist_ok=True)
     log_file = run / "log.jsonl"
-    _trim_log(log_file, start)
+    trim_log(log_file, start)
     warmup = max(1, config.icl_steps // 20)
     cpu0, running, since = time.process_time(), 0.0, 0
     for step in range(start, config.icl_steps):

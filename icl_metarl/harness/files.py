@@ -1,4 +1,5 @@
-"""Files that survive a crash (write to a temporary name, then rename) and the provenance stamped on them.
+"""Files that survive a crash (write to a temporary name, then rename), logs read back after one, and the
+provenance stamped on them.
 
 Every JSON, shard and checkpoint this toolkit writes goes through here or through the same pattern.
 """
@@ -57,6 +58,43 @@ def read_json(path: str | Path):
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log, one per line, in order; none if there is no file.
+
+    A training loop appends one line per record, so a kill can cut only the last line short: that line
+    is left out (its step is redone on resume). A line before it that is not JSON is a UsageError naming
+    the file and the line.
+    """
+    return [record for _, record in _log_lines(Path(path))]
+
+
+def trim_log(path: str | Path, step: int) -> None:
+    """Keep the records of a JSON-lines log up to ``step`` (their ``"step"`` field), each line as it was: a
+    run resuming from the checkpoint of ``step`` drops what it logged after it, and a last line a kill cut
+    short. No file: nothing to do."""
+    path = Path(path)
+    if path.exists():
+        kept = [line for line, record in _log_lines(path) if record["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _log_lines(path: Path) -> list[tuple[str, dict]]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # cut short by a kill mid-write
+                break
+            raise UsageError(f"{path}, line {number}, is not valid JSON: {e}") from None
+    return out
 
 
 def versions() -> dict[str, str]:

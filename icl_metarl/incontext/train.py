@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from icl_metarl.harness.budget import Budget, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.harness.suites import check_playable, get_suite
@@ -81,15 +81,6 @@ def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget
         for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def _trim_log(log: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint we resume from)."""
-    if not log.exists():
-        return
-    kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-
-    atomic_write_text(log, "".join(l + "\n" for l in kept))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -244,7 +235,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", dataclasses.asdict(cfg))
-        _trim_log(log, start)
+        trim_log(log, start)
         if start == 0:
             baseline = stream.mean_action_mse(cfg.target)
             atomic_write_json(run / "baseline.json", {"mean_action_mse": baseline, "target": cfg.target})

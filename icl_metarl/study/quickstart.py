@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import evaluate, load_agents, load_results
-from icl_metarl.harness.files import as_json, atomic_write_figure, atomic_write_json, atomic_write_text
+from icl_metarl.harness.files import as_json, atomic_write_figure, atomic_write_json, atomic_write_text, read_log
 from icl_metarl.harness.report import adaptation_lines, claim_lines, write_report
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.incontext.histories import generate
@@ -225,7 +225,7 @@ def plot_training(out: Path) -> str | None:
     for stage in ("pretrain", "meta-train"):
         offset, records = 0, []
         for f in _stage_logs(out, stage):  # relabelling phases: steps continue across them
-            phase = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            phase = read_log(f)
             if stage == "pretrain" and phase:
                 if records:
                     rounds.append(offset)
