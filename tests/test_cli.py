@@ -35,7 +35,7 @@ def test_bad_input_is_one_line_exit_2(args, fragment):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("command", ["generate", "pretrain", "evaluate", "probe", "meta-train", "quickstart"])
+@pytest.mark.parametrize("command", ["generate", "pretrain", "evaluate", "compare", "probe", "meta-train", "quickstart"])
 def test_every_help_renders(command):
     # argparse formats help with %: a stray '%' in a docstring once printed the option's internals.
     out = run_cli(command, "--help")

@@ -49,6 +49,18 @@ class EvaluateCommand:
 
 
 @dataclass
+class CompareCommand:
+    """What ``icl-metarl compare`` computes besides the runs it is given."""
+
+    episode: int = 0
+    """episode of the trial to compare (1-based), e.g. the last adaptation episode"""
+    against_non_adaptive: bool = False
+    """B: each of A's runs without adaptation (its non-adaptive variant in the same evaluation), instead of --b"""
+    bootstrap: int = 2000
+    """bootstrap resamples for the 95% intervals"""
+
+
+@dataclass
 class SinusoidEvaluateCommand:
     """What ``icl-metarl sinusoid evaluate`` plays."""
 
@@ -129,6 +141,19 @@ def _evaluate(a) -> None:
          a.out)
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="two learners' replicate runs (training seeds) from evaluations of one protocol, "
+                                       "in one episode: mean and IQM with intervals over runs and tasks, A minus B "
+                                       "paired, sign test")
+    p.add_argument("results", nargs="+", help="results directories (or results.json files) of one protocol")
+    p.add_argument("--a", nargs="+", required=True, metavar="LABEL",
+                   help="agent labels of learner A's runs (RESULTS_DIR:LABEL where a label is in several)")
+    p.add_argument("--b", nargs="+", metavar="LABEL", help="agent labels of learner B's runs, paired in order with A's")
+    add_arguments(p, CompareCommand, required=("episode",))
+    p.set_defaults(handler=lambda a: _run("icl_metarl.harness.comparison:compare_command", a.results, a.a, a.b,
+                                          a.against_non_adaptive, a.episode, a.bootstrap))
+
+
 def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help="attention probes of an in-context policy: where it looks, what it uses")
     p.add_argument("checkpoint", help="in-context policy directory (config.json + model.safetensors)")
@@ -207,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_learner(sub, registry.get("icl"), "pretrain", "pretrain the in-context policy: the same as `train icl`")
     _add_meta_train(sub)
     _add_evaluate(sub)
+    _add_compare(sub)
     _add_probe(sub)
     _add_sinusoid(sub)
     _add_fewshot(sub)

@@ -1,0 +1,132 @@
+"""Two learners, each with replicate runs (training seeds), compared in one episode across evaluations:
+each learner's mean and interquartile mean over its runs, and A minus B paired run by run, task by task
+and seed by seed, with tasks won/lost and the exact sign test; every interval from ``statistics``.
+
+``icl-metarl compare DIR ... --a LABEL ... --b LABEL ... --episode N``. The evaluations must share one
+protocol (suite, split, episodes, episode length, tasks and seeds), so that records pair task by task;
+anything else is refused in one line. A label found in several of them is named ``DIR:LABEL``.
+Not for: one evaluation's report (``report.py``); playing agents (``evaluation.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import load_results
+from icl_metarl.harness.report import episode_array
+from icl_metarl.harness.statistics import Interval, difference_interval, iqm_interval, mean_interval, won_lost
+
+#: what makes two evaluations' records pair task by task (batch size, vector mode, progress do not)
+PROTOCOL = ("suite", "split", "adaptation_episodes", "evaluation_episodes", "episode_length", "seeds", "num_tasks",
+            "tasks_per_env", "task_seed")
+
+Loaded = list[tuple[str, dict]]  # (directory as given, results.json)
+
+
+def load_evaluations(paths: Sequence[str]) -> Loaded:
+    """(name, results) of each results directory (or results.json); refuses evaluations of another
+    protocol, other tasks or other seeds than the first's."""
+    loaded = [(str(Path(p)), load_results(p)) for p in paths]
+    (first, r0), rest = loaded[0], loaded[1:]
+    for name, r in rest:
+        for key in PROTOCOL:
+            if r["settings"].get(key) != r0["settings"].get(key):
+                raise UsageError(f"{name} was played with {key}={r['settings'].get(key)!r}, {first} with "
+                                 f"{r0['settings'].get(key)!r}; only evaluations of the same protocol pair task by task")
+        if r["tasks"] != r0["tasks"] or r["seeds"] != r0["seeds"]:
+            raise UsageError(f"{name} and {first} hold different tasks or seeds; only evaluations of the same "
+                             "tasks and seeds pair task by task")
+    return loaded
+
+
+def find_agent(loaded: Loaded, label: str) -> tuple[str, str]:
+    """(evaluation name, agent label) of ``label`` or ``DIR:LABEL``; refuses one absent or in several."""
+    where, sep, bare = label.rpartition(":")
+    if sep and any(name == str(Path(where)) for name, _ in loaded):
+        loaded, label = [(n, r) for n, r in loaded if n == str(Path(where))], bare
+    hits = [n for n, r in loaded if label in r["agents"]]
+    if not hits:
+        valid = ", ".join(a for _, r in loaded for a in r["agents"])
+        raise UsageError(f"no agent {label!r} in the results; valid: {valid}")
+    if len(hits) > 1:
+        raise UsageError(f"agent {label!r} is in {' and '.join(hits)}; name it as RESULTS_DIR:LABEL")
+    return hits[0], label
+
+
+def non_adaptive_variant(loaded: Loaded, run: tuple[str, str]) -> tuple[str, str]:
+    """The run of ``run``'s non-adaptive variant: the same checkpoint in the same evaluation."""
+    name, label = run
+    agents = dict(loaded)[name]["agents"]
+    variants = [a for a, info in agents.items() if info["spec"] == agents[label]["spec"] and not info["adaptive"]]
+    if not agents[label]["adaptive"] or not variants:
+        raise UsageError(f"{label!r} in {name} is not an adaptive agent evaluated with --non-adaptive; "
+                         "give B's runs with --b")
+    return name, variants[0]
+
+
+def success(loaded: Loaded, runs: Sequence[tuple[str, str]], episode: int) -> np.ndarray:
+    """(runs, tasks, seeds): success of each run in ``episode`` (1-based); NaN where no record exists."""
+    by_name = dict(loaded)
+    out = []
+    for name, label in runs:
+        r = by_name[name]
+        n = r["settings"]["adaptation_episodes"] + r["settings"]["evaluation_episodes"]
+        out.append(episode_array(r["records"], label, "success", len(r["tasks"]), r["seeds"], n)[episode - 1])
+    return np.stack(out)
+
+
+def _fmt(c: Interval, sign: str = "") -> str:
+    return f"{c.estimate:{sign}.2f} [{c.low:{sign}.2f}, {c.high:{sign}.2f}]"
+
+
+def compare_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]], episode: int,
+                  num_resamples: int = 2000) -> list[str]:
+    """The comparison as markdown: per learner its runs, mean and IQM; then A minus B, paired."""
+    r0 = loaded[0][1]
+    s = r0["settings"]
+    xa, xb = success(loaded, a, episode), success(loaded, b, episode)  # (runs, tasks, seeds)
+    last = " (the last adaptation episode)" if episode == s["adaptation_episodes"] else ""
+    lines = [f"Success in episode {episode}{last}, {len(r0['tasks'])} {s['split']} tasks of {s['suite']} x evaluation "
+             f"seeds {r0['seeds']}; A and B {len(a)} runs each, run i of A paired with run i of B.", "",
+             "| learner | runs | each run | mean [95% CI] | IQM [95% CI] |", "|---|---|---|---|---|"]
+    for side, runs, x in (("A", a, xa), ("B", b, xb)):
+        each = ", ".join(f"{m:.2f}" for m in np.nanmean(x, axis=(1, 2)))
+        names = ", ".join(label if len(loaded) == 1 else f"{name}:{label}" for name, label in runs)
+        lines.append(f"| {side} | {names} | {each} | {_fmt(mean_interval(x, num_resamples))} | "
+                     f"{_fmt(iqm_interval(x, num_resamples))} |")
+    won, lost, tasks, p = won_lost(xa - xb)
+    lines += ["", f"A - B {_fmt(difference_interval(xa, xb, num_resamples), '+')}; tasks won {won}, lost {lost} of "
+              f"{tasks} (runs and seeds averaged within a task); sign test p {p:.3g}", "",
+              f"95% percentile bootstrap intervals, {num_resamples} resamples: runs, then tasks within each drawn run, "
+              "then evaluation seeds within each drawn task. IQM: mean of the middle half of the (run, task) "
+              "scores (Agarwal et al. 2021). Sign test: exact, two-sided, over the tasks that differ."]
+    return lines
+
+
+def compare_command(paths: Sequence[str], a: Sequence[str], b: Sequence[str] | None, against_non_adaptive: bool,
+                    episode: int, num_resamples: int) -> None:
+    """``icl-metarl compare``: the comparison printed as markdown."""
+    if (b is None) == (not against_non_adaptive):
+        raise UsageError("give B's runs with --b LABEL ... or --against-non-adaptive, not both or neither")
+    if num_resamples < 1:
+        raise UsageError(f"--bootstrap must be >= 1, got {num_resamples}")
+    loaded = load_evaluations(paths)
+    s = loaded[0][1]["settings"]
+    n = s["adaptation_episodes"] + s["evaluation_episodes"]
+    if not 1 <= episode <= n:
+        raise UsageError(f"--episode {episode} is outside 1..{n}, the episodes of a trial")
+    runs_a = [find_agent(loaded, label) for label in a]
+    runs_b = ([non_adaptive_variant(loaded, run) for run in runs_a] if against_non_adaptive
+              else [find_agent(loaded, label) for label in b])
+    for side, runs in (("--a", runs_a), ("--b", runs_b)):
+        twice = sorted({f"{where}:{label}" for where, label in runs if runs.count((where, label)) > 1})
+        if twice:
+            raise UsageError(f"{side} names {', '.join(twice)} more than once; each run counts once")
+    if len(runs_a) != len(runs_b):
+        raise UsageError(f"--a has {len(runs_a)} runs and --b {len(runs_b)}; the difference pairs run i of A with "
+                         "run i of B, so give as many of each")
+    print("\n".join(compare_lines(loaded, runs_a, runs_b, episode, num_resamples)))
