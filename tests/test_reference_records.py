@@ -13,9 +13,12 @@ of a policy's hand-over trials not byte for byte). Their returns are compared to
 steps to success exactly. Everything else (the expert's histories, the
 counts, successes, steps to success, task order, the labels) is compared exactly.
 
-Regenerate the file only on purpose: ``ICL_METARL_WRITE_REFERENCE=1 pytest tests/test_reference_records.py``.
+Regenerate the file only on purpose: ``ICL_METARL_WRITE_REFERENCE=1 pytest tests/test_reference_records.py``
+rewrites it from what the code plays now (every comparison then passes by construction), so the file's
+digest is pinned below: a rewrite fails until ``REFERENCE_SHA256`` is changed with it, in the same commit.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +34,8 @@ from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference_records.json"
 WRITE = os.environ.get("ICL_METARL_WRITE_REFERENCE") == "1"
+#: sha256 of the file as the code at commit 463bee0 wrote it (committed in 2194db3)
+REFERENCE_SHA256 = "c6d5b4ccf8d337ced76e8b0cf609621c0fad5b832f258bf3e579ad149dac5df0"
 LENGTH = 50
 #: the reach expert's correction every reach study names (the table the code applied by default at 463bee0)
 REACH = ("reach-v3=0,0,0.045",)
@@ -88,15 +93,25 @@ def played(tmp_path_factory):
     return _records(tmp_path_factory.mktemp("reference"))
 
 
-def test_reference_file(played):
+@pytest.fixture(scope="module")
+def saved(played):
+    """The reference file (first rewritten from ``played`` under ICL_METARL_WRITE_REFERENCE=1)."""
     if WRITE:
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(json.dumps(played, indent=1) + "\n")
-    assert REFERENCE.is_file(), "tests/fixtures/reference_records.json is missing"
+    return json.loads(REFERENCE.read_text())
 
 
-def test_evaluator_records_equal_the_saved_ones(played):
-    saved = json.loads(REFERENCE.read_text())["records"]
+def test_the_reference_file_is_the_one_written_before_the_move(saved):
+    """A file rewritten by a changed version (which its own comparisons below would pass) fails here."""
+    digest = hashlib.sha256(REFERENCE.read_bytes()).hexdigest()
+    assert digest == REFERENCE_SHA256, (
+        f"{REFERENCE.name} has sha256 {digest}, not the one written at 463bee0: if it was rewritten on "
+        f"purpose, say why and set REFERENCE_SHA256 to it in the same commit")
+
+
+def test_evaluator_records_equal_the_saved_ones(played, saved):
+    saved = saved["records"]
     assert len(played["records"]) == len(saved) == 6 * 2 * 3 * 3  # agents x seeds x tasks x episodes
     for got, want in zip(played["records"], saved):
         assert {k: got[k] for k in ("agent", "seed", "task", "episode", "success", "steps_to_success")} == \
@@ -112,10 +127,11 @@ def test_evaluator_records_equal_the_saved_ones(played):
 POLICY_FLOAT_FIELDS = ("obs", "actions", "rewards")
 
 
-def test_generated_histories_equal_the_saved_ones(played):
-    saved = json.loads(REFERENCE.read_text())["histories"]
+def test_generated_histories_equal_the_saved_ones(played, saved):
+    saved = saved["histories"]
     assert played["histories"]["expert"] == saved["expert"]  # no torch in the expert's trials: byte for byte
     assert played["histories"].keys() == saved.keys()
+    assert played["histories"]["handover"].keys() == saved["handover"].keys()
     for shard, fields in saved["handover"].items():
         got = played["histories"]["handover"][shard]
         assert got.keys() == fields.keys()
@@ -124,8 +140,8 @@ def test_generated_histories_equal_the_saved_ones(played):
                 assert got[field] == digest, (shard, field)
 
 
-def test_meta_training_iteration_equals_the_saved_one(played):
-    saved = json.loads(REFERENCE.read_text())["meta_train"]
+def test_meta_training_iteration_equals_the_saved_one(played, saved):
+    saved = saved["meta_train"]
     got = played["meta_train"]
     assert set(got) == set(saved)
     for k, v in saved.items():
