@@ -42,6 +42,9 @@ class Agent(abc.ABC):
     name: str = "agent"
     #: True only for agents that are told the goal (the oracle); they are never learners
     privileged: bool = False
+    #: the decision interval the agent was trained to act at (a checkpoint's); None: it acts at any
+    #: interval the evaluation asks (the baselines)
+    action_repeat: int | None = None
 
     @abc.abstractmethod
     def start_trials(self, num_trials: int, seed: int) -> None:

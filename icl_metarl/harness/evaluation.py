@@ -24,7 +24,14 @@ from icl_metarl.harness.pipeline import split_in_two
 from icl_metarl.harness.registry import load_agent
 from icl_metarl.harness.rollout import VECTOR_MODES, play_trials
 from icl_metarl.harness.settings import FLAGS
-from icl_metarl.harness.suites import DEFAULT_EPISODE_LENGTH, TaskSpec, check_episode_length, check_playable, get_suite
+from icl_metarl.harness.suites import (
+    DEFAULT_EPISODE_LENGTH,
+    TaskSpec,
+    check_action_repeat,
+    check_episode_length,
+    check_playable,
+    get_suite,
+)
 
 RESULTS_FORMAT = "icl_metarl.evaluation/1"  # names the file format, not the module: kept across moves
 RANK_FORMAT = "icl_metarl.evaluation.rank/1"  # the batches one of several processes played
@@ -47,7 +54,11 @@ class EvalConfig:
     evaluation_episodes: int = field(default=3, metadata={FLAGS: ("-E",)})
     """E: episodes after the adaptation ones, whose success is the benchmark's figure (3)."""
     episode_length: int = DEFAULT_EPISODE_LENGTH
-    """Steps per episode (Meta-World's 500); episodes never end early."""
+    """Simulator steps per episode (Meta-World's 500); episodes never end early."""
+    action_repeat: int | None = None
+    """Decision interval k: agents act every k-th simulator step, the action held in between (success
+    still counts at any simulator step). None: each checkpoint acts at the interval it was trained with,
+    the baselines at 1. Given, a checkpoint trained at another interval is refused."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Evaluation seeds: each seeds the environments and the agent's random numbers."""
     num_tasks: int | None = field(default=None, metadata={FLAGS: ("--tasks",)})
@@ -70,6 +81,8 @@ class EvalConfig:
         """Raise UsageError naming the first bad setting; return self."""
         check_playable(self.suite, self.split)
         check_episode_length(self.episode_length)
+        if self.action_repeat is not None:
+            check_action_repeat(self.action_repeat)
         for what, k in (("adaptation episodes (-K)", self.adaptation_episodes),
                         ("evaluation episodes (-E)", self.evaluation_episodes)):
             if not isinstance(k, (int, np.integer)) or k < 0:
@@ -171,6 +184,19 @@ def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict 
     return out
 
 
+def agent_action_repeat(agent: Agent, asked: int | None) -> int:
+    """The decision interval ``agent`` plays at: its own (a checkpoint's ``action_repeat``) or, for agents
+    that act at any interval (baselines: None), the one ``asked`` (default 1). A checkpoint asked to act
+    at another interval than it was trained with is a one-line error."""
+    own = getattr(agent, "action_repeat", None)
+    if own is None:
+        return 1 if asked is None else check_action_repeat(asked)
+    if asked is not None and asked != own:
+        raise UsageError(f"--action-repeat {asked}: {getattr(agent, 'checkpoint', None) or agent.name} was trained "
+                         f"to act every {own} simulator steps; evaluate it with --action-repeat {own} or without the flag")
+    return int(own)
+
+
 def _new_results(config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence[EvalAgent]) -> dict:
     return {
         "format": RESULTS_FORMAT,
@@ -180,7 +206,8 @@ def _new_results(config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence
         "seeds": list(config.seeds),
         "versions": versions(),
         "agents": {
-            a.label: {"spec": a.spec, "adaptive": a.adaptive, "status": "pending", "description": _describe(a.agent)}
+            a.label: {"spec": a.spec, "adaptive": a.adaptive, "status": "pending", "description": _describe(a.agent),
+                      "action_repeat": agent_action_repeat(a.agent, config.action_repeat)}
             for a in agents
         },
         "trials": [],
@@ -213,6 +240,8 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
     labels = [a.label for a in agents]
     if len(set(labels)) != len(labels):
         raise UsageError(f"agent labels must be unique, got {labels}")
+    for a in agents:  # refused before anything is played
+        agent_action_repeat(a.agent, config.action_repeat)
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     if world > 1 and out_dir is None:
         raise UsageError(f"an evaluation in {world} processes needs an output directory for their records")
@@ -341,7 +370,8 @@ def _play_batch(a: EvalAgent, seed: int, batch: range, tasks: Sequence[TaskSpec]
     try:
         for episode_records in play_trials(a.agent, [tasks[j] for j in batch], env_seed, env_seed,
                                            config.adaptation_episodes, config.evaluation_episodes,
-                                           config.episode_length, config.vector, bar):
+                                           config.episode_length, config.vector, bar,
+                                           action_repeat=agent_action_repeat(a.agent, config.action_repeat)):
             for j, rec in zip(batch, episode_records):
                 records.append({"agent": a.label, "seed": seed, "task": j, "env_name": tasks[j].env_name, **rec})
     except Exception as e:  # the agent's fault, not the user's: record it and go on with the others

@@ -26,11 +26,11 @@ class WorkerError(RuntimeError):
     """A worker process failed, or died; the message says which command and why."""
 
 
-def _serve(conn, tasks: list[TaskSpec], episode_length: int, seed: int) -> None:
+def _serve(conn, tasks: list[TaskSpec], episode_length: int, seed: int, action_repeat: int = 1) -> None:
     """The worker's loop: build the group's sync vector env, then answer reset/step until close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which closes this worker
     try:
-        envs = make_trial_envs(tasks, episode_length, seed=seed, mode="sync")
+        envs = make_trial_envs(tasks, episode_length, seed=seed, mode="sync", action_repeat=action_repeat)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"building the environments: {type(e).__name__}: {e}"))
         conn.close()
@@ -62,11 +62,11 @@ class EnvGroupWorker:
     process; ``step_async`` returns at once and ``step_wait`` collects the step's outcome.
     """
 
-    def __init__(self, tasks: Sequence[TaskSpec], episode_length: int, seed: int = 0):
+    def __init__(self, tasks: Sequence[TaskSpec], episode_length: int, seed: int = 0, action_repeat: int = 1):
         ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and the agent's memory
         self.num_envs = len(tasks)
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, list(tasks), int(episode_length), int(seed)),
+        self._process = ctx.Process(target=_serve, args=(child, list(tasks), int(episode_length), int(seed), int(action_repeat)),
                                     daemon=True, name="icl-metarl-envs")
         self._process.start()
         child.close()

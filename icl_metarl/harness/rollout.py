@@ -12,7 +12,7 @@ import numpy as np
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.pipeline import EnvGroupWorker, InProcessEnvs, split_in_two
-from icl_metarl.harness.suites import ACT_DIM, TaskSpec, make_trial_envs
+from icl_metarl.harness.suites import ACT_DIM, TaskSpec, check_action_repeat, decisions_per_episode, make_trial_envs
 from icl_metarl.harness.suites import VECTOR_MODES as ENV_VECTOR_MODES
 
 #: how a batch's environments run: gymnasium's sync/async vector envs, or two worker groups overlapped
@@ -41,6 +41,7 @@ def play_trials(
     on_step: StepHook | None = None,
     envs=None,
     start_trials: bool = True,
+    action_repeat: int = 1,
 ) -> Iterator[list[dict]]:
     """Play one trial per task in lockstep; yield, after each episode, one record per trial.
 
@@ -59,7 +60,13 @@ def play_trials(
     sync vector env of exactly ``tasks`` (``make_trial_envs``) built by the caller, who reuses and closes
     it; each episode resets it, and ``env_seed`` is unused (it was seeded when built). ``start_trials=False``:
     the caller has started or primed the agent, whose state is kept. Settings are checked at the call.
+
+    ``action_repeat`` k (the decision interval): the agent acts every k-th simulator step and its action
+    is held in between; ``episode_length`` still counts simulator steps, success still counts at any
+    simulator step, and ``steps_to_success`` is the simulator step of the first success. The agent then
+    sees ceil(episode_length / k) decisions per episode, each with the summed reward of its steps.
     """
+    check_action_repeat(action_repeat)
     if vector not in VECTOR_MODES:
         raise choice_error("vector mode", vector, VECTOR_MODES)
     if vector == "pipelined" and (on_step is not None or envs is not None or not start_trials):
@@ -71,23 +78,27 @@ def play_trials(
         built = [t.task for t in envs.envs]
         if built != list(tasks):
             raise UsageError(f"envs= plays {len(built)} trials of other tasks than the {len(tasks)} given")
+        repeats = {t.action_repeat for t in envs.envs}
+        if repeats != {action_repeat}:
+            raise UsageError(f"envs= holds its actions for {sorted(repeats)} simulator steps, the call asks "
+                             f"action_repeat={action_repeat}")
     return _play_trials(agent, tasks, env_seed, agent_seed, adaptation_episodes, evaluation_episodes,
-                        episode_length, vector, progress, on_step, envs, start_trials)
+                        episode_length, vector, progress, on_step, envs, start_trials, action_repeat)
 
 
 def _play_trials(agent, tasks, env_seed, agent_seed, adaptation_episodes, evaluation_episodes, episode_length,
-                 vector, progress, on_step, envs, start_trials) -> Iterator[list[dict]]:
+                 vector, progress, on_step, envs, start_trials, action_repeat) -> Iterator[list[dict]]:
     groups = trial_groups(agent, tasks, vector)
     if envs is not None:  # the caller's: reused across calls, so not closed here
         yield from play_lockstep(groups, [InProcessEnvs(envs)], agent_seed, adaptation_episodes,
-                                 evaluation_episodes, episode_length, progress, on_step, start_trials)
+                                 evaluation_episodes, episode_length, progress, on_step, start_trials, action_repeat)
         return
     built = []
     try:
         for _, group_tasks, offset in groups:  # workers start (import Meta-World) in parallel
-            built.append(make_group_envs(group_tasks, episode_length, env_seed + offset, vector))
+            built.append(make_group_envs(group_tasks, episode_length, env_seed + offset, vector, action_repeat))
         yield from play_lockstep(groups, built, agent_seed, adaptation_episodes, evaluation_episodes,
-                                 episode_length, progress, on_step, start_trials)
+                                 episode_length, progress, on_step, start_trials, action_repeat)
     finally:
         for env in built:
             env.close()
@@ -104,18 +115,20 @@ def trial_groups(agent: Agent, tasks: Sequence[TaskSpec], vector: str) -> list[t
             for g, s in enumerate(split_in_two(len(tasks)))]
 
 
-def make_group_envs(tasks: list[TaskSpec], episode_length: int, seed: int, vector: str):
+def make_group_envs(tasks: list[TaskSpec], episode_length: int, seed: int, vector: str, action_repeat: int = 1):
     """The environments of one group of trials: a worker process (pipelined) or a vector env here."""
     if vector == "pipelined":
-        return EnvGroupWorker(tasks, episode_length, seed)
-    return InProcessEnvs(make_trial_envs(tasks, episode_length, seed=seed, mode=vector))
+        return EnvGroupWorker(tasks, episode_length, seed, action_repeat)
+    return InProcessEnvs(make_trial_envs(tasks, episode_length, seed=seed, mode=vector, action_repeat=action_repeat))
 
 
 def play_lockstep(groups, envs, agent_seed: int, adaptation_episodes: int, evaluation_episodes: int,
                   episode_length: int, progress=None, on_step: StepHook | None = None,
-                  start_trials: bool = True) -> Iterator[list[dict]]:
+                  start_trials: bool = True, action_repeat: int = 1) -> Iterator[list[dict]]:
     """The lockstep loop of ``play_trials`` on groups of (agent, tasks, offset) and their built
-    environments (``make_group_envs``), which the caller closes; one group is the plain lockstep loop."""
+    environments (``make_group_envs``, built with the same ``action_repeat``), which the caller closes;
+    one group is the plain lockstep loop. ``on_step`` sees decision indices t."""
+    decisions = decisions_per_episode(episode_length, action_repeat)
     for (agent, tasks, offset), env in zip(groups, envs):
         env.wait_started()
         if start_trials:
@@ -146,7 +159,7 @@ def play_lockstep(groups, envs, agent_seed: int, adaptation_episodes: int, evalu
         for g, env in enumerate(envs):
             obs, info = env.reset_wait()
             env.step_async(act(g, obs, info))
-        for t in range(episode_length):
+        for t in range(decisions):
             for g, env in enumerate(envs):
                 obs, reward, _, _, info = env.step_wait()
                 reward = np.asarray(reward, dtype=np.float64)
@@ -155,11 +168,12 @@ def play_lockstep(groups, envs, agent_seed: int, adaptation_episodes: int, evalu
                 if on_step is not None:
                     on_step(episode, t, *chosen[g], reward, success)
                 ret[g] += reward
-                first[g] = np.where((first[g] == 0) & (success >= 1.0), t + 1, first[g])
-                if t + 1 < episode_length:  # the other groups' environments step meanwhile
+                sim_step = t * action_repeat + np.asarray(info["success_substep"], dtype=np.int64)
+                first[g] = np.where((first[g] == 0) & (success >= 1.0), sim_step, first[g])
+                if t + 1 < decisions:  # the other groups' environments step meanwhile
                     env.step_async(act(g, obs, info))
             if progress is not None:
-                progress.update(sum(n))
+                progress.update(sum(n) * min(action_repeat, episode_length - t * action_repeat))
         for agent, _, _ in groups:
             agent.end_episode()
         phase = "adaptation" if episode < adaptation_episodes else "evaluation"

@@ -295,38 +295,51 @@ def make_metaworld_env(task: TaskSpec, seed: int = 0):
 class TrialEnv(gym.Env):
     """One task played for many episodes of a fixed length; goal hidden, true goal in ``info["goal"]``.
 
-    Episodes never terminate early (Meta-World's never do); each is truncated at ``episode_length``.
-    ``info["success"]`` is Meta-World's per-step flag, passed through as a float.
+    Episodes never terminate early (Meta-World's never do); each is truncated at ``episode_length``
+    simulator steps. With ``action_repeat`` k (the decision interval), one ``step`` holds its action for k
+    simulator steps (fewer at the episode's end): the reward is their sum, ``info["success"]`` is 1 if
+    Meta-World's per-step flag was 1 at any of them (the benchmark counts success at any simulator step),
+    and ``info["success_substep"]`` is the 1-based simulator step of the decision where it first was
+    (0: none). k = 1 is Meta-World's own step.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, task: TaskSpec, episode_length: int = DEFAULT_EPISODE_LENGTH, seed: int = 0):
+    def __init__(self, task: TaskSpec, episode_length: int = DEFAULT_EPISODE_LENGTH, seed: int = 0,
+                 action_repeat: int = 1):
         check_episode_length(episode_length)
         self.task = task
         self.episode_length = int(episode_length)
+        self.action_repeat = check_action_repeat(action_repeat)
         self._env = make_metaworld_env(task, seed)
         self._env.max_path_length = self.episode_length
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
         self._t = 0
 
-    def _info(self, info: dict) -> dict:
+    def _info(self, info: dict, success: float, substep: int) -> dict:
         return {
-            "success": float(info.get("success", 0.0)),
+            "success": success,
+            "success_substep": substep,
             "goal": np.asarray(self._env._get_pos_goal(), dtype=np.float64).copy(),
         }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self._env.reset()
         self._t = 0
-        return obs, self._info(info)
+        return obs, self._info(info, float(info.get("success", 0.0)), 0)
 
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
-        obs, reward, _, _, info = self._env.step(action)
-        self._t += 1
-        return obs, float(reward), False, self._t >= self.episode_length, self._info(info)
+        total, substep = 0.0, 0
+        for i in range(min(self.action_repeat, self.episode_length - self._t)):
+            obs, reward, _, _, info = self._env.step(action)
+            total += float(reward)
+            if substep == 0 and float(info.get("success", 0.0)) >= 1.0:
+                substep = i + 1
+            self._t += 1
+        success = 1.0 if substep else float(info.get("success", 0.0))
+        return obs, total, False, self._t >= self.episode_length, self._info(info, success, substep)
 
     def close(self):
         self._env.close()
@@ -338,6 +351,18 @@ def check_episode_length(episode_length) -> int:
     return int(episode_length)
 
 
+def check_action_repeat(action_repeat) -> int:
+    """The decision interval k: an agent acts every k-th simulator step, its action held in between."""
+    if not isinstance(action_repeat, (int, np.integer)) or isinstance(action_repeat, bool) or action_repeat < 1:
+        raise UsageError(f"action repeat (decision interval) must be an integer >= 1, got {action_repeat!r}")
+    return int(action_repeat)
+
+
+def decisions_per_episode(episode_length: int, action_repeat: int = 1) -> int:
+    """How many times an agent acts in an episode of ``episode_length`` simulator steps: ceil(L / k)."""
+    return -(-check_episode_length(episode_length) // check_action_repeat(action_repeat))
+
+
 VECTOR_MODES = ("sync", "async")
 
 
@@ -346,13 +371,16 @@ def make_trial_envs(
     episode_length: int = DEFAULT_EPISODE_LENGTH,
     seed: int = 0,
     mode: str = "sync",
+    action_repeat: int = 1,
 ) -> gym.vector.VectorEnv:
     """A gymnasium vector environment with one trial per task, stepped in lockstep.
 
     Autoreset is off: every trial's episode ends at the same step, and the caller resets all of
     them to start the next episode of the trials (the task stays, only ``make_trial_envs`` changes it).
+    ``episode_length`` counts simulator steps; each step holds its action ``action_repeat`` of them.
     """
     check_episode_length(episode_length)
+    check_action_repeat(action_repeat)
     if mode not in VECTOR_MODES:
         raise choice_error("vector mode", mode, VECTOR_MODES)
     if len(tasks) == 0:
@@ -360,15 +388,15 @@ def make_trial_envs(
     for t in tasks:
         if t.env_name not in env_names():
             raise choice_error("Meta-World environment", t.env_name, env_names())
-    fns = [_env_fn(t, episode_length, seed + i) for i, t in enumerate(tasks)]
+    fns = [_env_fn(t, episode_length, seed + i, action_repeat) for i, t in enumerate(tasks)]
     if mode == "sync":
         return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
     return AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context="spawn")
 
 
-def _env_fn(task: TaskSpec, episode_length: int, seed: int):
+def _env_fn(task: TaskSpec, episode_length: int, seed: int, action_repeat: int = 1):
     def make():
-        return TrialEnv(task, episode_length, seed)
+        return TrialEnv(task, episode_length, seed, action_repeat)
 
     return make
 
