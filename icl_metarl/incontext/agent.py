@@ -18,7 +18,7 @@ import torch
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.budget import run_budget
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.incontext.model import ICLPolicy, episode_inputs
+from icl_metarl.incontext.model import ICLPolicy, episode_inputs, kept_steps
 
 TRAINING_INFO = "training.json"
 
@@ -34,6 +34,12 @@ class InContextAgent(Agent):
     threads during the agent's CPU forwards (None: leave torch's setting): a one-token step is too
     small to split, and on a busy machine threads spin against each other and the environments
     (docs/benchmarks.md).
+
+    A compact-context model (``context_stride`` >= 1) keeps the whole trial instead: when an episode ends,
+    its KV-cache entries but those of its kept steps are dropped (``KVCache.keep``, no re-encoding), so
+    each step attends to the kept tokens of every earlier episode and the current episode in full, as in
+    training; ``use_cache=False`` recomputes the whole trial under the compact mask (same actions). A
+    trial longer than ``max_context_episodes`` episodes is refused: the cache is sized for that many.
 
     Exploration (``explore_episodes``, ``explore_scale``; None: the model config's acting defaults): in
     the first ``explore_episodes`` episodes of a trial the agent adds a constant offset, drawn once per
@@ -78,6 +84,7 @@ class InContextAgent(Agent):
             raise UsageError(f"explore_episodes must be >= 0 and explore_scale >= 0, got "
                              f"{self.explore_episodes} and {self.explore_scale}")
         self.checkpoint: str | None = None
+        self.action_repeat = int(getattr(c, "action_repeat", 1))  # the decision interval it was trained at
         self.name = "icl-wiped" if wipe_context_each_episode else "icl"
         self._warned_window = False
         self._num_trials = 0
@@ -93,7 +100,9 @@ class InContextAgent(Agent):
     def start_trials(self, num_trials: int, seed: int) -> None:
         if not isinstance(num_trials, (int, np.integer)) or num_trials < 1:
             raise UsageError(f"num_trials must be a positive integer, got {num_trials!r}")
-        c, b, n, dev = self.model.config, int(num_trials), self.model.config.max_positions, self.device
+        c, b, dev = self.model.config, int(num_trials), self.device
+        # the tokens kept for re-encoding (full context) or for recomputing the trial (compact)
+        n = c.max_context_episodes * c.max_episode_length if c.compact else c.max_positions
         self._num_trials = b
         # The window's tokens, kept to re-encode it when the oldest episode is dropped.
         self._obs = torch.zeros(b, n, c.obs_dim, device=dev)
@@ -153,7 +162,11 @@ class InContextAgent(Agent):
         self._length, self._episodes, self._episode_index = n, [t] * k, int(episode_index)
         if random_state is not None:
             self._generator.set_state(random_state)
-        if self._cache is not None and n:
+        if self._cache is not None and n and c.compact:  # episode by episode, each then compacted
+            for e in range(k):
+                self._forward(e * t, (e + 1) * t, self._cache, episode=e)
+                self._cache.keep(self._cache.length - t, kept_steps(t, c.context_stride))
+        elif self._cache is not None and n:
             self._forward(0, n, self._cache)  # encoded once, as a re-encoded window is
 
     def random_state(self) -> torch.Tensor:
@@ -195,7 +208,8 @@ class InContextAgent(Agent):
 
         if self.use_cache:  # the hot path: one token, no module dispatch (model.decode_step)
             mean, log_std = self.model.decode_step(self._obs[:, i], self._prev_actions[:, i], self._prev_rewards[:, i],
-                                                   first, self._t - 1, self._cache, self._plan)
+                                                   first, self._t - 1, self._cache, self._plan,
+                                                   position=len(self._episodes) if c.compact else None)
         else:
             out = self._forward(0, i + 1, None)
             mean, log_std = out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]
@@ -219,7 +233,10 @@ class InContextAgent(Agent):
         self._awaiting_observe = False
 
     def end_episode(self) -> None:
+        c = self.model.config
         if self._t > 0:
+            if c.compact and self._cache is not None and not self.wipe_context_each_episode:
+                self._cache.keep(self._cache.length - self._t, kept_steps(self._t, c.context_stride))
             self._episodes.append(self._t)
             self._episode_index += 1
         self._t = 0
@@ -238,7 +255,8 @@ class InContextAgent(Agent):
             "model": {
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",
-                                              "max_context_episodes", "action_head", "reward_scale")},
+                                              "max_context_episodes", "action_head", "reward_scale",
+                                              "context_stride", "action_repeat")},
                 "attn_implementation": self.model.attn_implementation,
             },
         }
@@ -269,7 +287,10 @@ class InContextAgent(Agent):
         finally:
             torch.set_num_threads(before)
 
-    def _forward(self, start: int, end: int, cache):
+    def _forward(self, start: int, end: int, cache, episode: int | None = None):
+        """The model on the kept tokens start..end (``episode``: their one episode index, compact context
+        with a cache; None: counted from their episode starts)."""
+        index = None if episode is None else torch.full((self._num_trials, end - start), episode, device=self.device)
         return self.model(
             self._obs[:, start:end],
             self._prev_actions[:, start:end],
@@ -278,12 +299,19 @@ class InContextAgent(Agent):
             self._step[:, start:end],
             past_key_values=cache,
             use_cache=cache is not None,
+            episode_index=index,
         )
 
     def _make_room_for_episode(self) -> None:
         """At an episode boundary: wipe, or drop the oldest episode and re-encode, if the window is full."""
+        c = self.model.config
         if self.wipe_context_each_episode:
             self._episodes, self._length = [], 0
+        elif c.compact:
+            if len(self._episodes) >= c.max_context_episodes:
+                raise UsageError(f"a trial of more than {c.max_context_episodes} episodes: the compact context holds "
+                                 f"max_context_episodes={c.max_context_episodes} (play fewer, or train with more)")
+            return  # the finished episode was compacted at its end
         elif len(self._episodes) >= self.model.config.max_context_episodes:
             if not self._warned_window:
                 self._warned_window = True

@@ -73,6 +73,15 @@ class ICLPolicyConfig(PretrainedConfig):
             episode), so its early episodes go to different places; the context then holds the rewards of
             places a posterior-mean policy would never visit. 0: no exploration.
         explore_scale: standard deviation of that offset, in action units (actions lie in [-1, 1]).
+        context_stride: what the policy reads of earlier episodes. 0: every token of the last
+            ``max_context_episodes`` episodes, with absolute positions (the ML1 recipes). s >= 1: the compact
+            cross-episode context: the current episode in full and each earlier episode of the trial by
+            its tokens at steps s-1, 2s-1, ... and its last step (which has read its whole episode: a
+            summary of it); positions are then the step in the episode and the episode's index in the
+            trial, of which ``max_context_episodes`` are embedded (later ones share the last). Training
+            reads whole trials under this mask, so every token trains on exactly the context it acts on.
+        action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
+            step, the action held in between); an evaluation at another interval is refused.
     """
 
     model_type = MODEL_TYPE
@@ -92,6 +101,8 @@ class ICLPolicyConfig(PretrainedConfig):
         attn_implementation: str = "sdpa",
         explore_episodes: int = 0,
         explore_scale: float = 0.0,
+        context_stride: int = 0,
+        action_repeat: int = 1,
         **kwargs,
     ):
         # transformers keeps its own private attention setting; ours is a plain field so that it is
@@ -113,6 +124,10 @@ class ICLPolicyConfig(PretrainedConfig):
             raise choice_error("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
         if not isinstance(explore_episodes, int) or isinstance(explore_episodes, bool) or explore_episodes < 0:
             raise UsageError(f"explore_episodes must be an integer >= 0, got {explore_episodes!r}")
+        if not isinstance(context_stride, int) or isinstance(context_stride, bool) or context_stride < 0:
+            raise UsageError(f"context_stride must be an integer >= 0 (0: full context), got {context_stride!r}")
+        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
+            raise UsageError(f"action_repeat (decision interval) must be an integer >= 1, got {action_repeat!r}")
         if not float(explore_scale) >= 0.0:
             raise UsageError(f"explore_scale must be >= 0, got {explore_scale!r}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -130,11 +145,42 @@ class ICLPolicyConfig(PretrainedConfig):
         self.attn_implementation = attn_implementation
         self.explore_episodes = explore_episodes
         self.explore_scale = float(explore_scale)
+        self.context_stride = context_stride
+        self.action_repeat = action_repeat
+
+    @property
+    def compact(self) -> bool:
+        """Whether earlier episodes are read compactly (``context_stride`` >= 1)."""
+        return self.context_stride > 0
 
     @property
     def max_positions(self) -> int:
-        """Tokens in the trained context: whole episodes of the longest allowed length."""
+        """Tokens in the trained context: whole episodes of the longest allowed length (full context);
+        for the compact one, the tokens of a trial of ``max_context_episodes`` episodes (KV-cache size)."""
+        if self.compact:
+            return (self.max_context_episodes - 1) * len(kept_steps(self.max_episode_length, self.context_stride)) \
+                + self.max_episode_length
         return self.max_context_episodes * self.max_episode_length
+
+
+def kept_steps(length: int, stride: int) -> list[int]:
+    """The steps of a finished episode of ``length`` steps that the compact context keeps: every
+    ``stride``-th (steps stride-1, 2 stride-1, ...) and the last."""
+    return [t for t in range(length) if (t + 1) % stride == 0 or t == length - 1]
+
+
+def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int) -> torch.Tensor:
+    """(T, T) bool, True where token i may attend token j under the compact context: j <= i, and j in
+    i's episode or a kept token (``kept_steps``) of an earlier one. ``episode_index`` and ``step`` (T,) lay
+    out whole episodes end to end (the last token of the sequence ends its episode, or is in the episode
+    of every later query)."""
+    t = step.shape[0]
+    last = torch.ones(t, dtype=torch.bool, device=step.device)
+    last[:-1] = episode_index[1:] != episode_index[:-1]
+    kept = ((step + 1) % stride == 0) | last  # (T,)
+    same = episode_index[:, None] == episode_index[None, :]  # (T, T)
+    causal = torch.ones(t, t, dtype=torch.bool, device=step.device).tril()
+    return causal & (same | kept[None, :])
 
 
 # ------------------------------------------------------------------------------- pure functions
@@ -232,6 +278,17 @@ class KVCache:
         """Forget every token; the memory stays allocated for the next trial."""
         self.length = 0
 
+    def keep(self, start: int, offsets: list[int]) -> None:
+        """Keep, of the tokens from ``start`` on, only those at ``offsets`` (ascending, relative to
+        ``start``), moved up to follow the tokens before ``start``: how the compact context forgets a
+        finished episode's other steps. The kept keys and values are the ones computed when the episode
+        was current, exactly what training's compact mask gives them."""
+        index = torch.as_tensor(offsets, dtype=torch.long, device=self.keys.device) + start
+        end = start + len(offsets)
+        self.keys[:, :, :, start:end] = self.keys.index_select(3, index)
+        self.values[:, :, :, start:end] = self.values.index_select(3, index)
+        self.length = end
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's k, v (B,nh,T,hs) after the cached tokens; return all (B,nh,S,hs)."""
         end = self.length + k.shape[2]
@@ -247,9 +304,12 @@ def _causal_mask(t: int, s: int, device) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= (past + torch.arange(t, device=device))[:, None]
 
 
-def sdpa_attention(q, k, v, dropout_p: float):
-    """PyTorch's fused attention; q (B,nh,T,hs), k/v (B,nh,S,hs) -> (B,nh,T,hs), no weights."""
+def sdpa_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
+    """PyTorch's fused attention; q (B,nh,T,hs), k/v (B,nh,S,hs) -> (B,nh,T,hs), no weights. ``mask``
+    (T,S) bool replaces the causal mask (the compact context's)."""
     t, s = q.shape[2], k.shape[2]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
     if t == 1:  # one new token sees everything cached
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p), None
     if t == s:
@@ -259,17 +319,20 @@ def sdpa_attention(q, k, v, dropout_p: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
 
 
-def eager_attention(q, k, v, dropout_p: float):
+def eager_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
     """Attention written out, returning the weights (B,nh,T,S) for probes."""
     t, s = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
-    scores = scores.masked_fill(~_causal_mask(t, s, q.device), float("-inf"))
+    scores = scores.masked_fill(~(_causal_mask(t, s, q.device) if mask is None else mask), float("-inf"))
     weights = scores.float().softmax(-1).to(q.dtype)
     return F.dropout(weights, dropout_p) @ v, weights
 
 
-def flash_attention(q, k, v, dropout_p: float):
+def flash_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
     """flash-attn 2 on CUDA in fp16/bf16; anything else goes to SDPA (said once)."""
+    if mask is not None:
+        _warn_once("flash_attention_2 has no arbitrary mask (the compact context needs one); using sdpa")
+        return sdpa_attention(q, k, v, dropout_p, mask)
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         _warn_once(f"flash_attention_2 needs CUDA and fp16/bf16 (got {q.device.type}, {q.dtype}); using sdpa")
         return sdpa_attention(q, k, v, dropout_p)
@@ -307,11 +370,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attend, cache: KVCache | None, layer: int):
+    def forward(self, x, attend, cache: KVCache | None, layer: int, mask: torch.Tensor | None = None):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, S, hs)
-        y, weights = attend(q, k, v, self.dropout if self.training else 0.0)
+        y, weights = attend(q, k, v, self.dropout if self.training else 0.0, mask)
         y = rearrange(y, "b h t d -> b t (h d)")
         return self.resid_dropout(self.proj(y)), weights
 
@@ -337,8 +400,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x, attend, cache: KVCache | None, layer: int):
-        a, weights = self.attn(self.ln_1(x), attend, cache, layer)
+    def forward(self, x, attend, cache: KVCache | None, layer: int, mask: torch.Tensor | None = None):
+        a, weights = self.attn(self.ln_1(x), attend, cache, layer, mask)
         x = x + a
         return x + self.mlp(self.ln_2(x)), weights
 
@@ -399,7 +462,10 @@ class ICLPolicy(PreTrainedModel):
         # obs, previous action, previous reward, episode-start flag -> one token
         self.token_in = nn.Linear(config.obs_dim + config.act_dim + 2, d)
         self.step_emb = nn.Embedding(config.max_episode_length, d)
-        self.pos_emb = nn.Embedding(config.max_positions, d)
+        if config.compact:  # the episode's index in the trial
+            self.episode_emb = nn.Embedding(config.max_context_episodes, d)
+        else:  # the token's position in the window
+            self.pos_emb = nn.Embedding(config.max_positions, d)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -444,8 +510,16 @@ class ICLPolicy(PreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
+        episode_index: torch.Tensor | None = None,
     ) -> ICLPolicyOutput:
-        """Actions for T new tokens (B,T,...) after the ``past_key_values`` tokens (written into it)."""
+        """Actions for T new tokens (B,T,...) after the ``past_key_values`` tokens (written into it).
+
+        Compact context (``context_stride`` >= 1): the new tokens lay out whole episodes end to end (the
+        last may be the current, unfinished one) and attend under ``compact_mask``; every cached token is
+        visible to them (the caller keeps only kept tokens of finished episodes there: ``KVCache.keep``).
+        ``episode_index`` (B,T): each token's episode in the trial; None: counted from the new tokens'
+        episode starts, the first new token in episode 0. The lockstep batch shares its layout (row 0's).
+        """
         c = self.config
         b, t = obs.shape[:2]
         if output_attentions and self.attn_implementation != "eager":
@@ -454,7 +528,9 @@ class ICLPolicy(PreTrainedModel):
             past_key_values = self.new_cache(b, device=obs.device)
         cache = past_key_values if use_cache or past_key_values is not None else None
         past = cache.length if cache is not None else 0
-        if past + t > c.max_positions or (cache is not None and past + t > cache.capacity):
+        # A compact context without a cache reads whole trials of any length (the episode table clamps).
+        if (cache is not None or not c.compact) and (past + t > c.max_positions
+                                                    or (cache is not None and past + t > cache.capacity)):
             raise UsageError(f"context of {past + t} tokens exceeds the model's {c.max_positions} "
                              f"(max_context_episodes x max_episode_length)")
         if int(step_in_episode.max()) >= c.max_episode_length:
@@ -467,16 +543,27 @@ class ICLPolicy(PreTrainedModel):
              rearrange(episode_start.to(dtype), "b t -> b t 1")],
             dim=-1,
         )  # (B, T, obs + act + 2)
-        positions = torch.arange(past, past + t, device=obs.device)  # (T,), shared by the lockstep batch
-        x = self.token_in(tokens) + self.step_emb(step_in_episode.long()) + self.pos_emb(positions)
+        mask = None
+        if c.compact:
+            if episode_index is None:
+                episode_index = episode_start.long().cumsum(1) - episode_start[:, :1].long()  # (B, T)
+            layout = episode_index[0]  # (T,), shared by the lockstep batch
+            mask = compact_mask(layout, step_in_episode[0].long(), c.context_stride)  # (T, T)
+            if past:
+                mask = torch.cat([mask.new_ones(t, past), mask], dim=1)  # (T, past + T)
+            where = self.episode_emb(layout.clamp(max=c.max_context_episodes - 1))  # (T, d)
+        else:
+            positions = torch.arange(past, past + t, device=obs.device)  # (T,), shared by the lockstep batch
+            where = self.pos_emb(positions)
+        x = self.token_in(tokens) + self.step_emb(step_in_episode.long()) + where
         x = self.drop(x)  # (B, T, d)
 
         attentions = []
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
-                x, weights = self._gradient_checkpointing_func(block.__call__, x, self._attend, None, layer)
+                x, weights = self._gradient_checkpointing_func(block.__call__, x, self._attend, None, layer, mask)
             else:
-                x, weights = block(x, self._attend, cache, layer)
+                x, weights = block(x, self._attend, cache, layer, mask)
             if output_attentions:
                 attentions.append(weights)
         if cache is not None:
@@ -511,7 +598,7 @@ class ICLPolicy(PreTrainedModel):
             d_model=c.d_model, n_head=c.n_head, act_dim=c.act_dim, max_episode_length=c.max_episode_length,
             reward_scale=float(c.reward_scale), gaussian=c.action_head == "tanh_gaussian",
             token_w_t=self.token_in.weight.t(), token_b=self.token_in.bias, step_emb=self.step_emb.weight,
-            pos_emb=self.pos_emb.weight, layers=layers, ln_f=ln(self.ln_f), head_w=self.head.weight,
+            pos_emb=(self.episode_emb if c.compact else self.pos_emb).weight, layers=layers, ln_f=ln(self.ln_f), head_w=self.head.weight,
             head_b=self.head.bias,
         )
 
@@ -524,6 +611,7 @@ class ICLPolicy(PreTrainedModel):
         step: int,
         cache: KVCache,
         plan: "DecodePlan | None" = None,
+        position: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One new token per sequence after the ``cache``'s tokens: the rollout's hot path.
 
@@ -534,7 +622,8 @@ class ICLPolicy(PreTrainedModel):
         torch calls without module dispatch, einops parsing or shape checks of the general forward; a
         caller that steps many times passes ``plan=self.decode_plan()`` to skip the module attribute
         lookups too (docs/benchmarks.md). Always SDPA: one query needs no weights, and eager gives the
-        same numbers.
+        same numbers. ``position``: the row of the position table to add: the cache position (None, the
+        full context) or, for the compact context, the episode's index in the trial (clamped to the table).
         """
         if plan is None:
             plan = self.decode_plan()
@@ -546,7 +635,8 @@ class ICLPolicy(PreTrainedModel):
         token = torch.cat((obs.to(dtype), prev_action.to(dtype), (prev_reward.to(dtype) * plan.reward_scale)[:, None]), 1)
         # token_in(token, flag) + step_emb[step] + pos_emb[p]: one fused multiply-add with a bias row shared
         # by the batch; the episode-start flag, the same for every row, adds its weight column to that row.
-        row = plan.token_b + plan.step_emb[step] + plan.pos_emb[p]
+        where = p if position is None else min(position, plan.pos_emb.shape[0] - 1)
+        row = plan.token_b + plan.step_emb[step] + plan.pos_emb[where]
         x = torch.addmm(row + plan.token_w_t[-1] if episode_start else row, token, plan.token_w_t[:-1])  # (B, d)
         for (ln1_w, ln1_b, ln1_eps, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, ln2_eps, fc_w, fc_b, mp_w, mp_b), \
                 keys, values in zip(plan.layers, cache.layer_keys, cache.layer_values):  # keys (B, nh, capacity, hs)
