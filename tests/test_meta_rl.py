@@ -149,9 +149,40 @@ def test_a_finished_run_extended_equals_a_longer_run(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     cfg = MetaRLConfig(iterations=1, meta_batch=2, episode_length=6, hidden=(4,), checkpoint_every=1)
     log = meta_train(cfg, tmp_path, progress=False)
-    assert len(log) == 1 and 0.0 <= log[0]["success_post"] <= 1.0
+    assert len(log) == 1
     with pytest.raises(UsageError, match="other settings"):
         meta_train(MetaRLConfig(iterations=2, meta_batch=2, episode_length=6, hidden=(4,), inner_lr=0.2),
                    tmp_path, progress=False)
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["model_type"] == "gradient_meta_rl"
+
+def test_the_logged_iteration_is_the_episodes_it_played(tmp_path, monkeypatch):
+    """Each figure of a log row recomputed from the episodes meta-training played (recorded from its
+    sampler): success and return of the first support and the last query episode, and the step count."""
+    played = []
+    sample = Sampler.sample
+
+    def recording(self, *args, **kwargs):
+        played.append(sample(self, *args, **kwargs))
+        return played[-1]
+
+    monkeypatch.setattr(Sampler, "sample", recording)
+    cfg = MetaRLConfig(iterations=1, meta_batch=3, episode_length=6, hidden=(4,), adapt_episodes=2,
+                       query_episodes=2)
+    row = meta_train(cfg, tmp_path, progress=False)[0]
+    pre, post = played  # support episodes of the initial policy, query episodes of the adapted ones
+
+    def mean_over_tasks(rollout, episode: int, of: str) -> float:
+        """Episode ``episode`` of every task: its success flag, or its rewards summed step by step."""
+        per_task = [float(rollout.success[t, episode]) if of == "success"
+                    else sum(float(r) for r in rollout.rew[t, episode]) for t in range(cfg.meta_batch)]
+        return sum(per_task) / len(per_task)
+
+    assert row["env_steps"] == cfg.meta_batch * (2 + 2) * cfg.episode_length
+    assert row["success_pre"] == pytest.approx(mean_over_tasks(pre, 0, "success"), abs=1e-4)
+    assert row["success_post"] == pytest.approx(mean_over_tasks(post, -1, "success"), abs=1e-4)
+    assert row["return_pre"] == pytest.approx(mean_over_tasks(pre, 0, "return"), abs=1e-3)  # logged to 3 decimals
+    assert row["return_post"] == pytest.approx(mean_over_tasks(post, -1, "return"), abs=1e-3)
+    # each comparison can fail: the episodes it picks differ from the others beyond the tolerance
+    returns = [mean_over_tasks(r, e, "return") for r in (pre, post) for e in (0, -1)]
+    assert min(abs(a - b) for i, a in enumerate(returns) for b in returns[i + 1:]) > 1e-2
