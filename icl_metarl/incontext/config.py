@@ -13,7 +13,14 @@ import numpy as np
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.settings import COMMAS, COUNT_OK, FLAGS
-from icl_metarl.harness.suites import check_episode_length, check_split, get_suite, parse_goal_offsets, parse_task_pool
+from icl_metarl.harness.suites import (
+    check_action_repeat,
+    check_episode_length,
+    check_split,
+    get_suite,
+    parse_goal_offsets,
+    parse_task_pool,
+)
 
 NOISE_KINDS = ("uniform", "gaussian", "goal")
 NOISE_SCHEDULES = ("linear", "cosine", "none", "random")
@@ -39,6 +46,9 @@ class GenerateConfig:
     """Episodes per trial (the task stays fixed across them); at least 2, so a trial can improve."""
     episode_length: int = 500
     """Steps per episode (Meta-World's own limit is 500)."""
+    action_repeat: int = 1
+    """Decision interval k: the player acts every k-th simulator step, its action held in between; each
+    stored step is one decision (ceil(episode_length / k) per episode) with the summed reward."""
     noise_kind: str = "uniform"
     """'uniform': the expert's action is replaced by a uniform random one with probability level;
     'gaussian': Gaussian noise of standard deviation level is added, then clipped to [-1, 1];
@@ -76,6 +86,7 @@ def check_generate(cfg: GenerateConfig) -> GenerateConfig:
     get_suite(cfg.suite)
     check_split(cfg.split)
     check_episode_length(cfg.episode_length)
+    check_action_repeat(cfg.action_repeat)
     parse_goal_offsets(cfg.expert_goal_offsets, cfg.suite)
     for name in ("trials", "trials_per_shard"):
         v = getattr(cfg, name)
@@ -120,6 +131,13 @@ class TrainConfig:
     """training target: 'expert' (DPT: the expert's action for the state) or 'taken' (AD-eps)"""
     episodes_per_window: int = 4
     """whole consecutive episodes of one trial per training window (the model's trained context)"""
+    context_stride: int = 0
+    """0: the full context (every token of the last episodes_per_window episodes). s >= 1: the compact
+    cross-episode context: earlier episodes by every s-th step and their last, the current one in full;
+    windows are then the first episodes_per_window episodes of each trial, read under that mask"""
+    context_episodes: int = 0
+    """compact context: the most episodes of a trial the model reads when acting (its episode-index table
+    and KV cache); 0: episodes_per_window. Set it to the evaluation's K + E (e.g. 13)"""
     batch_size: int = 8
     """windows per optimizer step over all processes (each process takes batch_size / processes)"""
     grad_accum: int = 1
@@ -214,6 +232,11 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
     check_split(cfg.eval_split)
     if cfg.eval_every < 0:
         raise UsageError(f"eval-every must be >= 0 (0: no periodic evaluation), got {cfg.eval_every}")
+    if cfg.context_stride < 0 or cfg.context_episodes < 0:
+        raise UsageError(f"context_stride and context_episodes must be >= 0, got {cfg.context_stride} and "
+                         f"{cfg.context_episodes}")
+    if cfg.context_episodes and not cfg.context_stride:
+        raise UsageError(f"context_episodes={cfg.context_episodes} needs the compact context (context_stride >= 1)")
     for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every", "eval_tasks"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

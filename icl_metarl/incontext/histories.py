@@ -46,6 +46,7 @@ from icl_metarl.harness.suites import (
     OBS_DIM,
     GoalOffsets,
     TaskSpec,
+    decisions_per_episode,
     expert_actions,
     get_suite,
     parse_goal_offsets,
@@ -151,7 +152,7 @@ def _interleave_envs(order: np.ndarray, tasks: list) -> np.ndarray:
 
 def environment_counts(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> dict[str, dict[str, int]]:
     """Per environment: its distinct tasks in the pool, and the trials and steps played on it."""
-    steps_per_trial = cfg.episodes_per_trial * cfg.episode_length
+    steps_per_trial = cfg.episodes_per_trial * cfg.episode_length  # simulator steps
     counts: dict[str, dict[str, int]] = {}
     for t in tasks:
         counts.setdefault(t.env_name, {"tasks": 0, "trials": 0, "steps": 0})["tasks"] += 1
@@ -165,6 +166,8 @@ def _settings(cfg: GenerateConfig) -> dict:
     """What determines the data: the config without the worker count, with the pool normalised."""
     d = as_json(asdict(cfg))  # as the manifest reads it back
     d.pop("workers")
+    if d["action_repeat"] == 1:  # the data of every directory written before the setting existed
+        d.pop("action_repeat")
     d["task_pool"] = str(parse_task_pool(cfg.task_pool))
     if cfg.policy:  # the policy's weights, not only its path, determine the data
         d["policy_sha256"] = _sha256_file(Path(cfg.policy) / "model.safetensors")
@@ -320,12 +323,16 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
     agent, context_only = expert, 0
     if cfg.policy:
         policy = InContextAgent.from_pretrained(cfg.policy)
+        if policy.action_repeat != cfg.action_repeat:
+            raise UsageError(f"policy {cfg.policy} acts every {policy.action_repeat} simulator steps; these histories "
+                             f"are played at action_repeat={cfg.action_repeat}")
         policy.start_trials(T, shard_seed % (2**31))
         agent = HandoverAgent(policy, expert, cfg.handover) if cfg.handover else policy
         context_only = cfg.handover
-    record = ShardRecorder([t.env_name for t in tasks], K, cfg.episode_length, expert.label, context_only)
+    decisions = decisions_per_episode(cfg.episode_length, cfg.action_repeat)
+    record = ShardRecorder([t.env_name for t in tasks], K, decisions, expert.label, context_only)
     for _ in play_trials(agent, tasks, shard_seed % (2**31 - T), shard_seed, K, 0, cfg.episode_length,
-                         on_step=record, start_trials=False):
+                         on_step=record, start_trials=False, action_repeat=cfg.action_repeat):
         pass
     return record.arrays()
 
@@ -510,7 +517,7 @@ def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dic
         }
         for i in todo
     ]
-    steps_per_trial = cfg.episodes_per_trial * cfg.episode_length
+    steps_per_trial = cfg.episodes_per_trial * decisions_per_episode(cfg.episode_length, cfg.action_repeat)
     done_steps = sum(r["steps"] for r in manifest["shards"].values())
     workers = min(cfg.workers or (default_workers() if world == 1 else 1), max(len(jobs), 1))
     bar = tqdm(
@@ -602,7 +609,18 @@ class Histories:
 
     @property
     def episode_length(self) -> int:
+        """Simulator steps per episode."""
         return int(self.manifest["settings"]["episode_length"])
+
+    @property
+    def action_repeat(self) -> int:
+        """The decision interval the trials were played at (1 for data written before the setting)."""
+        return int(self.manifest["settings"].get("action_repeat", 1))
+
+    @property
+    def decisions(self) -> int:
+        """Stored steps (decisions, tokens) per episode."""
+        return decisions_per_episode(self.episode_length, self.action_repeat)
 
     @property
     def tasks(self) -> list:

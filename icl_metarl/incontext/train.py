@@ -35,7 +35,7 @@ from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.settings import add_arguments, from_args
-from icl_metarl.harness.suites import check_playable, get_suite
+from icl_metarl.harness.suites import check_playable, decisions_per_episode, get_suite
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
 from icl_metarl.incontext.histories import generate, load_histories
@@ -91,12 +91,14 @@ class WindowStream:
     positions [first + r*b, first + (r+1)*b) makes N processes of batch b equal one of batch N*b.
     """
 
-    def __init__(self, dirs, episodes_per_window: int, seed: int):
+    def __init__(self, dirs, episodes_per_window: int, seed: int, from_trial_start: bool = False):
 
-        self.dataset = WindowDataset(dirs, episodes_per_window)
+        self.dataset = WindowDataset(dirs, episodes_per_window, from_trial_start=from_trial_start)
         self.sampler = WindowSampler(len(self.dataset), seed=seed)
         manifest = self.dataset.sources[0].manifest
-        self.episode_length = self.dataset.episode_length
+        self.episode_length = self.dataset.episode_length  # decisions (tokens) per episode
+        self.action_repeat = self.dataset.action_repeat
+        self.simulator_episode_length = self.dataset.simulator_episode_length
         self.obs_dim, self.act_dim = int(manifest["obs_dim"]), int(manifest["act_dim"])
         self.suite = manifest["settings"]["suite"]
 
@@ -136,12 +138,15 @@ def data_budget(manifests: list[dict], target: str) -> Budget:
     total = Budget()
     for m in manifests:
         s, shards = m["settings"], m["shards"].values()
-        steps = sum(int(r["steps"]) for r in shards)
+        steps = sum(int(r["steps"]) for r in shards)  # stored decisions
         k, handover = int(s["episodes_per_trial"]), int(s.get("handover", 0))
         after_handover = steps * (k - handover) // k  # a trial's episodes all have the same length
         labels = after_handover if target == "expert" or not s.get("policy") or handover else 0
         cpu = None if any("cpu_seconds" not in r for r in shards) else sum(r["cpu_seconds"] for r in shards) / 60
-        total = total.add(Budget(env_steps=steps, expert_labels=labels, data_cpu_minutes=cpu,
+        # simulator steps: each stored decision held its action action_repeat of them (whole episodes)
+        length = int(s["episode_length"])
+        env_steps = steps // decisions_per_episode(length, int(s.get("action_repeat", 1))) * length
+        total = total.add(Budget(env_steps=env_steps, expert_labels=labels, data_cpu_minutes=cpu,
                                  seeds={"data": [int(s["seed"])]}))
     return total
 
@@ -165,8 +170,6 @@ def train(cfg: TrainConfig) -> dict:
 
     check_train(cfg)
     cpu0, wall0 = time.process_time(), time.perf_counter()  # this piece of the run's cost, for its budget
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -189,19 +192,21 @@ def train(cfg: TrainConfig) -> dict:
     if checkpoints and not cfg.resume:
         raise UsageError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
 
-    stream = WindowStream(cfg.data, episodes_per_window=cfg.episodes_per_window, seed=cfg.seed)
+    stream = WindowStream(cfg.data, episodes_per_window=cfg.episodes_per_window, seed=cfg.seed,
+                          from_trial_start=cfg.context_stride > 0)
     set_seed(cfg.seed)
     model_config = ICLPolicyConfig(
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, action_head=cfg.action_head,
         dropout=cfg.dropout, max_episode_length=stream.episode_length,
-        max_context_episodes=cfg.episodes_per_window, obs_dim=stream.obs_dim, act_dim=stream.act_dim,
-        explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
+        max_context_episodes=cfg.context_episodes or cfg.episodes_per_window, obs_dim=stream.obs_dim,
+        act_dim=stream.act_dim, explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
+        context_stride=cfg.context_stride, action_repeat=stream.action_repeat,
     )
     model = ICLPolicy(model_config)
     if cfg.init_from:
         start_model = ICLPolicy.from_pretrained(cfg.init_from)
         shape = ("obs_dim", "act_dim", "d_model", "n_layer", "n_head", "action_head", "max_episode_length",
-                 "max_context_episodes")
+                 "max_context_episodes", "context_stride", "action_repeat")
         differ = [k for k in shape if getattr(start_model.config, k) != getattr(model_config, k)]
         if differ:
             raise UsageError(f"--init-from {cfg.init_from} differs from this run's model in {', '.join(differ)}")
@@ -341,7 +346,8 @@ def periodic_evaluation(model, stream: "WindowStream", cfg: TrainConfig) -> dict
     tasks = get_suite(stream.suite).tasks(cfg.eval_split, 0)[: cfg.eval_tasks]
     agent = InContextAgent(model, deterministic=True, device=next(model.parameters()).device)
     episodes = list(play_trials(agent, tasks, env_seed=0, agent_seed=0, adaptation_episodes=cfg.episodes_per_window,
-                                evaluation_episodes=0, episode_length=stream.episode_length))
+                                evaluation_episodes=0, episode_length=stream.simulator_episode_length,
+                                action_repeat=stream.action_repeat))
     mean = lambda key: [float(np.mean([r[key] for r in records])) for records in episodes]  # noqa: E731
     return {"eval_success": mean("success"), "eval_return": mean("return"), "eval_split": cfg.eval_split,
             "eval_tasks": len(tasks)}
@@ -407,7 +413,8 @@ def pretrain(cfg: TrainConfig) -> dict:
             gen = GenerateConfig(
                 suite=base["suite"], split="train", task_pool=base["task_pool"],
                 trials=cfg.relabel_trials or base["trials"], episodes_per_trial=base["episodes_per_trial"],
-                episode_length=base["episode_length"], trials_per_shard=base["trials_per_shard"],
+                episode_length=base["episode_length"], action_repeat=int(base.get("action_repeat", 1)),
+                trials_per_shard=base["trials_per_shard"],
                 seed=base["seed"] + (1000 * r if cfg.relabel_new_tasks else 0), suite_seed=base["suite_seed"],
                 workers=1, policy=str(init),
                 handover=cfg.relabel_handover, expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),

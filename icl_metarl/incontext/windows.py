@@ -29,7 +29,7 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, dirs: str | Path | Sequence[str | Path], episodes_per_window: int,
-                 splits: Sequence[str] = ("train",), verify: bool = True):
+                 splits: Sequence[str] = ("train",), verify: bool = True, from_trial_start: bool = False):
         dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
         if not dirs:
             raise UsageError("no histories directories given")
@@ -44,14 +44,20 @@ class WindowDataset(Dataset):
             for key in ("obs_dim", "act_dim"):
                 if h.manifest[key] != first.manifest[key]:
                     raise UsageError(f"{h.path} has {key}={h.manifest[key]}, {first.path} has {first.manifest[key]}")
-            if h.episode_length != first.episode_length:
-                raise UsageError(f"{h.path} has episode_length={h.episode_length}, {first.path} has "
-                                 f"{first.episode_length}; windows need one episode length")
-        self.episode_length = first.episode_length
+            for key in ("episode_length", "action_repeat"):
+                if getattr(h, key) != getattr(first, key):
+                    raise UsageError(f"{h.path} has {key}={getattr(h, key)}, {first.path} has "
+                                     f"{getattr(first, key)}; windows need one episode length and decision interval")
+        self.episode_length = first.decisions  # stored steps (decisions) per episode
+        self.action_repeat = first.action_repeat
+        self.simulator_episode_length = first.episode_length
         self.episodes_per_window = int(episodes_per_window)
         self.window_length = self.episodes_per_window * self.episode_length
         self.tasks, task_maps = _merge_tasks(self.sources)
         self._index = _window_index(self.sources, task_maps, self.episodes_per_window, self.episode_length)
+        if from_trial_start:  # the compact context: a window is the start of a trial, as acting sees it
+            starts = self._index["first_episode"] == 0
+            self._index = {k: v[starts] for k, v in self._index.items()}
         if len(self) == 0:
             raise UsageError(f"no trial has {episodes_per_window} episodes; episodes_per_window must be at most "
                              f"the episodes per trial of the data")
