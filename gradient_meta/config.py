@@ -7,7 +7,7 @@ learners. Not for: running anything (``meta_rl.py`` trains, ``rl_agent.py`` acts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.settings import COMMAS, COUNT_OK
@@ -19,11 +19,27 @@ OUTER_LOSSES = ("ppo", "imitate")
 #: config.json "model_type" of every gradient meta-RL checkpoint (the algorithm is in its config)
 MODEL_TYPE = "gradient_meta_rl"
 SINUSOID_ALGOS = ("maml", "fomaml", "meta-sgd", "reptile", "pretrain")
+#: the settings a meta-RL run leaves unset (None) take its algorithm's values: MAML-RL's one inner step and one
+#: query episode per task; Reptile's k, and no query episodes, since it learns only from its inner loop's episodes
+ALGO_DEFAULTS = {"maml": {"inner_steps": 1, "query_episodes": 1},
+                 "meta-sgd": {"inner_steps": 1, "query_episodes": 1},
+                 "reptile": {"inner_steps": 3, "query_episodes": 0}}
+assert set(ALGO_DEFAULTS) == set(ALGOS)
+#: Reptile's k on the sinusoid (the few-shot study's default too)
+SINUSOID_REPTILE_STEPS = 5
 
 
 def check_inner_steps(steps: int) -> int:
     if not isinstance(steps, int) or steps < 1:
         raise UsageError(f"inner steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def check_reptile_steps(steps: int) -> int:
+    # Nichol et al. 2018, sec. 5: with one SGD step, E[theta - phi] is the multi-task gradient, not a meta-update.
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise UsageError(f"reptile needs inner steps >= 2, got {steps!r}: with one SGD step its update is the "
+                         f"plain multi-task gradient (Nichol et al. 2018, section 5)")
     return steps
 
 
@@ -53,8 +69,9 @@ class MetaRLConfig:
     """Steps per episode (the benchmark's 500; 100-150 for CPU runs)."""
     adapt_episodes: int = 1
     """Episodes played with the pre-adaptation policy per task; the inner step(s) learn from them."""
-    query_episodes: int = 1
-    """Episodes played with each adapted policy; the outer loss learns from them."""
+    query_episodes: int | None = None
+    """Episodes played with each adapted policy, which the outer loss learns from (None: 1); reptile plays none
+    (None or 0): it has no outer loss."""
     outer_loss: str = "ppo"
     """ppo (reward: PPO's clipped surrogate on the adapted policy's episodes, MAML-RL) or imitate (the
     scripted expert's action on the states the adapted policy visits, the supervision the in-context
@@ -63,8 +80,9 @@ class MetaRLConfig:
     expert_goal_offsets: tuple[str, ...] = field(default=(), metadata={COMMAS: False})
     """outer-loss imitate: ENV=x,y,z (metres), tell the labelling expert the goal shifted by this in ENV,
     as the in-context agent's histories did (e.g. reach-v3=0,0,0.045); each ENV an environment of the suite"""
-    inner_steps: int = 1
-    """Policy-gradient steps on the adaptation episodes (Reptile: its k)."""
+    inner_steps: int | None = None
+    """Policy-gradient steps on the adaptation episodes (None: the algorithm's own: 1 for maml and meta-sgd;
+    reptile 3, its k, which must be >= 2)."""
     inner_lr: float = 0.1
     """Inner step size (Meta-SGD: the initial value of every learned step size)."""
     first_order: bool = False
@@ -102,12 +120,21 @@ class MetaRLConfig:
         parse_task_pool(self.task_pool)
         check_episode_length(self.episode_length)
         parse_goal_offsets(self.expert_goal_offsets, self.suite)
-        for what in ("iterations", "meta_batch", "adapt_episodes", "query_episodes", "ppo_epochs",
-                     "checkpoint_every"):
+        for what in ("iterations", "meta_batch", "adapt_episodes", "ppo_epochs", "checkpoint_every"):
             v = getattr(self, what)
             if not isinstance(v, int) or v < 1:
                 raise UsageError(f"{what.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        check_inner_steps(self.inner_steps)
+        filled = self._filled()
+        steps, query = filled["inner_steps"], filled["query_episodes"]
+        if self.algo == "reptile":
+            check_reptile_steps(steps)
+            if query != 0:
+                raise UsageError(f"reptile plays no query episodes (it learns only from its inner loop's), so "
+                                 f"query-episodes must be 0 or unset, got {query!r}")
+        else:
+            check_inner_steps(steps)
+            if not isinstance(query, int) or query < 1:
+                raise UsageError(f"query-episodes must be an integer >= 1, got {query!r}")
         check_step_size(self.inner_lr, "inner-lr")
         check_step_size(self.meta_lr, "meta-lr")
         check_step_size(self.clip, "clip")
@@ -118,6 +145,16 @@ class MetaRLConfig:
         if not self.hidden or min(self.hidden) < 1:
             raise UsageError(f"hidden widths must be positive integers, got {self.hidden!r}")
         check_step_size(self.init_std, "init-std")
+
+    def _filled(self) -> dict:
+        """``inner_steps`` and ``query_episodes``, each from ``ALGO_DEFAULTS`` where unset (None)."""
+        return {k: d if getattr(self, k) is None else getattr(self, k) for k, d in ALGO_DEFAULTS[self.algo].items()}
+
+    def resolved(self) -> MetaRLConfig:
+        """This run with its unset settings filled in: what it trains with and what its checkpoints record.
+        They stay None until here, so that a study's configuration can lay an algorithm over a base run
+        (``dataclasses.replace``) and still get that algorithm's values."""
+        return replace(self, **self._filled())
 
 
 @dataclass
@@ -140,13 +177,17 @@ class SinusoidConfig:
     """task family (icl_metarl.harness.regression_tasks): maml-sine, metasgd-sine, linear, ...; an unknown
     name is an error that lists them."""
     shots: int = 10
-    """K: support points per task (the query set has K points too during training)."""
+    """K: support points per task (the query set has K points too during training); with min_shots, the most."""
+    min_shots: int | None = None
+    """the fewest support points: each meta-update draws its K uniformly from min_shots..shots (one K for all
+    its tasks; the query sets keep shots points), as the in-context regressor trains on 1..its most; None:
+    every meta-update at K = shots."""
     iterations: int = 2000
     """Meta-updates (the papers use 70,000)."""
     meta_batch: int = 25
     """Tasks per meta-update, split evenly among processes."""
-    inner_steps: int = 1
-    """Inner gradient steps during training and evaluation (Reptile: its k)."""
+    inner_steps: int | None = None
+    """Inner gradient steps during training and evaluation (None: 1; reptile 5, its k, which must be >= 2)."""
     inner_lr: float = 0.01
     """Inner step size (Meta-SGD: see meta_sgd_init; pretrain: the fine-tuning step at evaluation)."""
     meta_lr: float = 1e-3
@@ -170,5 +211,9 @@ class SinusoidConfig:
         for what in ("shots", "iterations", "meta_batch", "hidden", "threads"):
             if getattr(self, what) < 1:
                 raise UsageError(f"{what} must be >= 1, got {getattr(self, what)}")
+        if self.min_shots is not None and not 1 <= self.min_shots <= self.shots:
+            raise UsageError(f"min_shots must be in 1..shots ({self.shots}), got {self.min_shots!r}")
+        if self.inner_steps is None:  # written into the checkpoint as the number it is
+            self.inner_steps = SINUSOID_REPTILE_STEPS if self.algo == "reptile" else 1
         check_step_size(self.inner_lr, "inner_lr")
         check_step_size(self.meta_lr, "meta_lr")

@@ -1,10 +1,12 @@
 """Gradient meta-RL on Meta-World: MAML, Meta-SGD or Reptile around a Gaussian MLP policy (MAML-RL).
 
 One meta-iteration: draw a meta-batch of train tasks, play the policy (support episodes), adapt it per
-task with policy-gradient step(s), play the adapted policies (query episodes), meta-update (PPO's clipped
-surrogate through the inner step, or Reptile's move), log, checkpoint. A run killed at any moment
-resumes from its last checkpoint and rewrites the same log, and its budget.json the same counts; a finished
-run is extended by rerunning it with a larger ``--iterations`` (the same run as one trained that long).
+task with policy-gradient step(s), play the adapted policies (query episodes; Reptile plays none: it learns
+only from the support episodes its inner loop uses), meta-update (PPO's clipped surrogate through the inner
+step, or Reptile's move), log, checkpoint. A run killed at any moment resumes from its last checkpoint and
+rewrites the same log, and its budget.json the same counts; a finished run is extended by rerunning it with
+a larger ``--iterations`` (the same run as one trained that long). A run of several processes resumes with
+as many, all at the checkpoint's iteration.
 Not for: evaluation (``rl_agent.py``).
 """
 
@@ -101,6 +103,7 @@ def _meta_sgd(cfg: MetaRLConfig, params, accelerator):
 
 
 def _reptile(cfg: MetaRLConfig, params, accelerator):
+    # inner SGD as at test time (rl_agent adapts with plain SGD steps); Adam on theta - mean(phi)
     return Reptile(params, inner_loss, ReptileConfig(cfg.inner_steps, cfg.inner_lr, "sgd", cfg.meta_lr, "adam"),
                    accelerator)
 
@@ -116,7 +119,7 @@ assert set(BUILDERS) == set(ALGOS)
 
 def build_learner(cfg: MetaRLConfig, params, accelerator=None):
     """The meta-learner of ``cfg.algo`` around initial policy parameters."""
-    return BUILDERS[cfg.algo](cfg, params, accelerator)
+    return BUILDERS[cfg.algo](cfg.resolved(), params, accelerator)
 
 
 # ----------------------------------------------------------------------------------- state files
@@ -139,7 +142,8 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
 
 
 def save_state(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, generator: torch.Generator,
-               iteration: int, env_steps: int, rank: int = 0, budget: Budget | None = None) -> None:
+               iteration: int, env_steps: int, rank: int = 0, budget: Budget | None = None,
+               num_processes: int = 1) -> None:
     """Everything a resume needs in ONE file, written atomically: a kill leaves the old or the new state."""
     tensors = {f"params.{k}": v.detach().clone() for k, v in learner.params.items()}
     for k, v in (learner.step_sizes or {}).items():
@@ -149,8 +153,46 @@ def save_state(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, generator: 
     opt_tensors, opt_meta = _optimizer_tensors(learner.optimizer)
     tensors.update(opt_tensors)
     meta = {"iteration": str(iteration), "env_steps": str(env_steps), "config": json.dumps(asdict(cfg)),
-            "optimizer": json.dumps(opt_meta), **({"budget": json.dumps(budget.to_json())} if budget else {})}
-    atomic_write_bytes(out / (STATE if rank == 0 else f"state-rank{rank}.safetensors"), st_save(tensors, meta))
+            "optimizer": json.dumps(opt_meta), "num_processes": str(num_processes),
+            **({"budget": json.dumps(budget.to_json())} if budget else {})}
+    atomic_write_bytes(state_path(out, rank), st_save(tensors, meta))
+
+
+def state_path(out: Path, rank: int) -> Path:
+    """Process ``rank``'s resumable state: its generator and, on every rank, the learner's."""
+    return out / (STATE if rank == 0 else f"state-rank{rank}.safetensors")
+
+
+def written_by(out: Path, meta: dict) -> int:
+    """How many processes wrote the run in ``out`` (states before that was recorded: one per rank file)."""
+    if "num_processes" in meta:
+        return int(meta["num_processes"])
+    return 1 + sum(1 for _ in out.glob("state-rank*.safetensors"))
+
+
+def check_resume(out: Path, ranks: list[tuple[int, int] | None], num_processes: int) -> int | None:
+    """The iteration every process resumes from (None: a new run), given each rank's (iteration, processes
+    that wrote it), or None where that rank has no state; a one-line UsageError where they cannot resume
+    together: another number of processes would split the meta-batch and draw the episodes otherwise, and
+    ranks at different iterations would run different loops."""
+    held = {r: s for r, s in enumerate(ranks) if s is not None}
+    if not held:
+        return None
+    writers = sorted({n for _, n in held.values()})
+    if writers != [num_processes]:
+        n = " and ".join(map(str, writers))
+        raise UsageError(f"{str(out)!r} was written by {n} process(es), this run has {num_processes}; resume it with "
+                         f"as many (accelerate launch --num_processes {writers[-1]}) or use a new --out")
+    missing = [r for r in range(num_processes) if r not in held]
+    if missing:
+        raise UsageError(f"{str(out)!r} has no state for rank(s) {', '.join(map(str, missing))} of the "
+                         f"{num_processes} processes that wrote it ({state_path(out, missing[0]).name}); use a new --out")
+    iterations = {it for it, _ in held.values()}
+    if len(iterations) > 1:
+        at = ", ".join(f"rank {r} at {it}" for r, (it, _) in held.items())
+        raise UsageError(f"the processes' states in {str(out)!r} hold different iterations ({at}), as when a kill "
+                         f"fell between their writes; they cannot resume together: use a new --out")
+    return iterations.pop()
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -161,6 +203,14 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as e:  # safetensors raises its own error types
         raise UsageError(f"training state {str(path)!r} cannot be read: {e}") from None
     return tensors, meta
+
+
+def _gather_ranks(held: tuple[int, int] | None, accelerator=None) -> list[tuple[int, int] | None]:
+    """Every process's (iteration, processes that wrote it) or None, in rank order."""
+    if accelerator is None:
+        return [held]
+    mine = torch.tensor(held if held is not None else (-1, -1), dtype=torch.int64)
+    return [None if it < 0 else (it, n) for it, n in accelerator.gather(mine).reshape(-1, 2).tolist()]
 
 
 def save_policy(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, iteration: int) -> None:
@@ -189,7 +239,7 @@ def _read_log(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------- the loop
 def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: bool = True) -> list[dict]:
     """Meta-train (or resume) into ``out``; returns the log, one dict per iteration."""
-    out = Path(out)
+    out, cfg = Path(out), cfg.resolved()
     cpu0, wall0 = time.process_time(), time.perf_counter()  # this piece of the run's cost, for its budget
     nproc = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
@@ -207,9 +257,11 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     # This process's optimizer steps, CPU and wall time; its tasks and episodes come from the run's seed.
     spent, counted = Budget(seeds={"train": [cfg.seed], "data": [cfg.seed]}), True
 
-    state_file = out / (STATE if rank == 0 else f"state-rank{rank}.safetensors")
-    if state_file.exists():
-        tensors, meta = load_state(state_file)
+    state_file = state_path(out, rank)
+    tensors, meta = load_state(state_file) if state_file.exists() else (None, None)
+    held = None if meta is None else (int(meta["iteration"]), written_by(out, meta))
+    # every process judges every rank's state alike, so that all raise together or none does
+    if check_resume(out, _gather_ranks(held, reduce_acc), nproc) is not None:
         # Compared as JSON has them (tuples read back as lists); a setting added since: its default.
         now, defaults = as_json(asdict(cfg)), as_json(asdict(MetaRLConfig()))
         saved = {**{k: defaults[k] for k in now if k in defaults}, **json.loads(meta["config"])}
@@ -257,7 +309,7 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     imitate = cfg.outer_loss == "imitate"  # the expert labels the adapted policy's states, not the support's
     goal_offsets = parse_goal_offsets(cfg.expert_goal_offsets)  # the labelling expert's corrections
     for it in bar:
-        # 1. sample: pre-adaptation episodes, inner step(s), post-adaptation episodes
+        # 1. sample: pre-adaptation episodes, inner step(s), post-adaptation episodes (not Reptile's)
         t0 = time.perf_counter()
         tasks = draw_tasks(cfg, pool, it)[share]
         if sampler is None:
@@ -266,13 +318,16 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         params = {k: v.detach() for k, v in learner.params.items()}
         pre = sampler.sample(params, norm, cfg.adapt_episodes, generator, per_task=False)
         support = to_batch(pre, advantages(pre, cfg.gamma, cfg.gae_lambda))
-        t_adapt = time.perf_counter()
-        adapted = learner.adapt(support)
-        t_adapt = time.perf_counter() - t_adapt
-        post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True, label_expert=imitate,
-                              goal_offsets=goal_offsets)
-        query = to_batch(post, advantages(post, cfg.gamma, cfg.gae_lambda))
+        post, query, t_adapt = None, None, 0.0
+        if cfg.query_episodes:  # none for Reptile: it learns only from the support episodes its inner loop uses
+            t_adapt = time.perf_counter()
+            adapted = learner.adapt(support)
+            t_adapt = time.perf_counter() - t_adapt
+            post = sampler.sample(adapted, norm, cfg.query_episodes, generator, per_task=True, label_expert=imitate,
+                                  goal_offsets=goal_offsets)
+            query = to_batch(post, advantages(post, cfg.gamma, cfg.gae_lambda))
         sample_s = time.perf_counter() - t0 - t_adapt
+        played = [pre] if post is None else [pre, post]
 
         # 2. learn: meta-gradient steps through the inner step (PPO epochs), or Reptile's move
         t1 = time.perf_counter()
@@ -280,39 +335,41 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         learn_s = time.perf_counter() - t1 + t_adapt
 
         # 3. observation statistics, from every process, for the next iteration
-        raw = torch.cat([pre.raw_obs.reshape(-1, pre.raw_obs.shape[-1]), post.raw_obs.reshape(-1, pre.raw_obs.shape[-1])])
+        raw = torch.cat([b.raw_obs.reshape(-1, b.raw_obs.shape[-1]) for b in played])
         n, mean, var = batch_moments(raw)
         if reduce_acc is not None:  # equal shares: the mean of the moments is the moment of the union
             mean_all = reduce_acc.reduce(mean, reduction="mean")
             var = reduce_acc.reduce(var + (mean - mean_all) ** 2, reduction="mean")
             mean, n = mean_all, n * nproc
         norm.update(n, mean, var)
-        env_steps += (pre.steps + post.steps) * nproc
+        env_steps += sum(b.steps for b in played) * nproc  # what was played, and nothing else
         spent.expert_labels += post.steps * nproc if imitate else 0
 
-        # 4. log
-        stats = torch.stack([pre.success[:, 0].mean(), post.success[:, -1].mean(),
-                             pre.rew.sum(-1)[:, 0].mean(), post.rew.sum(-1)[:, -1].mean(), torch.tensor(loss)])
+        # 4. log (after the inner step: only where query episodes were played)
+        named = {"success_pre": pre.success[:, 0].mean(), "return_pre": pre.rew.sum(-1)[:, 0].mean()}
+        if post is not None:
+            named |= {"success_post": post.success[:, -1].mean(), "return_post": post.rew.sum(-1)[:, -1].mean()}
+        stats = torch.stack([*named.values(), torch.tensor(loss)])
         if reduce_acc is not None:
             stats = reduce_acc.reduce(stats.contiguous(), reduction="mean")
-        row = {"iteration": it, "env_steps": env_steps, "success_pre": round(float(stats[0]), 4),
-               "success_post": round(float(stats[1]), 4), "return_pre": round(float(stats[2]), 3),
-               "return_post": round(float(stats[3]), 3), "loss": float(stats[4]),
-               "sample_s": round(sample_s, 3), "learn_s": round(learn_s, 3)}
+        row = {"iteration": it, "env_steps": env_steps,
+               **{k: round(float(v), 4 if k.startswith("success") else 3) for k, v in zip(named, stats)},
+               "loss": float(stats[-1]), "sample_s": round(sample_s, 3), "learn_s": round(learn_s, 3)}
         if learner.step_sizes is not None:
             row["mean_step_size"] = float(torch.cat([v.detach().flatten() for v in learner.step_sizes.values()]).mean())
         log.append(row)
         if rank == 0:
             with open(out / LOG, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(pre=f"{row['success_pre']:.2f}", post=f"{row['success_post']:.2f}")
+            bar.set_postfix(pre=f"{row['success_pre']:.2f}",
+                            **({"post": f"{row['success_post']:.2f}"} if post is not None else {}))
 
         # 5. checkpoint
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             mine = replace(spent, env_steps=env_steps,
                            train_cpu_minutes=spent.train_cpu_minutes + (time.process_time() - cpu0) / 60,
                            wall_minutes=spent.wall_minutes + (time.perf_counter() - wall0) / 60)
-            save_state(out, cfg, learner, norm, generator, it, env_steps, rank, mine if counted else None)
+            save_state(out, cfg, learner, norm, generator, it, env_steps, rank, mine if counted else None, nproc)
             cpu = reduce_acc.reduce(torch.tensor(mine.train_cpu_minutes), reduction="sum") if reduce_acc else None
             if rank == 0:
                 total = mine if cpu is None else replace(mine, train_cpu_minutes=float(cpu))
@@ -336,8 +393,9 @@ def train_checkpoint(cfg: MetaRLConfig, out) -> list[dict]:
     log = meta_train(cfg, out, accelerator)
     if log and (accelerator is None or accelerator.is_main_process):
         last = log[-1]
-        print(f"iteration {last['iteration']}: meta-train success before adaptation {last['success_pre']:.2f}, "
-              f"after {last['success_post']:.2f}; checkpoint in {out}")
+        after = f", after {last['success_post']:.2f}" if "success_post" in last else ""
+        print(f"iteration {last['iteration']}: meta-train success before adaptation {last['success_pre']:.2f}"
+              f"{after}; checkpoint in {out}")
     return log
 
 

@@ -1,7 +1,8 @@
 """Reptile (Nichol et al. 2018): train each task for k steps, move the initialisation toward the result.
 
 The inner loop (SGD or Adam, written as pure functions so it vmaps over tasks) needs no second
-derivative and no query batch; the meta-update is any torch optimizer fed with theta - mean(phi).
+derivative and no query batch; the meta-update is any torch optimizer fed with theta - mean(phi). k is at
+least 2: with one SGD step the update is the multi-task gradient (Nichol et al. 2018, section 5).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from gradient_meta.config import check_inner_steps, check_step_size
+from gradient_meta.config import SINUSOID_REPTILE_STEPS, check_reptile_steps, check_step_size
 from gradient_meta.functional import LossFn, Params, adapt_tasks, all_reduce_mean, apply_gradient
 from icl_metarl.harness.errors import choice_error
 
@@ -23,8 +24,8 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 class ReptileConfig:
     """Settings of Reptile's inner training and its meta-update."""
 
-    inner_steps: int = 5
-    """k: optimizer steps on a task's support batch (full batch each step)."""
+    inner_steps: int = SINUSOID_REPTILE_STEPS
+    """k >= 2: optimizer steps on a task's support batch (full batch each step)."""
     inner_lr: float = 0.01
     """Learning rate of the inner optimizer."""
     inner_optimizer: str = "sgd"
@@ -37,7 +38,7 @@ class ReptileConfig:
     """Inner Adam betas; beta1 = 0 as in the Reptile paper's experiments."""
 
     def __post_init__(self):
-        check_inner_steps(self.inner_steps)
+        check_reptile_steps(self.inner_steps)
         check_step_size(self.inner_lr, "inner_lr")
         check_step_size(self.meta_lr, "meta_lr")
         for what, v in (("inner optimizer", self.inner_optimizer), ("meta optimizer", self.meta_optimizer)):

@@ -145,7 +145,7 @@ def maml_run(tmp_path_factory):
 def test_meta_rl_budget_counts_every_sampled_step_and_optimizer_step(maml_run):
     out, log = maml_run
     b = read_budget(out)
-    c = META
+    c = META.resolved()  # query_episodes: the algorithm's
     assert b["env_steps"] == c.iterations * c.meta_batch * (c.adapt_episodes + c.query_episodes) * c.episode_length
     assert b["env_steps"] == log[-1]["env_steps"]  # second way: the sampler's own count, in the log
     assert b["expert_labels"] == 0  # reward only

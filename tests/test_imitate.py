@@ -125,7 +125,7 @@ def imitate_run(tmp_path_factory):
 def test_training_counts_the_expert_labels_of_the_query_episodes(imitate_run):
     out, log = imitate_run
     b = read_budget(out)
-    c = CFG
+    c = CFG.resolved()  # query_episodes: the algorithm's
     assert b["expert_labels"] == c.iterations * c.meta_batch * c.query_episodes * c.episode_length
     assert b["env_steps"] == c.iterations * c.meta_batch * (c.adapt_episodes + c.query_episodes) * c.episode_length
     assert all(np.isfinite(r["loss"]) for r in log)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -6,8 +7,18 @@ import sys
 import pytest
 import torch
 
+from gradient_meta import meta_rl
 from gradient_meta.functional import meta_gradient
-from gradient_meta.meta_rl import KILL_ENV, MetaRLConfig, build_pool, draw_tasks, meta_train
+from gradient_meta.meta_rl import (
+    KILL_ENV,
+    MetaRLConfig,
+    build_pool,
+    check_resume,
+    draw_tasks,
+    load_state,
+    meta_train,
+    state_path,
+)
 from gradient_meta.policy import PolicyConfig, init_policy
 from gradient_meta.rl import ObsNorm, Sampler, advantages, inner_loss, make_outer_loss, to_batch
 from icl_metarl.harness.errors import UsageError
@@ -155,6 +166,123 @@ def test_resume_with_other_settings_is_refused(tmp_path):
                    tmp_path, progress=False)
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["model_type"] == "gradient_meta_rl"
+
+
+# ------------------------------------------------------------------ Reptile plays what it learns from
+@pytest.fixture
+def played(monkeypatch):
+    """Every sample meta-training takes, as (per_task, episodes, steps): a sampler that counts."""
+    calls = []
+
+    class Counting(meta_rl.Sampler):
+        def sample(self, params, norm, episodes, generator, per_task, **kw):
+            rollout = super().sample(params, norm, episodes, generator, per_task, **kw)
+            calls.append((per_task, episodes, rollout.steps))
+            return rollout
+
+    monkeypatch.setattr(meta_rl, "Sampler", Counting)
+    return calls
+
+
+@pytest.mark.parametrize("algo", ["reptile", "maml"])
+def test_the_env_step_budget_is_exactly_the_episodes_played(tmp_path, played, algo):
+    """Reptile plays only the support episodes its inner loop learns from (no query episodes), and each
+    iteration's budget counts exactly those; MAML, the control, plays its query episodes and counts them."""
+    from icl_metarl.harness.budget import read_budget
+
+    cfg = MetaRLConfig(algo=algo, iterations=2, meta_batch=2, adapt_episodes=2, episode_length=6, hidden=(4,),
+                       ppo_epochs=1, checkpoint_every=1)
+    log = meta_train(cfg, tmp_path, progress=False)
+    support = (False, 2, 2 * 2 * 6)  # (not per task, 2 episodes, 2 tasks x 2 episodes x 6 steps)
+    if algo == "reptile":
+        assert played == [support, support]
+        assert "success_post" not in log[0] and "return_post" not in log[0]
+    else:
+        assert played == [support, (True, 1, 2 * 6)] * 2
+    budgets = [read_budget(tmp_path / "snapshots" / f"iteration-{i:06d}")["env_steps"] for i in (1, 2)]
+    per_iteration = sum(steps for *_, steps in played) // 2
+    assert budgets == [per_iteration, 2 * per_iteration] == [r["env_steps"] for r in log]
+    assert read_budget(tmp_path)["env_steps"] == sum(steps for *_, steps in played)
+
+
+# -------------------------------------------------------------- resuming a run of several processes
+@pytest.mark.parametrize("ranks,world,want", [
+    ([None], 1, None), ([None, None], 2, None), ([(4, 1)], 1, 4), ([(4, 2), (4, 2)], 2, 4),
+    ([(4, 2)], 1, "was written by 2 process(es), this run has 1"),
+    ([(4, 1), None], 2, "was written by 1 process(es), this run has 2"),
+    ([(4, 2), (4, 2), None, None], 4, "was written by 2 process(es), this run has 4"),
+    ([(4, 2), None], 2, "no state for rank(s) 1 of the 2 processes"),
+    ([(4, 2), (2, 2)], 2, "hold different iterations (rank 0 at 4, rank 1 at 2)"),
+])
+def test_check_resume_needs_as_many_processes_at_one_iteration(tmp_path, ranks, world, want):
+    if want is None or isinstance(want, int):
+        assert check_resume(tmp_path, ranks, world) == want
+        return
+    with pytest.raises(UsageError) as e:
+        check_resume(tmp_path, ranks, world)
+    assert want in str(e.value) and "\n" not in str(e.value)
+
+
+class Rank0Of:
+    """Rank 0 of ``world`` processes, played in this one: ``gather`` adds what the other ranks would send
+    (each (iteration, processes that wrote it), or (-1, -1) for no state)."""
+
+    def __init__(self, world, others):
+        self.num_processes, self.process_index, self.others = world, 0, others
+
+    def gather(self, t):
+        return torch.cat([t, torch.tensor(self.others, dtype=t.dtype).flatten()])
+
+    def reduce(self, *_, **__):
+        raise AssertionError("a mismatched resume must stop before any collective of the loop")
+
+
+def _rewrite_meta(path, **changes):
+    from safetensors.torch import save
+    tensors, meta = load_state(path)
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+    path.write_bytes(save(tensors, meta))
+
+
+SMALL = MetaRLConfig(algo="reptile", iterations=2, meta_batch=2, episode_length=6, hidden=(4,), checkpoint_every=1)
+
+
+def test_resume_refuses_another_number_of_processes_or_mismatched_iterations(tmp_path):
+    meta_train(SMALL, tmp_path, progress=False)  # written by 1 process, at iteration 2
+    assert load_state(tmp_path / "state.safetensors")[1]["num_processes"] == "1"
+    bigger = dataclasses.replace(SMALL, iterations=3)
+    with pytest.raises(UsageError, match=r"written by 1 process\(es\), this run has 2"):
+        meta_train(bigger, tmp_path, accelerator=Rank0Of(2, [(-1, -1)]), progress=False)
+    # the same state as if 2 processes had written it: refused by 1, and by 2 whose ranks disagree
+    _rewrite_meta(state_path(tmp_path, 0), num_processes="2")
+    with pytest.raises(UsageError, match=r"written by 2 process\(es\), this run has 1"):
+        meta_train(bigger, tmp_path, progress=False)
+    with pytest.raises(UsageError, match=r"different iterations \(rank 0 at 2, rank 1 at 1\)"):
+        meta_train(bigger, tmp_path, accelerator=Rank0Of(2, [(1, 2)]), progress=False)
+    # a state from before processes were counted: one per rank file, here 1; it resumes alone
+    _rewrite_meta(state_path(tmp_path, 0), num_processes=None)
+    assert [r["iteration"] for r in meta_train(bigger, tmp_path, progress=False)] == [1, 2, 3]
+
+
+def _two_process_run(out, iterations):
+    from accelerate import Accelerator
+    meta_train(dataclasses.replace(SMALL, iterations=iterations), out, accelerator=Accelerator(cpu=True),
+               progress=False)
+
+
+@pytest.mark.slow  # two gloo processes with their own Meta-World environments
+def test_a_run_of_two_processes_resumes_with_two_only(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_two_process_run, args=(tmp_path, 2), num_processes=2)
+    held = lambda: [load_state(state_path(tmp_path, r))[1] for r in (0, 1)]  # noqa: E731
+    assert [(m["iteration"], m["num_processes"]) for m in held()] == [("2", "2")] * 2
+    with pytest.raises(UsageError, match=r"written by 2 process\(es\), this run has 1"):
+        meta_train(dataclasses.replace(SMALL, iterations=3), tmp_path, progress=False)
+    debug_launcher(_two_process_run, args=(tmp_path, 3), num_processes=2)  # two processes extend it
+    assert [(m["iteration"], m["num_processes"]) for m in held()] == [("3", "2")] * 2
+    assert [r["iteration"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1, 2, 3]
+
 
 def test_the_logged_iteration_is_the_episodes_it_played(tmp_path, monkeypatch):
     """Each figure of a log row recomputed from the episodes meta-training played (recorded from its

@@ -1,10 +1,15 @@
 """Reptile against its update written out by hand, inner SGD and inner Adam (torch.optim.Adam as reference)."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from gradient_meta.reptile import Reptile, ReptileConfig, adam_train
+from gradient_meta.config import MetaRLConfig, SinusoidConfig
+from gradient_meta.reptile import Reptile, ReptileConfig, adam_train, reptile_direction
+from gradient_meta.sinusoid import train
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.study.cli import main
 from tests.test_maml import _sgd_by_hand, _tasks, linear_loss
 
 torch.set_num_threads(1)
@@ -64,3 +69,54 @@ def test_adapt_takes_exactly_the_steps_asked(steps):
     learner = Reptile({"w": w}, linear_loss, ReptileConfig(inner_steps=3, inner_lr=0.05))
     want = _sgd_by_hand(w, (xs, ys), 0.05, 3 if steps is None else steps)
     torch.testing.assert_close(learner.adapt((xs, ys), steps)["w"], want, atol=1e-12, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------- Reptile needs k >= 2
+def test_one_inner_step_is_the_multitask_gradient_so_it_is_refused():
+    """Why k >= 2 (Nichol et al. 2018, sec. 5): with k = 1, theta - phi is lr times the task gradient, so the
+    Reptile direction is lr x the multi-task gradient; with k = 2 it is not."""
+    (xs, ys), _, w = _tasks()
+    multitask = torch.stack([torch.func.grad(linear_loss)({"w": w}, (xs[i], ys[i]))["w"] for i in range(len(xs))])
+    one = ReptileConfig(inner_steps=2, inner_lr=0.05)
+    one.inner_steps = 1  # past the check, to show what it guards against
+    d1, _ = reptile_direction(linear_loss, {"w": w}, (xs, ys), one)
+    torch.testing.assert_close(d1["w"], 0.05 * multitask.mean(0), atol=1e-12, rtol=1e-10)
+    d2, _ = reptile_direction(linear_loss, {"w": w}, (xs, ys), ReptileConfig(inner_steps=2, inner_lr=0.05))
+    assert not torch.allclose(d2["w"], 2 * 0.05 * multitask.mean(0), atol=1e-6)
+    with pytest.raises(UsageError, match=r"^reptile needs inner steps >= 2, got 1: "):
+        ReptileConfig(inner_steps=1)
+
+
+@pytest.mark.parametrize("build", [lambda: ReptileConfig(inner_steps=1),
+                                   lambda: MetaRLConfig(algo="reptile", inner_steps=1),
+                                   lambda: train(SinusoidConfig(algo="reptile", inner_steps=1, iterations=1))])
+def test_fewer_than_two_inner_steps_is_one_line_naming_the_value(build):
+    with pytest.raises(UsageError) as e:
+        build()
+    assert "reptile needs inner steps >= 2, got 1" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [["train", "reptile", "--inner-steps", "1"],
+                                  ["meta-train", "--algo", "reptile", "--inner-steps", "1"],
+                                  ["sinusoid", "train", "--algo", "reptile", "--inner-steps", "1"]])
+def test_the_command_line_exits_2_on_one_inner_step(argv, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "reptile needs inner steps >= 2, got 1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_reptile_defaults_to_k_of_at_least_two_and_no_query_episodes():
+    reptile = MetaRLConfig(algo="reptile").resolved()
+    assert reptile.inner_steps >= 2 and reptile.query_episodes == 0
+    maml = MetaRLConfig(algo="maml").resolved()
+    assert (maml.inner_steps, maml.query_episodes) == (1, 1)  # MAML-RL's, unchanged
+    assert MetaRLConfig(algo="meta-sgd").resolved().inner_steps == 1
+    # a study lays the algorithm over a base run (dataclasses.replace): it still gets Reptile's values
+    laid = dataclasses.replace(MetaRLConfig(algo="maml", iterations=3), algo="reptile").resolved()
+    assert (laid.inner_steps, laid.query_episodes) == (reptile.inner_steps, 0)
+    assert SinusoidConfig(algo="reptile").inner_steps >= 2 and SinusoidConfig(algo="maml").inner_steps == 1
+    with pytest.raises(UsageError, match="reptile plays no query episodes.*got 1"):
+        MetaRLConfig(algo="reptile", query_episodes=1)
+    with pytest.raises(UsageError, match="query-episodes must be an integer >= 1, got 0"):
+        MetaRLConfig(algo="maml", query_episodes=0)

@@ -9,6 +9,10 @@ How the two protocols meet: Meta-World calls ``init`` once per round (a new tria
 ``terminate_on_success`` on. ``reset`` is an episode boundary, never a new trial, so an in-context agent
 keeps its memory. Meta-World hands the agent neither rewards during evaluation nor success flags at all,
 so a vector-env wrapper passes each step's outcome to ``agent.observe`` as our evaluator does.
+
+An agent with a decision interval k (``agent.action_repeat``) is asked for an action every k-th
+simulator step of an episode and the adapter holds it in between; the k steps' summed reward and any
+success reach ``agent.observe`` once, as ``TrialEnv`` hands them to our evaluator.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from metaworld.evaluation import metalearning_evaluation
 
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.suites import TaskSpec, check_episode_length, metaworld_task
+from icl_metarl.harness.suites import TaskSpec, check_action_repeat, check_episode_length, metaworld_task
 
 
 def metaworld_vector_env(tasks: Sequence[TaskSpec], episode_length: int, env_seeds: Sequence[int],
@@ -90,9 +94,13 @@ class MetaWorldAdapter:
     def __init__(self, agent: Agent, seed: int = 0):
         self.agent = agent
         self.seed = int(seed)
+        self.action_repeat = check_action_repeat(getattr(agent, "action_repeat", None) or 1)
         self.rounds = 0
         self.envs: gym.vector.VectorEnv | None = None
         self._open = np.zeros(0, dtype=bool)  # trials whose current episode has had at least one step
+        self._held: np.ndarray | None = None  # the action of the current decision, held for k steps
+        self._since = 0  # simulator steps played with it
+        self._reward = self._success = None  # their summed reward and any success, not yet observed
 
     def wrap(self, envs: gym.vector.VectorEnv) -> gym.vector.VectorEnv:
         """The vector env to hand to ``metalearning_evaluation`` together with this adapter."""
@@ -122,6 +130,9 @@ class MetaWorldAdapter:
 
     # --- our protocol
     def _act(self, obs: np.ndarray) -> np.ndarray:
+        if self._held is not None:  # inside a decision: hold its action
+            self._open[:] = True
+            return self._held
         if self.agent.privileged:
             names = _task_names(self.envs)
             goals = np.stack(self.envs.call("_get_pos_goal"))  # (B, 3), read from the env, never shown to learners
@@ -129,15 +140,28 @@ class MetaWorldAdapter:
         else:
             actions = self.agent.act(obs)
         self._open[:] = True
-        return np.asarray(actions, dtype=np.float32)
+        self._held, self._since = np.asarray(actions, dtype=np.float32), 0
+        self._reward, self._success = np.zeros(len(self._held)), np.zeros(len(self._held))
+        return self._held
 
     def _observe(self, reward: np.ndarray, success: np.ndarray) -> None:
-        self.agent.observe(reward, success)
+        self._reward = self._reward + reward
+        self._success = np.maximum(self._success, success)
+        self._since += 1
+        if self._since == self.action_repeat:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The current decision is over: its outcome to the agent, and the next step asks anew."""
+        if self._held is not None:
+            self.agent.observe(self._reward, self._success)
+            self._held = None
 
     def _end(self, done: np.ndarray) -> None:
         done = done & self._open  # Meta-World also calls reset(all) before evaluation: not a new boundary
         if not done.any():
             return
+        self._flush()  # an episode's last decision may hold fewer than k steps
         if done.all():
             self.agent.end_episode()
         elif hasattr(self.agent, "end_episodes"):

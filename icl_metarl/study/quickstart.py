@@ -249,7 +249,8 @@ def plot_training(out: Path) -> str | None:
         else:
             it = [r["iteration"] for r in log]
             ax.plot(it, [r["success_pre"] for r in log], label="before the inner step")
-            ax.plot(it, [r["success_post"] for r in log], label="after the inner step")
+            if "success_post" in log[0]:  # Reptile plays no episodes after its inner steps
+                ax.plot(it, [r["success_post"] for r in log], label="after the inner step")
             ax.set(xlabel="meta-iteration", ylabel="success (train tasks)", title="gradient meta-training")
             ax.legend(fontsize=8)
     fig.tight_layout()
