@@ -246,8 +246,6 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
     share = local_tasks(cfg.meta_batch, nproc, rank)
     reduce_acc = accelerator if nproc > 1 else None
 
-    # The policy is small: one thread avoids thread-pool waits that cost more than the maths (rl.py).
-    torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     params = init_policy(PolicyConfig(hidden=cfg.hidden, init_std=cfg.init_std), torch.Generator().manual_seed(cfg.seed))
     learner = build_learner(cfg, params, reduce_acc)

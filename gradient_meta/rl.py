@@ -197,17 +197,11 @@ class Sampler:
         """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...);
         ``label_expert``: also record the scripted expert's action at every observation (``Rollout.expert``)."""
         agent = GaussianAgent(params, norm, generator, per_task, deterministic, label_expert, goal_offsets)
-        # A (T, 39) forward pass is tiny: with several threads on a busy machine it spends ~20 ms per step
-        # waiting on its thread pool instead of ~0.1 ms, slower than the environments themselves.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            # The agent draws from meta-training's generator, which runs on across calls: not restarted.
-            for _ in play_trials(agent, self.tasks, self.seed, 0, episodes, 0, self.episode_length,
-                                 envs=self.envs, start_trials=False):
-                pass
-        finally:
-            torch.set_num_threads(threads)
+        # The agent draws from meta-training's generator, which runs on across calls: not restarted.
+        # Torch's threads are the command's (one for meta-training: the gradient learners' registration).
+        for _ in play_trials(agent, self.tasks, self.seed, 0, episodes, 0, self.episode_length,
+                             envs=self.envs, start_trials=False):
+            pass
         return agent.rollout()
 
 

@@ -118,7 +118,6 @@ def train(config: SinusoidConfig, accelerator=None, log=print):
     """Meta-train on freshly sampled tasks; returns (model, learner, seconds). Every process samples the
     whole meta-batch from the same seed and keeps its own share, so N processes see the same tasks as one."""
     family = get_family(config.family)
-    torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model = SineNet(config.hidden, family.x_dim)
     nproc = accelerator.num_processes if accelerator else 1
@@ -192,7 +191,6 @@ def evaluate_command(checkpoint, options) -> None:
     shots = options.shots if options.shots is not None else config.shots
     if shots < 1 or options.steps < 0 or options.tasks < 2:
         raise UsageError(f"need --shots >= 1, --steps >= 0, --tasks >= 2; got {shots}, {options.steps}, {options.tasks}")
-    torch.set_num_threads(config.threads)
     family = get_family(config.family)
     model = SineNet(config.hidden, family.x_dim)
     res = evaluate(model, params, step_sizes or config.inner_lr, shots, options.steps, options.tasks, seed=options.seed,

@@ -223,7 +223,6 @@ def evaluate_run(run: str | Path, config: FewShotEvalConfig) -> dict:
     if any(f.x_dim != get_family(trained_on).x_dim for f in families):
         raise UsageError(f"family {first.name!r} has {first.x_dim} input dimension(s); the run was trained on "
                          f"{trained_on!r} with {get_family(trained_on).x_dim}")
-    torch.set_num_threads(run_config.get("threads", 1))
     predictors, budgets = load_run(run, config.gradient_steps)
     records = []
     for family in families:

@@ -226,7 +226,6 @@ def probe_command(run: str, config: FewShotProbeConfig, out) -> None:
     if not (run / "icl" / "config.json").is_file():
         raise UsageError(f"{run} has no in-context regressor (icl/); train it with `icl-metarl fewshot train "
                          f"--learners icl --out {run}`")
-    torch.set_num_threads(1)
     model = ICLRegressor.from_pretrained(run / "icl", attn_implementation="eager")
     result = probe_predictor(model.predict, family, resolve_reference(run, family, config.reference), config, model)
     atomic_write_json(out / "metrics.json", result)

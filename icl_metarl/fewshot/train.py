@@ -109,7 +109,6 @@ def train_regressor(config: FewShotTrainConfig, run: str | Path, log=print) -> I
     checkpoints = complete_checkpoints(run)
     if checkpoints and not config.resume:
         raise UsageError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
-    torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model = ICLRegressor(regressor_config(config, family)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.icl_lr, weight_decay=0.0)

@@ -51,6 +51,9 @@ class Learner:
     """dataclass of acting options of its agents (each field None = the checkpoint's own setting)"""
     distributed: bool = False
     """its training may run under ``accelerate launch`` with several processes"""
+    threads: int = 0
+    """torch CPU threads its training runs with when its settings hold no ``threads`` of their own (0: torch's
+    default); the command line sets them (``--threads``), the training function never does"""
 
 
 _LEARNERS: dict[str, Learner] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.budget import run_budget
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.threads import threads_held
 from icl_metarl.incontext.model import ICLPolicy, episode_inputs, kept_steps
 
 TRAINING_INFO = "training.json"
@@ -275,17 +275,9 @@ class InContextAgent(Agent):
         return out
 
     # ------------------------------------------------------------------------------- window
-    @contextmanager
     def _threads(self):
-        if self.cpu_threads is None or self.device.type != "cpu":
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.cpu_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        """``cpu_threads`` held for one step of CPU forwards (an acting option, put back after the step)."""
+        return threads_held(self.cpu_threads if self.device.type == "cpu" else None)
 
     def _forward(self, start: int, end: int, cache, episode: int | None = None):
         """The model on the kept tokens start..end (``episode``: their one episode index, compact context

@@ -36,6 +36,7 @@ from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.harness.suites import check_playable, decisions_per_episode, get_suite
+from icl_metarl.harness.threads import use_threads
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
 from icl_metarl.incontext.histories import generate, load_histories
@@ -465,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p, TrainConfig, required=("data",))
     args = p.parse_args(argv)
     try:
-        train_checkpoint(from_args(TrainConfig, args), args.out)
+        config = from_args(TrainConfig, args)
+        use_threads(config.threads)  # this command's, for its process: training itself never sets them
+        train_checkpoint(config, args.out)
     except (UsageError, NonFiniteLoss) as e:
         print(f"icl_metarl.incontext.train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

@@ -49,5 +49,6 @@ class ProbeConfig:
     max_heatmap_bins: int = 250
     """query x key maps are mean-pooled to at most this many bins a side"""
     torch_threads: int = 1
-    """torch CPU threads while probing, the agent's steps included (1, as the evaluator's agent: one-token
-    steps on more threads thrash on a shared machine, docs/benchmarks.md)"""
+    """torch CPU threads while probing (the probe command and the quickstart's probe stage set them), the
+    agent's steps included (1, as the evaluator's agent: one-token steps on more threads thrash on a shared
+    machine, docs/benchmarks.md)"""

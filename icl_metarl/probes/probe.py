@@ -387,12 +387,7 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
     window = model.config.max_context_episodes  # episodes in the context, the probed one included
     rng = np.random.default_rng(cfg.seed)
     timing = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.torch_threads)
-    try:
-        return _probe(model, cfg, tasks, window, rng, timing, say)
-    finally:
-        torch.set_num_threads(threads)
+    return _probe(model, cfg, tasks, window, rng, timing, say)
 
 
 def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) -> ProbeResult:

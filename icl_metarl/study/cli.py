@@ -3,7 +3,8 @@ dataclasses (``harness.settings``) and its learners read from the registry (``ha
 
 What a command runs is named as ``"module:function"`` and imported only when the command runs, so that
 ``icl-metarl --help`` and every subcommand's ``--help`` answer without importing torch (tested). Bad user
-input raises ``UsageError`` anywhere below and is printed here as one line, exit code 2.
+input raises ``UsageError`` anywhere below and is printed here as one line, exit code 2. Torch's CPU thread
+count is set here, once per command, from its ``--threads`` (``_run``); nothing below sets it for the process.
 """
 
 from __future__ import annotations
@@ -74,8 +75,18 @@ class SinusoidEvaluateCommand:
     """seed of the test tasks"""
 
 
-def _run(reference: str, *args):
-    return registry.resolve(reference)(*args)
+def _run(target, *args, threads: int = 0):
+    """Run a command: torch's CPU threads for this process (0: torch's default, torch not imported for it),
+    then ``target`` (a function, or ``"module:function"`` imported only now) called with ``args``."""
+    if threads:
+        registry.resolve("icl_metarl.harness.threads:use_threads")(threads)
+    return (registry.resolve(target) if isinstance(target, str) else target)(*args)
+
+
+def _add_threads(p, default: int | None, what: str) -> None:
+    """``--threads`` for a command whose settings hold no thread count of their own."""
+    p.add_argument("--threads", type=int, default=default, metavar="THREADS",
+                   help=f"torch CPU threads of this command ({what})")
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -98,8 +109,10 @@ def _add_learner(sub, learner: registry.Learner, command: str | None = None, sum
     p = sub.add_parser(command or learner.name, help=summary or learner.summary)
     add_arguments(p, learner.config, skip=("out", *learner.fixed), required=_required(learner.config))
     p.add_argument("--out", required=True, help="checkpoint directory; rerun the same command to resume it")
-    p.set_defaults(handler=lambda a: registry.train(learner.name, from_args(learner.config, a, **learner.fixed),
-                                                    a.out))
+    if "threads" not in {f.name for f in dataclasses.fields(learner.config)}:
+        _add_threads(p, learner.threads, f"default: the learner's, {learner.threads or 'torch default'}")
+    p.set_defaults(handler=lambda a: _run(registry.train, learner.name,
+                                          from_args(learner.config, a, **learner.fixed), a.out, threads=a.threads))
 
 
 def _required(cls) -> tuple[str, ...]:
@@ -118,7 +131,9 @@ def _add_meta_train(sub) -> None:
     p = sub.add_parser("meta-train", help="gradient meta-RL (MAML, Meta-SGD, Reptile): the same as `train ALGO`")
     add_arguments(p, MetaRLConfig)
     p.add_argument("--out", required=True, help="run directory; rerun the same command to resume it")
-    p.set_defaults(handler=lambda a: registry.train(a.algo, from_args(MetaRLConfig, a), a.out))
+    _add_threads(p, None, "default: the learner's, 1")
+    p.set_defaults(handler=lambda a: _run(registry.train, a.algo, from_args(MetaRLConfig, a), a.out,
+                                          threads=registry.get(a.algo).threads if a.threads is None else a.threads))
 
 
 def _add_evaluate(sub) -> None:
@@ -130,6 +145,7 @@ def _add_evaluate(sub) -> None:
     add_arguments(p, EvaluateCommand)
     for options in registry.agent_option_classes():
         add_arguments(p, options)
+    _add_threads(p, 0, "default 0: torch's; an in-context agent holds --agent-threads during each of its steps")
     p.set_defaults(handler=_evaluate)
 
 
@@ -138,7 +154,7 @@ def _evaluate(a) -> None:
     command = from_args(EvaluateCommand, a)
     options = {f.name: getattr(a, f.name) for cls in registry.agent_option_classes() for f in dataclasses.fields(cls)}
     _run("icl_metarl.study.commands:evaluate", a.agents, config, command.non_adaptive, command.bootstrap, options,
-         a.out)
+         a.out, threads=a.threads)
 
 
 def _add_compare(sub) -> None:
@@ -160,7 +176,7 @@ def _add_probe(sub) -> None:
     p.add_argument("--out", required=True, help="output directory: metrics.json, PNG heatmaps, probe.md")
     add_arguments(p, ProbeConfig)
     p.set_defaults(handler=lambda a: _run("icl_metarl.study.commands:probe", a.checkpoint, from_args(ProbeConfig, a),
-                                          a.out))
+                                          a.out, threads=a.torch_threads))
 
 
 def _add_sinusoid(sub) -> None:
@@ -171,12 +187,13 @@ def _add_sinusoid(sub) -> None:
     t.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
     t.add_argument("--eval-tasks", type=int, default=1000, help="test tasks evaluated after training (default: 1000)")
     t.set_defaults(handler=lambda a: _run("gradient_meta.sinusoid:train_command", from_args(SinusoidConfig, a),
-                                          a.out, a.eval_tasks))
+                                          a.out, a.eval_tasks, threads=a.threads))
     e = acts.add_parser("evaluate", help="post-adaptation MSE of a checkpoint, with a 95%% CI over test tasks")
     e.add_argument("checkpoint", help="directory written by `icl-metarl sinusoid train`")
     add_arguments(e, SinusoidEvaluateCommand)
+    _add_threads(e, 1, "default: 1, as training's: a small net gains nothing from more")
     e.set_defaults(handler=lambda a: _run("gradient_meta.sinusoid:evaluate_command", a.checkpoint,
-                                          from_args(SinusoidEvaluateCommand, a)))
+                                          from_args(SinusoidEvaluateCommand, a), threads=a.threads))
 
 
 def _add_fewshot(sub) -> None:
@@ -187,21 +204,23 @@ def _add_fewshot(sub) -> None:
     add_arguments(t, FewShotTrainConfig)
     t.add_argument("--out", required=True, help="run directory; rerun the same command to finish it")
     t.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.train:train_command", from_args(FewShotTrainConfig, a),
-                                          a.out))
+                                          a.out, threads=a.threads))
     e = acts.add_parser("evaluate", help="MSE against shots of every learner on the same test tasks and points; "
                                          "results.json, report.md, plots")
     e.add_argument("run", help="run directory written by `icl-metarl fewshot train`")
     add_arguments(e, FewShotEvalConfig)
     e.add_argument("--out", required=True, help="output directory")
+    _add_threads(e, 1, "default: 1, as training's: small nets gain nothing from more")
     e.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.evaluation:evaluate_command", a.run,
-                                          from_args(FewShotEvalConfig, a), a.out))
+                                          from_args(FewShotEvalConfig, a), a.out, threads=a.threads))
     r = acts.add_parser("probe", help="does the in-context prediction behave like k gradient steps? metrics.json, "
                                       "probe.md, plots")
     r.add_argument("run", help="run directory with an in-context regressor (icl/)")
     add_arguments(r, FewShotProbeConfig)
     r.add_argument("--out", required=True, help="output directory")
+    _add_threads(r, 1, "default: 1: a small net gains nothing from more")
     r.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.probe:probe_command", a.run,
-                                          from_args(FewShotProbeConfig, a), a.out))
+                                          from_args(FewShotProbeConfig, a), a.out, threads=a.threads))
     o = acts.add_parser("pool", help="pool the evaluations (or the probes) of several training seeds: mean over "
                                      "seeds with a t-interval, per-seed values; pooled.json, pooled.md, plots")
     o.add_argument("dirs", nargs="+", help="output directories of `fewshot evaluate` (or of `fewshot probe`), one "

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 from icl_metarl.harness import registry
@@ -27,6 +26,7 @@ from icl_metarl.harness.evaluation import evaluate, load_agents, load_results
 from icl_metarl.harness.files import as_json, atomic_write_figure, atomic_write_json, atomic_write_text, read_log
 from icl_metarl.harness.report import adaptation_lines, claim_lines, write_report
 from icl_metarl.harness.settings import add_arguments, from_args
+from icl_metarl.harness.threads import threads_held
 from icl_metarl.incontext.histories import generate
 from icl_metarl.probes.probe import probe
 from icl_metarl.study.commands import launched_processes
@@ -113,8 +113,6 @@ def run_generate(cfg: QuickstartConfig, out: Path) -> dict:
 
 
 def run_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
     record = registry.train("icl", stage_config(cfg, "pretrain", out), out / DIRS["pretrain"]) or {}
     return {"final_loss": record.get("loss"), "tokens_per_s": record.get("tokens_per_s")}
 
@@ -166,6 +164,19 @@ RUNNERS = {"generate": run_generate, "pretrain": run_pretrain, "meta-train": run
            "evaluate": run_evaluate, "probe": run_probe, "report": run_report}
 
 
+def stage_threads(cfg: QuickstartConfig, stage: str) -> int:
+    """Torch CPU threads a stage runs with, as its own command would set them (0: the process's own):
+    pretraining the study's ``torch_threads`` (its pretrain section's ``threads`` first, if set),
+    meta-training its learner's (one), probing the probe's; generation, evaluation and the report leave them."""
+    if stage == "pretrain":
+        return cfg.pretrain.threads or cfg.torch_threads
+    if stage == "meta-train":
+        return registry.get(cfg.meta_train.algo).threads
+    if stage == "probe":
+        return cfg.probe.torch_threads
+    return 0
+
+
 def run_quickstart(cfg: QuickstartConfig, out: str | Path, say=print) -> Path:
     """Run the configured stages into ``out`` in order, reusing finished ones; returns report.md's path."""
     check_config(cfg)
@@ -188,7 +199,8 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, say=print) -> Path:
             continue
         say(f"{head}: running ({time.perf_counter() - t_start:.0f} s elapsed)")
         t0 = time.perf_counter()
-        summary = RUNNERS[stage](cfg, out)
+        with threads_held(stage_threads(cfg, stage)):  # put back after the stage: stages do not leak them
+            summary = RUNNERS[stage](cfg, out)
         seconds = time.perf_counter() - t0
         if main_process:
             mark_done(out, stage, settings, seconds, summary)
