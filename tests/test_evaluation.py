@@ -5,6 +5,7 @@ import types
 import numpy as np
 import pytest
 
+from icl_metarl.harness import evaluation
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.baselines import make_baseline
 from icl_metarl.harness.errors import UsageError
@@ -218,3 +219,107 @@ def test_dispatch_by_model_type(tmp_path, monkeypatch):
     assert [a.agent.kwargs for a in agents if a.spec != "random"] == [
         {"wipe": False}, {"wipe": True}, {"adaptive": True}, {"adaptive": False}]
     assert [a.adaptive for a in agents] == [True, False, True, True, False]
+
+
+# ------------------------------------------------------------------------------------ resuming
+class KilledAt(Agent):
+    """``agent``, killed in its ``n``-th batch of trials (None: never): ``exc`` raised at the end of that
+    batch's first episode, as Ctrl-C or a stopped job would (not an Exception: no failure is recorded).
+    Counts the batches it was asked to play; says it is ``agent`` (describe), as a rerun's agent would."""
+
+    def __init__(self, agent, n=None, exc=KeyboardInterrupt):
+        self.agent, self.n, self.exc, self.batches = agent, n, exc, 0
+        self.name, self.privileged = agent.name, agent.privileged
+
+    def start_trials(self, num_trials, seed):
+        self.batches += 1
+        self.agent.start_trials(num_trials, seed)
+
+    def act(self, obs):
+        return self.agent.act(obs)
+
+    def act_privileged(self, obs, privileged):
+        return self.agent.act_privileged(obs, privileged)
+
+    def observe(self, reward, success):
+        self.agent.observe(reward, success)
+
+    def end_episode(self):
+        if self.batches == self.n:
+            raise self.exc
+        self.agent.end_episode()
+
+    def describe(self):
+        return self.agent.describe()
+
+
+RESUME = dict(TINY, num_tasks=5, batch_size=2, seeds=(0, 1), episode_length=12)  # 3 batches per seed
+
+
+def _killable(random_killed_at=None, exc=KeyboardInterrupt):
+    return [EvalAgent("random", KilledAt(make_baseline("random"), random_killed_at, exc)),
+            EvalAgent("oracle", KilledAt(make_baseline("oracle")))]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_a_killed_evaluation_resumes_equal_to_an_uninterrupted_one(tmp_path, exc, capsys):
+    whole = evaluate(_killable(), EvalConfig(**RESUME))
+    with pytest.raises(exc):  # killed in random's 5th batch: seed 1, tasks 2-3
+        evaluate(_killable(random_killed_at=5, exc=exc), EvalConfig(**RESUME), tmp_path)
+    partial = load_results(tmp_path)
+    assert [a["status"] for a in partial["agents"].values()] == ["pending", "pending"]
+    assert [(t["seed"], t["tasks"]) for t in partial["trials"]] == [(0, [0, 1]), (0, [2, 3]), (0, [4]), (1, [0, 1])]
+    assert partial["records"] == whole["records"][: (5 + 2) * 2]  # seed 0's 5 trials and 2 of seed 1's, as whole
+    again = _killable()
+    resumed = evaluate(again, EvalConfig(**RESUME), tmp_path)
+    assert "resuming the evaluation in" in capsys.readouterr().out
+    assert [a.agent.batches for a in again] == [2, 6]  # only what the kill left: random's seed 1, tasks 2-4
+    assert without_timing(resumed) == without_timing(whole) == without_timing(load_results(tmp_path))
+    assert set(resumed["timing"]["random"]) == {"0", "1"}
+    finished = _killable()  # a rerun of a finished evaluation plays nothing; a progress bar changes nothing
+    rerun = evaluate(finished, EvalConfig(**{**RESUME, "progress": True}), tmp_path)
+    assert [a.agent.batches for a in finished] == [0, 0]
+    assert without_timing(rerun) == {**without_timing(whole), "settings": {**whole["settings"], "progress": True}}
+
+
+def test_a_failed_batch_is_played_again_on_resume(tmp_path):
+    agents = lambda after: [EvalAgent("crashes", Crashes(after_steps=after)),  # noqa: E731
+                            EvalAgent("random", make_baseline("random"))]
+    cfg = EvalConfig(**{**TINY, "batch_size": 2, "episode_length": 10})
+    failed = evaluate(agents(15), cfg, tmp_path)  # fails in its first batch, at the second episode
+    assert failed["agents"]["crashes"]["status"] == "failed" and len(failed["trials"]) == 1 + 2
+    resumed = evaluate(agents(10_000), cfg, tmp_path)  # now it does not: its seed is played whole
+    assert without_timing(resumed) == without_timing(evaluate(agents(10_000), cfg))
+    assert resumed["agents"]["crashes"]["status"] == "ok" and not resumed["failures"]
+
+
+@pytest.mark.parametrize("change, agents, match", [
+    ({"episode_length": 13}, None, "episode_length 12, not 13"),
+    ({"seeds": (0, 2)}, None, "seeds \\[0, 1\\], not \\[0, 2\\]"),
+    ({"batch_size": 3}, None, "batch_size 2, not 3"),
+    ({}, ["random"], "agents \\['random', 'oracle'\\], not \\['random'\\]"),
+    ({}, ["random", "oracle2"], "agents"),
+    ({}, "offsets", "agent 'oracle': another description"),
+])
+def test_another_evaluation_in_the_same_out_is_refused(tmp_path, change, agents, match):
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_killable(random_killed_at=2), EvalConfig(**RESUME), tmp_path)
+    before = (tmp_path / "results.json").read_bytes()
+    if agents == "offsets":
+        other = [EvalAgent("random", make_baseline("random")),
+                 EvalAgent("oracle", make_baseline("oracle", ["reach-v3=0,0,0.045"]))]
+    else:
+        other = [EvalAgent(a, make_baseline(a.rstrip("2"))) for a in agents or ["random", "oracle"]]
+    with pytest.raises(UsageError, match=f"results.json was written by another evaluation \\({match}.*\\); give "
+                                         "this one another --out") as e:
+        evaluate(other, EvalConfig(**{**RESUME, **change}), tmp_path)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "results.json").read_bytes() == before  # never mixed
+
+
+def test_other_package_versions_are_another_evaluation(tmp_path, monkeypatch):
+    evaluate([EvalAgent("random", make_baseline("random"))], EvalConfig(**TINY), tmp_path)
+    real = evaluation.versions()
+    monkeypatch.setattr(evaluation, "versions", lambda: {**real, "torch": "0.0"})
+    with pytest.raises(UsageError, match="written by another evaluation \\(torch"):
+        evaluate([EvalAgent("random", make_baseline("random"))], EvalConfig(**TINY), tmp_path)

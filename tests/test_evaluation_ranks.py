@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_evaluation import KilledAt
 
 from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.baselines import make_baseline
@@ -90,15 +91,52 @@ def test_processes_merge_into_the_one_process_results(tmp_path, world):
     assert set(merged["timing"]) == {"fails", "random", "oracle"}
 
 
+def _killed(killed_at=None):
+    """``_agents()`` with the random agent killed in its ``killed_at``-th batch (None: never)."""
+    agents = _agents()
+    agents[1].agent = KilledAt(agents[1].agent, killed_at)
+    return agents
+
+
+def _run(out, world, killed=None):
+    """One launch of ``world`` processes into ``out``, the main one last; ``killed``: (rank, n) whose random
+    agent is killed in its n-th batch, which ends the launch there (the barrier is never reached)."""
+    for rank in reversed(range(world)):
+        n = killed[1] if killed and killed[0] == rank else None
+        if n is None:
+            results = evaluate(_killed(), EvalConfig(**TINY), out, Processes(rank, world) if world > 1 else None)
+            continue
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(_killed(n), EvalConfig(**TINY), out, Processes(rank, world) if world > 1 else None)
+        return None
+    return results
+
+
+@pytest.mark.parametrize("first, then", [
+    ((3, (1, 2)), 2),  # three processes, the second killed in its 2nd batch of random's; resumed in two
+    ((3, (2, 1)), 1),  # ... the third killed in its first; resumed in one process
+    ((1, (0, 4)), 2),  # one process killed in random's seed 1; resumed in two
+])
+def test_a_killed_launch_resumes_equal_to_one_process(tmp_path, first, then):
+    one = evaluate(_agents(), EvalConfig(**TINY))
+    world, killed = first
+    assert _run(tmp_path, world, killed) is None
+    resumed = _run(tmp_path, then)
+    assert without_timing(resumed) == without_timing(one) == without_timing(load_results(tmp_path))
+    assert [f["seed"] for f in resumed["failures"]] == [0, 1]  # played again, and failed again, on resume
+
+
 def test_a_missing_or_foreign_process_file_is_a_one_line_error(tmp_path):
     cfg = EvalConfig(**{**TINY, "seeds": (0,)})
     agents = [EvalAgent("random", make_baseline("random"))]
     with pytest.raises(UsageError, match="no records of process 1 at .*rank-00001.json") as e:
         evaluate(agents, cfg, tmp_path, Processes(0, 2))
     assert "\n" not in str(e.value)
-    evaluate(agents, EvalConfig(**{**TINY, "seeds": (0,), "episode_length": 11}), tmp_path, Processes(1, 2))
-    with pytest.raises(UsageError, match="rank-00001.json was written by another evaluation"):
-        evaluate(agents, cfg, tmp_path, Processes(0, 2))
+    evaluate(agents, EvalConfig(**{**TINY, "seeds": (0,), "episode_length": 11}), tmp_path / "b", Processes(1, 2))
+    with pytest.raises(UsageError, match="rank-00001.json was written by another evaluation \\(episode_length 11, "
+                                         "not 10\\); give this one another --out") as e:
+        evaluate(agents, cfg, tmp_path / "b", Processes(0, 2))
+    assert "\n" not in str(e.value) and not rank_path(tmp_path / "b", 0).exists()  # refused before it played
     with pytest.raises(UsageError, match="2 processes needs an output directory"):
         evaluate(agents, cfg, None, Processes(0, 2))
 

@@ -273,7 +273,10 @@ def _two_process_run(out, iterations):
 @pytest.mark.slow  # two gloo processes with their own Meta-World environments
 def test_a_run_of_two_processes_resumes_with_two_only(tmp_path):
     from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
 
+    # the forked processes would inherit a one-process state left by any earlier Accelerator of this pytest
+    AcceleratorState._reset_state(reset_partial_state=True)
     debug_launcher(_two_process_run, args=(tmp_path, 2), num_processes=2)
     held = lambda: [load_state(state_path(tmp_path, r))[1] for r in (0, 1)]  # noqa: E731
     assert [(m["iteration"], m["num_processes"]) for m in held()] == [("2", "2")] * 2

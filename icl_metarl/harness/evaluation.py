@@ -1,17 +1,19 @@
 """The shared evaluator: every agent plays the same test tasks, in the same order, with the same seeds,
-K adaptation then E evaluation episodes per trial, and every episode's outcome goes to results.json.
+K adaptation then E evaluation episodes per trial, and every episode's outcome goes to results.json; a
+killed evaluation rerun into the same directory plays only what it had not finished.
 
 Not for: tables and plots (``report.py``), Meta-World's own evaluation function (``mw_adapter.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,9 +36,14 @@ from icl_metarl.harness.suites import (
 )
 
 RESULTS_FORMAT = "icl_metarl.evaluation/1"  # names the file format, not the module: kept across moves
-RANK_FORMAT = "icl_metarl.evaluation.rank/1"  # the batches one of several processes played
+RANK_FORMAT = "icl_metarl.evaluation.rank/2"  # the batches one of several processes played (/2: with the
+# settings, tasks, agents and versions that say which evaluation they belong to)
 #: keys of results.json that hold wall-clock figures: the only ones allowed to differ between two runs
 TIMING_KEYS = ("timing",)
+#: settings that change nothing played: a rerun that resumes an evaluation may give them otherwise
+RESUME_FREE_SETTINGS = ("progress",)
+#: what must be equal for a rerun to reuse the batches a file in --out holds (besides RESUME_FREE_SETTINGS)
+IDENTITY_KEYS = ("settings", "tasks", "agents", "versions")
 
 
 @dataclass
@@ -229,12 +236,19 @@ def _describe(agent: Agent) -> dict:
 def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Path | None = None,
              processes: Processes | None = None) -> dict | None:
     """Play every agent on the same trials; return the results dict, written to ``out_dir/results.json``
-    after every agent and seed, so an agent that raises loses none of what was computed before.
+    after every batch of trials, so an agent that raises loses none of what was computed before.
+
+    A rerun of the same evaluation into the same ``out_dir`` (after a kill) reuses every batch finished
+    there (``played_batches``) and plays only the rest: its results equal an uninterrupted run's, timing
+    aside, since each batch starts its agent anew with a seed of its own (``start_trials``). A batch that
+    failed is played again. An ``out_dir`` that holds another evaluation (settings, tasks, agents or
+    package versions) is a UsageError: two evaluations are never mixed.
 
     ``processes`` (an ``accelerate.PartialState`` under ``accelerate launch``): each process plays every
     world-th batch of trials (``rank_batches``) and writes them to ``out_dir/ranks/rank-NNNNN.json`` after
-    every agent and seed; after a barrier the main process merges them into the results.json one process
-    would have written (timing aside) and returns it; the other processes return None.
+    every batch; after a barrier the main process merges them into the results.json one process would
+    have written (timing aside) and returns it; the other processes return None. A killed launch resumes
+    with any number of processes, or in one.
     """
     config.check()
     labels = [a.label for a in agents]
@@ -247,33 +261,47 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
         raise UsageError(f"an evaluation in {world} processes needs an output directory for their records")
     tasks = config.tasks()
     batches = trial_batches(len(tasks), config.batch_size)
+    header = _new_results(config, tasks, agents)
+    finished = {}
+    if out_dir is not None:
+        finished = {k: p for k, p in played_batches(out_dir, header, batches).items() if p["failure"] is None}
+    if finished and rank == 0:
+        total = len(agents) * len(config.seeds) * len(batches)
+        print(f"resuming the evaluation in {out_dir}: {len(finished)} of its {total} batches of trials were played "
+              "there before and are reused", flush=True)
     if world == 1:
-        results = _new_results(config, tasks, agents)
+        played = dict(finished)
         path = Path(out_dir) / "results.json" if out_dir is not None else None
         for a in agents:
             for seed in config.seeds:
-                played, seconds = _play_seed(a, seed, batches, tasks, config, f"{a.label} seed {seed}")
-                _add_seed(results, a.label, seed, played, seconds)
-                if path is not None:
-                    atomic_write_json(path, results)
+                todo = [b for b in batches if (a.label, seed, b.start) not in played]
+                for p in _play_seed(a, seed, todo, tasks, config, f"{a.label} seed {seed}"):
+                    played[_batch_key(p)] = p
+                    if path is not None:
+                        atomic_write_json(path, assemble(header, config.seeds, batches, played))
+        results = assemble(header, config.seeds, batches, played)
+        if path is not None:  # also when every batch was played before (by the processes of a launch, say)
+            atomic_write_json(path, results)
         return results
 
     mine = rank_batches(len(agents), len(config.seeds), batches, rank, world)
     path = rank_path(out_dir, rank)
-    share = {"format": RANK_FORMAT, "rank": rank, "world": world, "settings": _settings(config), "shares": []}
+    # what this process's file held is kept in it, so that every file only grows while processes read them
+    kept = [p for p in read_json(path)["batches"] if p["failure"] is None] if path.is_file() else []
+    share = {"format": RANK_FORMAT, "rank": rank, "world": world, **{k: header[k] for k in IDENTITY_KEYS},
+             "batches": kept}
     atomic_write_json(path, share)  # a process without batches still says so
     for i, a in enumerate(agents):
         for s, seed in enumerate(config.seeds):
-            if not mine[i][s]:
-                continue
-            played, seconds = _play_seed(a, seed, mine[i][s], tasks, config,
-                                         f"{a.label} seed {seed} [rank {rank} of {world}]", show=rank == 0)
-            share["shares"].append({"agent": a.label, "seed": seed, "seconds": seconds, "batches": played})
-            atomic_write_json(path, share)
+            todo = [b for b in mine[i][s] if (a.label, seed, b.start) not in finished]
+            for p in _play_seed(a, seed, todo, tasks, config, f"{a.label} seed {seed} [rank {rank} of {world}]",
+                                show=rank == 0):
+                share["batches"].append(p)
+                atomic_write_json(path, share)
     processes.wait_for_everyone()
     if rank != 0:
         return None
-    results = merge_ranks(out_dir, config, tasks, agents, world)
+    results = merge_ranks(out_dir, header, config.seeds, batches, world)
     atomic_write_json(Path(out_dir) / "results.json", results)
     return results
 
@@ -298,68 +326,175 @@ def rank_path(out_dir: str | Path, rank: int) -> Path:
     return Path(out_dir) / "ranks" / f"rank-{rank:05d}.json"
 
 
-def merge_ranks(out_dir: str | Path, config: EvalConfig, tasks: Sequence[TaskSpec], agents: Sequence[EvalAgent],
+def merge_ranks(out_dir: str | Path, header: dict, seeds: Sequence[int], batches: Sequence[range],
                 world: int) -> dict:
-    """The results of the ``world`` processes' files in one: trials, records and failures in the
-    one-process order, and, as there, an agent's seed stops at its first failed batch."""
-    results = _new_results(config, tasks, agents)
-    played: dict[tuple, dict] = {}
-    seconds: dict[tuple, float] = {}
+    """The results of the ``world`` processes' files (and of what earlier runs left in ``out_dir``) in one:
+    trials, records and failures in the one-process order, and, as there, an agent's seed stops at its
+    first failed batch. ``header``: ``_new_results`` of the evaluation."""
     for rank in range(world):
         path = rank_path(out_dir, rank)
         if not path.is_file():
             raise UsageError(f"no records of process {rank} at {str(path)!r}; on several machines --out must be "
                              f"a directory they share")
-        share = read_json(path)
-        if (share.get("format") != RANK_FORMAT or share.get("world") != world
-                or share.get("settings") != _settings(config)):
-            raise UsageError(f"{path} was written by another evaluation (other settings or number of "
-                             f"processes than {world}); rerun the evaluation")
-        for s in share["shares"]:
-            key = (s["agent"], s["seed"])
-            seconds[key] = seconds.get(key, 0.0) + s["seconds"]
-            for p in s["batches"]:
-                played[(*key, p["trial"]["tasks"][0])] = p
-    for a in agents:
-        for seed in config.seeds:
-            ordered = []
-            for batch in trial_batches(len(tasks), config.batch_size):
-                p = played.get((a.label, seed, batch.start))
+    played = played_batches(out_dir, header, batches)
+    for label in header["agents"]:
+        for seed in seeds:
+            for batch in batches:
+                p = played.get((label, seed, batch.start))
                 if p is None:
                     raise UsageError(f"no process played tasks {batch.start}-{batch.stop - 1} of agent "
-                                     f"{a.label!r} seed {seed} in {out_dir}/ranks; rerun the evaluation")
-                ordered.append(p)
+                                     f"{label!r} seed {seed} in {out_dir}/ranks; rerun the evaluation")
                 if p["failure"] is not None:
                     break
-            _add_seed(results, a.label, seed, ordered, round(seconds.get((a.label, seed), 0.0), 3))
+    return assemble(header, seeds, batches, played)
+
+
+# ------------------------------------------------------------------------------------ resuming
+def played_batches(out_dir: str | Path, header: dict, batches: Sequence[range]) -> dict[tuple, dict]:
+    """Every batch of trials that runs of this evaluation left in ``out_dir`` (its results.json and the
+    processes' ranks/rank-*.json), as ``_play_batch`` returned it, by (agent, seed, first task); of two
+    copies of a batch, one without failure. ``header``: ``_new_results`` of the evaluation; a file there
+    of another evaluation is a one-line UsageError."""
+    out_dir = Path(out_dir)
+    found: list[dict] = []
+    path = out_dir / "results.json"
+    if path.is_file():
+        results = read_json(path)
+        _check_same(path, results, RESULTS_FORMAT, header, out_dir)
+        found += _results_batches(results, batches)
+    for path in sorted((out_dir / "ranks").glob("rank-*.json")):
+        share = read_json(path)
+        _check_same(path, share, RANK_FORMAT, header, out_dir)
+        found += share["batches"]
+    played: dict[tuple, dict] = {}
+    for p in found:
+        key = _batch_key(p)
+        if key not in played or played[key]["failure"] is not None:
+            played[key] = p
+    return played
+
+
+def _batch_key(played: dict) -> tuple[str, int, int]:
+    t = played["trial"]
+    return t["agent"], t["seed"], t["tasks"][0]
+
+
+def _results_batches(results: dict, batches: Sequence[range]) -> list[dict]:
+    """The batches a results.json holds, each as ``_play_batch`` returned it: its trial, its records in
+    their order, its failure (a seed stops at its first failed batch, so a failure is its seed's last
+    batch's), and an even share of its seed's seconds."""
+    first = {j: b.start for b in batches for j in b}
+    out: dict[tuple, dict] = {}
+    by_seed: dict[tuple, list[tuple]] = {}  # (agent, seed) -> its batches' keys, in order
+    for t in results["trials"]:
+        key = (t["agent"], t["seed"], t["tasks"][0])
+        out[key] = {"trial": t, "records": [], "failure": None}
+        by_seed.setdefault(key[:2], []).append(key)
+    for r in results["records"]:
+        out[(r["agent"], r["seed"], first[r["task"]])]["records"].append(r)
+    for f in results["failures"]:
+        out[by_seed[(f["agent"], f["seed"])][-1]]["failure"] = f
+    for (label, seed), keys in by_seed.items():
+        for key in keys:
+            out[key]["seconds"] = results["timing"].get(label, {}).get(str(seed), 0.0) / len(keys)
+    return list(out.values())
+
+
+def _check_same(path: Path, found, file_format: str, header: dict, out_dir: Path) -> None:
+    """Raise UsageError if ``found``, read from ``path``, is not a file of the evaluation ``header`` starts."""
+    difference = _difference(found, file_format, header)
+    if difference:
+        raise UsageError(f"{path} was written by another evaluation ({difference}); give this one another --out "
+                         f"(or empty {out_dir} to start again): two evaluations are never mixed")
+
+
+def _difference(found, file_format: str, header: dict) -> str | None:
+    """The first thing that tells ``found`` from a file of the evaluation ``header`` starts; None if none."""
+    if not isinstance(found, dict) or found.get("format") != file_format:
+        return f"it is not of format {file_format!r}"
+    if any(k not in found for k in IDENTITY_KEYS):
+        return f"it lacks one of {list(IDENTITY_KEYS)}"
+    old, new = ({k: v for k, v in s.items() if k not in RESUME_FREE_SETTINGS}
+                for s in (found["settings"], header["settings"]))
+    for k in [*new, *(k for k in old if k not in new)]:
+        if _canonical(old.get(k)) != _canonical(new.get(k)):
+            return f"{k} {old.get(k)!r}, not {new.get(k)!r}"
+    if _canonical(found["tasks"]) != _canonical(header["tasks"]):
+        return "other tasks"
+    if list(found["agents"]) != list(header["agents"]):
+        return f"agents {list(found['agents'])}, not {list(header['agents'])}"
+    for label, info in header["agents"].items():
+        old, new = ({k: v for k, v in i.items() if k != "status"} for i in (found["agents"][label], info))
+        for k in [*new, *(k for k in old if k not in new)]:
+            if _canonical(old.get(k)) != _canonical(new.get(k)):
+                return f"agent {label!r}: another {k}"
+    for name, version in header["versions"].items():
+        if found["versions"].get(name) != version:
+            return f"{name} {found['versions'].get(name)}, not {version}"
+    return None
+
+
+def _canonical(value) -> str:
+    """``value`` as JSON with sorted keys: tuples and lists, and NaN and NaN, compare equal."""
+    return json.dumps(value, sort_keys=True)
+
+
+def assemble(header: dict, seeds: Sequence[int], batches: Sequence[range], played: dict[tuple, dict]) -> dict:
+    """results.json from ``header`` (``_new_results``) and the batches ``played`` so far, by (agent, seed,
+    first task): every agent's seeds in order, each up to its first batch not played or its first failed
+    one. An agent is 'ok' once every seed is whole, 'failed' once a batch failed, else 'pending'."""
+    results = copy.deepcopy(header)
+    for label, info in results["agents"].items():
+        whole = True
+        for seed in seeds:
+            seconds, any_played = 0.0, False
+            for batch in batches:
+                p = played.get((label, seed, batch.start))
+                if p is None:
+                    whole = False
+                    break
+                results["trials"].append(p["trial"])
+                results["records"].extend(p["records"])
+                seconds, any_played = seconds + p["seconds"], True
+                if p["failure"] is not None:
+                    results["failures"].append(p["failure"])
+                    info["status"] = "failed"
+                    break
+            if any_played:
+                results["timing"].setdefault(label, {})[str(seed)] = round(seconds, 3)
+        if whole and info["status"] == "pending":
+            info["status"] = "ok"
     return results
 
 
+# ------------------------------------------------------------------------------------- playing
 def _settings(config: EvalConfig) -> dict:
     return {**asdict(config), "seeds": list(config.seeds)}
 
 
 def _play_seed(a: EvalAgent, seed: int, batches: Sequence[range], tasks: Sequence[TaskSpec], config: EvalConfig,
-               desc: str, show: bool = True) -> tuple[list[dict], float]:
-    """Play ``batches`` of one agent and seed, up to the first that fails; each batch played as
-    ``_play_batch`` returns it, and the wall-clock seconds."""
-    t0 = time.perf_counter()
+               desc: str, show: bool = True) -> Iterator[dict]:
+    """Play ``batches`` of one agent and seed, up to the first that fails; yield each batch as
+    ``_play_batch`` returns it, as soon as it is played."""
+    if not batches:
+        return
     steps = sum(len(b) for b in batches) * (config.adaptation_episodes + config.evaluation_episodes)
     bar = _progress_bar(config, desc, steps * config.episode_length) if show else None
-    played = []
     try:
         for batch in batches:
-            played.append(_play_batch(a, seed, batch, tasks, config, bar))
-            if played[-1]["failure"] is not None:
-                break
+            played = _play_batch(a, seed, batch, tasks, config, bar)
+            yield played
+            if played["failure"] is not None:
+                return
     finally:
         if bar is not None:
             bar.close()
-    return played, round(time.perf_counter() - t0, 3)
 
 
 def _play_batch(a: EvalAgent, seed: int, batch: range, tasks: Sequence[TaskSpec], config: EvalConfig, bar) -> dict:
-    """One batch of trials: its entry of results["trials"], its records, and its failure (None if none)."""
+    """One batch of trials: its entry of results["trials"], its records, its failure (None if none) and
+    the wall-clock seconds it took."""
+    t0 = time.perf_counter()
     env_seed = trial_seed(seed, batch.start)
     trial = {"agent": a.label, "seed": seed, "tasks": list(batch),
              "env_seeds": [trial_seed(seed, j) for j in batch], "agent_seed": env_seed}
@@ -377,21 +512,8 @@ def _play_batch(a: EvalAgent, seed: int, batch: range, tasks: Sequence[TaskSpec]
     except Exception as e:  # the agent's fault, not the user's: record it and go on with the others
         failure = {"agent": a.label, "seed": seed, "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=5)}
-    return {"trial": trial, "records": records, "failure": failure}
-
-
-def _add_seed(results: dict, label: str, seed: int, played: Sequence[dict], seconds: float) -> None:
-    """Append one agent's seed, its batches in order, to ``results``."""
-    info = results["agents"][label]
-    for p in played:
-        results["trials"].append(p["trial"])
-        results["records"].extend(p["records"])
-        if p["failure"] is not None:
-            results["failures"].append(p["failure"])
-            info["status"] = "failed"
-    if info["status"] == "pending":
-        info["status"] = "ok"
-    results["timing"].setdefault(label, {})[str(seed)] = seconds
+    return {"trial": trial, "records": records, "failure": failure,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _progress_bar(config: EvalConfig, desc: str, total: int):
