@@ -2,9 +2,13 @@ import copy
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from icl_metarl.harness.report import (
+    _fmt,
     _View,
+    adaptation_summary,
+    decision_intervals,
     episode_array,
     report_markdown,
     success_definitions,
@@ -82,3 +86,48 @@ def test_write_report_makes_plots(tmp_path):
     assert path.read_text().count("![") == 3
     for name in ("success.png", "return.png", "steps_to_success.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _adapt_rows(text):
+    """The 'Does each agent adapt?' table's rows, by agent cell."""
+    table = text.split("## Does each agent adapt?")[1].split("## ")[0]
+    return {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+
+
+def test_iqm_beside_the_mean_equals_scipys_trimmed_mean():
+    r = _results()
+    rng = np.random.default_rng(1)
+    tasks = [{"index": i, "env_name": "a-v3", "rand_vec": [0.0]} for i in range(9)]
+    success = rng.random((3, 9, 2)) < np.linspace(0.1, 0.9, 9)[None, :, None]  # (episodes, tasks, seeds)
+    r["tasks"], r["agents"] = tasks, {"good": r["agents"]["good"]}
+    r["records"] = [{"agent": "good", "seed": s, "task": t, "env_name": "a-v3", "episode": e, "success": bool(x),
+                     "return": 0.0, "steps_to_success": None} for (e, t, s), x in np.ndenumerate(success)]
+    row = adaptation_summary(r, 200)[0]
+    per_task = success[1].mean(axis=1)  # episode 2, the last adaptation one: seeds averaged within a task
+    assert row["last_iqm"][0] == pytest.approx(stats.trim_mean(per_task, 0.25))
+    assert row["last_iqm"][0] != pytest.approx(per_task.mean())  # a figure of its own
+    assert row["last"][0] == pytest.approx(per_task.mean())
+    cells = _adapt_rows(report_markdown(r, 200))
+    assert cells["agent"][3] == "IQM, episode 2" and cells["good"][3] == _fmt(row["last_iqm"])
+    assert cells["good"][2] == _fmt(row["last"])
+
+
+def test_decision_intervals_beside_each_agent():
+    assert "decision interval" not in report_markdown(_results(), 100)  # no action_repeat recorded: 1 each
+    r = _results()
+    for a, k in (("good", 4), ("bad", 1)):
+        r["agents"][a]["action_repeat"] = k
+    assert decision_intervals(r) == {"good": 4, "bad": 1}
+    text = report_markdown(r, 100)
+    assert "| good | ok | fresh goal per trial | G | g | acts every 4 steps |" in text
+    assert "| bad | failed | not stated by the agent | B | b | acts every step |" in text
+    assert "**The agents act at different decision intervals.**" in text
+    rows = _adapt_rows(text)
+    assert {"good (acts every 4 steps)", "bad (acts every step)"} <= set(rows)
+    for a in r["agents"].values():  # one interval, not 1: said beside each agent, without 'different'
+        a["action_repeat"] = 2
+    text = report_markdown(r, 100)
+    assert text.count("acts every 2 steps") == 4 and "different decision intervals" not in text
+    for a in r["agents"].values():
+        a["action_repeat"] = 1
+    assert decision_intervals(r) == {} and "acts every" not in report_markdown(r, 100)

@@ -1,5 +1,6 @@
 """Tables and plots from an evaluation's results.json: adaptation curves with 95% bootstrap intervals,
-the success definitions papers use (each labelled), per-environment tables, steps to first success.
+the success definitions papers use (each labelled), per-environment tables, steps to first success, and
+each agent's decision interval where it matters.
 
 Not for: playing agents (``evaluation.py``); every figure here is recomputed from the raw records.
 """
@@ -13,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from icl_metarl.harness.files import atomic_write_figure, atomic_write_text
-from icl_metarl.harness.statistics import Interval, difference_interval, mean_interval, won_lost
+from icl_metarl.harness.statistics import Interval, difference_interval, iqm_interval, mean_interval, won_lost
 
 
 # ----------------------------------------------------------------------------------------- arrays
@@ -55,6 +56,18 @@ def compact(n: float) -> str:
     while abs(n) >= 999.5 and i < len(units) - 1:
         n, i = n / 1000, i + 1
     return (f"{n:.1f}".rstrip("0").rstrip(".") if i and abs(n) < 9.95 else f"{n:.0f}") + units[i]
+
+
+def decision_intervals(results: dict) -> dict[str, int]:
+    """The decision interval k each agent acted at (it held each action for k simulator steps), by label;
+    {} when every agent acted at every step, where the report does not mention it. A results.json
+    written before agents recorded theirs (no ``action_repeat``) acted at every step."""
+    k = {a: int(info.get("action_repeat", 1)) for a, info in results["agents"].items()}
+    return k if any(v != 1 for v in k.values()) else {}
+
+
+def acts_every(k: int) -> str:
+    return "acts every step" if k == 1 else f"acts every {k} steps"
 
 
 def _budget_cells(description: dict) -> str:
@@ -124,8 +137,9 @@ def success_definitions(view: _View, agent: str) -> dict[str, tuple[float, float
 
 
 def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
-    """Per agent: success in the first and last adaptation episode, their paired difference, and for a
-    checkpoint its last adaptation episode minus its non-adaptive variant's; means with 95% bootstrap CIs."""
+    """Per agent: success in the first and last adaptation episode (and the last's interquartile mean over
+    tasks), their paired difference, and for a checkpoint its last adaptation episode minus its
+    non-adaptive variant's; with 95% bootstrap CIs."""
     s = results["settings"]
     K, E = s["adaptation_episodes"], s["evaluation_episodes"]
     last = K - 1 if K >= 2 else K + E - 1
@@ -137,6 +151,7 @@ def adaptation_summary(results: dict, num_resamples: int = 2000) -> list[dict]:
         x = succ[a]
         row = {"agent": a, "spec": info["spec"], "adaptive": info["adaptive"], "last_index": last + 1,
                "first": mean_interval(x[0], num_resamples), "last": mean_interval(x[last], num_resamples),
+               "last_iqm": iqm_interval(x[last], num_resamples),
                "gain": difference_interval(x[last], x[0], num_resamples)}  # paired: same task and seed
         if info["adaptive"] and info["spec"] in wiped:
             y = succ[wiped[info["spec"]]][last]
@@ -178,13 +193,17 @@ def adaptation_lines(results: dict, num_resamples: int = 2000,
         "gain's interval lies above 0, and beats its non-adaptive variant if that difference's interval does; "
         "'won/lost' counts the tasks on which the adaptive variant did better or worse (seeds averaged), with "
         "the two-sided exact sign test's p over the tasks that differ: with few such tasks the bootstrap interval "
-        "can exclude 0 while p is still above 0.05.", "",
-        f"| agent | success, episode 1 | success, episode {last} | gain | adapts? | episode {last} minus "
-        "non-adaptive variant | beats it? |", "|---|---|---|---|---|---|---|",
+        f"can exclude 0 while p is still above 0.05. 'IQM': the interquartile mean of the tasks' success in episode "
+        f"{last} (each task's seeds averaged, then the mean of the middle half of tasks: robust to a few outlying "
+        "tasks; Agarwal et al. 2021), with its bootstrap interval.", "",
+        f"| agent | success, episode 1 | success, episode {last} | IQM, episode {last} | gain | adapts? | episode "
+        f"{last} minus non-adaptive variant | beats it? |", "|---|---|---|---|---|---|---|---|",
     ]
+    interval = decision_intervals(results)
     for r in rows:
         vs = r.get("vs_non_adaptive")
-        lines.append(f"| {r['agent']} | {_fmt(r['first'])} | {_fmt(r['last'])} | "
+        agent = f"{r['agent']} ({acts_every(interval[r['agent']])})" if interval else r["agent"]
+        lines.append(f"| {agent} | {_fmt(r['first'])} | {_fmt(r['last'])} | {_fmt(r['last_iqm'])} | "
                      f"{_fmt(r['gain'], sign=True)} | {_verdict(r['gain'])} | "
                      f"{_fmt(vs, sign=True) + ' (tasks won {}, lost {} of {}; sign test p {:.3f})'.format(*r['won_lost']) if vs else ''} | "
                      f"{_verdict(vs) if vs else ''} |")
@@ -251,14 +270,22 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
         f"Brackets: 95% bootstrap interval over tasks and seeds within tasks ({num_resamples} resamples).",
         "",
         "## Agents", "",
-        "| agent | status | trained on (task pool) | type | source | env steps | expert labels | optimizer steps "
-        "| CPU min |", "|---|---|---|---|---|---|---|---|---|",
+    ]
+    interval = decision_intervals(results)
+    lines += [
+        "| agent | status | trained on (task pool) | type | source |" + (" decision interval |" if interval else "")
+        + " env steps | expert labels | optimizer steps | CPU min |", "|---|---|---|---|---|" + "---|" * (4 + bool(interval)),
     ]
     for a, info in results["agents"].items():
         d = info.get("description", {})
         lines.append(f"| {a} | {info['status']} | {_pool(d)} | {d.get('type', '?')} | {info.get('spec', '')} |"
-                     + _budget_cells(d))
+                     + (f" {acts_every(interval[a])} |" if interval else "") + _budget_cells(d))
     lines.append("")
+    if interval:
+        differ = len(set(interval.values())) > 1
+        lines += [("**The agents act at different decision intervals.** " if differ else "")
+                  + "An agent that acts every k steps holds each action for k simulator steps; every episode is "
+                  f"{v.L} simulator steps whatever k, and success counts at any simulator step.", ""]
     if any(info.get("description", {}).get("budget") for info in results["agents"].values()):
         lines += ["Budget of each training run, from its checkpoint's budget.json: environment steps played for "
                   "its training signal, those whose expert action was a training target, optimizer steps, and CPU "
