@@ -101,7 +101,7 @@ def test_bad_threads_are_one_line_errors(threads, trained, tmp_path, capsys):
 def test_each_quickstart_stage_runs_with_its_own_commands_threads():
     cfg = preset("tiny")
     assert {s: stage_threads(cfg, s) for s in STAGES} == {
-        "generate": 0, "pretrain": cfg.torch_threads, "meta-train": 1, "evaluate": 0,
+        "generate": 0, "pretrain": cfg.torch_threads, "meta-train": 1, "evaluate": 1,
         "probe": cfg.probe.torch_threads, "report": 0}
     cfg.torch_threads, cfg.pretrain.threads = 0, 2  # the pretrain section's own setting comes first
     assert stage_threads(cfg, "pretrain") == 2

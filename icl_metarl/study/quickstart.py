@@ -165,13 +165,17 @@ RUNNERS = {"generate": run_generate, "pretrain": run_pretrain, "meta-train": run
 
 
 def stage_threads(cfg: QuickstartConfig, stage: str) -> int:
-    """Torch CPU threads a stage runs with, as its own command would set them (0: the process's own):
-    pretraining the study's ``torch_threads`` (its pretrain section's ``threads`` first, if set),
-    meta-training its learner's (one), probing the probe's; generation, evaluation and the report leave them."""
+    """Torch CPU threads a stage runs with (0: the process's own): pretraining the study's ``torch_threads``
+    (its pretrain section's ``threads`` first, if set), meta-training its learner's (one), evaluation one
+    (its agents act one small step at a time, where more threads wait on each other: docs/benchmarks.md;
+    in a whole study it always ran after meta-training's one), probing the probe's; generation and the
+    report leave them."""
     if stage == "pretrain":
         return cfg.pretrain.threads or cfg.torch_threads
     if stage == "meta-train":
         return registry.get(cfg.meta_train.algo).threads
+    if stage == "evaluate":
+        return 1
     if stage == "probe":
         return cfg.probe.torch_threads
     return 0
