@@ -1,9 +1,16 @@
 """Training tokens per second of the in-context policy against a plain transformers GPT-2 backbone.
 
     python scripts/bench_train.py --context-episodes 4 --episode-length 500 --batch 2 --steps 5
+    python scripts/bench_train.py --d-model 96 --n-layer 4 --context-stride 10 --context-episodes 4 \
+        --episode-length 167 --batch 8 --threads 1 --acting-trials 20       # the ML10 CPU recipe's model
 
 Both models have the same width, depth, heads and token embedding, see the same batch at a context of
-episodes x length tokens (default 2,000), and take full AdamW steps; only the backbone differs.
+episodes x length tokens (default 2,000), and take full AdamW steps; only the backbone differs. With
+``--context-stride`` ours reads the batch under the compact cross-episode mask, GPT-2 (which has no
+such mask) under its plain causal one: the same windows, the work each backbone does on them.
+``--acting-trials N`` also times acting: N parallel trials stepped one token at a time for the
+window's episodes (ours: ``InContextAgent``, its KV cache compacted at each episode end; GPT-2: its
+``DynamicCache``, one token per forward), random observations, steps/s = trial-steps per second.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from transformers import GPT2Config, GPT2Model
@@ -26,7 +34,8 @@ class GPT2Policy(nn.Module):
         self.token_in = nn.Linear(c.obs_dim + c.act_dim + 2, c.d_model)
         self.step_emb = nn.Embedding(c.max_episode_length, c.d_model)
         self.backbone = GPT2Model(GPT2Config(n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
-                                             n_positions=c.max_positions, vocab_size=1, bos_token_id=None,
+                                             n_positions=c.max_context_episodes * c.max_episode_length,
+                                             vocab_size=1, bos_token_id=None,
                                              eos_token_id=None,
                                              attn_implementation="sdpa"))
         self.head = nn.Linear(c.d_model, c.act_dim)
@@ -41,9 +50,8 @@ class GPT2Policy(nn.Module):
         return ((torch.tanh(mean) - batch["expert_actions"]) ** 2).mean()
 
 
-def random_batch(c: ICLPolicyConfig, batch: int) -> dict:
-    """``batch`` windows of random tokens at the model's full context (max_positions), episodes aligned."""
-    T = c.max_positions
+def random_batch(c: ICLPolicyConfig, batch: int, T: int) -> dict:
+    """``batch`` windows of ``T`` random tokens, episodes aligned."""
     step = torch.arange(T) % c.max_episode_length
     return {"obs": torch.randn(batch, T, 39), "actions": torch.rand(batch, T, 4) * 2 - 1,
             "expert_actions": torch.rand(batch, T, 4) * 2 - 1, "rewards": torch.rand(batch, T) * 10,
@@ -66,6 +74,39 @@ def tokens_per_second(model, batch: dict, steps: int) -> float:
     return b * t / min(times)
 
 
+def acting_steps_per_second(c: ICLPolicyConfig, trials: int, episodes: int) -> float:
+    """Trial-steps/s of the cached in-context agent over ``episodes`` episodes of ``trials`` trials."""
+    from icl_metarl.incontext.agent import InContextAgent
+
+    agent = InContextAgent(ICLPolicy(c).eval(), cpu_threads=None)
+    agent.start_trials(trials, 0)
+    obs, reward, success = np.zeros((trials, c.obs_dim), np.float32), np.zeros(trials), np.zeros(trials)
+    t0 = time.perf_counter()
+    for _ in range(episodes):
+        for _ in range(c.max_episode_length):
+            agent.act(obs)
+            agent.observe(reward, success)
+        agent.end_episode()
+    return trials * episodes * c.max_episode_length / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def gpt2_acting_steps_per_second(model: "GPT2Policy", c: ICLPolicyConfig, trials: int, episodes: int) -> float:
+    """The same for the GPT-2 backbone: one token per forward with transformers' DynamicCache."""
+    from transformers import DynamicCache
+
+    model.eval()
+    cache = DynamicCache()
+    x = torch.zeros(trials, 1, c.obs_dim + c.act_dim + 2)
+    t0 = time.perf_counter()
+    for _ in range(episodes):
+        for t in range(c.max_episode_length):
+            h = model.token_in(x) + model.step_emb(torch.full((trials, 1), t))
+            out = model.backbone(inputs_embeds=h, cache=cache, use_cache=True)  # the cache grows in place
+            torch.tanh(model.head(out.last_hidden_state))
+    return trials * episodes * c.max_episode_length / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context-episodes", type=int, default=4)
@@ -73,13 +114,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=3)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--context-stride", type=int, default=0, help="0: full context; s: the compact one")
+    p.add_argument("--acting-trials", type=int, default=0, help="also time acting with N trials (0: no)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    c = ICLPolicyConfig(max_episode_length=args.episode_length, max_context_episodes=args.context_episodes)
-    B, T = args.batch, c.max_positions
-    batch = random_batch(c, B)
+    c = ICLPolicyConfig(max_episode_length=args.episode_length, max_context_episodes=args.context_episodes,
+                        d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+                        context_stride=args.context_stride)
+    B, T = args.batch, args.context_episodes * args.episode_length
+    batch = random_batch(c, B, T)
     ours = ICLPolicy(c)
     gpt2 = GPT2Policy(c)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -88,10 +136,19 @@ def main() -> None:
     for _ in range(2):
         a.append(tokens_per_second(ours, batch, args.steps))
         b.append(tokens_per_second(gpt2, batch, args.steps))
-    print(f"context {T} tokens, batch {B}, threads {torch.get_num_threads()}, device cpu")
-    print(f"  ICLPolicy (ours, {n(ours) / 1e6:.2f}M params): {max(a):8.0f} tokens/s")
-    print(f"  GPT-2 backbone ({n(gpt2) / 1e6:.2f}M params):  {max(b):8.0f} tokens/s")
+    form = f"compact context, stride {c.context_stride}" if c.compact else "full context"
+    print(f"window {T} tokens ({args.context_episodes} x {args.episode_length}, {form}), batch {B}, "
+          f"threads {torch.get_num_threads()}, device cpu")
+    print(f"  ICLPolicy (ours, {n(ours) / 1e6:.2f}M params): {max(a):8.0f} tokens/s, {max(a) / T:6.1f} windows/s")
+    print(f"  GPT-2 backbone ({n(gpt2) / 1e6:.2f}M params):  {max(b):8.0f} tokens/s, {max(b) / T:6.1f} windows/s")
     print(f"  ratio ours / GPT-2: {max(a) / max(b):.2f}x   (GPT-2 attention: {gpt2.backbone.config._attn_implementation})")
+    if args.acting_trials:
+        ours_act = acting_steps_per_second(c, args.acting_trials, args.context_episodes)
+        gpt2_act = gpt2_acting_steps_per_second(gpt2, c, args.acting_trials, args.context_episodes)
+        print(f"acting, {args.acting_trials} trials x {args.context_episodes} episodes, one token per step:")
+        print(f"  ours (KV cache{', compacted per episode' if c.compact else ''}): {ours_act:8.0f} steps/s")
+        print(f"  GPT-2 (DynamicCache):  {gpt2_act:8.0f} steps/s")
+        print(f"  ratio ours / GPT-2: {ours_act / gpt2_act:.2f}x")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main() -> None:
                         max_episode_length=cfg.episode_length, max_context_episodes=pre.episodes_per_window)
     T = c.max_positions
     model = ICLPolicy(c)
-    token_rate = tokens_per_second(model, random_batch(c, a.batch), a.train_steps)
+    token_rate = tokens_per_second(model, random_batch(c, a.batch, c.max_positions), a.train_steps)
     params = sum(x.numel() for x in model.parameters())
 
     # 3. the full-size totals
