@@ -94,15 +94,16 @@ def query_shots(shots: int | torch.Tensor | None, b: int, k: int, m: int, device
 
 
 def masked_sdpa(mask: torch.Tensor):
-    """An attention function for ``Block`` with a fixed boolean mask (B, T, T); no weights returned."""
-    def attend(q, k, v, dropout_p: float):
+    """An attention function for ``Block`` with a fixed boolean mask (B, T, T); no weights returned. The
+    Block's own ``mask`` argument (the policy's compact context) is None here: this function carries its mask."""
+    def attend(q, k, v, dropout_p: float, _block_mask=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout_p), None
     return attend
 
 
 def masked_eager(mask: torch.Tensor):
     """Attention written out with a fixed boolean mask (B, T, T), returning the weights (B, nh, T, T)."""
-    def attend(q, k, v, dropout_p: float):
+    def attend(q, k, v, dropout_p: float, _block_mask=None):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
         weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
         return F.dropout(weights, dropout_p) @ v, weights
