@@ -286,7 +286,8 @@ def evaluate(agents: Sequence[EvalAgent], config: EvalConfig, out_dir: str | Pat
 
     mine = rank_batches(len(agents), len(config.seeds), batches, rank, world)
     path = rank_path(out_dir, rank)
-    # what this process's file held is kept in it, so that every file only grows while processes read them
+    # the finished batches this process's file held stay in it: while the processes read each other's files,
+    # none loses a batch another counted as played
     kept = [p for p in read_json(path)["batches"] if p["failure"] is None] if path.is_file() else []
     share = {"format": RANK_FORMAT, "rank": rank, "world": world, **{k: header[k] for k in IDENTITY_KEYS},
              "batches": kept}
