@@ -11,7 +11,13 @@ from dataclasses import dataclass, field, replace
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.settings import COMMAS, COUNT_OK
-from icl_metarl.harness.suites import check_episode_length, get_suite, parse_goal_offsets, parse_task_pool
+from icl_metarl.harness.suites import (
+    check_action_repeat,
+    check_episode_length,
+    get_suite,
+    parse_goal_offsets,
+    parse_task_pool,
+)
 
 ALGOS = ("maml", "meta-sgd", "reptile")
 #: what the outer loss of MAML and Meta-SGD learns from (the inner step always learns from reward alone)
@@ -66,7 +72,10 @@ class MetaRLConfig:
     meta_batch: int = 10
     """Tasks per meta-iteration, split evenly among processes."""
     episode_length: int = 500
-    """Steps per episode (the benchmark's 500; 100-150 for CPU runs)."""
+    """Simulator steps per episode (the benchmark's 500; 100-150 for CPU runs)."""
+    action_repeat: int = 1
+    """Decision interval k: the policy acts every k-th simulator step, its action held in between (ceil(episode_length
+    / k) decisions per episode, each with the summed reward); the checkpoint is evaluated at this interval only."""
     adapt_episodes: int = 1
     """Episodes played with the pre-adaptation policy per task; the inner step(s) learn from them."""
     query_episodes: int | None = None
@@ -119,6 +128,7 @@ class MetaRLConfig:
         get_suite(self.suite)
         parse_task_pool(self.task_pool)
         check_episode_length(self.episode_length)
+        check_action_repeat(self.action_repeat)
         parse_goal_offsets(self.expert_goal_offsets, self.suite)
         for what in ("iterations", "meta_batch", "adapt_episodes", "ppo_epochs", "checkpoint_every"):
             v = getattr(self, what)

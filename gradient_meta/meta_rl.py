@@ -311,7 +311,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
         t0 = time.perf_counter()
         tasks = draw_tasks(cfg, pool, it)[share]
         if sampler is None:
-            sampler = Sampler(tasks, cfg.episode_length, seed=_seed(cfg.seed, 5, rank) % 2**31)
+            sampler = Sampler(tasks, cfg.episode_length, seed=_seed(cfg.seed, 5, rank) % 2**31,
+                              action_repeat=cfg.action_repeat)
         sampler.set_tasks(tasks)
         params = {k: v.detach() for k, v in learner.params.items()}
         pre = sampler.sample(params, norm, cfg.adapt_episodes, generator, per_task=False)
@@ -340,7 +341,8 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
             var = reduce_acc.reduce(var + (mean - mean_all) ** 2, reduction="mean")
             mean, n = mean_all, n * nproc
         norm.update(n, mean, var)
-        env_steps += sum(b.steps for b in played) * nproc  # what was played, and nothing else
+        # what was played, and nothing else: simulator steps; the expert labelled each decision of the query episodes
+        env_steps += sum(b.simulator_steps(cfg.episode_length) for b in played) * nproc
         spent.expert_labels += post.steps * nproc if imitate else 0
 
         # 4. log (after the inner step: only where query episodes were played)

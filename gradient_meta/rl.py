@@ -71,7 +71,7 @@ def merge_moments(n_a: Tensor, mean_a: Tensor, var_a: Tensor, n_b: Tensor, mean_
 # ------------------------------------------------------------------------------------ sampler
 @dataclass
 class Rollout:
-    """Episodes of a meta-batch of trials; leading axes (T tasks, E episodes, L steps)."""
+    """Episodes of a meta-batch of trials; leading axes (T tasks, E episodes, L decisions: steps at interval 1)."""
 
     obs: Tensor
     """(T, E, L, 39) normalised observations the policy saw."""
@@ -82,7 +82,7 @@ class Rollout:
     logp: Tensor
     """(T, E, L) log-probability of each action under the sampling policy."""
     rew: Tensor
-    """(T, E, L) rewards."""
+    """(T, E, L) rewards (each decision's: summed over the simulator steps its action was held)."""
     success: Tensor
     """(T, E) 1.0 where the episode succeeded at any step."""
     expert: Tensor | None = None
@@ -91,7 +91,12 @@ class Rollout:
 
     @property
     def steps(self) -> int:
+        """Decisions played, the policy's steps (the simulator's: ``simulator_steps``)."""
         return int(self.rew.numel())
+
+    def simulator_steps(self, episode_length: int) -> int:
+        """Simulator steps played: every episode lasts ``episode_length`` of them, whatever the interval."""
+        return int(self.rew.shape[0] * self.rew.shape[1]) * episode_length
 
 
 def set_tasks(envs, tasks: Sequence[TaskSpec]) -> None:
@@ -173,11 +178,12 @@ class GaussianAgent(Agent):
 
 
 class Sampler:
-    """Plays a meta-batch of trials on one vector environment, reused across meta-batches."""
+    """Plays a meta-batch of trials on one vector environment, reused across meta-batches; the policy acts
+    every ``action_repeat`` simulator steps of an ``episode_length``-step episode (its rollouts' L are decisions)."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], episode_length: int, seed: int = 0):
-        self.episode_length, self.seed = episode_length, seed
-        self.envs = make_trial_envs(list(tasks), episode_length, seed, mode="sync")
+    def __init__(self, tasks: Sequence[TaskSpec], episode_length: int, seed: int = 0, action_repeat: int = 1):
+        self.episode_length, self.seed, self.action_repeat = episode_length, seed, action_repeat
+        self.envs = make_trial_envs(list(tasks), episode_length, seed, mode="sync", action_repeat=action_repeat)
         self.tasks = list(tasks)
 
     def set_tasks(self, tasks: Sequence[TaskSpec]) -> None:
@@ -185,7 +191,8 @@ class Sampler:
             set_tasks(self.envs, tasks)
         else:  # a different mix of environments (ML10/ML45): rebuild
             self.envs.close()
-            self.envs = make_trial_envs(list(tasks), self.episode_length, self.seed, mode="sync")
+            self.envs = make_trial_envs(list(tasks), self.episode_length, self.seed, mode="sync",
+                                        action_repeat=self.action_repeat)
         self.tasks = list(tasks)
 
     def close(self) -> None:
@@ -195,12 +202,13 @@ class Sampler:
                per_task: bool, deterministic: bool = False, label_expert: bool = False,
                goal_offsets: GoalOffsets | None = None) -> Rollout:
         """``episodes`` episodes of every trial; ``per_task`` params carry a leading task axis (T, ...);
-        ``label_expert``: also record the scripted expert's action at every observation (``Rollout.expert``)."""
+        ``label_expert``: also record the scripted expert's action at every observation the policy acts on
+        (each decision: ``Rollout.expert``)."""
         agent = GaussianAgent(params, norm, generator, per_task, deterministic, label_expert, goal_offsets)
         # The agent draws from meta-training's generator, which runs on across calls: not restarted.
         # Torch's threads are the command's (one for meta-training: the gradient learners' registration).
         for _ in play_trials(agent, self.tasks, self.seed, 0, episodes, 0, self.episode_length,
-                             envs=self.envs, start_trials=False):
+                             envs=self.envs, start_trials=False, action_repeat=self.action_repeat):
             pass
         return agent.rollout()
 

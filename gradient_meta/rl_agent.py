@@ -60,8 +60,9 @@ class GradientRLAgent(Agent):
     name = "gradient-meta-rl"
 
     def __init__(self, params: Params, norm: ObsNorm, config: RLAgentConfig, step_sizes: Params | None = None,
-                 name: str | None = None, source: str | None = None):
+                 name: str | None = None, source: str | None = None, action_repeat: int = 1):
         self.params = {k: v.detach().float() for k, v in params.items()}
+        self.action_repeat = action_repeat  # the decision interval it was meta-trained at: the evaluator plays it so
         self.step_sizes = {k: v.detach().float() for k, v in step_sizes.items()} if step_sizes else None
         self.norm, self.config = norm, config
         self.source = source
@@ -171,4 +172,6 @@ def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> Gradient
     except TypeError as e:
         raise UsageError(f"bad agent setting: {e}") from None
     label = f"{run['algo']}{'-imitate' if run.get('outer_loss') == 'imitate' else ''}-{path.name}"
-    return GradientRLAgent(params, norm, cfg, steps, name=label, source=str(path))
+    # a checkpoint written before the decision interval existed acted at every simulator step
+    return GradientRLAgent(params, norm, cfg, steps, name=label, source=str(path),
+                           action_repeat=int(run.get("action_repeat", 1)))
