@@ -33,7 +33,10 @@ class ProbeConfig:
     episodes: int | None = None
     """episodes per trial, >= 2; None: the model's max_context_episodes (the last one sees a full context)"""
     episode_length: int | None = None
-    """steps per episode; None: the model's max_episode_length (500 by default)"""
+    """simulator steps per episode; None: the model's max_episode_length (500 by default) times its interval"""
+    action_repeat: int | None = None
+    """decision interval k: the agent acts every k-th simulator step, its action held, and the probe's per-step
+    arrays and maps are per decision; None: the model's own (another than the model's is refused)"""
     seed: int = 0
     """seed of the trials, as one of the evaluator's --seeds (its first batch), and of the reward shuffle"""
     suite_seed: int = 0

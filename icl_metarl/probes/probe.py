@@ -38,7 +38,14 @@ from icl_metarl.harness.files import (
 )
 from icl_metarl.harness.rollout import StepHook, play_trials
 from icl_metarl.harness.statistics import Z95, normal_interval
-from icl_metarl.harness.suites import check_episode_length, check_playable, get_suite, make_trial_envs
+from icl_metarl.harness.suites import (
+    check_action_repeat,
+    check_episode_length,
+    check_playable,
+    decisions_per_episode,
+    get_suite,
+    make_trial_envs,
+)
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, episode_inputs, shift_previous
 from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
@@ -339,9 +346,14 @@ def load_model(model_or_path):
 def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
     c = model.config
     check_playable(cfg.suite, cfg.split)
-    length = c.max_episode_length if cfg.episode_length is None else check_episode_length(cfg.episode_length)
-    if length > c.max_episode_length:
-        raise UsageError(f"episode length {length} > the model's max_episode_length {c.max_episode_length}")
+    repeat = int(getattr(c, "action_repeat", 1))  # the interval the model was trained at (1 before it was recorded)
+    if cfg.action_repeat is not None and check_action_repeat(cfg.action_repeat) != repeat:
+        raise UsageError(f"action repeat {cfg.action_repeat}: the model was trained to act every {repeat} simulator "
+                         f"steps; probe it with action repeat {repeat} or leave it unset")
+    length = c.max_episode_length * repeat if cfg.episode_length is None else check_episode_length(cfg.episode_length)
+    if decisions_per_episode(length, repeat) > c.max_episode_length:
+        raise UsageError(f"episode length {length} ({decisions_per_episode(length, repeat)} decisions at action repeat "
+                         f"{repeat}) > the model's max_episode_length {c.max_episode_length}")
     episodes = c.max_context_episodes if cfg.episodes is None else cfg.episodes
     if not isinstance(episodes, int) or episodes < 2:
         raise UsageError(f"episodes must be an integer >= 2 (the last one is probed with the earlier ones as context), got {episodes!r}")
@@ -357,8 +369,13 @@ def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
     for layer, head in cfg.heads:
         if not (0 <= layer < c.n_layer and 0 <= head < c.n_head):
             raise UsageError(f"head ({layer}, {head}) outside the model's {c.n_layer} layers x {c.n_head} heads")
-    return ProbeConfig(**{**asdict(cfg), "episodes": episodes, "episode_length": length, "conditions": tuple(cfg.conditions),
-                          "heads": tuple(tuple(h) for h in cfg.heads)})
+    return ProbeConfig(**{**asdict(cfg), "episodes": episodes, "episode_length": length, "action_repeat": repeat,
+                          "conditions": tuple(cfg.conditions), "heads": tuple(tuple(h) for h in cfg.heads)})
+
+
+def decisions(cfg: ProbeConfig) -> int:
+    """Decisions (the model's tokens, the probe's steps) per episode of a checked config."""
+    return decisions_per_episode(cfg.episode_length, cfg.action_repeat)
 
 
 def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = None, progress=None,
@@ -392,17 +409,18 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
 
 def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) -> ProbeResult:
     t0 = time.perf_counter()
-    b, k, length = len(tasks), cfg.episodes, cfg.episode_length
+    b, k, length, repeat = len(tasks), cfg.episodes, cfg.episode_length, cfg.action_repeat
     # The evaluator's agent (the checkpoint's exploration, its acting default) and seeds (one batch
     # from task 0): the probed episodes are the ones the evaluator scores, exploration included.
     agent = InContextAgent(model, device=model.device, cpu_threads=cfg.torch_threads)
     seed = trial_seed(cfg.seed, 0)
-    envs = make_trial_envs(tasks, length, seed)  # one set for the trials and every replay
+    envs = make_trial_envs(tasks, length, seed, action_repeat=repeat)  # one set for the trials and every replay
     try:
-        played = Episodes.empty(b, k, length, model.config.obs_dim, model.config.act_dim)
+        played = Episodes.empty(b, k, decisions(cfg), model.config.obs_dim, model.config.act_dim)
         success, returns = np.zeros((b, k)), np.zeros((b, k))  # (B, K), from the loop's records
         draws = None
-        for records in play_trials(agent, tasks, seed, seed, k, 0, length, on_step=recorder(played), envs=envs):
+        for records in play_trials(agent, tasks, seed, seed, k, 0, length, on_step=recorder(played), envs=envs,
+                                   action_repeat=repeat):
             e = records[0]["episode"]
             success[:, e] = [r["success"] for r in records]
             returns[:, e] = [r["return"] for r in records]
@@ -422,7 +440,8 @@ def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) 
             """The probed episode again, by the same agent code, after ``ctx`` instead of its context."""
             agent.start_trials(b, seed)
             agent.prime(ctx.obs, ctx.actions, ctx.rewards, episode_index=k - 1, random_state=draws)
-            (records,) = play_trials(agent, tasks, seed, seed, 1, 0, length, envs=envs, start_trials=False)
+            (records,) = play_trials(agent, tasks, seed, seed, 1, 0, length, envs=envs, start_trials=False,
+                                     action_repeat=repeat)
             moved = np.linalg.norm(teacher_forced_actions(model, ctx, last) - base_actions, axis=-1)  # (B, T)
             return {"success": np.array([r["success"] for r in records], dtype=np.float64),
                     "return": np.array([r["return"] for r in records]), "action_change": moved.mean(axis=1)}
@@ -496,7 +515,7 @@ def _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timi
             "action_change": _mean_ci(ablation["action_change"]),
         }
     heads = _pick_heads(attention, cfg.heads)
-    t = cfg.episode_length
+    t = decisions(cfg)  # tokens per episode
     example = {
         "heads": [{"layer": l, "head": h, "why": why} for (l, h), why in heads],
         "maps": {(l, h): pool_map(kept[l, h], cfg.max_heatmap_bins) for (l, h), _ in heads},
@@ -509,7 +528,7 @@ def _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timi
         "context_episodes_probed": kept.shape[-1] // t,
         "checkpoint": getattr(model, "name_or_path", None) or None,
     }
-    timing["steps_per_s"] = (cfg.trials * cfg.episode_length * (cfg.episodes + len(cfg.conditions) +
+    timing["steps_per_s"] = (cfg.trials * t * (cfg.episodes + len(cfg.conditions) +  # the agent's steps: decisions
                              (c.n_layer * c.n_head if cfg.ablate_heads else 0))) / timing["total_s"]
     return ProbeResult(cfg, model_info, baseline, attention, causal_out, ablation_out, example, timing)
 
@@ -643,7 +662,9 @@ def describe(result: ProbeResult, figures: Sequence[str] = ()) -> str:
         "",
         f"Model: {result.model_info['parameters']:,} parameters, {L} layers x {H} heads, "
         f"checkpoint {result.model_info['checkpoint']}. Suite {cfg.suite} ({cfg.split} split), {cfg.trials} trials "
-        f"of {cfg.episodes} episodes of {cfg.episode_length} steps; the last episode is probed with "
+        f"of {cfg.episodes} episodes of {cfg.episode_length} steps"
+        f"{f' (a decision every {cfg.action_repeat}: {decisions(cfg)} per episode)' if cfg.action_repeat > 1 else ''}"
+        f"; the last episode is probed with "
         f"{k - 1} earlier episode(s) in context. Took {result.timing['total_s']:.0f} s.",
         "",
         f"Success per episode: {', '.join(_fmt(x) for x in b['success_per_episode'])} "
@@ -656,7 +677,7 @@ def describe(result: ProbeResult, figures: Sequence[str] = ()) -> str:
     mean_share = share.reshape(L * H, -1).mean(0)
     lines.append("Mean over heads, share by episode lag (0 = current): "
                  + ", ".join(f"lag {i}: {x:.2f}" for i, x in enumerate(mean_share)) + ".")
-    uniform = _uniform_lag_share(k, cfg.episode_length)
+    uniform = _uniform_lag_share(k, decisions(cfg))
     lines.append("A head attending uniformly to what it can see would give " +
                  ", ".join(f"{x:.2f}" for x in uniform) + f" (causal mask, {k} episodes).")
     e = np.asarray(a["earlier_episodes_share"])

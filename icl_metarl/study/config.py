@@ -18,6 +18,7 @@ from icl_metarl.harness.files import as_json, read_json
 from icl_metarl.harness.settings import check_value, field_types, from_dict
 from icl_metarl.harness.suites import (
     MEASURED_GOAL_OFFSETS,
+    check_action_repeat,
     check_episode_length,
     check_playable,
     get_suite,
@@ -106,6 +107,9 @@ class QuickstartConfig:
     quickstart: the expert told the goal still succeeds on every task (first success near step 36), but an
     agent that does not know the goal has little time to search for it inside an episode, so what its
     earlier episodes tell it matters (issue 20)"""
+    action_repeat: int = 1
+    """decision interval k of every stage (histories, relabelling, meta-training, evaluation, baselines included,
+    probes): agents act every k-th simulator step, the action held in between; episode_length stays in simulator steps"""
     stages: tuple[str, ...] = STAGES
     """stages to run, in the order of STAGES (a study may leave some out)"""
     torch_threads: int = 1
@@ -131,11 +135,11 @@ SECTIONS = {"generate": "generate", "pretrain": "pretrain", "meta_train": "meta-
             "probe": "probe"}
 #: fields a section may not set: the quickstart sets them, from the top level or its directory layout
 OWNED = {
-    "generate": ("suite", "suite_seed", "episode_length", "split", "expert_goal_offsets"),
+    "generate": ("suite", "suite_seed", "episode_length", "action_repeat", "split", "expert_goal_offsets"),
     "pretrain": ("data", "out", "resume"),
-    "meta_train": ("suite", "suite_seed", "episode_length", "expert_goal_offsets"),
-    "evaluate": ("suite", "task_seed", "episode_length", "split"),
-    "probe": ("suite", "suite_seed", "episode_length", "split"),
+    "meta_train": ("suite", "suite_seed", "episode_length", "action_repeat", "expert_goal_offsets"),
+    "evaluate": ("suite", "task_seed", "episode_length", "action_repeat", "split"),
+    "probe": ("suite", "suite_seed", "episode_length", "action_repeat", "split"),
 }
 #: settings that change how a stage runs, not what it produces: left out of the done-marker comparison
 NOT_RESULTS = ("workers", "progress", "resume", "kill_after", "trace_windows", "torch_threads", "vector")
@@ -218,6 +222,7 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
     check_playable(cfg.suite, cfg.split)
     parse_goal_offsets(cfg.expert_goal_offsets, cfg.suite)
     check_episode_length(cfg.episode_length)
+    check_action_repeat(cfg.action_repeat)
     for s in cfg.stages:
         if s not in STAGES:
             raise choice_error("stage", s, STAGES)
@@ -247,7 +252,8 @@ def check_config(cfg: QuickstartConfig) -> QuickstartConfig:
 def stage_config(cfg: QuickstartConfig, stage: str, out: str | Path = "DIR"):
     """The effective config a stage runs with: its section plus the settings the quickstart owns."""
     out = Path(out)
-    common = {"suite": cfg.suite, "episode_length": cfg.episode_length}
+    # pretraining reads its interval from the histories (and its relabelling rounds play at it)
+    common = {"suite": cfg.suite, "episode_length": cfg.episode_length, "action_repeat": cfg.action_repeat}
     shift = cfg.seed * len(cfg.evaluate.seeds)  # evaluation seeds: disjoint blocks, one per study seed
     if stage == "generate":
         return dataclasses.replace(cfg.generate, **common, suite_seed=cfg.suite_seed, split="train",

@@ -62,7 +62,18 @@ def stage_settings(cfg: QuickstartConfig, stage: str, out: str | Path) -> dict:
         d["agents"] = [Path(a).name for a in agent_specs(cfg, out)]
         if cfg.train_diagnostic:  # only when set: markers written before the diagnostic existed stay valid
             d["train_diagnostic"] = cfg.train_diagnostic
-    return as_json(d)
+    return without_unit_interval(as_json(d))
+
+
+def without_unit_interval(settings: dict) -> dict:
+    """Stage settings without a decision interval of 1 (or None, the evaluator's: 1 in a study), in them and
+    in their extra history sets: markers written before the setting existed, or while only some stages had
+    it, stay valid."""
+    drop = lambda d: {k: v for k, v in d.items() if not (k == "action_repeat" and v in (None, 1))}  # noqa: E731
+    out = drop(settings)
+    if isinstance(out.get("extra"), list):
+        out["extra"] = [drop(e) for e in out["extra"]]
+    return out
 
 
 def marker_path(out: str | Path, stage: str) -> Path:
@@ -75,8 +86,8 @@ def stage_done(out: str | Path, stage: str, settings: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        old = json.loads(path.read_text())["settings"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        old = without_unit_interval(json.loads(path.read_text())["settings"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         return False  # not a marker we wrote whole: redo the stage
     if old != settings:
         key = next(k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
@@ -297,7 +308,8 @@ def write_quickstart_report(cfg: QuickstartConfig, out: str | Path) -> Path:
         lines += study_claims(results, out)
     lines += [f"{cfg.description}. Budget: {cfg.budget}.", "",
               f"Configuration: [quickstart_config.json](quickstart_config.json). Episodes of {cfg.episode_length} "
-              f"steps, benchmark seed {cfg.suite_seed}, study seed {cfg.seed}.", "", "## Stages", "",
+              f"steps{f' (a decision every {cfg.action_repeat})' if cfg.action_repeat > 1 else ''}, "
+              f"benchmark seed {cfg.suite_seed}, study seed {cfg.seed}.", "", "## Stages", "",
               "| stage | output | seconds (when it ran) | summary |", "|---|---|---|---|"]
     for stage in STAGES[:-1]:
         m = marker_path(out, stage)
