@@ -172,3 +172,10 @@ def test_save_and_load_keep_the_compact_settings(tmp_path):
     assert InContextAgent(back).action_repeat == 4
     obs, rewards = trial()
     np.testing.assert_array_equal(play(InContextAgent(back), obs, rewards), play(InContextAgent(model), obs, rewards))
+
+
+def test_a_checkpoint_asked_another_context_form_is_refused(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    assert InContextAgent.from_pretrained(tmp_path, context_stride=3).model.config.context_stride == 3
+    with pytest.raises(UsageError, match="--context-stride 0: .* compact context of stride 3"):
+        InContextAgent.from_pretrained(tmp_path, context_stride=0)

@@ -90,9 +90,16 @@ class InContextAgent(Agent):
         self._num_trials = 0
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "InContextAgent":
-        """An agent over the checkpoint directory ``path`` (config.json + model.safetensors)."""
-        agent = cls(ICLPolicy.from_pretrained(path), **kwargs)
+    def from_pretrained(cls, path, context_stride: int | None = None, **kwargs) -> "InContextAgent":
+        """An agent over the checkpoint directory ``path`` (config.json + model.safetensors);
+        ``context_stride``: the context form asked for, refused unless it is the trained one."""
+        model = ICLPolicy.from_pretrained(path)
+        trained = model.config.context_stride
+        if context_stride is not None and context_stride != trained:
+            form = lambda s: "the full context" if s == 0 else f"the compact context of stride {s}"  # noqa: E731
+            raise UsageError(f"--context-stride {context_stride}: {path} was trained with {form(trained)}; "
+                             f"it acts only with that (--context-stride {trained}, or leave the flag out)")
+        agent = cls(model, **kwargs)
         agent.checkpoint = str(path)
         return agent
 

@@ -264,4 +264,7 @@ class InContextAgentOptions:
     """in-context checkpoints: standard deviation of that offset"""
     cpu_threads: int | None = field(default=None, metadata={FLAGS: ("--agent-threads",)})
     """in-context checkpoints: torch CPU threads of each step (None: 1, safe on a busy machine)"""
+    context_stride: int | None = None
+    """in-context checkpoints: the context form to act with (0: full, s: compact); it must be the one the
+    checkpoint was trained with (None: the checkpoint's); another is refused"""
 
