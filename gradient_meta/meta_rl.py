@@ -186,7 +186,8 @@ def check_resume(out: Path, ranks: list[tuple[int, int] | None], num_processes: 
     missing = [r for r in range(num_processes) if r not in held]
     if missing:
         raise UsageError(f"{str(out)!r} has no state for rank(s) {', '.join(map(str, missing))} of the "
-                         f"{num_processes} processes that wrote it ({state_path(out, missing[0]).name}); use a new --out")
+                         f"{num_processes} processes that wrote it ({state_path(out, missing[0]).name}); "
+                         f"use a new --out")
     iterations = {it for it, _ in held.values()}
     if len(iterations) > 1:
         at = ", ".join(f"rank {r} at {it}" for r, (it, _) in held.items())

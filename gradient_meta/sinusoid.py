@@ -116,7 +116,8 @@ assert set(BUILDERS) == set(SINUSOID_ALGOS)
 
 def train(config: SinusoidConfig, accelerator=None, log=print):
     """Meta-train on freshly sampled tasks; returns (model, learner, seconds). Every process samples the
-    whole meta-batch from the same seed and keeps its own share, so N processes see the same tasks as one."""
+    whole meta-batch from the same seed and keeps its own share, so N processes see the same tasks as one.
+    With ``min_shots`` each meta-update draws its K in min_shots..shots first (one K for its tasks)."""
     family = get_family(config.family)
     torch.manual_seed(config.seed)
     model = SineNet(config.hidden, family.x_dim)
@@ -126,8 +127,10 @@ def train(config: SinusoidConfig, accelerator=None, log=print):
     g = torch.Generator().manual_seed(10_000 + config.seed)
     start, running = time.perf_counter(), 0.0
     for it in range(1, config.iterations + 1):
+        shots = config.shots if config.min_shots is None else \
+            int(torch.randint(config.min_shots, config.shots + 1, (), generator=g))
         tasks = family.sample_tasks(config.meta_batch, g)
-        support = family.sample_points(tasks, config.shots, g)
+        support = family.sample_points(tasks, shots, g)
         query = family.sample_points(tasks, config.shots, g)
         running += learner.step(tuple(t[share] for t in support), tuple(t[share] for t in query))
         if config.log_every and it % config.log_every == 0:

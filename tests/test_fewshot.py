@@ -14,14 +14,17 @@ from icl_metarl.fewshot.evaluation import (
     GradientPredictor,
     MismatchError,
     check_same_inputs,
+    load_run,
     make_test_set,
+    nearest_shots,
     reference_predictors,
     score,
+    training_shots,
     write_report,
 )
 from icl_metarl.fewshot.model import ICLRegressor, ICLRegressorConfig, LinearSelfAttention
 from icl_metarl.fewshot.probe import gd_predictions, linear_reference, probe_predictor
-from icl_metarl.fewshot.train import complete_checkpoints, train_regressor
+from icl_metarl.fewshot.train import complete_checkpoints, gradient_config, sample_batch, train_regressor
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import read_log
 from icl_metarl.harness.regression_tasks import FAMILIES, LINEAR, MAML_SINE, get_family, shifted_families
@@ -175,7 +178,7 @@ def test_a_diverging_learner_is_reported_as_such(tmp_path):
     assert records[0]["nonfinite_tasks"] == 1
     results = {"run": "r", "trained_on": "maml-sine", "families": ["maml-sine"], "budgets": {},
                "training_shots": {"gradient": 2, "in-context": 2}, "records": records, "versions": {},
-               "settings": {"tasks": 4, "queries": 3, "seed": 0, "shots": [2], "gradient_steps": [1]}}
+               "settings": {"tasks": 4, "queries": 3, "seed": 0, "shots": [2], "extra_steps": [10]}}
     assert "diverged on 1/4 tasks" in write_report(results, tmp_path).read_text()
 
 
@@ -187,6 +190,64 @@ def test_gradient_learner_scores_as_gradient_meta_evaluates():
     theirs = sinusoid.evaluate(net, params, 0.05, shots=5, steps=1, n_tasks=20, n_query=30, seed=7)
     assert ours[0]["mse"] == pytest.approx(theirs["mse"], rel=1e-5)
     assert ours[0]["ci95"] == pytest.approx(theirs["ci95"], rel=1e-4)
+
+
+# -------------------------------------------------------------------------------------- fairness
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_gradient_learners_meta_train_over_the_regressors_shot_range(algo, monkeypatch):
+    """The support sizes a gradient learner's meta-updates see are the shot counts the in-context regressor's
+    batches draw: 1..max_shots; its query sets keep max_shots points."""
+    config = _small_config(family="maml-sine", max_shots=4, iterations=60, meta_batch=2)
+    seen = []
+    build = sinusoid.BUILDERS[algo]
+
+    def spying(cfg, model, accelerator):
+        learner = build(cfg, model, accelerator)
+        step = learner.step
+
+        def recording(support, query):
+            seen.append((support[0].shape[1], query[0].shape[1]))  # (K, query points) of a meta-update
+            return step(support, query)
+
+        learner.step = recording
+        return learner
+
+    monkeypatch.setitem(sinusoid.BUILDERS, algo, spying)
+    sinusoid.train(gradient_config(config, algo), log=lambda m: None)
+    regressor = sample_batch(get_family(config.family), 64, config.max_shots, 16, torch.Generator().manual_seed(0))[4]
+    assert {k for k, _ in seen} == set(regressor.unique().tolist()) == {1, 2, 3, 4}
+    assert {q for _, q in seen} == {config.max_shots}
+
+
+def test_a_study_refuses_reptile_with_one_step():
+    with pytest.raises(UsageError, match="reptile needs inner steps >= 2, got 1"):
+        _small_config(reptile_inner_steps=1)
+
+
+def test_gradient_learners_are_scored_at_the_steps_they_trained_with_and_other_counts_are_labelled(tmp_path):
+    for algo, steps in (("maml", 2), ("reptile", 3)):
+        cfg = sinusoid.SinusoidConfig(algo=algo, inner_steps=steps, iterations=1, meta_batch=2, hidden=4, log_every=0)
+        _, learner, _ = sinusoid.train(cfg, log=lambda m: None)
+        sinusoid.save(tmp_path / algo, cfg, learner, 0.0)
+    predictors, budgets = load_run(tmp_path, extra_steps=(0, 2, 10))
+    assert [(p.name, p.steps) for p in predictors] == [
+        ("maml (2 steps)", 2), ("maml (0 steps, trained with 2)", 0), ("maml (10 steps, trained with 2)", 10),
+        ("reptile (3 steps)", 3), ("reptile (0 steps, trained with 3)", 0), ("reptile (2 steps, trained with 3)", 2),
+        ("reptile (10 steps, trained with 3)", 10)]
+    # the trained count, read a second way: the checkpoint's own config.json
+    trained = {a: json.loads((tmp_path / a / "config.json").read_text())["config"]["inner_steps"]
+               for a in ("maml", "reptile")}
+    assert [p.steps for p in predictors if "trained with" not in p.name] == [trained["maml"], trained["reptile"]]
+    assert set(budgets) == {p.name for p in predictors}
+
+
+def test_training_shots_and_the_shot_count_the_ood_table_uses():
+    assert training_shots({"max_shots": 20}) == {"gradient": [1, 20], "in-context": [1, 20]}
+    assert training_shots({"max_shots": 20, "shots": 10}) == {"gradient": [10, 10], "in-context": [1, 20]}  # old runs
+    evaluated = [1, 2, 5, 10, 20, 40]
+    assert nearest_shots(evaluated, [1, 20]) == 20  # the largest inside the range
+    assert nearest_shots([30, 40], [1, 20]) == 30 and nearest_shots([1, 2, 8], [1, 4]) == 2
+    assert nearest_shots(evaluated, 10) == 10 and nearest_shots([2, 4], 3) == 2  # one K: nearest, smaller on a tie
 
 
 # ------------------------------------------------------------------------- the regressor model
@@ -293,22 +354,26 @@ def _two_step_predictor(d, lr):
 def test_tiny_train_evaluate_probe_through_the_command_line(tmp_path, capsys):
     run, ev, pr = tmp_path / "run", tmp_path / "eval", tmp_path / "probe"
     assert main(["fewshot", "train", "--family", "maml-sine", "--out", str(run), "--iterations", "4", "--meta-batch",
-                 "2", "--shots", "3", "--icl-steps", "4", "--icl-batch", "2", "--max-shots", "4", "--d-model", "8",
+                 "2", "--icl-steps", "4", "--icl-batch", "2", "--max-shots", "4", "--d-model", "8",
                  "--n-layer", "1", "--n-head", "2", "--learners", "icl", "maml", "meta-sgd", "reptile",
                  "pretrain"]) == 0
     assert main(["fewshot", "evaluate", str(run), "--out", str(ev), "--tasks", "3", "--queries", "4", "--shots", "1",
-                 "2", "8", "--gradient-steps", "1", "3", "--shifted"]) == 0
+                 "2", "8", "--extra-steps", "3", "--shifted"]) == 0
     results = json.loads((ev / "results.json").read_text())
     learners = {r["learner"] for r in results["records"]}
-    assert {"in-context", "maml (1 step)", "maml (3 steps)", "meta-sgd (1 step)", "reptile (3 steps)",
-            "pretrain (3 steps)", "3-NN", "GP (RBF, l=1)"} <= learners
+    # each gradient learner at the steps it meta-trained with (Reptile's default k = 5), and 3 steps beside
+    assert learners == {"in-context", "maml (1 step)", "maml (3 steps, trained with 1)", "meta-sgd (1 step)",
+                        "meta-sgd (3 steps, trained with 1)", "reptile (5 steps)", "reptile (3 steps, trained with 5)",
+                        "pretrain (1 step)", "pretrain (3 steps, trained with 1)", "3-NN", "GP (RBF, l=1)"}
+    assert results["training_shots"] == {"gradient": [1, 4], "in-context": [1, 4]}
     assert results["families"] == ["maml-sine", *shifted_families("maml-sine")]
     for family in results["families"]:
         for k in (1, 2, 8):
             group = [r for r in results["records"] if r["family"] == family and r["shots"] == k]
             assert len(group) == len(learners) and len({r["inputs"] for r in group}) == 1
     report = (ev / "report.md").read_text()
-    assert "## maml-sine-far-x" in report and "Out of distribution at K=2" in report  # the K evaluated nearest the trained 3
+    assert "## maml-sine-far-x" in report and "Out of distribution at K=2" in report  # the largest K in 1..4
+    assert "Every learner trained on 1..4 support points" in report
     assert (ev / "mse-maml-sine.png").stat().st_size > 1000
     assert main(["fewshot", "probe", str(run), "--out", str(pr), "--tasks", "2", "--queries", "2", "--shots", "2",
                  "3", "--gd-steps", "1", "2", "--step-sizes", "0.5", "1"]) == 0
@@ -318,7 +383,7 @@ def test_tiny_train_evaluate_probe_through_the_command_line(tmp_path, capsys):
     assert (pr / "probe.md").is_file() and (pr / "gd_similarity.png").is_file()
     # a second train command finishes nothing new and says so; other settings are refused
     assert main(["fewshot", "train", "--family", "maml-sine", "--out", str(run), "--iterations", "4", "--meta-batch",
-                 "2", "--shots", "3", "--icl-steps", "4", "--icl-batch", "2", "--max-shots", "4", "--d-model", "8",
+                 "2", "--icl-steps", "4", "--icl-batch", "2", "--max-shots", "4", "--d-model", "8",
                  "--n-layer", "1", "--n-head", "2", "--learners", "maml"]) == 0
     assert "maml: already trained" in capsys.readouterr().out
     assert main(["fewshot", "train", "--family", "linear", "--out", str(run)]) == 2

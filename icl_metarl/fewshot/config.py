@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gradient_meta.config import SINUSOID_REPTILE_STEPS, check_reptile_steps
 from icl_metarl.harness.errors import UsageError, choice_error
 
 #: what ``fewshot train`` can train: the in-context regressor and gradient_meta.sinusoid's algorithms
@@ -46,24 +47,25 @@ class FewShotTrainConfig:
     """training task family: maml-sine, metasgd-sine, linear, linear-d20 (an unknown name lists them all)"""
     learners: tuple[str, ...] = LEARNERS
     """learners to train: icl (the in-context regressor), maml, meta-sgd, reptile, pretrain"""
-    shots: int = 10
-    """K: support points per task the gradient learners meta-train on (and their query points)"""
+    max_shots: int = 20
+    """the most support points of a training task, for every learner: each trains on 1..max_shots (the
+    in-context regressor draws K per query, a gradient learner per meta-update, whose query sets keep
+    max_shots points)"""
     iterations: int = 2000
     """meta-updates of each gradient learner (the MAML and Meta-SGD papers: 70,000)"""
     meta_batch: int = 25
     """tasks per meta-update of the gradient learners"""
     inner_steps: int = 1
-    """inner gradient steps of MAML and Meta-SGD in meta-training"""
+    """inner gradient steps of MAML and Meta-SGD in meta-training (and pretrain's fine-tuning), the count
+    evaluation scores them at"""
     inner_lr: float = 0.01
     """inner step size of MAML (Meta-SGD: learned, initialised uniform in [0.005, 0.1]; pretrain: fine-tuning)"""
     meta_lr: float = 1e-3
     """Adam learning rate of MAML's, Meta-SGD's and pretrain's meta-update"""
-    reptile_inner_steps: int = 5
-    """Reptile's k (SGD steps per task) in meta-training"""
+    reptile_inner_steps: int = SINUSOID_REPTILE_STEPS
+    """Reptile's k >= 2 (SGD steps per task) in meta-training, the count evaluation scores it at"""
     reptile_epsilon: float = 0.1
     """Reptile's meta step: the initialisation moves this fraction toward the mean adapted weights"""
-    max_shots: int = 20
-    """in-context regressor: the most support points in one training context (it trains on 1..max_shots)"""
     icl_steps: int = 2000
     """in-context regressor: optimizer steps"""
     icl_batch: int = 64
@@ -94,10 +96,10 @@ class FewShotTrainConfig:
                 raise choice_error("learner", name, LEARNERS)
         if not self.learners:
             raise UsageError(f"--learners needs at least one of {', '.join(LEARNERS)}")
-        _positive(self, ("shots", "iterations", "meta_batch", "inner_steps", "reptile_inner_steps", "max_shots",
-                         "icl_steps", "icl_batch", "icl_queries", "d_model", "n_layer", "n_head", "checkpoint_every",
-                         "threads"))
+        _positive(self, ("iterations", "meta_batch", "inner_steps", "max_shots", "icl_steps", "icl_batch",
+                         "icl_queries", "d_model", "n_layer", "n_head", "checkpoint_every", "threads"))
         _positive_float(self, ("inner_lr", "meta_lr", "reptile_epsilon", "icl_lr"))
+        check_reptile_steps(self.reptile_inner_steps)
         if self.d_model % self.n_head:
             raise UsageError(f"n-head {self.n_head} must divide d-model {self.d_model}")
 
@@ -118,14 +120,15 @@ class FewShotEvalConfig:
     """query points per test task"""
     seed: int = 1234
     """seed of the test tasks and points"""
-    gradient_steps: tuple[int, ...] = (1, 10)
-    """inner steps at test time for each gradient learner (0: no adaptation)"""
+    extra_steps: tuple[int, ...] = (10,)
+    """more inner-step counts at test time: each a separate row per gradient learner ("maml (10 steps, trained
+    with 1)"), beside its own row at the count it meta-trained with (0: no adaptation; its own count adds none)"""
     references: bool = True
     """also score the family's reference solvers (least squares and ridge, or k-NN and a Gaussian process)"""
 
     def __post_init__(self):
         self.shots = _counts("--shots", self.shots)
-        self.gradient_steps = _counts("--gradient-steps", self.gradient_steps, minimum=0)
+        self.extra_steps = _counts("--extra-steps", self.extra_steps, minimum=0)
         _positive(self, ("queries",))
         if not isinstance(self.tasks, int) or self.tasks < 2:
             raise UsageError(f"--tasks must be an integer >= 2 (intervals need two), got {self.tasks!r}")

@@ -3,9 +3,10 @@
 A test set draws its tasks, a pool of support points and the query points once from a seed; K shots
 are the first K points of the pool, for every learner. A learner is anything with a ``name`` and
 ``predict(support_x, support_y, query_x) -> (T, Q)``: the in-context regressor, a gradient learner after
-n inner steps, a reference solver. The evaluator fingerprints the inputs it hands each learner and stops
-if two learners were given different points. MSE is taken against the noise-free task function, with a
-95% interval (1.96 standard errors) over tasks. Not for: training, probing.
+the inner steps it meta-trained with (another count: a separate, labelled row), a reference solver. The
+evaluator fingerprints the inputs it hands each learner and stops if two learners were given different
+points. MSE is taken against the noise-free task function, with a 95% interval (1.96 standard errors)
+over tasks. Not for: training, probing.
 """
 
 from __future__ import annotations
@@ -188,8 +189,16 @@ def run_family(run: str | Path) -> str:
     return read_json(path)["family"]
 
 
-def load_run(run: str | Path, gradient_steps: Sequence[int]) -> tuple[list[Predictor], dict]:
-    """Every trained learner of a run (gradient ones once per number of inner steps) and their budgets."""
+def step_label(name: str, steps: int, trained: int) -> str:
+    """A gradient learner's row: "maml (1 step)" at the count it meta-trained with, "maml (10 steps, trained
+    with 1)" at another."""
+    label = f"{name} ({steps} step{'s' if steps != 1 else ''}"
+    return label + (")" if steps == trained else f", trained with {trained})")
+
+
+def load_run(run: str | Path, extra_steps: Sequence[int] = ()) -> tuple[list[Predictor], dict]:
+    """Every trained learner of a run and their budgets: a gradient one at the inner-step count it meta-trained
+    with, and once more per other count of ``extra_steps``."""
     run = Path(run)
     predictors, budgets = [], {}
     for name in LEARNERS:
@@ -202,8 +211,9 @@ def load_run(run: str | Path, gradient_steps: Sequence[int]) -> tuple[list[Predi
             budgets["in-context"] = read_json(path / "training.json") if (path / "training.json").is_file() else {}
             continue
         config, net, params, step = load_gradient(path)
-        for steps in gradient_steps:
-            label = f"{name} ({steps} step{'s' if steps != 1 else ''})"
+        trained = config.inner_steps
+        for steps in [trained, *(k for k in extra_steps if k != trained)]:
+            label = step_label(name, steps, trained)
             predictors.append(GradientPredictor(label, net, params, step, steps))
             budgets[label] = {"optimizer_steps": config.iterations, "tasks_seen": config.iterations * config.meta_batch,
                               "train_seconds": read_json(path / "config.json").get("train_seconds")}
@@ -223,16 +233,16 @@ def evaluate_run(run: str | Path, config: FewShotEvalConfig) -> dict:
     if any(f.x_dim != get_family(trained_on).x_dim for f in families):
         raise UsageError(f"family {first.name!r} has {first.x_dim} input dimension(s); the run was trained on "
                          f"{trained_on!r} with {get_family(trained_on).x_dim}")
-    predictors, budgets = load_run(run, config.gradient_steps)
+    predictors, budgets = load_run(run, config.extra_steps)
     records = []
     for family in families:
         test = make_test_set(family, config.tasks, max(config.shots), config.queries, config.seed)
         extra = reference_predictors(family) if config.references else []
         records += score([*predictors, *extra], test, config.shots)
     return {"run": str(run), "trained_on": trained_on, "families": names,
-            "training_shots": {"gradient": run_config["shots"], "in-context": run_config["max_shots"]},
+            "training_shots": training_shots(run_config),
             "settings": {"tasks": config.tasks, "queries": config.queries, "seed": config.seed,
-                         "shots": list(config.shots), "gradient_steps": list(config.gradient_steps)},
+                         "shots": list(config.shots), "extra_steps": list(config.extra_steps)},
             "budgets": budgets, "records": records, "versions": versions()}
 
 
@@ -246,9 +256,23 @@ def evaluate_command(run: str, config: FewShotEvalConfig, out) -> None:
 
 
 # ----------------------------------------------------------------------------------------- report
-def nearest_shots(shots: Sequence[int], trained: int) -> int:
-    """The evaluated shot count nearest the one the gradient learners trained at (the smaller on a tie)."""
-    return min(shots, key=lambda k: (abs(k - trained), k))
+def training_shots(run_config: dict) -> dict[str, list[int]]:
+    """[fewest, most] support points each kind of learner trained on: the same range for both; runs from
+    before issue 35 meta-trained the gradient learners at one K (their ``shots``)."""
+    icl = [1, run_config["max_shots"]]
+    return {"gradient": [run_config["shots"]] * 2 if "shots" in run_config else icl, "in-context": icl}
+
+
+def shot_range(trained: int | Sequence[int]) -> tuple[int, int]:
+    """(fewest, most) of a ``training_shots`` entry (a single K in results written before ranges)."""
+    return (trained, trained) if isinstance(trained, int) else (int(trained[0]), int(trained[-1]))
+
+
+def nearest_shots(shots: Sequence[int], trained: int | Sequence[int]) -> int:
+    """The evaluated shot count the gradient learners trained at: the largest inside their range, else the
+    nearest to it (the smaller on a tie)."""
+    lo, hi = shot_range(trained)
+    return min(shots, key=lambda k: (max(lo - k, k - hi, 0), -k if lo <= k <= hi else k))
 
 
 def _learners(records: Sequence[dict]) -> list[str]:
@@ -270,8 +294,9 @@ def plot_family(results: dict, family: str, out: Path, note: str = "", prefix: s
         ax.plot(k, m, marker="o", ms=3, ls=ls, label=name, color=colours[i % len(colours)])
         ax.fill_between(k, np.maximum(m - c, lowest / 10), m + c, alpha=0.12, color=colours[i % len(colours)])
     marks: dict[int, list[str]] = {}
-    for what, k in results["training_shots"].items():
-        marks.setdefault(k, []).append(f"{what} trained at {'<=' if what == 'in-context' else ''}{k}")
+    for what, trained in results["training_shots"].items():
+        lo, k = shot_range(trained)
+        marks.setdefault(k, []).append(f"{what} trained at {k if lo == k else f'{lo}..{k}'}")
     for k, labels in marks.items():
         ax.axvline(k, color="grey", ls="--", lw=1)
         ax.annotate("; ".join(labels), (k, 0.98), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
@@ -299,14 +324,23 @@ def _cell(r: dict) -> str:
     return f"{r['mse']:.3g} ± {r['ci95']:.2g}"
 
 
+def _training_note(results: dict) -> str:
+    """The support points each learner trained on, and the inner steps the gradient learners are scored at."""
+    (glo, ghi), (ilo, ihi) = (shot_range(results["training_shots"][w]) for w in ("gradient", "in-context"))
+    shots = f"Every learner trained on {glo}..{ghi} support points" if (glo, ghi) == (ilo, ihi) else \
+        f"Gradient learners meta-trained at K={glo if glo == ghi else f'{glo}..{ghi}'}; the in-context regressor on " \
+        f"{ilo}..{ihi} support points"
+    return (f"{shots}. A gradient learner's row adapts with the inner steps it meta-trained with; a row \"n steps, "
+            "trained with m\" adapts with another count, beside it.")
+
+
 def report_markdown(results: dict, plots: dict[str, str]) -> str:
     s = results["settings"]
     lines = [f"# Few-shot regression: run {results['run']} (trained on {results['trained_on']})", "",
              f"{s['tasks']} test tasks x {s['queries']} query points (seed {s['seed']}), the same tasks and points for "
              "every learner (checked by fingerprint); K shots are the first K points of one support pool. MSE against "
-             "the noise-free task function, mean ± 95% half-width (1.96 standard errors over tasks). Gradient learners "
-             f"meta-trained at K={results['training_shots']['gradient']}; the in-context regressor on 1.."
-             f"{results['training_shots']['in-context']} support points.", "",
+             "the noise-free task function, mean ± 95% half-width (1.96 standard errors over tasks). "
+             f"{_training_note(results)}", "",
              "## Training budgets", "", "| learner | optimizer steps | tasks seen | seconds (in-context: CPU; gradient: wall) |",
              "|---|---|---|---|"]
     for name, b in results["budgets"].items():

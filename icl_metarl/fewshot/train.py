@@ -154,10 +154,11 @@ def train_regressor(config: FewShotTrainConfig, run: str | Path, log=print) -> I
 
 
 def gradient_config(config: FewShotTrainConfig, algo: str) -> SinusoidConfig:
-    """``gradient_meta.sinusoid``'s settings for one gradient learner of the study."""
+    """``gradient_meta.sinusoid``'s settings for one gradient learner of the study: the regressor's shot range
+    1..max_shots, so that neither is scored on shot counts only the other trained on."""
     reptile = algo == "reptile"
-    return SinusoidConfig(algo=algo, family=config.family, shots=config.shots, iterations=config.iterations,
-                          meta_batch=config.meta_batch,
+    return SinusoidConfig(algo=algo, family=config.family, shots=config.max_shots, min_shots=1,
+                          iterations=config.iterations, meta_batch=config.meta_batch,
                           inner_steps=config.reptile_inner_steps if reptile else config.inner_steps,
                           inner_lr=config.inner_lr, meta_lr=config.reptile_epsilon if reptile else config.meta_lr,
                           seed=config.seed, log_every=max(1, config.iterations // 4), threads=config.threads)
