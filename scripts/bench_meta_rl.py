@@ -40,7 +40,7 @@ def main():
     torch.set_num_threads(1)
     raw = raw_steps_per_s(tasks, args.episode_length, 2)
     print(f"ML1:reach-v3, meta-batch {args.meta_batch}, episodes of {args.episode_length} steps, "
-          f"1 support + 1 query episode per task, torch threads 1")
+          f"1 support + 1 query episode per task (Reptile: no query episode), torch threads 1")
     print(f"raw vector-env stepping (random actions): {raw:.0f} steps/s")
     print(f"{'algo':10s} {'iter s':>7s} {'sample s':>9s} {'learn s':>8s} {'sampler steps/s':>16s} {'vs raw':>7s}")
     for algo in ("maml", "meta-sgd", "reptile"):
@@ -50,7 +50,7 @@ def main():
             log = meta_train(cfg, d, progress=False)[1:]  # the first iteration builds the environments
         sample = statistics.median(r["sample_s"] for r in log)
         learn = statistics.median(r["learn_s"] for r in log)
-        steps = 2 * args.meta_batch * args.episode_length
+        steps = (cfg.adapt_episodes + cfg.resolved().query_episodes) * args.meta_batch * args.episode_length
         print(f"{algo:10s} {sample + learn:7.2f} {sample:9.2f} {learn:8.3f} {steps / sample:16.0f} "
               f"{steps / sample / raw:7.2f}")
     again = raw_steps_per_s(tasks, args.episode_length, 2)
