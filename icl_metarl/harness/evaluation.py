@@ -199,7 +199,7 @@ def agent_action_repeat(agent: Agent, asked: int | None) -> int:
     if own is None:
         return 1 if asked is None else check_action_repeat(asked)
     if asked is not None and asked != own:
-        raise UsageError(f"--action-repeat {asked}: {getattr(agent, 'checkpoint', None) or agent.name} was trained "
+        raise UsageError(f"--action-repeat {asked}: {getattr(agent, 'checkpoint', None) or getattr(agent, 'source', None) or agent.name} was trained "
                          f"to act every {own} simulator steps; evaluate it with --action-repeat {own} or without the flag")
     return int(own)
 

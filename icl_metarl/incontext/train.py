@@ -145,8 +145,8 @@ def data_budget(manifests: list[dict], target: str) -> Budget:
         labels = after_handover if target == "expert" or not s.get("policy") or handover else 0
         cpu = None if any("cpu_seconds" not in r for r in shards) else sum(r["cpu_seconds"] for r in shards) / 60
         # simulator steps: each stored decision held its action action_repeat of them (whole episodes)
-        length = int(s["episode_length"])
-        env_steps = steps // decisions_per_episode(length, int(s.get("action_repeat", 1))) * length
+        k = int(s.get("action_repeat", 1))
+        env_steps = steps if k == 1 else steps // decisions_per_episode(int(s["episode_length"]), k) * int(s["episode_length"])
         total = total.add(Budget(env_steps=env_steps, expert_labels=labels, data_cpu_minutes=cpu,
                                  seeds={"data": [int(s["seed"])]}))
     return total
