@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icl_metarl.incontext import histories
+from icl_metarl.incontext import shards
 from icl_metarl.incontext.histories import GenerateConfig, generate
 from icl_metarl.incontext.windows import WindowDataset
 
 
 def read(directory: Path, limit: int, order: np.ndarray) -> tuple[float, list]:
-    histories._OPEN_MAPS = histories._MapCache(limit)
+    shards._OPEN_MAPS = shards._MapCache(limit)
     ds = WindowDataset(directory, 2, verify=False)
     start = time.perf_counter()
     windows = [ds[int(i) % len(ds)] for i in order]

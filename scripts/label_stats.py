@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from icl_metarl.incontext.histories import load_histories
+from icl_metarl.incontext.shards import load_histories
 
 
 def label_stats(path: str, lift: float) -> dict:

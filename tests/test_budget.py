@@ -13,7 +13,8 @@ from gradient_meta.meta_rl import KILL_ENV, MetaRLConfig, meta_train
 from icl_metarl.harness.budget import Budget, read_budget, run_budget
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
 from icl_metarl.harness.report import compact, report_markdown
-from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
+from icl_metarl.incontext.histories import GenerateConfig, generate
+from icl_metarl.incontext.shards import load_histories
 from icl_metarl.incontext.train import TrainConfig, data_budget, pretrain
 
 torch.set_num_threads(1)  # tiny runs: a second thread only adds contention on a shared CPU

@@ -14,18 +14,10 @@ import pytest
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.suites import expert_actions, get_suite
-from icl_metarl.incontext.histories import (
-    GenerateConfig,
-    _check_same_settings,
-    _interleave_envs,
-    build_task_pool,
-    environment_counts,
-    generate,
-    load_histories,
-    noise_levels,
-    perturb,
-    trial_noise_levels,
-)
+from icl_metarl.incontext.histories import GenerateConfig, _check_same_settings, generate
+from icl_metarl.incontext.noise import noise_levels, perturb, trial_noise_levels
+from icl_metarl.incontext.shards import load_histories
+from icl_metarl.incontext.task_pools import _interleave_envs, build_task_pool, environment_counts
 
 # 6 shards of one trial, 3 episodes of 50 steps: big enough to kill between shards, small enough to be quick.
 SMALL = GenerateConfig(suite="ML1:reach-v3", trials=6, episodes_per_trial=3, episode_length=50,

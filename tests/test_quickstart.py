@@ -59,7 +59,7 @@ def test_generate_extra_sets_are_generated_and_pretrained_on(tmp_path):
     again = qc.config_from_dict(json.loads(json.dumps(qc.to_dict(cfg))))
     assert qc.extra_generate_configs(again) == [extra]
     summary = qs.run_generate(cfg, out)
-    from icl_metarl.incontext.histories import load_histories
+    from icl_metarl.incontext.shards import load_histories
 
     h = load_histories(out / "histories-1")
     assert (h.manifest["settings"]["noise_kind"], h.manifest["settings"]["trials"]) == ("uniform", 2)

@@ -192,7 +192,7 @@ def test_training_pools_hold_no_validation_or_test_task(monkeypatch):
     from gradient_meta.meta_rl import build_pool, draw_tasks
     from icl_metarl.harness import suites
     from icl_metarl.incontext.config import GenerateConfig
-    from icl_metarl.incontext.histories import build_task_pool
+    from icl_metarl.incontext.task_pools import build_task_pool
 
     held = get_suite("ML10-holdout")
     gen = GenerateConfig(suite="ML10-holdout", task_pool="fresh", trials=24, episode_length=10)

@@ -8,8 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.incontext import histories
-from icl_metarl.incontext.histories import GenerateConfig, generate, load_histories
+from icl_metarl.incontext import shards
+from icl_metarl.incontext.histories import GenerateConfig, generate
+from icl_metarl.incontext.shards import load_histories
 from icl_metarl.incontext.windows import WindowDataset, WindowSampler
 
 # 5 trials of 4 episodes of 6 steps, 2 trials per shard (the last shard holds one).
@@ -89,9 +90,9 @@ def test_open_files_stay_bounded_however_many_shards(tmp_path, monkeypatch):
     shard ran out of descriptors at about 128 shards). With room for 12 maps, 12 shards (96 fields) are
     loaded and every window read, and the windows equal those read with room for all of them."""
     generate(replace(CFG, trials=12, trials_per_shard=1), tmp_path / "many", progress=False)
-    monkeypatch.setattr(histories._OPEN_MAPS, "limit", 1000)
+    monkeypatch.setattr(shards._OPEN_MAPS, "limit", 1000)
     reference = [WindowDataset(tmp_path / "many", 2)[i] for i in range(36)]
-    monkeypatch.setattr(histories, "_OPEN_MAPS", histories._MapCache(limit=12))
+    monkeypatch.setattr(shards, "_OPEN_MAPS", shards._MapCache(limit=12))
     before = _open_descriptors()
     ds = WindowDataset(tmp_path / "many", 2)
     windows = [ds[i] for i in range(len(ds))]

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.incontext.histories import Histories, load_histories
+from icl_metarl.incontext.shards import Histories, load_histories
 
 
 class WindowDataset(Dataset):
