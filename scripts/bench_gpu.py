@@ -41,7 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_json
 from icl_metarl.incontext.agent import InContextAgent
-from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, window_loss
+from icl_metarl.incontext.loss import window_loss
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
 KERNELS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "math": SDPBackend.MATH}

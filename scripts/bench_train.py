@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from transformers import GPT2Config, GPT2Model
 
-from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, shift_previous
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.incontext.tokens import shift_previous
 
 
 class GPT2Policy(nn.Module):

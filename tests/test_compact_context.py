@@ -10,7 +10,9 @@ import torch
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.agent import InContextAgent
-from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, compact_mask, episode_inputs, kept_steps
+from icl_metarl.incontext.attention import compact_mask, kept_steps
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.incontext.tokens import episode_inputs
 
 L, K, B = 7, 3, 2  # steps per episode, episodes, trials
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext import attention
 from icl_metarl.incontext import model as M
-from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, action_loss, shift_previous, tanh_gaussian_nll
+from icl_metarl.incontext.loss import action_loss, tanh_gaussian_nll
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.incontext.tokens import shift_previous
 
 EP = 6  # episode length of the hand-made sequences
 
@@ -145,7 +148,7 @@ def test_output_attentions_needs_eager():
 
 
 def test_flash_falls_back_to_sdpa_with_one_warning(monkeypatch):
-    monkeypatch.setattr(M, "_warned", set())
+    monkeypatch.setattr(attention, "_warned", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     x = tokens()
     with warnings.catch_warnings(record=True) as caught:

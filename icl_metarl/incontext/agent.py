@@ -18,7 +18,9 @@ from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.budget import run_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.threads import threads_held
-from icl_metarl.incontext.model import ICLPolicy, episode_inputs, kept_steps
+from icl_metarl.incontext.attention import kept_steps
+from icl_metarl.incontext.model import ICLPolicy
+from icl_metarl.incontext.tokens import episode_inputs
 
 TRAINING_INFO = "training.json"
 

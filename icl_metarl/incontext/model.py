@@ -1,7 +1,10 @@
 """The in-context policy: a causal Transformer over one token per timestep that predicts the action.
 
 A ``transformers`` config/model pair (``save_pretrained`` / ``from_pretrained`` give a directory with
-``config.json`` and ``model.safetensors``). Not for: rollouts (``icl_agent.py``) or training loops.
+``config.json`` and ``model.safetensors``): the blocks, the forward, the one-token decode step and the
+files. Not for: rollouts (``agent.py``), training loops (``train.py``), the configuration, attention
+kernels, KV cache, token inputs and loss (``policy_config.py``, ``attention.py``, ``kv_cache.py``,
+``tokens.py``, ``loss.py``).
 
 Why the backbone is written here and not taken from ``transformers``: the agent runs one new token per
 step for a batch of trials, so per-step latency bounds the rollout speed; nanoGPT-style blocks with a
@@ -11,14 +14,10 @@ dynamic caches (measured in docs/benchmarks.md).
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,338 +25,19 @@ from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_text, read_json
-from icl_metarl.incontext.config import MODEL_TYPE, TARGETS
+from icl_metarl.incontext.attention import ATTENTION_FUNCTIONS, compact_mask, resolve_attn_implementation
+from icl_metarl.incontext.kv_cache import KVCache
+from icl_metarl.incontext.loss import window_loss
+from icl_metarl.incontext.policy_config import ICLPolicyConfig
 
-ACTION_HEADS = ("deterministic", "tanh_gaussian")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LOG_STD_RANGE = (-5.0, 2.0)
-# Expert actions saturate at exactly +-1 (clipped); atanh needs them strictly inside, so the
-# tanh-Gaussian likelihood reads them at +-(1 - ATANH_EPS), i.e. atanh = +-3.8.
-ATANH_EPS = 1e-3
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------- config
-class ICLPolicyConfig(PretrainedConfig):
-    """Shape and behaviour of the in-context policy; the defaults (d=64, 3 layers, 4 heads, 0.32M parameters at
-    500-step episodes) are the size every measured CPU recipe used (docs/results.md); GPU configs set larger.
-
-    Args:
-        obs_dim: observation size (Meta-World: 39).
-        act_dim: action size (Meta-World: 4).
-        d_model: width of the token embedding and of every layer.
-        n_layer: number of Transformer blocks.
-        n_head: attention heads per block (must divide d_model).
-        max_episode_length: size of the step-in-episode embedding; longer episodes are an error.
-        max_context_episodes: the trained context, in whole episodes; positions = this x max_episode_length.
-        action_head: "deterministic" (tanh of a linear map, MSE loss) or "tanh_gaussian" (NLL loss).
-        reward_scale: previous rewards are multiplied by this before embedding (reach rewards reach 10).
-        dropout: dropout on embeddings, attention and residuals during training.
-        attn_implementation: "sdpa", "eager" (returns attention weights) or "flash_attention_2".
-        explore_episodes: acting default of the in-context agent: in the first this many episodes of a
-            trial, every trial adds a constant random offset to its actions (one draw per trial and
-            episode), so its early episodes go to different places; the context then holds the rewards of
-            places a posterior-mean policy would never visit. 0: no exploration.
-        explore_scale: standard deviation of that offset, in action units (actions lie in [-1, 1]).
-        context_stride: what the policy reads of earlier episodes. 0: every token of the last
-            ``max_context_episodes`` episodes, with absolute positions (the ML1 recipes). s >= 1: the compact
-            cross-episode context: the current episode in full and each earlier episode of the trial by
-            its tokens at steps s-1, 2s-1, ... and its last step (which has read its whole episode: a
-            summary of it); positions are then the step in the episode and the episode's index in the
-            trial, of which ``max_context_episodes`` are embedded (later ones share the last). Training
-            reads whole trials under this mask, so every token trains on exactly the context it acts on.
-        action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
-            step, the action held in between); an evaluation at another interval is refused.
-    """
-
-    model_type = MODEL_TYPE
-
-    def __init__(
-        self,
-        obs_dim: int = 39,
-        act_dim: int = 4,
-        d_model: int = 64,
-        n_layer: int = 3,
-        n_head: int = 4,
-        max_episode_length: int = 500,
-        max_context_episodes: int = 4,
-        action_head: str = "deterministic",
-        reward_scale: float = 0.1,
-        dropout: float = 0.0,
-        attn_implementation: str = "sdpa",
-        explore_episodes: int = 0,
-        explore_scale: float = 0.0,
-        context_stride: int = 0,
-        action_repeat: int = 1,
-        **kwargs,
-    ):
-        # transformers keeps its own private attention setting; ours is a plain field so that it is
-        # saved in config.json and never sent to the hub-kernel loader of transformers.
-        kwargs.pop("_attn_implementation", None)
-        super().__init__(**kwargs)
-        for name, value in (
-            ("obs_dim", obs_dim), ("act_dim", act_dim), ("d_model", d_model), ("n_layer", n_layer),
-            ("n_head", n_head), ("max_episode_length", max_episode_length),
-            ("max_context_episodes", max_context_episodes),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if d_model % n_head:
-            raise UsageError(f"n_head={n_head} must divide d_model={d_model}")
-        if action_head not in ACTION_HEADS:
-            raise choice_error("action_head", action_head, ACTION_HEADS)
-        if attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise choice_error("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
-        if not isinstance(explore_episodes, int) or isinstance(explore_episodes, bool) or explore_episodes < 0:
-            raise UsageError(f"explore_episodes must be an integer >= 0, got {explore_episodes!r}")
-        if not isinstance(context_stride, int) or isinstance(context_stride, bool) or context_stride < 0:
-            raise UsageError(f"context_stride must be an integer >= 0 (0: full context), got {context_stride!r}")
-        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
-            raise UsageError(f"action_repeat (decision interval) must be an integer >= 1, got {action_repeat!r}")
-        if not float(explore_scale) >= 0.0:
-            raise UsageError(f"explore_scale must be >= 0, got {explore_scale!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise UsageError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.obs_dim = obs_dim
-        self.act_dim = act_dim
-        self.d_model = d_model
-        self.n_layer = n_layer
-        self.n_head = n_head
-        self.max_episode_length = max_episode_length
-        self.max_context_episodes = max_context_episodes
-        self.action_head = action_head
-        self.reward_scale = float(reward_scale)
-        self.dropout = float(dropout)
-        self.attn_implementation = attn_implementation
-        self.explore_episodes = explore_episodes
-        self.explore_scale = float(explore_scale)
-        self.context_stride = context_stride
-        self.action_repeat = action_repeat
-
-    @property
-    def compact(self) -> bool:
-        """Whether earlier episodes are read compactly (``context_stride`` >= 1)."""
-        return self.context_stride > 0
-
-    @property
-    def max_positions(self) -> int:
-        """Tokens in the trained context: whole episodes of the longest allowed length (full context);
-        for the compact one, the tokens of a trial of ``max_context_episodes`` episodes (KV-cache size)."""
-        if self.compact:
-            return (self.max_context_episodes - 1) * len(kept_steps(self.max_episode_length, self.context_stride)) \
-                + self.max_episode_length
-        return self.max_context_episodes * self.max_episode_length
-
-
-def kept_steps(length: int, stride: int) -> list[int]:
-    """The steps of a finished episode of ``length`` steps that the compact context keeps: every
-    ``stride``-th (steps stride-1, 2 stride-1, ...) and the last."""
-    return [t for t in range(length) if (t + 1) % stride == 0 or t == length - 1]
-
-
-def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int) -> torch.Tensor:
-    """(T, T) bool, True where token i may attend token j under the compact context: j <= i, and j in
-    i's episode or a kept token (``kept_steps``) of an earlier one. ``episode_index`` and ``step`` (T,) lay
-    out whole episodes end to end (the last token of the sequence ends its episode, or is in the episode
-    of every later query)."""
-    t = step.shape[0]
-    last = torch.ones(t, dtype=torch.bool, device=step.device)
-    last[:-1] = episode_index[1:] != episode_index[:-1]
-    kept = ((step + 1) % stride == 0) | last  # (T,)
-    same = episode_index[:, None] == episode_index[None, :]  # (T, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=step.device).tril()
-    return causal & (same | kept[None, :])
-
-
-# ------------------------------------------------------------------------------- pure functions
-def shift_previous(
-    actions: torch.Tensor, rewards: torch.Tensor, episode_start: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The previous step's action (B,T,A) and reward (B,T) at every step; zeros at episode starts.
-
-    The first token of a sequence has no previous step in it, so it gets zeros too (windows start
-    at an episode start, where zeros are right anyway).
-    """
-    prev_actions = F.pad(actions[:, :-1], (0, 0, 1, 0))  # (B, T, A)
-    prev_rewards = F.pad(rewards[:, :-1], (1, 0))  # (B, T)
-    keep = ~episode_start.bool()
-    prev_actions = torch.where(rearrange(keep, "b t -> b t 1"), prev_actions, torch.zeros_like(prev_actions))
-    prev_rewards = torch.where(keep, prev_rewards, torch.zeros_like(prev_rewards))
-    return prev_actions, prev_rewards
-
-
-def tanh_gaussian_nll(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """-log p(actions) per token (B,T) under tanh(N(mean, exp(log_std))), summed over action dims.
-
-    Change of variables (Haarnoja et al. 2018, SAC, appendix C): log p(a) = log N(u) - sum log(1 - a^2),
-    u = atanh(a); 1 - a^2 is written as 4 / (e^u + e^-u)^2 through softplus for stability.
-    """
-    a = actions.clamp(-1.0 + ATANH_EPS, 1.0 - ATANH_EPS)
-    u = torch.atanh(a)
-    normal_logp = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2)
-    return -(normal_logp - log_det).sum(-1)
-
-
-def action_loss(output: "ICLPolicyOutput", target_actions: torch.Tensor) -> torch.Tensor:
-    """Scalar loss over the labelled tokens: MSE of the action for the deterministic head, NLL for the
-    Gaussian. A token whose target holds NaN is unlabelled (context only, e.g. a learner's episodes
-    before a hand-over): it adds no loss; a batch without any label gives 0."""
-    target = target_actions.float()
-    labelled = ~torch.isnan(target).any(-1)  # (B, T)
-    target = torch.where(rearrange(labelled, "b t -> b t 1"), target, torch.zeros_like(target))
-    if output.log_std is None:
-        per_token = ((output.action.float() - target) ** 2).mean(-1)  # (B, T)
-    else:
-        per_token = tanh_gaussian_nll(output.mean.float(), output.log_std.float(), target)  # (B, T)
-    return (per_token * labelled).sum() / labelled.sum().clamp(min=1)
-
-
-def episode_inputs(obs, actions, rewards, device=None) -> dict[str, torch.Tensor]:
-    """The model's inputs for whole played episodes laid end to end: obs (B,K,T,D), actions taken
-    (B,K,T,A) and rewards (B,K,T) (arrays) -> obs, prev_actions, prev_rewards, episode_start and
-    step_in_episode, each (B, K*T, ...)."""
-    b, k, t = np.shape(rewards)
-    flat = lambda x, pattern: torch.as_tensor(rearrange(np.asarray(x), pattern), dtype=torch.float32, device=device)
-    actions = flat(actions, "b k t d -> b (k t) d")
-    rewards = flat(rewards, "b k t -> b (k t)")
-    step = torch.arange(t, device=device).repeat(k).expand(b, k * t)  # (B, K*T)
-    start = step == 0
-    prev_actions, prev_rewards = shift_previous(actions, rewards, start)
-    return {"obs": flat(obs, "b k t d -> b (k t) d"), "prev_actions": prev_actions, "prev_rewards": prev_rewards,
-            "episode_start": start, "step_in_episode": step}
-
-
-def window_loss(model, batch: dict, target: str = "expert") -> torch.Tensor:
-    """The action loss of a windows batch (B,W,...) through ``model``'s forward: the expert's action
-    (DPT) or the one taken (AD-eps) as target. ``model`` may be a DDP wrapper, whose forward all-reduces
-    the gradients in backward: the reason this is a function and not only ``ICLPolicy.loss``."""
-    if target not in TARGETS:
-        raise choice_error("target", target, TARGETS)
-    prev_actions, prev_rewards = shift_previous(batch["actions"], batch["rewards"], batch["episode_start"])
-    out = model(batch["obs"], prev_actions, prev_rewards, batch["episode_start"], batch["step_in_episode"])
-    return action_loss(out, batch["expert_actions"] if target == "expert" else batch["actions"])
-
-
-# ------------------------------------------------------------------------------------- KV cache
-class KVCache:
-    """Keys and values of every layer, preallocated once: (L, B, nh, capacity, hs); ``length`` filled.
-
-    Static so that a rollout step writes one slot per layer instead of concatenating a growing tensor.
-    The model's forward writes into it in place and advances ``length``.
-    """
-
-    def __init__(self, n_layer, batch, n_head, head_dim, capacity, device=None, dtype=torch.float32):
-        self.keys = torch.zeros(n_layer, batch, n_head, capacity, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
-        self.layer_keys, self.layer_values = tuple(self.keys), tuple(self.values)  # per-layer views, made once
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def reset(self) -> None:
-        """Forget every token; the memory stays allocated for the next trial."""
-        self.length = 0
-
-    def keep(self, start: int, offsets: list[int]) -> None:
-        """Keep, of the tokens from ``start`` on, only those at ``offsets`` (ascending, relative to
-        ``start``), moved up to follow the tokens before ``start``: how the compact context forgets a
-        finished episode's other steps. The kept keys and values are the ones computed when the episode
-        was current, exactly what training's compact mask gives them."""
-        index = torch.as_tensor(offsets, dtype=torch.long, device=self.keys.device) + start
-        end = start + len(offsets)
-        self.keys[:, :, :, start:end] = self.keys.index_select(3, index)
-        self.values[:, :, :, start:end] = self.values.index_select(3, index)
-        self.length = end
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this forward's k, v (B,nh,T,hs) after the cached tokens; return all (B,nh,S,hs)."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-
-# ----------------------------------------------------------------------- attention functions
-def _causal_mask(t: int, s: int, device) -> torch.Tensor:
-    """(T, S) bool, True where query i (absolute position S-T+i) may attend key j."""
-    past = s - t
-    return torch.arange(s, device=device)[None, :] <= (past + torch.arange(t, device=device))[:, None]
-
-
-def sdpa_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
-    """PyTorch's fused attention; q (B,nh,T,hs), k/v (B,nh,S,hs) -> (B,nh,T,hs), no weights. ``mask``
-    (T,S) bool replaces the causal mask (the compact context's)."""
-    t, s = q.shape[2], k.shape[2]
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
-    if t == 1:  # one new token sees everything cached
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p), None
-    if t == s:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
-    # is_causal aligns the mask top-left; several new tokens after a cache need it bottom-right.
-    mask = _causal_mask(t, s, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
-
-
-def eager_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
-    """Attention written out, returning the weights (B,nh,T,S) for probes."""
-    t, s = q.shape[2], k.shape[2]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
-    scores = scores.masked_fill(~(_causal_mask(t, s, q.device) if mask is None else mask), float("-inf"))
-    weights = scores.float().softmax(-1).to(q.dtype)
-    return F.dropout(weights, dropout_p) @ v, weights
-
-
-def flash_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
-    """flash-attn 2 on CUDA in fp16/bf16; anything else goes to SDPA (said once)."""
-    if mask is not None:
-        _warn_once("flash_attention_2 has no arbitrary mask (the compact context needs one); using sdpa")
-        return sdpa_attention(q, k, v, dropout_p, mask)
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        _warn_once(f"flash_attention_2 needs CUDA and fp16/bf16 (got {q.device.type}, {q.dtype}); using sdpa")
-        return sdpa_attention(q, k, v, dropout_p)
-    from flash_attn import flash_attn_func  # optional dependency (CUDA only): imported where it is used
-
-    # flash-attn wants (B, T, nh, hs); its causal mask is bottom-right aligned, as a cache needs.
-    q, k, v = (rearrange(x, "b h t d -> b t h d") for x in (q, k, v))
-    y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
-    return rearrange(y, "b t h d -> b h t d"), None
-
-
-ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention, "flash_attention_2": flash_attention}
-
-
-def resolve_attn_implementation(requested: str) -> str:
-    """The implementation that will run: flash_attention_2 without flash-attn or CUDA becomes sdpa."""
-    if requested not in ATTN_IMPLEMENTATIONS:
-        raise choice_error("attn_implementation", requested, ATTN_IMPLEMENTATIONS)
-    if requested == "flash_attention_2":
-        missing = [w for w, ok in (("the flash-attn package", importlib.util.find_spec("flash_attn") is not None),
-                                   ("CUDA", torch.cuda.is_available())) if not ok]
-        if missing:
-            _warn_once(f"attn_implementation='flash_attention_2' needs {' and '.join(missing)}; using 'sdpa'")
-            return "sdpa"
-    return requested
 
 
 # ---------------------------------------------------------------------------------------- blocks

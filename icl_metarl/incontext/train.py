@@ -40,7 +40,8 @@ from icl_metarl.harness.threads import use_threads
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
 from icl_metarl.incontext.histories import generate
-from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, window_loss
+from icl_metarl.incontext.loss import window_loss
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 from icl_metarl.incontext.shards import load_histories
 from icl_metarl.incontext.windows import WindowDataset, WindowSampler, collate
 

@@ -47,7 +47,8 @@ from icl_metarl.harness.suites import (
     make_trial_envs,
 )
 from icl_metarl.incontext.agent import InContextAgent
-from icl_metarl.incontext.model import ICLPolicy, episode_inputs, shift_previous
+from icl_metarl.incontext.model import ICLPolicy
+from icl_metarl.incontext.tokens import episode_inputs, shift_previous
 from icl_metarl.probes.config import CONTEXT_CONDITIONS, ProbeConfig
 
 METRICS_FORMAT = "icl_metarl.probes/1"  # names the file format, not the module: kept across moves

@@ -1,0 +1,113 @@
+"""Attention kernels and masks of the in-context policy: SDPA, eager (returns the weights, for probes),
+flash-attn 2 (falls back to SDPA, said once), the causal mask after a cache and the compact context's mask.
+
+Functions of tensors only; not for: the blocks that call them or the cache they read (``model.py``,
+``kv_cache.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from icl_metarl.harness.errors import choice_error
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------ masks
+def _causal_mask(t: int, s: int, device) -> torch.Tensor:
+    """(T, S) bool, True where query i (absolute position S-T+i) may attend key j."""
+    past = s - t
+    return torch.arange(s, device=device)[None, :] <= (past + torch.arange(t, device=device))[:, None]
+
+
+def kept_steps(length: int, stride: int) -> list[int]:
+    """The steps of a finished episode of ``length`` steps that the compact context keeps: every
+    ``stride``-th (steps stride-1, 2 stride-1, ...) and the last."""
+    return [t for t in range(length) if (t + 1) % stride == 0 or t == length - 1]
+
+
+def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int) -> torch.Tensor:
+    """(T, T) bool, True where token i may attend token j under the compact context: j <= i, and j in
+    i's episode or a kept token (``kept_steps``) of an earlier one. ``episode_index`` and ``step`` (T,) lay
+    out whole episodes end to end (the last token of the sequence ends its episode, or is in the episode
+    of every later query)."""
+    t = step.shape[0]
+    last = torch.ones(t, dtype=torch.bool, device=step.device)
+    last[:-1] = episode_index[1:] != episode_index[:-1]
+    kept = ((step + 1) % stride == 0) | last  # (T,)
+    same = episode_index[:, None] == episode_index[None, :]  # (T, T)
+    causal = torch.ones(t, t, dtype=torch.bool, device=step.device).tril()
+    return causal & (same | kept[None, :])
+
+
+# ---------------------------------------------------------------------------------------- kernels
+def sdpa_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
+    """PyTorch's fused attention; q (B,nh,T,hs), k/v (B,nh,S,hs) -> (B,nh,T,hs), no weights. ``mask``
+    (T,S) bool replaces the causal mask (the compact context's)."""
+    t, s = q.shape[2], k.shape[2]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+    if t == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p), None
+    if t == s:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
+    # is_causal aligns the mask top-left; several new tokens after a cache need it bottom-right.
+    mask = _causal_mask(t, s, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+
+
+def eager_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
+    """Attention written out, returning the weights (B,nh,T,S) for probes."""
+    t, s = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = scores.masked_fill(~(_causal_mask(t, s, q.device) if mask is None else mask), float("-inf"))
+    weights = scores.float().softmax(-1).to(q.dtype)
+    return F.dropout(weights, dropout_p) @ v, weights
+
+
+def flash_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None):
+    """flash-attn 2 on CUDA in fp16/bf16; anything else goes to SDPA (said once)."""
+    if mask is not None:
+        _warn_once("flash_attention_2 has no arbitrary mask (the compact context needs one); using sdpa")
+        return sdpa_attention(q, k, v, dropout_p, mask)
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        _warn_once(f"flash_attention_2 needs CUDA and fp16/bf16 (got {q.device.type}, {q.dtype}); using sdpa")
+        return sdpa_attention(q, k, v, dropout_p)
+    from flash_attn import flash_attn_func  # optional dependency (CUDA only): imported where it is used
+
+    # flash-attn wants (B, T, nh, hs); its causal mask is bottom-right aligned, as a cache needs.
+    q, k, v = (rearrange(x, "b h t d -> b t h d") for x in (q, k, v))
+    y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+    return rearrange(y, "b t h d -> b h t d"), None
+
+
+ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention, "flash_attention_2": flash_attention}
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """The implementation that will run: flash_attention_2 without flash-attn or CUDA becomes sdpa."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise choice_error("attn_implementation", requested, ATTN_IMPLEMENTATIONS)
+    if requested == "flash_attention_2":
+        missing = [w for w, ok in (("the flash-attn package", importlib.util.find_spec("flash_attn") is not None),
+                                   ("CUDA", torch.cuda.is_available())) if not ok]
+        if missing:
+            _warn_once(f"attn_implementation='flash_attention_2' needs {' and '.join(missing)}; using 'sdpa'")
+            return "sdpa"
+    return requested
+

@@ -1,0 +1,126 @@
+"""The in-context policy's configuration (a ``transformers`` ``PretrainedConfig``, saved as its
+checkpoint's ``config.json``): its shape and acting defaults, validated where they enter.
+
+Not for: the learner's data and training settings (``config.py``) or reading a checkpoint (``model.py``).
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from icl_metarl.harness.errors import UsageError, choice_error
+from icl_metarl.incontext.attention import ATTN_IMPLEMENTATIONS, kept_steps
+from icl_metarl.incontext.config import MODEL_TYPE
+
+ACTION_HEADS = ("deterministic", "tanh_gaussian")
+
+
+class ICLPolicyConfig(PretrainedConfig):
+    """Shape and behaviour of the in-context policy; the defaults (d=64, 3 layers, 4 heads, 0.32M parameters at
+    500-step episodes) are the size every measured CPU recipe used (docs/results.md); GPU configs set larger.
+
+    Args:
+        obs_dim: observation size (Meta-World: 39).
+        act_dim: action size (Meta-World: 4).
+        d_model: width of the token embedding and of every layer.
+        n_layer: number of Transformer blocks.
+        n_head: attention heads per block (must divide d_model).
+        max_episode_length: size of the step-in-episode embedding; longer episodes are an error.
+        max_context_episodes: the trained context, in whole episodes; positions = this x max_episode_length.
+        action_head: "deterministic" (tanh of a linear map, MSE loss) or "tanh_gaussian" (NLL loss).
+        reward_scale: previous rewards are multiplied by this before embedding (reach rewards reach 10).
+        dropout: dropout on embeddings, attention and residuals during training.
+        attn_implementation: "sdpa", "eager" (returns attention weights) or "flash_attention_2".
+        explore_episodes: acting default of the in-context agent: in the first this many episodes of a
+            trial, every trial adds a constant random offset to its actions (one draw per trial and
+            episode), so its early episodes go to different places; the context then holds the rewards of
+            places a posterior-mean policy would never visit. 0: no exploration.
+        explore_scale: standard deviation of that offset, in action units (actions lie in [-1, 1]).
+        context_stride: what the policy reads of earlier episodes. 0: every token of the last
+            ``max_context_episodes`` episodes, with absolute positions (the ML1 recipes). s >= 1: the compact
+            cross-episode context: the current episode in full and each earlier episode of the trial by
+            its tokens at steps s-1, 2s-1, ... and its last step (which has read its whole episode: a
+            summary of it); positions are then the step in the episode and the episode's index in the
+            trial, of which ``max_context_episodes`` are embedded (later ones share the last). Training
+            reads whole trials under this mask, so every token trains on exactly the context it acts on.
+        action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
+            step, the action held in between); an evaluation at another interval is refused.
+    """
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        obs_dim: int = 39,
+        act_dim: int = 4,
+        d_model: int = 64,
+        n_layer: int = 3,
+        n_head: int = 4,
+        max_episode_length: int = 500,
+        max_context_episodes: int = 4,
+        action_head: str = "deterministic",
+        reward_scale: float = 0.1,
+        dropout: float = 0.0,
+        attn_implementation: str = "sdpa",
+        explore_episodes: int = 0,
+        explore_scale: float = 0.0,
+        context_stride: int = 0,
+        action_repeat: int = 1,
+        **kwargs,
+    ):
+        # transformers keeps its own private attention setting; ours is a plain field so that it is
+        # saved in config.json and never sent to the hub-kernel loader of transformers.
+        kwargs.pop("_attn_implementation", None)
+        super().__init__(**kwargs)
+        for name, value in (
+            ("obs_dim", obs_dim), ("act_dim", act_dim), ("d_model", d_model), ("n_layer", n_layer),
+            ("n_head", n_head), ("max_episode_length", max_episode_length),
+            ("max_context_episodes", max_context_episodes),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if d_model % n_head:
+            raise UsageError(f"n_head={n_head} must divide d_model={d_model}")
+        if action_head not in ACTION_HEADS:
+            raise choice_error("action_head", action_head, ACTION_HEADS)
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise choice_error("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        if not isinstance(explore_episodes, int) or isinstance(explore_episodes, bool) or explore_episodes < 0:
+            raise UsageError(f"explore_episodes must be an integer >= 0, got {explore_episodes!r}")
+        if not isinstance(context_stride, int) or isinstance(context_stride, bool) or context_stride < 0:
+            raise UsageError(f"context_stride must be an integer >= 0 (0: full context), got {context_stride!r}")
+        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
+            raise UsageError(f"action_repeat (decision interval) must be an integer >= 1, got {action_repeat!r}")
+        if not float(explore_scale) >= 0.0:
+            raise UsageError(f"explore_scale must be >= 0, got {explore_scale!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise UsageError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.obs_dim = obs_dim
+        self.act_dim = act_dim
+        self.d_model = d_model
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.max_episode_length = max_episode_length
+        self.max_context_episodes = max_context_episodes
+        self.action_head = action_head
+        self.reward_scale = float(reward_scale)
+        self.dropout = float(dropout)
+        self.attn_implementation = attn_implementation
+        self.explore_episodes = explore_episodes
+        self.explore_scale = float(explore_scale)
+        self.context_stride = context_stride
+        self.action_repeat = action_repeat
+
+    @property
+    def compact(self) -> bool:
+        """Whether earlier episodes are read compactly (``context_stride`` >= 1)."""
+        return self.context_stride > 0
+
+    @property
+    def max_positions(self) -> int:
+        """Tokens in the trained context: whole episodes of the longest allowed length (full context);
+        for the compact one, the tokens of a trial of ``max_context_episodes`` episodes (KV-cache size)."""
+        if self.compact:
+            return (self.max_context_episodes - 1) * len(kept_steps(self.max_episode_length, self.context_stride)) \
+                + self.max_episode_length
+        return self.max_context_episodes * self.max_episode_length
