@@ -14,23 +14,16 @@ from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.probes.probe import (
-    Episodes,
-    ablated_head,
+from icl_metarl.probes.attention_statistics import (
     attention_entropy,
     attention_statistics,
     key_mass,
     lag_shares,
-    model_inputs,
-    probe,
     query_mean,
-    record_attention,
-    recorder,
-    remove_episodes,
-    shuffle_rewards,
-    teacher_forced_actions,
-    zero_rewards,
 )
+from icl_metarl.probes.episodes import Episodes, model_inputs, recorder
+from icl_metarl.probes.interventions import ablated_head, remove_episodes, shuffle_rewards, zero_rewards
+from icl_metarl.probes.probe import probe, record_attention, teacher_forced_actions
 from icl_metarl.study.cli import main
 
 T, K = 6, 3  # steps per episode, episodes

@@ -35,7 +35,7 @@ from icl_metarl.harness.files import (
     versions,
 )
 from icl_metarl.harness.regression_tasks import Family, LinearFamily, get_family
-from icl_metarl.probes.probe import attention_entropy, key_mass
+from icl_metarl.probes.attention_statistics import attention_entropy, key_mass
 
 
 # ------------------------------------------------------------------------------ the reference

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from icl_metarl.harness.settings import PARSE
+from icl_metarl.harness.suites import decisions_per_episode
 
 CONTEXT_CONDITIONS = ("shuffle_rewards", "zero_rewards", "remove_episodes")
 
@@ -55,3 +56,8 @@ class ProbeConfig:
     """torch CPU threads while probing (the probe command and the quickstart's probe stage set them), the
     agent's steps included (1, as the evaluator's agent: one-token steps on more threads thrash on a shared
     machine, docs/benchmarks.md)"""
+
+
+def decisions(cfg: ProbeConfig) -> int:
+    """Decisions (the model's tokens, the probe's steps) per episode of a checked config."""
+    return decisions_per_episode(cfg.episode_length, cfg.action_repeat)
