@@ -1,5 +1,6 @@
-"""The ``icl-metarl`` command line: one subcommand per stage of a study, its flags made from settings
-dataclasses (``harness.settings``) and its learners read from the registry (``harness.registry``).
+"""The ``icl-metarl`` command line: one subcommand per stage of a study and per workflow (``curves``,
+``train LEARNER --until-stopped``, ``compare``, ``crosscheck``), its flags made from settings dataclasses
+(``harness.settings``) and its learners read from the registry (``harness.registry``).
 
 What a command runs is named as ``"module:function"`` and imported only when the command runs, so that
 ``icl-metarl --help`` and every subcommand's ``--help`` answer without importing torch (tested). Bad user
