@@ -35,7 +35,7 @@ class SuitesCommand:
     """benchmark seed for the task lists (and the evaluation seed of --check)"""
     check: int = 0
     """play the scripted expert (told the goal) and a random policy on this many tasks of every environment of the
-    suite, through the evaluator: success and steps to first success per environment"""
+    suite, through the evaluator: success and steps to first success per environment (env steps/s to stderr)"""
     split: tuple[str, ...] = ("test",)
     """splits for --check: train, validation, test (several: one table row per split and environment)"""
     episode_length: int = 500
@@ -43,6 +43,8 @@ class SuitesCommand:
     action_repeats: tuple[int, ...] = (1,)
     """decision intervals k for --check (the expert acts every k-th simulator step, its action held in between);
     several: a last table of each environment's success at every k relative to the first k"""
+    random: bool = True
+    """--check also plays a random policy (at the first of --action-repeats): the floor beside the expert"""
     threshold: float = 0.9
     """--check lists the environments whose expert success is below this"""
     keep: float = 0.95

@@ -6,11 +6,13 @@ which episode length a study may use without cutting the expert off) and random 
 below a threshold. With several decision intervals k (``--action-repeats``: the expert acts every k-th
 step, its action held in between) each k is played on the same tasks and a last table gives each
 environment's success at every k relative to the first, with the largest k at which every environment
-keeps a fraction of it. Random is played at the first k only. Not for: listing suites (``commands.py``).
+keeps a fraction of it. Random is played at the first k only (``--no-random``: not at all, the expert's
+tables alone). The tables go to stdout, the env steps/s to stderr. Not for: listing suites (``commands.py``).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,12 @@ def play(suite: str, split: str, tasks_per_env: int, episode_length: int, action
 
 
 def by_env(results: dict, agent: str) -> dict[str, list[dict]]:
-    """The records of one agent, per environment (in the split's order)."""
+    """The records of one agent, per environment (environments in alphabetical order)."""
     envs: dict[str, list[dict]] = {}
     for rec in results["records"]:
         if rec["agent"] == agent:
             envs.setdefault(rec["env_name"], []).append(rec)
-    return envs
+    return dict(sorted(envs.items()))
 
 
 def steps_to_success(records: list[dict]) -> str:
@@ -58,21 +60,20 @@ def check(suite: str, options) -> None:
         raise UsageError(f"--threshold {options.threshold} / --keep {options.keep}: both must lie in (0, 1]")
     success_at: dict[tuple[str, str], dict[int, float]] = {}
     below, rates = [], []
-    print(f"{suite}: expert (told the goal) and random, {options.check} task(s) per environment, one episode of "
-          f"{options.episode_length} steps, evaluation seed {options.seed}")
-    print("| k | split | environment | tasks | expert success | steps to first success: median | p90 | max "
-          "| random success |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    random_column = " random success |" if options.random else ""
+    print(f"| k | split | environment | tasks | success | steps to first success: median | p90 | max |{random_column}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if options.random else ""))
     for k in ks:
         for split in options.split:
             out = None if options.out is None else Path(options.out) / (split if len(ks) == 1 else f"k{k}/{split}")
-            agents = ["oracle", "random"] if k == ks[0] else ["oracle"]
+            agents = ["oracle", "random"] if k == ks[0] and options.random else ["oracle"]
             r = play(suite, split, options.check, options.episode_length, k, options.seed, agents, out)
             expert, random = by_env(r, "oracle"), by_env(r, "random")
             for env, recs in expert.items():
                 success = float(np.mean([x["success"] for x in recs]))
-                luck = f"{np.mean([x['success'] for x in random[env]]):.2f}" if env in random else "-"
-                print(f"| {k} | {split} | {env} | {len(recs)} | {success:.2f} | {steps_to_success(recs)} | {luck} |")
+                luck = f" {np.mean([x['success'] for x in random[env]]):.2f} |" if env in random else " - |"
+                print(f"| {k} | {split} | {env} | {len(recs)} | {success:.2f} | {steps_to_success(recs)} |"
+                      + (luck if options.random else ""))
                 success_at.setdefault((split, env), {})[k] = success
                 if success < options.threshold:
                     below.append(f"{env} ({split}, k={k}: {success:.2f})")
@@ -81,13 +82,13 @@ def check(suite: str, options) -> None:
             if seconds:
                 rates.append(f"{split}, k={k}: {steps / seconds:,.0f} env steps/s")
     print(f"\nbelow {options.threshold}: {', '.join(below) if below else 'none'}")
-    print("played at " + "; ".join(rates))
+    print("played at " + "; ".join(rates), file=sys.stderr)
     if len(ks) > 1:
         print(f"\n| split | environment | {' | '.join(f'k={k}' for k in ks)} | kept (>= {options.keep} of k={ks[0]}) "
               f"up to |")
         print(f"|---|---|{'---|' * len(ks)}---|")
         worst = max(ks)
-        for (split, env), by_k in success_at.items():
+        for (split, env), by_k in sorted(success_at.items()):
             up_to = kept_up_to(by_k, ks, options.keep)
             worst = min(worst, up_to)
             print(f"| {split} | {env} | {' | '.join(f'{by_k[k]:.2f}' for k in ks)} | k={up_to} |")
