@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict | None, dict]:
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise UsageError(f"checkpoint {str(path)!r} has no {name}; expected a directory written by "
-                             f"`icl-metarl sinusoid train`")
+                             f"`icl-metarl fewshot sinusoid train`")
     try:
         config = json.loads((path / CONFIG).read_text())
         tensors = st_load((path / WEIGHTS).read_bytes())

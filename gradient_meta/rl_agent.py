@@ -141,7 +141,7 @@ class GradientRLAgent(Agent):
 
 
 def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> GradientRLAgent:
-    """The agent of a ``meta-train`` run directory; ``adaptive=False`` never takes an inner step.
+    """The agent of a gradient meta-RL run directory (``icl-metarl train maml|meta-sgd|reptile|...``); ``adaptive=False`` never takes an inner step.
 
     ``overrides`` replace RLAgentConfig fields (e.g. ``deterministic=True``, ``max_adaptations=3``).
     """
@@ -149,7 +149,7 @@ def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> Gradient
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise UsageError(f"checkpoint {str(path)!r} has no {name}; expected a directory written by "
-                             f"`icl-metarl meta-train`")
+                             f"`icl-metarl train maml` (or another gradient learner)")
     try:
         config = json.loads((path / "config.json").read_text())
         tensors = st_load((path / "model.safetensors").read_bytes())

@@ -3,7 +3,8 @@
 Tasks come from a family of ``icl_metarl.harness.regression_tasks`` (default MAML's: y = A sin(x - phase),
 A in [0.1, 5], phase in [0, pi], x in [-5, 5]; also the Meta-SGD paper's sinusoids and linear regression);
 a d-40-40-1 ReLU network. Meta-training (MAML, Meta-SGD, Reptile, or a pretrained-on-all-tasks baseline)
-and an evaluation that reports post-adaptation MSE with a 95% confidence interval over test tasks.
+and an evaluation that reports post-adaptation MSE with a 95% confidence interval over test tasks; the
+Meta-SGD paper's Table 1 as one command (``icl-metarl fewshot sinusoid train|evaluate|table``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gradient_meta.maml import MAML, MAMLConfig
 from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
 from gradient_meta.reptile import Reptile, ReptileConfig
 from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.files import atomic_write_json, read_json
 from icl_metarl.harness.regression_tasks import MAML_SINE, Family, get_family
 
 
@@ -171,7 +173,7 @@ def save(out: str | Path, config: SinusoidConfig, learner, seconds: float) -> No
 
 
 def train_command(config: SinusoidConfig, out, eval_tasks: int = 1000) -> None:
-    """``icl-metarl sinusoid train``; under ``accelerate launch`` each process takes a share of the tasks."""
+    """``icl-metarl fewshot sinusoid train``; under ``accelerate launch`` each process takes a share of the tasks."""
     # Tasks live on the CPU (a 40-unit net); gloo all-reduces CPU tensors between processes.
     accelerator = Accelerator(cpu=True)
     main = accelerator.is_main_process
@@ -186,7 +188,7 @@ def train_command(config: SinusoidConfig, out, eval_tasks: int = 1000) -> None:
 
 
 def evaluate_command(checkpoint, options) -> None:
-    """``icl-metarl sinusoid evaluate``: post-adaptation MSE of a checkpoint over new test tasks."""
+    """``icl-metarl fewshot sinusoid evaluate``: post-adaptation MSE of a checkpoint over new test tasks."""
     params, step_sizes, saved = load_checkpoint(checkpoint)
     if saved.get("kind") != "sinusoid":
         raise UsageError(f"checkpoint {checkpoint!r} is a {saved.get('kind')!r} checkpoint, not 'sinusoid'")
@@ -200,3 +202,49 @@ def evaluate_command(checkpoint, options) -> None:
                    family=family)
     print(f"{config.algo} K={shots}, {options.steps} step(s): test MSE {res['mse']:.3f} ± {res['ci95']:.3f} "
           f"(95% CI over {res['tasks']} tasks, {res['query_points']} query points each)")
+
+
+#: Li et al. 2017, "Meta-SGD", Table 1: MSE after one step, (mean, 95% CI) per K, as the paper prints them
+PAPER_TABLE = {"maml": {5: (1.13, 0.18), 10: (0.77, 0.11), 20: (0.48, 0.08)},
+               "meta-sgd": {5: (0.90, 0.16), 10: (0.53, 0.09), 20: (0.31, 0.05)}}
+
+
+def table_command(options, out) -> None:
+    """``icl-metarl fewshot sinusoid table``: train each of ``options.algos`` at each K of ``options.shots`` with
+    one inner step (checkpoints ``out/ALGO-kK``), score each on the same test tasks, write ``out/results.json``
+    after every run and print the table beside the paper's; with ``options.report``, only the table of earlier
+    runs' results.json files."""
+    rows, shots, algos, iterations = [], tuple(options.shots), tuple(options.algos), [options.iterations]
+    for algo in algos:
+        if algo not in SINUSOID_ALGOS:
+            raise UsageError(f"--algos: {algo!r} is not one of {', '.join(SINUSOID_ALGOS)}")
+    if options.report:
+        for path in options.report:
+            if not Path(path).is_file():
+                raise UsageError(f"--report {path}: no such results.json")
+            rows += read_json(path)
+        shots = tuple(sorted({r["shots"] for r in rows}))
+        algos = tuple(a for a in algos if any(r["algo"] == a for r in rows))
+        iterations = sorted({r["config"]["iterations"] for r in rows})
+    for k in () if options.report else shots:
+        for algo in algos:
+            config = SinusoidConfig(algo=algo, shots=k, iterations=options.iterations, seed=options.seed,
+                                    log_every=5000)
+            model, learner, seconds = train(config, log=lambda m: print(f"  [{algo} K={k}] {m}", flush=True))
+            save(Path(out) / f"{algo}-k{k}", config, learner, seconds)
+            res = evaluate(model, learner.params, learned_step_size(config, learner), k, 1, options.eval_tasks)
+            rows.append({"algo": algo, **res, "train_seconds": round(seconds, 1), "config": asdict(config)})
+            print(f"{algo:9s} K={k:2d}: MSE {res['mse']:.3f} ± {res['ci95']:.3f}  ({seconds:.0f}s)", flush=True)
+            atomic_write_json(Path(out) / "results.json", rows)
+    print("\n| method | " + " | ".join(f"{k}-shot (ours)" for k in shots) + " | "
+          + " | ".join(f"{k}-shot (paper)" for k in shots) + " |")
+    print("|---" * (1 + 2 * len(shots)) + "|")
+    for algo in algos:
+        ours = {r["shots"]: r for r in rows if r["algo"] == algo}
+        paper = PAPER_TABLE.get(algo, {})
+        cells = [f"{ours[k]['mse']:.2f} ± {ours[k]['ci95']:.2f}" if k in ours else "-" for k in shots]
+        cells += [f"{paper[k][0]:.2f} ± {paper[k][1]:.2f}" if k in paper else "-" for k in shots]
+        print(f"| {algo} | " + " | ".join(cells) + " |")
+    tasks = rows[0]["tasks"] if rows else options.eval_tasks
+    print(f"\ntotal training wall-clock {sum(r['train_seconds'] for r in rows):.0f}s; "
+          f"{', '.join(map(str, iterations))} iterations per run, meta-batch 25, {tasks} test tasks x 100 query points")

@@ -35,9 +35,19 @@ def test_bad_input_is_one_line_exit_2(args, fragment):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("command", ["generate", "pretrain", "evaluate", "compare", "probe", "meta-train", "quickstart"])
+@pytest.mark.parametrize("command", ["generate", "pretrain", "evaluate", "compare", "curves", "crosscheck", "probe",
+                                     "meta-train", "quickstart"])
 def test_every_help_renders(command):
     # argparse formats help with %: a stray '%' in a docstring once printed the option's internals.
     out = run_cli(command, "--help")
     assert out.returncode == 0, out.stderr
     assert "option_strings" not in out.stdout and "Traceback" not in out.stderr
+
+
+def test_crosscheck_plays_our_evaluator_and_metaworlds_on_the_same_tasks(capsys):
+    from icl_metarl.study.cli import main
+    assert main(["crosscheck", "oracle", "--tasks", "2", "-K", "1", "-E", "1", "--episode-length", "150"]) == 0
+    out = capsys.readouterr().out
+    assert "ML1:reach-v3 test, 2 tasks, K=1 E=1, episodes of 150 steps, seed 0" in out
+    assert "oracle: ours 1.000 (2 episodes" in out and "Meta-World, one task per call 1.000" in out
+    assert "per-task agreement (same success count of 1): 2/2" in out

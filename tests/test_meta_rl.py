@@ -109,7 +109,7 @@ TINY = ["--meta-batch", "2", "--episode-length", "8", "--iterations", "5", "--ch
 
 
 def _cli(out, algo, env=None):
-    cmd = [sys.executable, "-m", "icl_metarl.study.cli", "meta-train", "--algo", algo, "--out", str(out), *TINY]
+    cmd = [sys.executable, "-m", "icl_metarl.study.cli", "train", algo, "--out", str(out), *TINY]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
 
 

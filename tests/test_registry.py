@@ -127,7 +127,8 @@ def test_gradient_meta_imports_no_in_context_module():
 
 
 COMMANDS = ["", "suites", "generate", "train", "train icl", "train maml", "train reptile", "pretrain", "meta-train",
-            "evaluate", "probe", "sinusoid", "sinusoid train", "sinusoid evaluate", "fewshot", "fewshot train", "fewshot evaluate",
+            "evaluate", "compare", "curves", "crosscheck", "probe", "fewshot sinusoid", "fewshot sinusoid train",
+            "fewshot sinusoid evaluate", "fewshot sinusoid table", "fewshot", "fewshot train", "fewshot evaluate",
             "fewshot probe", "quickstart"]
 
 

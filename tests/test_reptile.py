@@ -101,7 +101,7 @@ TINY_RL = ["--iterations", "1", "--meta-batch", "1", "--episode-length", "5", "-
 
 @pytest.mark.parametrize("argv", [["train", "reptile", "--inner-steps", "1", *TINY_RL],
                                   ["meta-train", "--algo", "reptile", "--inner-steps", "1", *TINY_RL],
-                                  ["sinusoid", "train", "--algo", "reptile", "--inner-steps", "1",
+                                  ["fewshot", "sinusoid", "train", "--algo", "reptile", "--inner-steps", "1",
                                    "--iterations", "1"]])
 def test_the_command_line_exits_2_on_one_inner_step(argv, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2

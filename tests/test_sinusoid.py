@@ -74,18 +74,18 @@ def test_config_rejects_bad_values():
 
 def test_cli_train_then_evaluate(tmp_path, capsys):
     out = tmp_path / "ck"
-    assert main(["sinusoid", "train", "--out", str(out), "--algo", "meta-sgd", "--iterations", "5",
+    assert main(["fewshot", "sinusoid", "train", "--out", str(out), "--algo", "meta-sgd", "--iterations", "5",
                  "--meta-batch", "4", "--eval-tasks", "10"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kind"] == "sinusoid" and cfg["learned_step_sizes"] and cfg["config"]["meta_batch"] == 4
-    assert main(["sinusoid", "evaluate", str(out), "--shots", "5", "--tasks", "20"]) == 0
+    assert main(["fewshot", "sinusoid", "evaluate", str(out), "--shots", "5", "--tasks", "20"]) == 0
     assert "meta-sgd K=5, 1 step(s): test MSE" in capsys.readouterr().out
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
-    assert main(["sinusoid", "train", "--out", str(tmp_path / "x"), "--inner-steps", "0"]) == 2
-    assert main(["sinusoid", "train", "--out", str(tmp_path / "x"), "--inner-lr", "-0.1"]) == 2
-    assert main(["sinusoid", "evaluate", str(tmp_path / "missing")]) == 2
+    assert main(["fewshot", "sinusoid", "train", "--out", str(tmp_path / "x"), "--inner-steps", "0"]) == 2
+    assert main(["fewshot", "sinusoid", "train", "--out", str(tmp_path / "x"), "--inner-lr", "-0.1"]) == 2
+    assert main(["fewshot", "sinusoid", "evaluate", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "inner steps must be an integer >= 1, got 0" in err and "inner_lr must be a finite number > 0" in err
 
@@ -109,3 +109,16 @@ def test_two_processes_equal_one(tmp_path):
     _, one, _ = train(SinusoidConfig(algo="maml", iterations=3, meta_batch=4, log_every=0))
     for k, v in one.params.items():
         torch.testing.assert_close(two[k], v.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_cli_table_trains_each_algorithm_at_each_k_and_reports_earlier_runs(tmp_path, capsys):
+    argv = ["fewshot", "sinusoid", "table", "--shots", "2", "3", "--algos", "maml", "meta-sgd", "--iterations", "2",
+            "--eval-tasks", "4", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["algo"], r["shots"]) for r in rows] == [("maml", 2), ("meta-sgd", 2), ("maml", 3), ("meta-sgd", 3)]
+    assert (tmp_path / "meta-sgd-k3" / "config.json").is_file()
+    table = capsys.readouterr().out.split("| method |")[1]
+    assert main(["fewshot", "sinusoid", "table", "--report", str(tmp_path / "results.json")]) == 0
+    assert capsys.readouterr().out.split("| method |")[1] == table
+    assert "| meta-sgd | " in table and "0.90 ± 0.16" not in table  # the paper has no K = 2 or 3

@@ -28,7 +28,8 @@ def _run(args, env=None):
 
 
 def _train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "icl_metarl.incontext.train", "--data", str(data), "--out", str(out), *TINY, *extra]
+    return [sys.executable, "-m", "icl_metarl.study.cli", "train", "icl", "--data", str(data), "--out", str(out), *TINY,
+            *extra]
 
 
 def _weights(run):
@@ -52,7 +53,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_see_disjoint_win
     assert r.returncode == 0, r.stderr
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617"]
-    r = _run(launch + ["-m", "icl_metarl.incontext.train"] + _train_cmd(data, multi, "--steps", "4", "--trace-windows")[3:])
+    r = _run(launch + _train_cmd(data, multi, "--steps", "4", "--trace-windows")[1:])
     # on failure, the rank that crashed first says why (the launcher's own traceback comes last and says little)
     assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "[rank1]" in x or "Error" in x)[-3000:]
     a, b = _weights(single), _weights(multi)

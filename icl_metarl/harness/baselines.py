@@ -1,13 +1,12 @@
 """Reference agents that bracket every learner: uniform random actions (the floor) and the scripted
-expert told the true goal (the ceiling). Both are memoryless, so they need no adaptation; ``check_suite``
-plays the two on a suite's tasks as its smoke test.
+expert told the true goal (the ceiling). Both are memoryless, so they need no adaptation; ``icl-metarl
+suites NAME --check N`` plays the two through the evaluator as a suite's smoke test.
 
 Not for: learners; the non-adaptive variants of learners live with the learners (``load_agent``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,9 +14,8 @@ import numpy as np
 
 from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import choice_error
-from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.settings import COMMAS
-from icl_metarl.harness.suites import ACT_DIM, DEFAULT_EPISODE_LENGTH, TaskSpec, expert_actions, parse_goal_offsets
+from icl_metarl.harness.suites import ACT_DIM, expert_actions, parse_goal_offsets
 
 
 class RandomAgent(Agent):
@@ -88,22 +86,3 @@ def make_baseline(name: str, expert_goal_offsets: Sequence[str] = ()) -> Agent:
     if name not in BASELINES:
         raise choice_error("baseline", name, BASELINES)
     return OracleAgent(expert_goal_offsets) if name == "oracle" else BASELINES[name]()
-
-
-def check_suite(tasks: Sequence[TaskSpec], episode_length: int = DEFAULT_EPISODE_LENGTH, seed: int = 0) -> dict:
-    """Play one episode of the expert (told the goal) and one of a random policy on each task.
-
-    A smoke test of a suite: the expert should nearly always succeed, random nearly never, and the
-    observation's goal slots should be zero at every step.
-    """
-    out = {"goal_hidden": True}
-
-    def check_goal_hidden(episode, t, obs, info, actions, reward, success) -> None:
-        out["goal_hidden"] &= bool(np.all(obs[:, -3:] == 0))
-
-    t0 = time.perf_counter()
-    for who, agent in (("expert", OracleAgent()), ("random", RandomAgent())):
-        (records,) = play_trials(agent, tasks, seed, seed, 1, 0, episode_length, on_step=check_goal_hidden)
-        out[f"{who}_success"] = float(np.mean([r["success"] for r in records]))
-    out["steps_per_s"] = 2 * len(tasks) * episode_length / (time.perf_counter() - t0)
-    return out

@@ -29,13 +29,29 @@ COMMAS = "commas"
 
 
 @lru_cache(maxsize=None)
+def _classes(filename: str) -> dict[str, ast.ClassDef]:
+    """Every class statement of a source file by qualified name, the file parsed once (``--help`` reads many)."""
+    found: dict[str, ast.ClassDef] = {}
+
+    def visit(body, prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                found[prefix + node.name] = node
+                visit(node.body, f"{prefix}{node.name}.")
+
+    with open(filename, encoding="utf-8") as f:
+        visit(ast.parse(f.read()).body, "")
+    return found
+
+
+@lru_cache(maxsize=None)
 def field_docs(cls) -> dict[str, str]:
     """The string literal under each field of the dataclass ``cls`` (and its bases), read from the source."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body
+        body = _classes(inspect.getsourcefile(klass))[klass.__qualname__].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())

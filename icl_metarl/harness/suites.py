@@ -419,7 +419,7 @@ def expert_policy(env_name: str):
 #: the 5 cm success radius by 4.5 mm (first success at step 50 on average), so a policy that imitates it has
 #: a 4.5 mm error budget. Told the goal raised by the hand-TCP offset, it parks the TCP 0.6 cm from the goal
 #: (first success at step 36); measured on 20 test tasks of ML1:reach-v3 (hand - TCP = (0.0004, -0.0020,
-#: 0.0449) m, std <= 2 mm; scripts/expert_tcp_offset.py).
+#: 0.0449) m, std <= 2 mm; `git show 0b0df5c:scripts/expert_tcp_offset.py | python - --tasks 20`).
 MEASURED_GOAL_OFFSETS = {"reach-v3": "reach-v3=0,0,0.045", "reach-wall-v3": "reach-wall-v3=0,0,0.045"}
 
 GoalOffsets = dict[str, tuple[float, float, float]]

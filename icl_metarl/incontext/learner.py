@@ -5,7 +5,7 @@ from icl_metarl.incontext.config import MODEL_TYPE, InContextAgentOptions, Train
 
 register(Learner(
     name="icl",
-    summary="pretrain the in-context policy on histories (same as python -m icl_metarl.incontext.train)",
+    summary="pretrain the in-context policy on histories",
     config=TrainConfig,
     train="icl_metarl.incontext.train:train_checkpoint",
     load_agent="icl_metarl.incontext.agent:load_agent",

@@ -1,8 +1,7 @@
 """Pretraining of the in-context policy: one loop for one CPU, several processes, GPUs and nodes.
 
-    python -m icl_metarl.incontext.train --data data/reach --out runs/icl-reach          # one process
-    icl-metarl pretrain --data data/reach --out runs/icl-reach                 # the same
-    accelerate launch --num_processes 2 -m icl_metarl.incontext.train --data ... --out ...  # data parallel
+    icl-metarl train icl --data data/reach --out runs/icl-reach                                # one process
+    accelerate launch --num_processes 2 -m icl_metarl.study.cli train icl --data ... --out ...  # data parallel
 
 The loop reads top to bottom: batch, loss, backward, step, log, checkpoint. Every process takes its
 own share of each global batch (disjoint windows), so N processes with batch b equal one with N*b.
@@ -12,14 +11,12 @@ Not for: data generation (histories.py) or evaluation (evaluation.py).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,9 +31,7 @@ from icl_metarl.harness.budget import Budget, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
-from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.harness.suites import check_playable, decisions_per_episode, get_suite
-from icl_metarl.harness.threads import use_threads
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
 from icl_metarl.incontext.histories import generate
@@ -460,22 +455,3 @@ def train_checkpoint(cfg: TrainConfig, out) -> dict:
     if record and int(os.environ.get("RANK", "0")) == 0:
         print(f"step {record['step']}: loss {record['loss']:.5f}, {record['tokens_per_s']:.0f} tokens/s")
     return record
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="icl_metarl.incontext.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, TrainConfig, required=("data",))
-    args = p.parse_args(argv)
-    try:
-        config = from_args(TrainConfig, args)
-        use_threads(config.threads)  # this command's, for its process: training itself never sets them
-        train_checkpoint(config, args.out)
-    except (UsageError, NonFiniteLoss) as e:
-        print(f"icl_metarl.incontext.train: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

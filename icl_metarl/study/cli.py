@@ -1,5 +1,6 @@
-"""The ``icl-metarl`` command line: one subcommand per stage of a study, its flags made from settings
-dataclasses (``harness.settings``) and its learners read from the registry (``harness.registry``).
+"""The ``icl-metarl`` command line: one subcommand per stage of a study and per workflow (``curves``,
+``train LEARNER --until-stopped``, ``compare``, ``crosscheck``), its flags made from settings dataclasses
+(``harness.settings``) and its learners read from the registry (``harness.registry``).
 
 What a command runs is named as ``"module:function"`` and imported only when the command runs, so that
 ``icl-metarl --help`` and every subcommand's ``--help`` answer without importing torch (tested). Bad user
@@ -11,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gradient_meta.config import MetaRLConfig, SinusoidConfig
 from icl_metarl.fewshot.config import FewShotEvalConfig, FewShotProbeConfig, FewShotTrainConfig
 from icl_metarl.harness import registry
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig
-from icl_metarl.harness.settings import add_arguments, from_args
+from icl_metarl.harness.settings import COMMAS, FLAGS, add_arguments, from_args
 from icl_metarl.incontext.config import GenerateConfig
 from icl_metarl.probes.config import ProbeConfig
 from icl_metarl.study.config import QuickstartCommand
@@ -27,16 +29,30 @@ from icl_metarl.study.config import QuickstartCommand
 
 @dataclass
 class SuitesCommand:
-    """What ``icl-metarl suites`` shows."""
+    """What ``icl-metarl suites`` shows, and what its ``--check`` plays."""
 
     seed: int = 0
-    """benchmark seed for the task lists"""
+    """benchmark seed for the task lists (and the evaluation seed of --check)"""
     check: int = 0
-    """play the scripted expert (told the goal) and a random policy on this many tasks and print success"""
-    split: str = "test"
-    """split for --check: train or test"""
+    """play the scripted expert (told the goal) and a random policy on this many tasks of every environment of the
+    suite, through the evaluator: success and steps to first success per environment (env steps/s to stderr)"""
+    split: tuple[str, ...] = ("test",)
+    """splits for --check: train, validation, test (several: one table row per split and environment)"""
     episode_length: int = 500
-    """episode length for --check"""
+    """episode length for --check; the steps to first success tell which length a study may use"""
+    action_repeats: tuple[int, ...] = (1,)
+    """decision intervals k for --check (the expert acts every k-th simulator step, its action held in between);
+    several: a last table of each environment's success at every k relative to the first k"""
+    random: bool = True
+    """--check also plays a random policy (at the first of --action-repeats): the floor beside the expert"""
+    threshold: float = 0.9
+    """--check lists the environments whose expert success is below this"""
+    keep: float = 0.95
+    """with several --action-repeats: the largest k at which every environment keeps this fraction of its success
+    at the first k"""
+    out: str | None = None
+    """--check writes each evaluation (results.json, report.md) under OUT/SPLIT, or OUT/kK/SPLIT with several
+    --action-repeats; an evaluation already there is read, not played again"""
 
 
 @dataclass
@@ -63,7 +79,7 @@ class CompareCommand:
 
 @dataclass
 class SinusoidEvaluateCommand:
-    """What ``icl-metarl sinusoid evaluate`` plays."""
+    """What ``icl-metarl fewshot sinusoid evaluate`` plays."""
 
     shots: int | None = None
     """support points per test task (None: the training K)"""
@@ -73,6 +89,82 @@ class SinusoidEvaluateCommand:
     """number of test tasks"""
     seed: int = 1234
     """seed of the test tasks"""
+
+
+@dataclass
+class SinusoidTableCommand:
+    """What ``icl-metarl fewshot sinusoid table`` trains and shows (the Meta-SGD paper's Table 1)."""
+
+    shots: tuple[int, ...] = (5, 10, 20)
+    """K: support points per task, one column each"""
+    algos: tuple[str, ...] = ("pretrain", "maml", "meta-sgd")
+    """algorithms, one row each"""
+    iterations: int = 20000
+    """meta-updates per run (the paper: 70,000)"""
+    eval_tasks: int = 1000
+    """test tasks of each run's one-step MSE"""
+    seed: int = 0
+    """seed of every run's weights and training tasks"""
+    report: tuple[str, ...] = field(default=(), metadata={COMMAS: False})
+    """train nothing: the table from the results.json files of earlier runs"""
+
+
+@dataclass
+class CurvePlay:
+    """How every point of a budget curve is played: the same tasks, episodes and seeds for every snapshot."""
+
+    suite: str = "ML1:reach-v3"
+    """Meta-World suite"""
+    split: str = "validation"
+    """validation (choose there); test only for a final recipe"""
+    adaptation_episodes: int = field(default=3, metadata={FLAGS: ("-K",)})
+    """K: adaptation episodes per trial"""
+    evaluation_episodes: int = field(default=1, metadata={FLAGS: ("-E",)})
+    """E: evaluation episodes after them"""
+    episode_length: int = 50
+    """simulator steps per episode"""
+    seeds: tuple[int, ...] = (0,)
+    """evaluation seeds"""
+    tasks: int = 50
+    """the first N tasks of the split"""
+    deterministic: bool = False
+    """gradient agents act with their mean action once adapted"""
+
+    def eval_config(self) -> EvalConfig:
+        """The checked evaluation settings (UsageError if bad)."""
+        return EvalConfig(suite=self.suite, split=self.split, adaptation_episodes=self.adaptation_episodes,
+                          evaluation_episodes=self.evaluation_episodes, episode_length=self.episode_length,
+                          seeds=tuple(self.seeds), num_tasks=self.tasks, batch_size=self.tasks, progress=False).check()
+
+
+@dataclass
+class CurvesCommand:
+    """Which snapshots ``icl-metarl curves`` plays and when a run has stopped improving."""
+
+    every: int = 1
+    """play only snapshots whose iteration is a multiple of this (and the run's final one)"""
+    patience: int = 2
+    """a run has stopped improving when this many points after its best did not beat it"""
+    reuse: tuple[str, ...] = field(default=(), metadata={COMMAS: False})
+    """earlier --out directories played with the same settings: their points of these runs are taken, not played
+    again (one plot and one choice over runs curved apart)"""
+
+
+@dataclass
+class UntilStopped:
+    """``train LEARNER --until-stopped CURVES``: grow the run in chunks until its validation curve stops rising."""
+
+    until_stopped: str | None = None
+    """budget-curves directory: train --every iterations at a time up to --iterations, playing each new snapshot
+    (the training's suite and episode length) into it, until --patience points after the best fail to beat it
+    (exit 0; exit 3 if --iterations comes first); rerun the same command to resume"""
+    every: int | None = None
+    """with --until-stopped: iterations between two validation points (None: --checkpoint-every, which must
+    divide it)"""
+    patience: int = 2
+    """with --until-stopped: points after the best that must fail to beat it"""
+    min_iterations: int = 0
+    """with --until-stopped: train at least this far even if the rule stopped the run earlier"""
 
 
 def _run(target, *args, threads: int = 0):
@@ -111,8 +203,44 @@ def _add_learner(sub, learner: registry.Learner, command: str | None = None, sum
     p.add_argument("--out", required=True, help="checkpoint directory; rerun the same command to resume it")
     if "threads" not in {f.name for f in dataclasses.fields(learner.config)}:
         _add_threads(p, learner.threads, f"default: the learner's, {learner.threads or 'torch default'}")
-    p.set_defaults(handler=lambda a: _run(registry.train, learner.name,
-                                          from_args(learner.config, a, **learner.fixed), a.out, threads=a.threads))
+    if _grows_in_chunks(learner.config):
+        group = p.add_argument_group("until stopped", "grow the run in chunks, each new snapshot played on the "
+                                     "validation split (icl-metarl curves), until it stops improving")
+        add_arguments(group, UntilStopped)
+        add_arguments(group, CurvePlay, skip=_FROM_TRAINING)
+    p.set_defaults(handler=lambda a: _train(learner, a))
+
+
+#: what a run grown --until-stopped is played with: its training's own
+_FROM_TRAINING = ("suite", "episode_length")
+
+
+def _grows_in_chunks(cls) -> bool:
+    """Whether a learner's runs can be grown in chunks and played as curves: a larger ``iterations`` extends
+    a run, each checkpoint leaves a snapshot, and the run names the suite and episode length to play."""
+    return {"iterations", "checkpoint_every", "suite", "episode_length"} <= {f.name for f in dataclasses.fields(cls)}
+
+
+def _train(learner: registry.Learner, a) -> int | None:
+    config = from_args(learner.config, a, **learner.fixed)
+    threads = a.threads  # the settings' own, or --threads (default: the learner's)
+    if not _grows_in_chunks(learner.config):
+        _run(registry.train, learner.name, config, a.out, threads=threads)
+        return None
+    rule, play = from_args(UntilStopped, a), from_args(CurvePlay, a)
+    if rule.until_stopped is None:
+        given = [f.name for cls in (UntilStopped, CurvePlay) for f in dataclasses.fields(cls)
+                 if f.name not in _FROM_TRAINING and getattr(a, f.name) != getattr(cls(), f.name)]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} is a setting of --until-stopped, which is not given")
+        _run(registry.train, learner.name, config, a.out, threads=threads)
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--until-stopped runs in one process (it plays the curve between chunks of training)")
+    play = dataclasses.replace(play, suite=config.suite, episode_length=config.episode_length)
+    return _run("icl_metarl.study.until_stopped:train_until_stopped", learner.name, config, a.out, rule.until_stopped,
+                play.eval_config(), play.deterministic, rule.every, rule.patience, rule.min_iterations,
+                threads=threads)
 
 
 def _required(cls) -> tuple[str, ...]:
@@ -128,7 +256,8 @@ def _add_train(sub) -> None:
 
 
 def _add_meta_train(sub) -> None:
-    p = sub.add_parser("meta-train", help="gradient meta-RL (MAML, Meta-SGD, Reptile): the same as `train ALGO`")
+    p = sub.add_parser("meta-train", help="alias of `train ALGO` for ALGO = maml, meta-sgd, reptile (kept for older "
+                                          "command lines)")
     add_arguments(p, MetaRLConfig)
     p.add_argument("--out", required=True, help="run directory; rerun the same command to resume it")
     _add_threads(p, None, "default: the learner's, 1")
@@ -179,9 +308,40 @@ def _add_probe(sub) -> None:
                                           a.out, threads=a.torch_threads))
 
 
-def _add_sinusoid(sub) -> None:
-    p = sub.add_parser("sinusoid", help="few-shot sinusoid regression: meta-train MAML/Meta-SGD/Reptile, evaluate")
-    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+def _add_curves(sub) -> None:
+    p = sub.add_parser("curves", help="learning curves against budget: every snapshot of each run played on the "
+                                      "validation split; per run the snapshot to play on test")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="training run directories")
+    add_arguments(p, CurvePlay)
+    add_arguments(p, CurvesCommand)
+    p.add_argument("--out", required=True, help="curves directory: curves.json, curves.md, budget_curves.png, the "
+                                                "evaluations; rerun the same command to add new snapshots")
+    p.set_defaults(handler=_curves)
+
+
+def _curves(a) -> None:
+    play, command = from_args(CurvePlay, a), from_args(CurvesCommand, a)
+    _run("icl_metarl.study.curves:play_curves", a.runs, play.eval_config(), a.out, play.deterministic, command.every,
+         command.patience, command.reuse)
+
+
+def _add_crosscheck(sub) -> None:
+    p = sub.add_parser("crosscheck", help="our evaluator against Meta-World's own metalearning_evaluation: the same "
+                                          "agents, tasks and environment seeds; success rates and their agreement")
+    p.add_argument("agents", nargs="*", default=["oracle", "random"], metavar="AGENT",
+                   help="baseline name or checkpoint directory (default: oracle random)")
+    add_arguments(p, EvalConfig, skip=("seeds", "batch_size", "vector", "progress"),
+                  defaults={"adaptation_episodes": 2, "split": "test"})
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (default: 0)")
+    p.set_defaults(handler=lambda a: _run("icl_metarl.study.commands:crosscheck", a.agents,
+                                          dataclasses.replace(from_args(EvalConfig, a), seeds=(a.seed,),
+                                                              progress=False).check()))
+
+
+def _add_sinusoid(acts) -> None:
+    p = acts.add_parser("sinusoid", help="the sinusoid benchmark of the MAML and Meta-SGD papers: one gradient "
+                                         "learner at a fixed K (train, evaluate), the Meta-SGD paper's table")
+    acts = p.add_subparsers(dest="benchmark_action", required=True, metavar="ACTION")
     t = acts.add_parser("train", help="meta-train one algorithm and write a checkpoint directory")
     add_arguments(t, SinusoidConfig)
     t.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
@@ -189,16 +349,25 @@ def _add_sinusoid(sub) -> None:
     t.set_defaults(handler=lambda a: _run("gradient_meta.sinusoid:train_command", from_args(SinusoidConfig, a),
                                           a.out, a.eval_tasks, threads=a.threads))
     e = acts.add_parser("evaluate", help="post-adaptation MSE of a checkpoint, with a 95%% CI over test tasks")
-    e.add_argument("checkpoint", help="directory written by `icl-metarl sinusoid train`")
+    e.add_argument("checkpoint", help="directory written by `icl-metarl fewshot sinusoid train`")
     add_arguments(e, SinusoidEvaluateCommand)
     _add_threads(e, 1, "default: 1, as training's: a small net gains nothing from more")
     e.set_defaults(handler=lambda a: _run("gradient_meta.sinusoid:evaluate_command", a.checkpoint,
                                           from_args(SinusoidEvaluateCommand, a), threads=a.threads))
+    r = acts.add_parser("table", help="the Meta-SGD paper's Table 1 (K = 5, 10, 20 shots, one inner step): train each "
+                                      "algorithm at each K, score it, print the table beside the paper's figures")
+    add_arguments(r, SinusoidTableCommand)
+    r.add_argument("--out", default="runs/sinusoid-table", help="checkpoints (ALGO-kK) and results.json "
+                                                                  "(default: runs/sinusoid-table)")
+    _add_threads(r, 1, "default: 1: a small net gains nothing from more")
+    r.set_defaults(handler=lambda a: _run("gradient_meta.sinusoid:table_command", from_args(SinusoidTableCommand, a),
+                                          a.out, threads=a.threads))
 
 
 def _add_fewshot(sub) -> None:
     p = sub.add_parser("fewshot", help="few-shot regression: the in-context regressor beside MAML, Meta-SGD, Reptile, "
-                                       "pretraining and reference solvers on the same tasks; gradient-descent probe")
+                                       "pretraining and reference solvers on the same tasks; gradient-descent probe; "
+                                       "the papers' sinusoid benchmark")
     acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = acts.add_parser("train", help="train every learner of a study on one task family (a run directory)")
     add_arguments(t, FewShotTrainConfig)
@@ -227,6 +396,7 @@ def _add_fewshot(sub) -> None:
                                          "per training seed, all of one test set")
     o.add_argument("--out", required=True, help="output directory")
     o.set_defaults(handler=lambda a: _run("icl_metarl.fewshot.pool:pool_command", a.dirs, a.out))
+    _add_sinusoid(acts)
 
 
 def _add_quickstart(sub) -> None:
@@ -248,14 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suites(sub)
     _add_generate(sub)
     _add_train(sub)
-    _add_learner(sub, registry.get("icl"), "pretrain", "pretrain the in-context policy: the same as `train icl`")
-    _add_meta_train(sub)
     _add_evaluate(sub)
     _add_compare(sub)
+    _add_curves(sub)
+    _add_crosscheck(sub)
     _add_probe(sub)
-    _add_sinusoid(sub)
     _add_fewshot(sub)
     _add_quickstart(sub)
+    # aliases kept for older command lines (docs/results.md quotes them): one verb trains, `train LEARNER`
+    _add_learner(sub, registry.get("icl"), "pretrain", "alias of `train icl` (kept for older command lines)")
+    _add_meta_train(sub)
     return parser
 
 
@@ -267,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        args.handler(args)
+        status = args.handler(args)  # an exit code (train --until-stopped's), or what the command returned
     except UsageError as e:
         print(f"icl-metarl {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -276,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"icl-metarl {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if type(status) is int else 0
 
 
 if __name__ == "__main__":

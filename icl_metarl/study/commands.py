@@ -1,5 +1,6 @@
 """What the command line's subcommands run once their flags are parsed: printing a suite, evaluating
-agents and writing the report, probing a checkpoint. Imported only when a command runs.
+agents and writing the report, checking the evaluator against Meta-World's own, probing a checkpoint.
+Imported only when a command runs.
 
 Not for: parsing (``cli.py``) or the work itself (the harness, the learners, the probes).
 """
@@ -8,28 +9,43 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 from accelerate import PartialState
 
-from icl_metarl.harness.baselines import check_suite
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.evaluation import EvalConfig, load_agents
+from icl_metarl.harness.evaluation import EvalConfig, load_agents, trial_seed
 from icl_metarl.harness.evaluation import evaluate as evaluate_agents
+from icl_metarl.harness.mw_adapter import evaluate_with_metaworld
 from icl_metarl.harness.report import write_report
-from icl_metarl.harness.suites import HOLDOUT, check_episode_length, check_split, env_names, get_suite
+from icl_metarl.harness.suites import (
+    HOLDOUT,
+    check_action_repeat,
+    check_episode_length,
+    check_split,
+    env_names,
+    get_suite,
+)
 from icl_metarl.probes.config import ProbeConfig
 from icl_metarl.probes.probe import probe as probe_checkpoint
+from icl_metarl.study.expert_check import check
 
 
 def suites(name: str | None, options) -> None:
     """``icl-metarl suites [NAME]``: every suite, or one with its task counts (and ``--check``)."""
-    check_split(options.split)
+    for split in options.split:
+        check_split(split)
+    for k in options.action_repeats:
+        check_action_repeat(k)
     check_episode_length(options.episode_length)
     if options.check < 0:
         raise UsageError(f"--check must be >= 0 tasks, got {options.check}")
     if name is None:
+        if options.check:
+            raise UsageError("--check plays one suite: name it, e.g. `icl-metarl suites ML10 --check 10`")
         for suite_name in ("ML10", "ML45"):
             s = get_suite(suite_name)
             print(f"{suite_name}: {len(s.train_envs)} train environments, {len(s.test_envs)} test environments")
@@ -49,12 +65,7 @@ def suites(name: str | None, options) -> None:
         print(f"  {split}: {len(tasks)} tasks over {len(s.envs(split))} environments (seed {options.seed})")
         print(f"    {', '.join(s.envs(split))}")
     if options.check:
-        tasks = s.tasks(options.split, options.seed)[: options.check]
-        r = check_suite(tasks, options.episode_length, seed=options.seed)
-        print(f"check on {len(tasks)} {options.split} tasks, episodes of {options.episode_length} steps "
-              f"(goal hidden in every observation: {r['goal_hidden']}):")
-        print(f"  expert told the goal: success {r['expert_success']:.2f}; random: success {r['random_success']:.2f}; "
-              f"{r['steps_per_s']:.0f} env steps/s")
+        check(s.name, options)
 
 
 #: how long the first process to finish its share waits for the last at the barrier: shares of the
@@ -92,3 +103,37 @@ def probe(checkpoint: str, config: ProbeConfig, out) -> None:
     result = probe_checkpoint(checkpoint, config=config, progress=print)
     paths = result.save(out)
     print(f"probe took {result.timing['total_s']:.0f} s; wrote {', '.join(Path(p).name for p in paths)} to {out}")
+
+
+def crosscheck(specs: list[str], config: EvalConfig) -> None:
+    """``icl-metarl crosscheck``: each agent's evaluation-episode success from (a) our evaluator, (b) Meta-World's
+    ``metalearning_evaluation`` called once per task (exact bookkeeping), (c) Meta-World's function with all
+    tasks in one vector env, as ``make_ml_envs`` builds it (its per-name bookkeeping; docs/results.md)."""
+    (seed,) = config.seeds
+    tasks = config.tasks()
+    env_seeds = [trial_seed(seed, j) for j in range(len(tasks))]
+    K, E, length = config.adaptation_episodes, config.evaluation_episodes, config.episode_length
+    print(f"{config.suite} {config.split}, {len(tasks)} tasks, K={K} E={E}, episodes of {length} steps, seed {seed}")
+    for agent in load_agents(specs):
+        t0 = time.perf_counter()
+        res = evaluate_agents([agent], config)
+        ours = np.array([[r["success"] for r in res["records"] if r["task"] == j and r["phase"] == "evaluation"]
+                         for j in range(len(tasks))], dtype=float)  # (tasks, E)
+        t1 = time.perf_counter()
+        mw = evaluate_with_metaworld(agent.agent, tasks, env_seeds, K, E, length, seed)
+        t2 = time.perf_counter()
+        # All tasks in one vector env ends episodes in some trials only (terminate_on_success): only an
+        # agent that can end episodes per trial (end_episodes) can be played that way.
+        mw_one = (evaluate_with_metaworld(agent.agent, tasks, env_seeds, K, E, length, seed, one_task_per_call=False)
+                  if hasattr(agent.agent, "end_episodes") else None)
+        t3 = time.perf_counter()
+        mw_tasks = np.array([c["success"] for c in mw["calls"]])
+        se = np.sqrt(ours.mean() * (1 - ours.mean()) / ours.size + mw_tasks.mean() * (1 - mw_tasks.mean()) / ours.size)
+        print(f"{agent.label}: ours {ours.mean():.3f} ({ours.size} episodes, {t1 - t0:.0f} s) | "
+              f"Meta-World, one task per call {mw['success']:.3f} ({t2 - t1:.0f} s) | "
+              f"difference {ours.mean() - mw['success']:+.3f}, binomial s.e. of the difference {se:.3f} | "
+              + (f"Meta-World, all tasks in one vector env {mw_one['success']:.3f} "
+                 f"(counts only its first {E} episodes to end, {t3 - t2:.0f} s)" if mw_one else
+                 "Meta-World, all tasks in one vector env: not played (the agent ends episodes in lockstep only)"))
+        print(f"  per-task agreement (same success count of {E}): "
+              f"{int(np.sum(np.isclose(ours.mean(1), mw_tasks)))}/{len(tasks)}")

@@ -1,5 +1,6 @@
-"""Learning curves against budget (issue 22): success after adaptation of every snapshot of each training
-run, on the validation split, against the env steps and the CPU minutes it cost to get there.
+"""Learning curves against budget (issue 22), ``icl-metarl curves``: success after adaptation of every
+snapshot of each training run, on the validation split, against the env steps and the CPU minutes it cost
+to get there, and per run the snapshot to play on test.
 
 What a snapshot is: a gradient meta-RL run keeps one per checkpoint (``snapshots/iteration-N``); an
 in-context run with relabelling rounds has one per phase (``round-r/train``), whose cumulative budget is
@@ -11,23 +12,17 @@ settings are kept. Prints one row per point and writes ``curves.json``, ``curves
 
 Choosing on validation: for each run the point with the best success in the last adaptation episode is
 the one to play on test (a tie goes to the earlier, cheaper point). The run has *stopped improving* when
-``--patience`` later points (default 2) all failed to beat it; otherwise the report says it was still
-improving, and a longer run is needed before its figure can be called converged. ``--every N`` plays only
-the snapshots whose iteration is a multiple of N (and the run's final one), to spend less CPU on a
-long run; rerun it while the run trains to add the new points. ``--reuse DIR ...`` takes the points of
-earlier output directories (same settings) instead of playing them again, so runs curved one by one can
-share one plot.
+``patience`` later points all failed to beat it; otherwise the report says it was still improving.
+``every`` plays only the snapshots whose iteration is a multiple of it (and the run's final one);
+``reuse`` takes the points of earlier output directories (same settings) instead of playing them again.
 
-    python scripts/budget_curves.py runs/icl runs/maml-imitate runs/maml --suite ML1:reach-v3 \\
-        -K 3 -E 1 --episode-length 50 --seeds 0 1 --tasks 50 --out curves/reach
+Not for: training (``until_stopped.py`` grows a run in chunks and calls ``play_curves`` between them).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,103 +154,51 @@ def table(points: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def add_play_arguments(p: argparse.ArgumentParser) -> None:
-    """How every point is played (suite, split, episodes, seeds, tasks, actions): shared with
-    train_until_stopped.py, which passes them on here."""
-    p.add_argument("--suite", default="ML1:reach-v3")
-    p.add_argument("--split", default="validation", help="validation (default); test only for a final recipe")
-    p.add_argument("-K", "--adaptation-episodes", type=int, default=3)
-    p.add_argument("-E", "--evaluation-episodes", type=int, default=1)
-    p.add_argument("--episode-length", type=int, default=50)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--tasks", type=int, default=50)
-    p.add_argument("--deterministic", action="store_true",
-                   help="gradient agents act with their mean action once adapted")
-
-
-def play_argv(args: argparse.Namespace) -> list[str]:
-    """``add_play_arguments``' flags with the values in ``args``: the command-line part that plays the same way
-    (derived from the parser, so a flag added there is passed on without being listed again)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_play_arguments(parser)
-    argv = []
-    for dest in vars(parser.parse_args([])):  # every play flag, by its long name
-        flag, value = "--" + dest.replace("_", "-"), getattr(args, dest)
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, *map(str, value if isinstance(value, list | tuple) else [value])]
-    return argv
-
-
-def play_config(args: argparse.Namespace) -> EvalConfig:
-    """The checked evaluation settings of ``add_play_arguments``' flags (UsageError if bad)."""
-    return EvalConfig(suite=args.suite, split=args.split, adaptation_episodes=args.adaptation_episodes,
-                      evaluation_episodes=args.evaluation_episodes, episode_length=args.episode_length,
-                      seeds=tuple(args.seeds), num_tasks=args.tasks, batch_size=args.tasks, progress=False).check()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="training run directories")
-    add_play_arguments(p)
-    p.add_argument("--every", type=int, default=1,
-                   help="play only snapshots whose iteration is a multiple of this (and the run's final one)")
-    p.add_argument("--patience", type=int, default=2,
-                   help="a run has stopped improving when this many points after its best did not beat it")
-    p.add_argument("--reuse", nargs="+", default=[], metavar="DIR",
-                   help="earlier --out directories played with the same settings: their points of these runs "
-                        "are taken, not played again (one plot and one choice over runs curved apart)")
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    try:
-        if args.every < 1 or args.patience < 1:
-            raise UsageError(f"--every {args.every} / --patience {args.patience}: both must be at least 1")
-        config = play_config(args)
-        out = Path(args.out)
-        settings = {**dataclasses.asdict(config), "seeds": list(config.seeds), "deterministic": args.deterministic}
-        old = read_json(out / "curves.json") if (out / "curves.json").is_file() else {}
-        points = old.get("points", []) if old.get("settings") == settings else []
-        done = {(q["run"], q["point"]) for q in points}
-        named = {str(Path(r)) for r in args.runs}
-        for other in map(Path, args.reuse):
-            found = read_json(other / "curves.json") if (other / "curves.json").is_file() else None
-            if found is None or found.get("settings") != settings:
-                raise UsageError(f"--reuse {other}: " + ("no curves.json there" if found is None else
-                                 "played with other settings than these (suite, split, episodes, tasks, seeds)"))
-            for q in found["points"]:
-                if q["run"] in named and (q["run"], q["point"]) not in done:
-                    points.append(q)
-                    done.add((q["run"], q["point"]))
-        options = {"deterministic": True} if args.deterministic else {}
-        for run in map(Path, args.runs):
-            for name, where, budget in snapshots(run, args.every):
-                if (str(run), name) in done:
-                    continue
-                agents = load_agents([str(where)], options=options)
-                results = evaluate(agents, config, out / "evals" / run.name / name)
-                row = next(r for r in adaptation_summary(results) if r["adaptive"])
-                points.append({"run": str(run), "point": name, "agent": row["agent"], "split": config.split,
-                               "budget": budget, "success_first": row["first"], "success_last": row["last"]})
-                atomic_write_json(out / "curves.json", {"settings": settings, "points": points})
-                b = budget
-                print(f"{run} {name}: env steps {compact(b['env_steps'])}, expert labels {compact(b['expert_labels'])}, "
-                      f"CPU {b['cpu_minutes']:.1f} min -> success {row['last'][0]:.2f} "
-                      f"[{row['last'][1]:.2f}, {row['last'][2]:.2f}]", flush=True)
-    except UsageError as e:
-        print(f"budget_curves: error: {e}", file=sys.stderr)
-        return 2
-    if points:
-        chosen = choose(points, args.patience)
-        atomic_write_json(out / "curves.json", {"settings": settings, "points": points, "chosen": chosen})
-        plot(points, out / "budget_curves.png")
-        lines = summary(chosen, args.patience)
-        atomic_write_text(out / "curves.md", f"{table(points)}\n\nChosen on the {config.split} split:\n"
-                          + "\n".join(lines) + "\n")
-        print(table(points))
-        print("\n".join(lines))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def play_curves(runs: list[str], config: EvalConfig, out, deterministic: bool = False, every: int = 1,
+                patience: int = 2, reuse: tuple[str, ...] = ()) -> dict[str, dict]:
+    """``icl-metarl curves``: play every snapshot of ``runs`` not yet in ``out/curves.json`` (or a ``reuse``
+    directory's) on ``config``'s split; write curves.json, curves.md and the plot; return ``choose``'s verdict
+    per run (empty if no run has a point)."""
+    if every < 1 or patience < 1:
+        raise UsageError(f"--every {every} / --patience {patience}: both must be at least 1")
+    out = Path(out)
+    settings = {**dataclasses.asdict(config), "seeds": list(config.seeds), "deterministic": deterministic}
+    old = read_json(out / "curves.json") if (out / "curves.json").is_file() else {}
+    points = old.get("points", []) if old.get("settings") == settings else []
+    done = {(q["run"], q["point"]) for q in points}
+    named = {str(Path(r)) for r in runs}
+    for other in map(Path, reuse):
+        found = read_json(other / "curves.json") if (other / "curves.json").is_file() else None
+        if found is None or found.get("settings") != settings:
+            raise UsageError(f"--reuse {other}: " + ("no curves.json there" if found is None else
+                             "played with other settings than these (suite, split, episodes, tasks, seeds)"))
+        for q in found["points"]:
+            if q["run"] in named and (q["run"], q["point"]) not in done:
+                points.append(q)
+                done.add((q["run"], q["point"]))
+    options = {"deterministic": True} if deterministic else {}
+    for run in map(Path, runs):
+        for name, where, budget in snapshots(run, every):
+            if (str(run), name) in done:
+                continue
+            agents = load_agents([str(where)], options=options)
+            results = evaluate(agents, config, out / "evals" / run.name / name)
+            row = next(r for r in adaptation_summary(results) if r["adaptive"])
+            points.append({"run": str(run), "point": name, "agent": row["agent"], "split": config.split,
+                           "budget": budget, "success_first": row["first"], "success_last": row["last"]})
+            atomic_write_json(out / "curves.json", {"settings": settings, "points": points})
+            b = budget
+            print(f"{run} {name}: env steps {compact(b['env_steps'])}, expert labels {compact(b['expert_labels'])}, "
+                  f"CPU {b['cpu_minutes']:.1f} min -> success {row['last'][0]:.2f} "
+                  f"[{row['last'][1]:.2f}, {row['last'][2]:.2f}]", flush=True)
+    if not points:
+        return {}
+    chosen = choose(points, patience)
+    atomic_write_json(out / "curves.json", {"settings": settings, "points": points, "chosen": chosen})
+    plot(points, out / "budget_curves.png")
+    lines = summary(chosen, patience)
+    atomic_write_text(out / "curves.md", f"{table(points)}\n\nChosen on the {config.split} split:\n"
+                      + "\n".join(lines) + "\n")
+    print(table(points))
+    print("\n".join(lines))
+    return chosen

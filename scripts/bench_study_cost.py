@@ -1,6 +1,6 @@
 """What a study configuration costs at full size, measured from its first steps on this machine.
 
-    python scripts/study_cost.py configs/ml45-icl.json --trials 2 --train-steps 3 --batch 1
+    python scripts/bench.py study_cost configs/ml45-icl.json --trials 2 --train-steps 3 --batch 1
 
 Generates ``--trials`` trials with the configuration's own history settings (one worker, a temporary
 directory, after a one-trial warm-up that builds the task lists), times ``--train-steps`` full AdamW steps of its in-context model at its window size with

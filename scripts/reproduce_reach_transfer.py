@@ -1,10 +1,11 @@
-"""Does in-context adaptation transfer to unseen tasks? Training-task diversity x relabelling rounds.
+"""Does in-context adaptation transfer to unseen tasks? Training-task diversity x relabelling rounds: the
+sweep of docs/results.md ("What made it transfer"; docs/sweep-reach.png, docs/sweep-reach-goal.png), end to end.
 
-    python scripts/sweep_transfer.py --out sweeps/reach --pools 10 50 200 fresh --rounds 0 1 \\
+    python scripts/reproduce_reach_transfer.py --out sweeps/reach --pools 10 50 200 fresh --rounds 0 1 \\
         --steps 600 --trials 200
     # the recipe that transfers on reach-v3 (docs/results.md): goal noise at a random level per episode,
     # exploring in the first episode
-    python scripts/sweep_transfer.py --out sweeps/reach-goal --pools 10 50 200 fresh --rounds 0 1 3 \\
+    python scripts/reproduce_reach_transfer.py --out sweeps/reach-goal --pools 10 50 200 fresh --rounds 0 1 3 \\
         --steps 600 --trials 300 --relabel-trials 200 --noise-kind goal --noise-schedule random \\
         --noise-max 0.15 --explore-episodes 1 --explore-scale 0.25
 

@@ -1,17 +1,18 @@
-"""scripts/budget_curves.py: every snapshot of a run played on the validation split, with its budget."""
+"""study/curves.py, ``icl-metarl curves``: every snapshot of a run played on the validation split, with its budget."""
 
-import argparse
 import json
 
 import pytest
-from _scripts import load_script
 
 from gradient_meta.meta_rl import SNAPSHOTS, MetaRLConfig, meta_train
 from icl_metarl.harness.budget import read_budget
+from icl_metarl.harness.settings import from_args
+from icl_metarl.study import cli
+from icl_metarl.study import curves as bc
 
 
-def _script():
-    return load_script("budget_curves")
+def _curves(args):
+    return cli.main(["curves", *args])
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,9 @@ def test_meta_rl_keeps_a_snapshot_per_checkpoint_with_its_budget(run):
 
 
 def test_curves_play_every_snapshot_and_resume(run, tmp_path, monkeypatch):
-    bc = _script()
     args = [str(run), "--suite", "ML1:reach-v3", "-K", "2", "-E", "1", "--episode-length", "10", "--tasks", "2",
             "--out", str(tmp_path)]
-    assert bc.main(args) == 0
+    assert _curves(args) == 0
     data = json.loads((tmp_path / "curves.json").read_text())
     assert [p["point"] for p in data["points"]] == ["iteration-000002", "iteration-000003"]
     assert data["points"][0]["budget"]["env_steps"] < data["points"][1]["budget"]["env_steps"]
@@ -48,12 +48,11 @@ def test_curves_play_every_snapshot_and_resume(run, tmp_path, monkeypatch):
         raise AssertionError("a finished point was played again")
 
     monkeypatch.setattr(bc, "evaluate", refuse)
-    assert bc.main(args) == 0  # resumed: nothing to play
+    assert _curves(args) == 0  # resumed: nothing to play
 
 
 def test_a_run_without_a_budget_is_a_clear_error(tmp_path, capsys):
-    bc = _script()
-    assert bc.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert _curves([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "has no budget.json" in capsys.readouterr().err
 
 
@@ -66,7 +65,7 @@ def test_relabelling_phases_are_points_with_cumulative_budgets(tmp_path):
         write_budget(phase, b)
         (phase / "config.json").write_text("{}")
     (tmp_path / "round-2" / "train").mkdir(parents=True)  # an unfinished phase is not a point
-    points = _script().snapshots(tmp_path)
+    points = bc.snapshots(tmp_path)
     assert [name for name, _, _ in points] == ["round-0", "round-1"]
     last = points[1][2]
     assert (last["env_steps"], last["expert_labels"], last["optimizer_steps"]) == (1300, 1300, 20)
@@ -79,7 +78,7 @@ def _point(run, i, success):
 
 
 def test_choice_is_the_best_validation_point_ties_to_the_earlier_and_says_if_it_stopped():
-    choose = _script().choose
+    choose = bc.choose
     rising = [_point("a", i, s) for i, s in ((3, 0.5), (1, 0.1), (2, 0.3))]  # out of order on purpose
     plateau = [_point("b", i, s) for i, s in ((1, 0.2), (2, 0.4), (3, 0.4), (4, 0.3))]
     chosen = choose(rising + plateau, patience=2)
@@ -91,7 +90,6 @@ def test_choice_is_the_best_validation_point_ties_to_the_earlier_and_says_if_it_
 
 def test_every_keeps_the_multiples_and_the_last_snapshot(run, tmp_path):
     from icl_metarl.harness.budget import Budget, write_budget
-    bc = _script()
     assert [n for n, _, _ in bc.snapshots(run, every=2)] == ["iteration-000002", "iteration-000003"]
     fake = tmp_path / "long"
     for i in (80, 160, 240, 320, 350):
@@ -105,30 +103,28 @@ def test_every_keeps_the_multiples_and_the_last_snapshot(run, tmp_path):
 
 
 def test_a_bad_every_is_a_clear_error(run, tmp_path, capsys):
-    assert _script().main([str(run), "--every", "0", "--out", str(tmp_path)]) == 2
+    assert _curves([str(run), "--every", "0", "--out", str(tmp_path)]) == 2
     assert "--every 0" in capsys.readouterr().err
 
 
 def test_reuse_takes_earlier_points_of_the_named_runs_and_refuses_other_settings(run, tmp_path, monkeypatch, capsys):
-    bc = _script()
     common = ["--suite", "ML1:reach-v3", "-K", "2", "-E", "1", "--episode-length", "10", "--tasks", "2"]
-    assert bc.main([str(run), *common, "--out", str(tmp_path / "a")]) == 0
+    assert _curves([str(run), *common, "--out", str(tmp_path / "a")]) == 0
     played = json.loads((tmp_path / "a" / "curves.json").read_text())["points"]
 
     def refuse(*a, **k):
         raise AssertionError("a point of a reused directory was played again")
 
     monkeypatch.setattr(bc, "evaluate", refuse)
-    assert bc.main([str(run) + "/", *common, "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    assert _curves([str(run) + "/", *common, "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "curves.json").read_text())["points"] == played
     assert (tmp_path / "b" / "budget_curves.png").stat().st_size > 0
     capsys.readouterr()
-    assert bc.main([str(run), *common[:-1], "3", "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+    assert _curves([str(run), *common[:-1], "3", "--reuse", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
     assert "played with other settings" in capsys.readouterr().err
 
 
 def test_many_runs_plot_one_colour_per_learner(tmp_path):
-    bc = _script()
     assert [bc._family(a) for a in ("maml-iteration-000160", "maml-iteration-000160 #2", "icl #3", "icl", "meta-sgd")] \
         == ["maml", "maml", "icl", "icl", "meta-sgd"]
     points = [{"run": f"runs/{f}-s{s}", "point": f"p{i}", "agent": f"{f}-iteration-{i:06d}", "split": "validation",
@@ -139,7 +135,6 @@ def test_many_runs_plot_one_colour_per_learner(tmp_path):
 
 
 def test_plot_keeps_each_learners_runs_together_in_the_legend():
-    bc = _script()
     # a MAML seed curved later (--reuse) comes after Reptile's runs in the points; the plot groups it with MAML's
     runs = [("maml", 0), ("reptile", 0), ("reptile", 1), ("maml", 1), ("icl", 0)]
     points = [{"run": f"runs/{f}-s{s}", "agent": f"{f}-iteration-{i:06d}"} for f, s in runs for i in (1, 2)]
@@ -147,13 +142,12 @@ def test_plot_keeps_each_learners_runs_together_in_the_legend():
                                        "runs/icl-s0"]
 
 
-def test_play_argv_gives_back_every_play_flag():
-    bc = _script()
-    parser = argparse.ArgumentParser()
-    bc.add_play_arguments(parser)
-    argv = ["--suite", "ML1:push-v3", "--split", "test", "-K", "5", "-E", "2", "--episode-length", "100",
-            "--seeds", "3", "4", "--tasks", "7", "--deterministic"]  # every flag away from its default
-    args = parser.parse_args(argv)
-    assert vars(parser.parse_args(bc.play_argv(args))) == vars(args)
-    assert all(vars(args)[k] != v for k, v in vars(parser.parse_args([])).items())  # each differs from its default
-    assert "--deterministic" not in bc.play_argv(parser.parse_args([]))
+def test_until_stopped_plays_as_curves_does_with_the_trainings_suite_and_episode_length():
+    play = ["--split", "test", "-K", "5", "-E", "2", "--seeds", "3", "4", "--tasks", "7", "--deterministic"]
+    parser = cli.build_parser()
+    curve = parser.parse_args(["curves", "r", "--suite", "ML1:push-v3", "--episode-length", "100", *play, "--out", "o"])
+    train = parser.parse_args(["train", "maml", "--suite", "ML1:push-v3", "--episode-length", "100", "--out", "r",
+                               "--until-stopped", "o", *play])
+    assert from_args(cli.CurvePlay, curve) == cli.CurvePlay("ML1:push-v3", "test", 5, 2, 100, (3, 4), 7, True)
+    from_training = {"suite": train.suite, "episode_length": train.episode_length}
+    assert from_args(cli.CurvePlay, train, **from_training) == from_args(cli.CurvePlay, curve)
