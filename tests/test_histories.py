@@ -494,3 +494,23 @@ def test_killed_two_process_run_resumes_in_one_to_the_same_bytes(tmp_path, ml10_
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="shard 00001 plays other tasks"):
         generate(TINY_ML10, out, progress=False)
+
+
+def test_action_noise_leaves_the_experts_path_and_keeps_its_labels(tmp_path):
+    """DART noise: on drawer-close (whose expert ignores the goal, so goal noise alone changes nothing)
+    the taken actions differ from the labels by about the noise's standard deviation; the labels are
+    the expert's action at the visited state; 0 noise keeps the data's bytes and omits the setting."""
+    base = GenerateConfig(suite="ML1:drawer-close-v3", task_pool="fresh", trials=2, episodes_per_trial=2,
+                          episode_length=40, trials_per_shard=2, workers=1, noise_kind="goal", noise_max=0.1)
+    generate(base, tmp_path / "plain", progress=False)
+    generate(replace(base, action_noise=0.3), tmp_path / "dart", progress=False)
+    plain, dart = load_histories(tmp_path / "plain"), load_histories(tmp_path / "dart")
+    assert "action_noise" not in plain.manifest["settings"] and dart.manifest["settings"]["action_noise"] == 0.3
+    p = plain.shards[0]
+    np.testing.assert_array_equal(np.asarray(p["actions"]), np.asarray(p["expert_actions"]))  # goal noise: none here
+    d = dart.shards[0]
+    taken, label = np.asarray(d["actions"]), np.asarray(d["expert_actions"])
+    unclipped = np.abs(taken) < 0.999
+    assert 0.2 < np.std((taken - label)[unclipped]) < 0.4
+    with pytest.raises(UsageError, match="action_noise must be a standard deviation in \\[0, 2\\], got -0.1"):
+        generate(replace(base, action_noise=-0.1), tmp_path / "bad", progress=False)

@@ -60,6 +60,12 @@ class GenerateConfig:
     episode index, so a late episode's end point does not give the goal away (only its rewards do)."""
     noise_max: float = 1.0
     """Noise level of the first episode (probability for uniform, standard deviation for gaussian)."""
+    action_noise: float = 0.0
+    """Gaussian noise of this standard deviation added to every action the expert executes, on top of
+    noise_kind, then clipped to [-1, 1] (DART, Laskey et al. 2017): the trials leave the expert's path and
+    every step is still labelled with the expert's action there, so the learner sees how to recover. The
+    goal kind alone never perturbs an environment whose expert ignores the goal (door, drawer, button).
+    0: none."""
     trials_per_shard: int = 10
     """Trials per shard: the unit of parallel work, of resuming and of checksumming."""
     seed: int = 0
@@ -103,6 +109,8 @@ def check_generate(cfg: GenerateConfig) -> GenerateConfig:
         raise UsageError(f"noise_max must be in [0, 1] for uniform noise and >= 0 for gaussian or goal, got {cfg.noise_max!r}")
     if not isinstance(cfg.workers, (int, np.integer)) or cfg.workers < 0:
         raise UsageError(f"workers must be >= 0 (0 = one per core), got {cfg.workers!r}")
+    if not 0.0 <= cfg.action_noise <= 2.0:
+        raise UsageError(f"action_noise must be a standard deviation in [0, 2], got {cfg.action_noise!r}")
     if not isinstance(cfg.handover, (int, np.integer)) or not 0 <= cfg.handover < cfg.episodes_per_trial:
         raise UsageError(f"handover must be an integer in [0, episodes_per_trial={cfg.episodes_per_trial}), "
                          f"got {cfg.handover!r}")

@@ -61,6 +61,8 @@ def _settings(cfg: GenerateConfig) -> dict:
     d.pop("workers")
     if d["action_repeat"] == 1:  # the data of every directory written before the setting existed
         d.pop("action_repeat")
+    if d["action_noise"] == 0.0:  # likewise for the DART noise
+        d.pop("action_noise")
     d["task_pool"] = str(parse_task_pool(cfg.task_pool))
     if cfg.policy:  # the policy's weights, not only its path, determine the data
         d["policy_sha256"] = sha256_file(Path(cfg.policy) / "model.safetensors")

@@ -68,8 +68,9 @@ class NoisyExpertAgent(Agent):
     privileged = True
 
     def __init__(self, kind: str, schedule: str, noise_max: float, episodes: int,
-                 goal_offsets: GoalOffsets | None = None):
+                 goal_offsets: GoalOffsets | None = None, action_noise: float = 0.0):
         self.kind, self.schedule, self.noise_max, self.episodes = kind, schedule, noise_max, episodes
+        self.action_noise = action_noise  # DART: Gaussian noise on every executed action, on top of kind
         self.goal_offsets = goal_offsets or {}  # the configuration's expert corrections, parsed
 
     def start_trials(self, num_trials: int, seed: int) -> None:
@@ -87,10 +88,14 @@ class NoisyExpertAgent(Agent):
     def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
         k = self._episode
         if self.kind == "goal":
-            return expert_actions(privileged.env_names, obs, privileged.goals + self._goal_offsets[k],
-                                  self.goal_offsets)
-        expert = self.label(privileged.env_names, obs, privileged.goals)  # (T, 4)
-        return perturb(expert, self.kind, self._levels[:, k], self._rng)
+            action = expert_actions(privileged.env_names, obs, privileged.goals + self._goal_offsets[k],
+                                    self.goal_offsets)
+        else:
+            expert = self.label(privileged.env_names, obs, privileged.goals)  # (T, 4)
+            action = perturb(expert, self.kind, self._levels[:, k], self._rng)
+        if self.action_noise:  # drawn after the kind's randoms, so data without it keeps its bytes
+            action = perturb(action, "gaussian", self.action_noise, self._rng)
+        return action
 
     def label(self, env_names, obs: np.ndarray, goals: np.ndarray) -> np.ndarray:
         """The expert's action told the true goal (the histories' label): computed once per observation

@@ -103,7 +103,7 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
     T, K = len(tasks), cfg.episodes_per_trial
     # Each agent is started here with its own seed (the policy's in 31 bits), as shards always were.
     expert = NoisyExpertAgent(cfg.noise_kind, cfg.noise_schedule, cfg.noise_max, K,
-                              parse_goal_offsets(cfg.expert_goal_offsets))
+                              parse_goal_offsets(cfg.expert_goal_offsets), cfg.action_noise)
     expert.start_trials(T, shard_seed)
     agent, context_only = expert, 0
     if cfg.policy:

@@ -417,6 +417,7 @@ def pretrain(cfg: TrainConfig) -> dict:
                 workers=1, policy=str(init),
                 handover=cfg.relabel_handover, expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),
                 **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
+                action_noise=float(base.get("action_noise", 0.0)) if cfg.relabel_handover else 0.0,
             )
             manifest = generate(gen, relabelled, progress=cfg.progress)
             data.append(str(relabelled))
