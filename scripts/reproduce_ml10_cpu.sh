@@ -10,17 +10,19 @@ K=3            # decision interval: the expert keeps its success best at 3 (resu
 OUT=${OUT:-studies/ml10-cpu-s$SEED}
 export OMP_NUM_THREADS=1
 
-# 1. histories: 600 trials x 4 episodes of 500 simulator steps on ML10-holdout's 8 train environments,
+# 1. histories: 800 trials x 4 episodes of 500 simulator steps on ML10-holdout's 8 train environments,
 #    a new task per trial, the expert told a goal perturbed by up to 15 cm (a level drawn per episode)
-icl-metarl generate --suite ML10-holdout --split train --task-pool fresh --trials 600 --episodes 4 \
+#    and every executed action perturbed by Gaussian noise of sd 0.3 (DART; the labels stay the expert's)
+icl-metarl generate --suite ML10-holdout --split train --task-pool fresh --trials 800 --episodes 4 \
   --episode-length 500 --action-repeat $K --noise-kind goal --noise-schedule random --noise-max 0.15 \
-  --trials-per-shard 25 --workers 1 --seed $SEED --out "$OUT/histories"
+  --action-noise 0.3 --trials-per-shard 25 --workers 2 --seed $SEED --out "$OUT/histories"
 
 # 2. pretraining: the compact context (earlier episodes by every 10th decision and their last), whole
 #    4-episode trials as windows, acting on trials of up to 13 episodes
 icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain" --resume --seed $SEED \
   --context-stride 10 --episodes-per-window 4 --context-episodes 13 --d-model 96 --n-layer 3 --n-head 4 \
-  --batch-size 16 --steps 800 --lr 1e-3 --warmup-steps 50 --checkpoint-every 100 --log-every 20 --threads 2
+  --batch-size 16 --steps 1200 --lr 1e-3 --warmup-steps 50 --checkpoint-every 100 --keep-checkpoints 20 \
+  --log-every 20 --threads 2
 
 # 3. validation: ML10's validation split (new goals of all 10 train environments; window-open and
 #    basketball were held out of this agent's training), 3 adaptation + 1 evaluation episodes
