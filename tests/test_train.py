@@ -154,3 +154,26 @@ def test_relabelling_rounds_refuse_several_processes(data, tmp_path, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="one process only"):
         pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=4, relabel_rounds=1))
+
+
+def test_every_checkpoint_step_is_an_agent_the_evaluator_can_play(data, tmp_path):
+    """Choosing the step on validation: each kept step directory loads as an agent (its config.json beside
+    accelerate's weights), the last one acts exactly as the final checkpoint, and carries its budget."""
+    from icl_metarl.harness.budget import read_budget
+    from icl_metarl.harness.registry import load_agent
+
+    cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=4, episodes_per_window=2, checkpoint_every=2,
+                      keep_checkpoints=5, batch_size=2, d_model=16, n_layer=1, n_head=2, progress=False)
+    train(cfg)
+    steps = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in steps] == ["step-00000002", "step-00000004"]
+    obs = torch.randn(2, 39).numpy()
+    acts = []
+    for path in (steps[0], steps[1], tmp_path / "run"):
+        agent = load_agent(str(path))
+        agent.start_trials(2, 0)
+        acts.append(agent.act(obs))
+    assert (acts[1] == acts[2]).all() and not (acts[0] == acts[2]).all()
+    early, final = read_budget(steps[0]), read_budget(tmp_path / "run")
+    assert early["optimizer_steps"] == 2 and final["optimizer_steps"] == 4
+    assert early["env_steps"] == final["env_steps"] > 0  # the data's cost is in both

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from icl_metarl.harness.budget import Budget, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import check_playable, decisions_per_episode, get_suite
 from icl_metarl.incontext.agent import InContextAgent
@@ -62,9 +62,15 @@ def complete_checkpoints(run: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget | None = None) -> None:
+def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget | None = None,
+                    model_config: ICLPolicyConfig | None = None, agent_budget: Budget | None = None) -> None:
     """accelerate ``save_state`` into a temporary directory, then one rename makes it complete; the
-    run's ``budget`` so far rides in its trainer_state.json, so a resume restores it."""
+    run's ``budget`` so far rides in its trainer_state.json, so a resume restores it.
+
+    With ``model_config`` the directory is also an agent checkpoint (its config.json beside accelerate's
+    model.safetensors, and ``agent_budget``, the data's cost plus training so far, as budget.json), so
+    ``icl-metarl evaluate RUN/checkpoints/step-N`` plays the step: choosing the step on validation.
+    """
     root = run / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -74,6 +80,11 @@ def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_NAME, {"step": step, **({"budget": budget.to_json()} if budget else {})})
+        if model_config is not None:
+            model_config.architectures = [ICLPolicy.__name__]
+            atomic_write_text(tmp / "config.json", model_config.to_json_string(use_diff=False))
+        if agent_budget is not None:
+            write_budget(tmp, agent_budget)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
@@ -308,7 +319,9 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         # checkpoint
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints, _spent(accelerator, spent, cpu0, wall0))
+            so_far = _spent(accelerator, spent, cpu0, wall0)
+            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints, so_far, accelerator.unwrap_model(model).config,
+                            data_budget([h.manifest for h in stream.dataset.sources], cfg.target).add(so_far))
         if cfg.kill_after and done - start >= cfg.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
