@@ -9,7 +9,6 @@ Meta-SGD paper's Table 1 as one command (``icl-metarl fewshot sinusoid train|eva
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from gradient_meta.reptile import Reptile, ReptileConfig
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_json, read_json
 from icl_metarl.harness.regression_tasks import MAML_SINE, Family, get_family
+from icl_metarl.harness.statistics import normal_interval
 
 
 class SineNet(nn.Module):
@@ -156,8 +156,7 @@ def evaluate(model: nn.Module, params: Params, step_size: StepSize, shots: int, 
     with torch.no_grad():
         pred = torch.func.vmap(lambda p, x: functional_call(model, p, (x,)))(adapted, qx)  # (T, Q, 1)
         per_task = ((pred - qy) ** 2).mean(dim=(1, 2))  # (T,)
-    mean = float(per_task.mean())
-    ci = 1.96 * float(per_task.std()) / math.sqrt(n_tasks)
+    mean, ci = map(float, normal_interval(per_task.numpy()))  # the one statistics module's interval
     return {"mse": mean, "ci95": ci, "shots": shots, "steps": steps, "tasks": n_tasks, "query_points": n_query}
 
 

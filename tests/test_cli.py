@@ -51,3 +51,4 @@ def test_crosscheck_plays_our_evaluator_and_metaworlds_on_the_same_tasks(capsys)
     assert "ML1:reach-v3 test, 2 tasks, K=1 E=1, episodes of 150 steps, seed 0" in out
     assert "oracle: ours 1.000 (2 episodes" in out and "Meta-World, one task per call 1.000" in out
     assert "per-task agreement (same success count of 1): 2/2" in out
+    assert "difference +0.000 +- 0.000 (95%, paired by task)" in out  # the statistics module's paired interval

@@ -21,6 +21,7 @@ from icl_metarl.harness.evaluation import EvalConfig, load_agents, trial_seed
 from icl_metarl.harness.evaluation import evaluate as evaluate_agents
 from icl_metarl.harness.mw_adapter import evaluate_with_metaworld
 from icl_metarl.harness.report import write_report
+from icl_metarl.harness.statistics import normal_interval
 from icl_metarl.harness.suites import (
     HOLDOUT,
     check_action_repeat,
@@ -128,10 +129,10 @@ def crosscheck(specs: list[str], config: EvalConfig) -> None:
                   if hasattr(agent.agent, "end_episodes") else None)
         t3 = time.perf_counter()
         mw_tasks = np.array([c["success"] for c in mw["calls"]])
-        se = np.sqrt(ours.mean() * (1 - ours.mean()) / ours.size + mw_tasks.mean() * (1 - mw_tasks.mean()) / ours.size)
+        diff, half = map(float, normal_interval(ours.mean(1) - mw_tasks))  # paired by task (same seeds)
         print(f"{agent.label}: ours {ours.mean():.3f} ({ours.size} episodes, {t1 - t0:.0f} s) | "
               f"Meta-World, one task per call {mw['success']:.3f} ({t2 - t1:.0f} s) | "
-              f"difference {ours.mean() - mw['success']:+.3f}, binomial s.e. of the difference {se:.3f} | "
+              f"difference {diff:+.3f} +- {half:.3f} (95%, paired by task) | "
               + (f"Meta-World, all tasks in one vector env {mw_one['success']:.3f} "
                  f"(counts only its first {E} episodes to end, {t3 - t2:.0f} s)" if mw_one else
                  "Meta-World, all tasks in one vector env: not played (the agent ends episodes in lockstep only)"))
