@@ -213,7 +213,10 @@ class ICLPolicy(PreTrainedModel):
                                                     or (cache is not None and past + t > cache.capacity)):
             raise UsageError(f"context of {past + t} tokens exceeds the model's {c.max_positions} "
                              f"(max_context_episodes x max_episode_length)")
-        if int(step_in_episode.max()) >= c.max_episode_length:
+        # Checked here only on the CPU, where it is free: on an accelerator, reading the maximum back would
+        # stall every forward. There the callers check at their edges (the agent counts its steps, windows
+        # are cut from histories whose episode length the model was built with, the probes check theirs).
+        if step_in_episode.device.type == "cpu" and int(step_in_episode.max()) >= c.max_episode_length:
             raise UsageError(f"step_in_episode {int(step_in_episode.max())} >= max_episode_length {c.max_episode_length}")
 
         dtype = self.dtype
