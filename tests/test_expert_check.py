@@ -48,3 +48,14 @@ def test_steps_to_success_counts_successful_episodes_only():
 def test_a_check_without_a_suite_is_a_one_line_error(capsys):
     assert cli.main(["suites", "--check", "2"]) == 2
     assert "--check plays one suite" in capsys.readouterr().err
+
+
+def test_the_expert_is_told_the_goal_offsets_given(tmp_path, capsys):
+    argv = ["suites", "ML1:reach-v3", "--check", "1", "--split", "train", "--episode-length", "60", "--no-random",
+            "--expert-goal-offsets", "reach-v3=0,0,0.045", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    oracle = json.loads((tmp_path / "train" / "results.json").read_text())["agents"]["oracle"]
+    assert oracle["description"]["expert_goal_offsets"] == ["reach-v3=0,0,0.045"]
+    capsys.readouterr()
+    assert cli.main(["suites", "ML1:reach-v3", "--check", "1", "--expert-goal-offsets", "push-v3=0,0,0.045"]) == 2
+    assert "not an environment of suite ML1:reach-v3" in capsys.readouterr().err

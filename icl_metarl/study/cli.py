@@ -53,6 +53,9 @@ class SuitesCommand:
     out: str | None = None
     """--check writes each evaluation (results.json, report.md) under OUT/SPLIT, or OUT/kK/SPLIT with several
     --action-repeats; an evaluation already there is read, not played again"""
+    expert_goal_offsets: tuple[str, ...] = field(default=(), metadata={COMMAS: False})
+    """ENV=x,y,z (metres): --check tells the expert of ENV the goal shifted by this, as a study configuration's
+    expert_goal_offsets does (suites.MEASURED_GOAL_OFFSETS); each ENV an environment of the suite"""
 
 
 @dataclass

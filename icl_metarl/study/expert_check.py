@@ -19,15 +19,18 @@ import numpy as np
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
+from icl_metarl.harness.suites import parse_goal_offsets
 
 
 def play(suite: str, split: str, tasks_per_env: int, episode_length: int, action_repeat: int, seed: int,
-         agents: list[str], out: Path | None) -> dict:
-    """One evaluation episode per task, no adaptation episode (the agents are memoryless); resumes in ``out``."""
+         agents: list[str], out: Path | None, expert_goal_offsets: tuple[str, ...] = ()) -> dict:
+    """One evaluation episode per task, no adaptation episode (the agents are memoryless); resumes in ``out``.
+    The oracle is told the goal shifted by ``expert_goal_offsets`` (``ENV=x,y,z`` entries), as in a study."""
     config = EvalConfig(suite=suite, split=split, adaptation_episodes=0, evaluation_episodes=1,
                         episode_length=episode_length, seeds=(seed,), tasks_per_env=tasks_per_env, progress=False,
                         action_repeat=action_repeat).check()
-    return evaluate(load_agents(agents), config, out)
+    agents_ = load_agents(agents, options={"expert_goal_offsets": tuple(expert_goal_offsets)})
+    return evaluate(agents_, config, out)
 
 
 def by_env(results: dict, agent: str) -> dict[str, list[dict]]:
@@ -58,6 +61,7 @@ def check(suite: str, options) -> None:
         raise UsageError(f"--action-repeats must be distinct, got {list(ks)}")
     if not 0 < options.threshold <= 1 or not 0 < options.keep <= 1:
         raise UsageError(f"--threshold {options.threshold} / --keep {options.keep}: both must lie in (0, 1]")
+    parse_goal_offsets(options.expert_goal_offsets, suite)
     success_at: dict[tuple[str, str], dict[int, float]] = {}
     below, rates = [], []
     random_column = " random success |" if options.random else ""
@@ -67,7 +71,8 @@ def check(suite: str, options) -> None:
         for split in options.split:
             out = None if options.out is None else Path(options.out) / (split if len(ks) == 1 else f"k{k}/{split}")
             agents = ["oracle", "random"] if k == ks[0] and options.random else ["oracle"]
-            r = play(suite, split, options.check, options.episode_length, k, options.seed, agents, out)
+            r = play(suite, split, options.check, options.episode_length, k, options.seed, agents, out,
+                     tuple(options.expert_goal_offsets))
             expert, random = by_env(r, "oracle"), by_env(r, "random")
             for env, recs in expert.items():
                 success = float(np.mean([x["success"] for x in recs]))
