@@ -14,6 +14,7 @@ from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.suites import get_suite
 from icl_metarl.study import config as qc
 from icl_metarl.study import quickstart as qs
+from icl_metarl.study.ml1_presets import QUICKSTART_ML1
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -287,8 +288,24 @@ def test_suite_and_split_from_the_command_line_choose_on_held_out_environments()
     assert qc.stage_config(cfg, "generate").suite == "ML10-holdout" == qc.stage_config(cfg, "meta-train").suite
     with pytest.raises(UsageError, match="use --suite ML10 for the test split"):
         qc.QuickstartCommand(config=str(CONFIGS / "ml10-cpu.json"), suite="ML10-holdout").config_for()
-    with pytest.raises(UsageError, match="not an environment of suite ML1:push-v3"):  # reach's correction
-        qc.QuickstartCommand(size="tiny", suite="ML1:push-v3").config_for()
+
+
+def test_suite_ml1_takes_the_measured_expert_settings():
+    """--suite ML1:<env> takes the environment's episode length and goal offset from results/expert-ml1."""
+    for size in ("tiny", "default"):
+        cfg = qc.QuickstartCommand(size=size, suite="ML1:pick-place-v3").config_for()  # refused before issue 36
+        assert cfg.episode_length == QUICKSTART_ML1["pick-place-v3"].episode_length > 50
+        assert cfg.expert_goal_offsets == ()
+        for stage in ("generate", "meta-train", "evaluate", "probe"):
+            assert qc.stage_config(cfg, stage).episode_length == cfg.episode_length
+    reach, default = qc.QuickstartCommand(suite="ML1:reach-v3").config_for(), qc.QuickstartCommand().config_for()
+    assert (reach.episode_length, reach.expert_goal_offsets, reach.budget) == \
+        (default.episode_length, default.expert_goal_offsets, default.budget) == (50, ("reach-v3=0,0,0.045",), default.budget)
+    with pytest.raises(UsageError, match="unknown Meta-World environment 'pick-place-v2'; valid: .*pick-place-v3"):
+        qc.QuickstartCommand(size="tiny", suite="ML1:pick-place-v2").config_for()
+    below = next(e for e, p in QUICKSTART_ML1.items() if p.success < 0.9)
+    with pytest.raises(UsageError, match=f"cannot study ML1:{below}: .* {QUICKSTART_ML1[below].success:.2f} "):
+        qc.QuickstartCommand(size="tiny", suite=f"ML1:{below}").config_for()
 
 
 @pytest.mark.slow

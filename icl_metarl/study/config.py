@@ -26,6 +26,7 @@ from icl_metarl.harness.suites import (
 )
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_generate
 from icl_metarl.probes.config import ProbeConfig
+from icl_metarl.study.ml1_presets import quickstart_preset
 
 STAGES = ("generate", "pretrain", "meta-train", "evaluate", "probe", "report")
 SIZES = ("tiny", "default")
@@ -106,7 +107,8 @@ class QuickstartConfig:
     """steps per episode in every stage (histories, model context, MAML, evaluation, probes); 50 in the
     quickstart: the expert told the goal still succeeds on every task (first success near step 36), but an
     agent that does not know the goal has little time to search for it inside an episode, so what its
-    earlier episodes tell it matters (issue 20)"""
+    earlier episodes tell it matters (issue 20); ``--suite ML1:<env>`` takes that environment's measured length
+    (ml1_presets, results/expert-ml1)"""
     action_repeat: int = 1
     """decision interval k of every stage (histories, relabelling, meta-training, evaluation, baselines included,
     probes): agents act every k-th simulator step, the action held in between; episode_length stays in simulator steps"""
@@ -319,7 +321,8 @@ class QuickstartCommand:
     configuration's, 0); recorded in quickstart_config.json"""
     suite: str | None = None
     """another suite than the configuration's, e.g. ML10-holdout to choose a recipe on held-out
-    environments (default: the configuration's)"""
+    environments; ML1:<env> (any of the 50) also takes that environment's episode length and expert goal
+    offset from its measured expert (results/expert-ml1) (default: the configuration's)"""
     split: str | None = None
     """split the evaluate and probe stages play: validation while choosing, test once per final recipe
     (default: the configuration's)"""
@@ -335,6 +338,12 @@ class QuickstartCommand:
             cfg.seed = self.seed
         if self.suite is not None:
             cfg.suite = self.suite
+            measured = quickstart_preset(self.suite)
+            if measured is not None:  # an ML1 environment: the episode length and goal its expert needs
+                if measured.episode_length != cfg.episode_length:
+                    cfg.budget += f" (at {cfg.episode_length} steps per episode; {measured.episode_length} here)"
+                cfg.episode_length = measured.episode_length
+                cfg.expert_goal_offsets = measured.expert_goal_offsets
         if self.split is not None:
             cfg.split = self.split
         return check_config(cfg)
