@@ -25,11 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from tqdm import tqdm
 
+from gradient_meta.checkpoint import save_checkpoint
 from gradient_meta.config import ALGOS, MODEL_TYPE, MetaRLConfig
 from gradient_meta.functional import local_tasks
 from gradient_meta.maml import MAML, MAMLConfig
@@ -47,12 +45,15 @@ from gradient_meta.rl import (
     to_batch,
 )
 from icl_metarl.harness.budget import Budget, write_budget
+from icl_metarl.harness.checkpoint import load_optimizer, load_tensors, optimizer_tensors, save_tensors
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import as_json, atomic_write_bytes, atomic_write_json, atomic_write_text, versions
+from icl_metarl.harness.files import as_json, atomic_write_text, read_log, trim_log
 from icl_metarl.harness.settings import add_arguments, from_args
 from icl_metarl.harness.suites import TaskSpec, get_suite, parse_goal_offsets, parse_task_pool, sample_new_tasks
 
-STATE, WEIGHTS, CONFIG, LOG = "state.safetensors", "model.safetensors", "config.json", "log.jsonl"
+STATE, LOG = "state.safetensors", "log.jsonl"
+#: the optimizer's tensors in a state file: optim.<param index>.<name>
+OPTIM = "optim."
 #: every checkpoint's policy also stays in SNAPSHOTS/iteration-NNNNNN (a loadable checkpoint with its budget)
 SNAPSHOTS = "snapshots"
 #: fault injection for the resume test: SIGKILL this process right after logging this iteration
@@ -123,39 +124,20 @@ def build_learner(cfg: MetaRLConfig, params, accelerator=None):
 
 
 # ----------------------------------------------------------------------------------- state files
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state dict split into tensors (for safetensors) and JSON (the rest)."""
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for idx, st in sd["state"].items():
-        meta["state"][str(idx)] = []
-        for name, v in st.items():
-            tensors[f"optim.{idx}.{name}"] = v.detach().clone().contiguous()
-            meta["state"][str(idx)].append(name)
-    return tensors, meta
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state = {int(idx): {name: tensors[f"optim.{idx}.{name}"] for name in names}
-             for idx, names in meta["state"].items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_state(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, generator: torch.Generator,
                iteration: int, env_steps: int, rank: int = 0, budget: Budget | None = None,
                num_processes: int = 1) -> None:
     """Everything a resume needs in ONE file, written atomically: a kill leaves the old or the new state."""
-    tensors = {f"params.{k}": v.detach().clone() for k, v in learner.params.items()}
-    for k, v in (learner.step_sizes or {}).items():
-        tensors[f"step_size.{k}"] = v.detach().clone()
+    tensors = {f"params.{k}": v for k, v in learner.params.items()}
+    tensors.update({f"step_size.{k}": v for k, v in (learner.step_sizes or {}).items()})
     tensors.update({f"obs_norm.{k}": v for k, v in norm.state().items()})
     tensors["rng"] = generator.get_state()
-    opt_tensors, opt_meta = _optimizer_tensors(learner.optimizer)
+    opt_tensors, opt_meta = optimizer_tensors(learner.optimizer, OPTIM)
     tensors.update(opt_tensors)
     meta = {"iteration": str(iteration), "env_steps": str(env_steps), "config": json.dumps(asdict(cfg)),
             "optimizer": json.dumps(opt_meta), "num_processes": str(num_processes),
             **({"budget": json.dumps(budget.to_json())} if budget else {})}
-    atomic_write_bytes(state_path(out, rank), st_save(tensors, meta))
+    save_tensors(state_path(out, rank), tensors, meta)
 
 
 def state_path(out: Path, rank: int) -> Path:
@@ -196,14 +178,9 @@ def check_resume(out: Path, ranks: list[tuple[int, int] | None], num_processes: 
     return iterations.pop()
 
 
-def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        tensors = st_load(path.read_bytes())
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-    except Exception as e:  # safetensors raises its own error types
-        raise UsageError(f"training state {str(path)!r} cannot be read: {e}") from None
-    return tensors, meta
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state file's tensors and metadata (``save_state``'s strings); a damaged one is a one-line UsageError."""
+    return load_tensors(path, "training state")
 
 
 def _gather_ranks(held: tuple[int, int] | None, accelerator=None) -> list[tuple[int, int] | None]:
@@ -216,25 +193,9 @@ def _gather_ranks(held: tuple[int, int] | None, accelerator=None) -> list[tuple[
 
 def save_policy(out: Path, cfg: MetaRLConfig, learner, norm: ObsNorm, iteration: int) -> None:
     """The checkpoint an agent loads: weights, step sizes and observation statistics, plus config.json."""
-    tensors = {f"params.{k}": v.detach().clone().contiguous() for k, v in learner.params.items()}
-    for k, v in (learner.step_sizes or {}).items():
-        tensors[f"step_size.{k}"] = v.detach().clone().contiguous()
-    tensors.update({f"obs_norm.{k}": v for k, v in norm.state().items()})
-    atomic_write_bytes(out / WEIGHTS, st_save(tensors))
-    atomic_write_json(out / CONFIG, {"model_type": MODEL_TYPE, "iteration": iteration, "config": asdict(cfg),
-                                     "learned_step_sizes": learner.step_sizes is not None, "versions": versions()})
-
-
-def _read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill ends the log
-    return out
+    save_checkpoint(out, learner.params, learner.step_sizes, {"model_type": MODEL_TYPE, "iteration": iteration,
+                                                              "config": asdict(cfg)},
+                    extra={f"obs_norm.{k}": v for k, v in norm.state().items()})
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -278,7 +239,7 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
                 p.copy_(tensors[f"params.{k}"])
             for k, p in (learner.step_sizes or {}).items():
                 p.copy_(tensors[f"step_size.{k}"])
-        _load_optimizer(learner.optimizer, tensors, json.loads(meta["optimizer"]))
+        load_optimizer(learner.optimizer, tensors, json.loads(meta["optimizer"])["param_groups"], OPTIM)
         norm = ObsNorm.from_state({k: tensors[f"obs_norm.{k}"] for k in ("mean", "var", "count")})
         generator.set_state(tensors["rng"])
         start, env_steps = int(meta["iteration"]), int(meta["env_steps"])
@@ -289,9 +250,9 @@ def meta_train(cfg: MetaRLConfig, out: str | Path, accelerator=None, progress: b
             warnings.warn(f"{state_file} predates budget accounting: its optimizer steps are unknown, so this "
                           f"run writes no budget.json", stacklevel=2)
         # Iterations logged after the checkpoint are redone, so their lines are dropped.
-        log = [r for r in _read_log(out / LOG) if r["iteration"] <= start]
+        log = [r for r in read_log(out / LOG) if r["iteration"] <= start]
         if rank == 0:
-            atomic_write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in log))
+            trim_log(out / LOG, start, key="iteration")
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / LOG, "")

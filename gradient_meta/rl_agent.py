@@ -15,9 +15,9 @@ from pathlib import Path
 import einops
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from torch.func import vmap
 
+from gradient_meta.checkpoint import load_checkpoint
 from gradient_meta.config import MODEL_TYPE
 from gradient_meta.functional import adapt
 from gradient_meta.policy import Params, log_prob, policy_mean
@@ -146,21 +146,11 @@ def load_agent(path: str | Path, adaptive: bool = True, **overrides) -> Gradient
     ``overrides`` replace RLAgentConfig fields (e.g. ``deterministic=True``, ``max_adaptations=3``).
     """
     path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise UsageError(f"checkpoint {str(path)!r} has no {name}; expected a directory written by "
-                             f"`icl-metarl train maml` (or another gradient learner)")
-    try:
-        config = json.loads((path / "config.json").read_text())
-        tensors = st_load((path / "model.safetensors").read_bytes())
-    except Exception as e:  # JSON or safetensors errors: the file is not ours or is damaged
-        raise UsageError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    params, steps, config, tensors = load_checkpoint(path, "`icl-metarl train maml` (or another gradient learner)")
     if config.get("model_type") != MODEL_TYPE:
         raise UsageError(f"checkpoint {str(path)!r} has model_type {config.get('model_type')!r}; "
                          f"valid: {MODEL_TYPE!r}")
     run = config["config"]
-    params = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
-    steps = {k[len("step_size."):]: v for k, v in tensors.items() if k.startswith("step_size.")} or None
     norm = ObsNorm.from_state({k: tensors[f"obs_norm.{k}"] for k in ("mean", "var", "count")})
     settings = dict(adapt_every=run["adapt_episodes"], max_adaptations=1, inner_steps=run["inner_steps"],
                     inner_lr=run["inner_lr"], gamma=run["gamma"], gae_lambda=run["gae_lambda"])

@@ -25,6 +25,7 @@ from gradient_meta.functional import Params, StepSize, adapt_tasks, all_reduce_m
 from gradient_meta.maml import MAML, MAMLConfig
 from gradient_meta.meta_sgd import MetaSGD, init_step_sizes
 from gradient_meta.reptile import Reptile, ReptileConfig
+from icl_metarl.harness.checkpoint import write_on_main
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_json, read_json
 from icl_metarl.harness.regression_tasks import MAML_SINE, Family, get_family
@@ -177,8 +178,8 @@ def train_command(config: SinusoidConfig, out, eval_tasks: int = 1000) -> None:
     accelerator = Accelerator(cpu=True)
     main = accelerator.is_main_process
     model, learner, seconds = train(config, accelerator, log=print if main else (lambda m: None))
+    write_on_main(accelerator, lambda: save(out, config, learner, seconds))
     if main:
-        save(out, config, learner, seconds)
         res = evaluate(model, learner.params, learned_step_size(config, learner), config.shots,
                        config.inner_steps, eval_tasks, family=get_family(config.family))
         print(f"{config.algo} K={config.shots}: {config.iterations} iterations in {seconds:.0f}s on "
@@ -188,7 +189,7 @@ def train_command(config: SinusoidConfig, out, eval_tasks: int = 1000) -> None:
 
 def evaluate_command(checkpoint, options) -> None:
     """``icl-metarl fewshot sinusoid evaluate``: post-adaptation MSE of a checkpoint over new test tasks."""
-    params, step_sizes, saved = load_checkpoint(checkpoint)
+    params, step_sizes, saved, _ = load_checkpoint(checkpoint)
     if saved.get("kind") != "sinusoid":
         raise UsageError(f"checkpoint {checkpoint!r} is a {saved.get('kind')!r} checkpoint, not 'sinusoid'")
     config = SinusoidConfig(**saved["config"])

@@ -51,3 +51,10 @@ def test_no_log_is_no_records(tmp_path):
     assert read_log(tmp_path / "none.jsonl") == []
     trim_log(tmp_path / "none.jsonl", 3)
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_trim_log_by_another_field(tmp_path):
+    """Meta-RL logs count iterations, not steps."""
+    log = _log(tmp_path / "log.jsonl", [{"iteration": i} for i in (1, 2, 3)], cut=4)
+    trim_log(log, 1, key="iteration")
+    assert read_log(log) == [{"iteration": 1}]

@@ -55,8 +55,8 @@ def test_checkpoint_round_trip_keeps_step_sizes(tmp_path):
     params = {"net.0.weight": torch.randn(4, 1), "net.0.bias": torch.randn(4)}
     steps = init_step_sizes(params, generator=torch.Generator().manual_seed(0))
     save_checkpoint(tmp_path / "ck", params, steps, {"kind": "test", "config": {"x": 1}})
-    p2, s2, cfg = load_checkpoint(tmp_path / "ck")
-    assert cfg["kind"] == "test" and cfg["learned_step_sizes"] is True
+    p2, s2, cfg, rest = load_checkpoint(tmp_path / "ck")
+    assert cfg["kind"] == "test" and cfg["learned_step_sizes"] is True and rest == {}
     for k in params:
         assert torch.equal(p2[k], params[k]) and torch.equal(s2[k], steps[k])
     save_checkpoint(tmp_path / "ck2", params, None, {"kind": "test"})

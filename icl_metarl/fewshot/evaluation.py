@@ -173,7 +173,7 @@ def reference_predictors(family: Family) -> list[Predictor]:
 
 def load_gradient(path: Path) -> tuple[SinusoidConfig, nn.Module, Params, StepSize]:
     """A ``gradient_meta.sinusoid`` checkpoint: its settings, network, initialisation and step sizes."""
-    params, step_sizes, saved = load_checkpoint(path)
+    params, step_sizes, saved, _ = load_checkpoint(path)
     if saved.get("kind") != "sinusoid":
         raise UsageError(f"{path} is a {saved.get('kind')!r} checkpoint, not a few-shot regression one")
     config = SinusoidConfig(**saved["config"])

@@ -11,32 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 
 from gradient_meta import sinusoid
 from gradient_meta.config import SinusoidConfig
 from icl_metarl.fewshot.config import RUN_FILE, FewShotTrainConfig
 from icl_metarl.fewshot.model import ICLRegressor, ICLRegressorConfig
+from icl_metarl.harness import checkpoint
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import (
-    as_json,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_json,
-    trim_log,
-    versions,
-)
+from icl_metarl.harness.files import as_json, atomic_write_json, read_json, trim_log, versions
 from icl_metarl.harness.regression_tasks import Family, get_family
 
 STATE_NAME = "trainer_state.json"
 KEEP_CHECKPOINTS = 2
+#: the optimizer's tensors in optimizer.safetensors: state.<param index>.<name>
+OPTIM = "state."
 #: settings that may differ between the command that started a run and the one that finishes it
 _MAY_DIFFER = ("learners", "resume", "threads")
 
@@ -44,46 +37,29 @@ _MAY_DIFFER = ("learners", "resume", "threads")
 # ----------------------------------------------------------------------------------- checkpoints
 def complete_checkpoints(run: Path) -> list[Path]:
     """Fully written checkpoints of the regressor, oldest first (a temporary one never counts)."""
-    root = run / "checkpoints"
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_NAME).is_file()] \
-        if root.is_dir() else []
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _flat_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    state = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().clone() for i, s in state["state"].items() for k, v in s.items()}
-    return tensors, state["param_groups"]
+    return checkpoint.complete_checkpoints(run / "checkpoints", STATE_NAME)
 
 
 def save_state(run: Path, step: int, model: ICLRegressor, optimizer, generator: torch.Generator,
                cpu_seconds: float) -> None:
     """Weights, optimizer moments and the task generator after ``step`` steps, in one atomic directory."""
-    root = run / "checkpoints"
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    opt_tensors, groups = _flat_optimizer(optimizer)
-    atomic_write_bytes(tmp / "model.safetensors", save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
-    atomic_write_bytes(tmp / "optimizer.safetensors", save({**opt_tensors, "generator": generator.get_state()}))
-    atomic_write_json(tmp / STATE_NAME, {"step": step, "param_groups": groups, "cpu_seconds": cpu_seconds})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in complete_checkpoints(run)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer, OPTIM)
+    with checkpoint.atomic_directory(checkpoint.step_dir(run / "checkpoints", step)) as tmp:
+        checkpoint.save_tensors(tmp / "model.safetensors", model.state_dict())
+        checkpoint.save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, "generator": generator.get_state()})
+        atomic_write_json(tmp / STATE_NAME, {"step": step, "param_groups": opt_meta["param_groups"],
+                                             "cpu_seconds": cpu_seconds})
+    checkpoint.keep_last(run / "checkpoints", STATE_NAME, KEEP_CHECKPOINTS)
 
 
-def load_state(checkpoint: Path, model: ICLRegressor, optimizer, generator: torch.Generator) -> dict:
+def load_state(path: Path, model: ICLRegressor, optimizer, generator: torch.Generator) -> dict:
     """Restore what ``save_state`` wrote; returns its trainer_state.json."""
-    state = read_json(checkpoint / STATE_NAME)
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
-    generator.set_state(tensors.pop("generator"))
-    per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    state = checkpoint.load_json(path / STATE_NAME, "regressor checkpoint")
+    weights, _ = checkpoint.load_tensors(path / "model.safetensors", "regressor checkpoint")
+    model.load_state_dict(weights)
+    tensors, _ = checkpoint.load_tensors(path / "optimizer.safetensors", "regressor checkpoint")
+    generator.set_state(tensors["generator"])
+    checkpoint.load_optimizer(optimizer, tensors, state["param_groups"], OPTIM)
     return state
 
 

@@ -70,13 +70,13 @@ def read_log(path: str | Path) -> list[dict]:
     return [record for _, record in _log_lines(Path(path))]
 
 
-def trim_log(path: str | Path, step: int) -> None:
-    """Keep the records of a JSON-lines log up to ``step`` (their ``"step"`` field), each line as it was: a
+def trim_log(path: str | Path, step: int, key: str = "step") -> None:
+    """Keep the records of a JSON-lines log up to ``step`` (their ``key`` field), each line as it was: a
     run resuming from the checkpoint of ``step`` drops what it logged after it, and a last line a kill cut
     short. No file: nothing to do."""
     path = Path(path)
     if path.exists():
-        kept = [line for line, record in _log_lines(path) if record["step"] <= step]
+        kept = [line for line, record in _log_lines(path) if record[key] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

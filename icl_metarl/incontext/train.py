@@ -5,7 +5,8 @@
 
 The loop reads top to bottom: batch, loss, backward, step, log, checkpoint. Every process takes its
 own share of each global batch (disjoint windows), so N processes with batch b equal one with N*b.
-Checkpoints are accelerate ``save_state`` directories written under a temporary name and renamed.
+Checkpoints are accelerate ``save_state`` directories (its optimizer, scheduler and RNG states) written
+under a temporary name and renamed by ``icl_metarl.harness.checkpoint``.
 Not for: data generation (histories.py) or evaluation (evaluation.py).
 """
 
@@ -15,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
+from icl_metarl.harness import checkpoint
 from icl_metarl.harness.budget import Budget, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, trim_log, versions
@@ -55,41 +56,36 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # ----------------------------------------------------------------------------------- checkpoints
 def complete_checkpoints(run: Path) -> list[Path]:
     """Checkpoint directories that were fully written, oldest first (a temporary one never counts)."""
-    root = run / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_NAME).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return checkpoint.complete_checkpoints(run / "checkpoints", STATE_NAME)
 
 
 def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget | None = None,
                     model_config: ICLPolicyConfig | None = None, agent_budget: Budget | None = None) -> None:
-    """accelerate ``save_state`` into a temporary directory, then one rename makes it complete; the
-    run's ``budget`` so far rides in its trainer_state.json, so a resume restores it.
+    """accelerate ``save_state`` (every process's part) into a temporary directory, then the main process
+    alone makes it complete with one rename; the run's ``budget`` so far rides in its trainer_state.json,
+    so a resume restores it.
 
     With ``model_config`` the directory is also an agent checkpoint (its config.json beside accelerate's
     model.safetensors, and ``agent_budget``, the data's cost plus training so far, as budget.json), so
     ``icl-metarl evaluate RUN/checkpoints/step-N`` plays the step: choosing the step on validation.
     """
     root = run / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    final = checkpoint.step_dir(root, step)
+    tmp = checkpoint.temporary_sibling(final)
+    checkpoint.write_on_main(accelerator, lambda: checkpoint.fresh_directory(tmp))
     accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
+
+    def publish():
         atomic_write_json(tmp / STATE_NAME, {"step": step, **({"budget": budget.to_json()} if budget else {})})
         if model_config is not None:
             model_config.architectures = [ICLPolicy.__name__]
             atomic_write_text(tmp / "config.json", model_config.to_json_string(use_diff=False))
         if agent_budget is not None:
             write_budget(tmp, agent_budget)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        checkpoint.publish(tmp, final)
+        checkpoint.keep_last(root, STATE_NAME, keep)
+
+    checkpoint.write_on_main(accelerator, publish)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -237,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
     start, spent = 0, Budget(seeds={"train": [cfg.seed], "data": []})  # optimizer steps, CPU and wall time
     if checkpoints:
         accelerator.load_state(str(checkpoints[-1]))
-        state = json.loads((checkpoints[-1] / STATE_NAME).read_text())
+        state = checkpoint.load_json(checkpoints[-1] / STATE_NAME, "training checkpoint")
         start = state["step"]
         if "budget" in state:
             spent = Budget.from_json(state["budget"])
