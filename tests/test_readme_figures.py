@@ -1,0 +1,150 @@
+"""README.md, "Results so far": every figure quoted as recomputable equals its recomputation from the committed
+results directory, with the code behind ``icl-metarl compare`` (evaluations) and ``icl-metarl suites --check``
+(the expert at decision intervals).
+
+The convention: a recomputable figure is written ``0.20 [0.05, 0.40]<!-- figure: results/DIR key=value ... -->``
+(the interval is optional, the figure may be bold), in a table row that names ``results/DIR`` visibly too.
+Keys: ``agent=LABEL episode=N`` (success in that episode; ``variant=non-adaptive`` for the agent's
+non-adaptive variant, ``minus=non-adaptive`` for the paired difference to it) on an evaluation's
+results.json; ``k=K split=SPLIT env=ENV`` (the expert's success) on a ``suites --check`` directory.
+Earlier figures whose files were not kept carry no comment and sit in a separate table.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icl_metarl.harness.comparison import find_agent, load_evaluations, non_adaptive_variant, success
+from icl_metarl.harness.statistics import difference_interval, mean_interval
+from icl_metarl.study.expert_check import by_env, kept_up_to, steps_to_success
+from icl_metarl.harness.evaluation import load_results
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"[+-]?\d+\.\d+"
+FIGURE = re.compile(rf"(?P<quoted>{NUMBER}(?: \[{NUMBER}, {NUMBER}\])?)\**\s*<!-- figure: (?P<spec>[^>]*?) -->")
+
+
+def results_section(readme: str) -> str:
+    """The text of the README's "## Results so far" section, up to the next "## " heading."""
+    match = re.search(r"^## Results so far\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert match, "README.md has no '## Results so far' section followed by another section"
+    return match.group(1)
+
+
+def quoted_figures(section: str) -> list[tuple[str, str, str]]:
+    """(quoted figure, spec, its table row) for every figure comment of the section."""
+    return [(m["quoted"], m["spec"], line) for line in section.splitlines() for m in FIGURE.finditer(line)]
+
+
+def _fmt(values, sign: bool) -> str:
+    f = "{:+.2f}" if sign else "{:.2f}"
+    return f.format(values[0]) if len(values) == 1 else f"{f.format(values[0])} [{f.format(values[1])}, {f.format(values[2])}]"
+
+
+def recompute(spec: str, with_interval: bool, root: Path = ROOT) -> str:
+    """The figure ``spec`` names, recomputed from its committed files and written as the README writes it."""
+    directory, *pairs = spec.split()
+    keys = dict(p.split("=", 1) for p in pairs)
+    path = root / directory
+    if not path.is_dir():
+        raise FileNotFoundError(f"{directory} is not a committed results directory")
+    if "k" in keys:  # the expert at decision interval k, as `icl-metarl suites --check` tabulates it
+        records = by_env(load_results(path / f"k{keys['k']}" / keys["split"]), "oracle")[keys["env"]]
+        return f"{np.mean([r['success'] for r in records]):.2f}"
+    loaded = load_evaluations([str(path)])
+    run = find_agent(loaded, keys["agent"])
+    episode = int(keys["episode"])
+    if keys.get("variant") == "non-adaptive":
+        run = non_adaptive_variant(loaded, run)
+    if keys.get("minus") == "non-adaptive":
+        ci = difference_interval(success(loaded, [run], episode), success(loaded, [non_adaptive_variant(loaded, run)],
+                                                                              episode))
+        sign = True
+    else:
+        ci, sign = mean_interval(success(loaded, [run], episode)), False
+    return _fmt(ci if with_interval else ci[:1], sign)
+
+
+def mismatches(section: str, root: Path = ROOT) -> list[str]:
+    """Every way the section's recomputable figures fail: a quoted figure that differs from its
+    recomputation, a results directory that is missing or not named in the row, an uncommented figure
+    in the figure column of a row that has comments."""
+    problems = []
+    for quoted, spec, row in quoted_figures(section):
+        directory = spec.split()[0]
+        if directory not in FIGURE.sub("", row):
+            problems.append(f"{spec}: its row does not name {directory} outside the comment")
+        try:
+            again = recompute(spec, "[" in quoted, root)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+            continue
+        if again != quoted:
+            problems.append(f"{spec}: README quotes {quoted}, the committed files give {again}")
+    for row in section.splitlines():
+        if row.startswith("|") and "<!-- figure:" in row:
+            figure_cell = row.split("|")[2]
+            if re.search(NUMBER, FIGURE.sub("", figure_cell)):
+                problems.append(f"a figure without its comment in a recomputable row: {figure_cell.strip()}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def section() -> str:
+    return results_section((ROOT / "README.md").read_text())
+
+
+def test_every_recomputable_readme_figure_equals_its_recomputation(section):
+    figures = quoted_figures(section)
+    directories = {spec.split()[0] for _, spec, _ in figures}
+    assert directories == {"results/ml10-cpu-s0-validation-pilot", "results/expert-ml10-k"}
+    assert len(figures) >= 8
+    assert mismatches(section) == []
+
+
+def test_one_changed_digit_is_a_mismatch(section):
+    quoted, spec, row = next(f for f in quoted_figures(section) if "[" in f[0])
+    changed_figure = quoted.replace(quoted[-2], str((int(quoted[-2]) + 1) % 10), 1)
+    changed = section.replace(row, row.replace(quoted, changed_figure, 1), 1)
+    assert changed != section
+    found = mismatches(changed)
+    assert len(found) == 1 and f"README quotes {changed_figure}" in found[0]
+
+
+def test_a_missing_results_directory_is_a_mismatch(section, tmp_path):
+    (tmp_path / "results").mkdir()  # a checkout where no results directory was committed
+    found = mismatches(section, root=tmp_path)
+    assert found and all("not a committed results directory" in p for p in found)
+    assert len(found) == len(quoted_figures(section))
+
+
+def test_an_uncommented_figure_in_a_recomputable_row_is_a_mismatch(section):
+    quoted, spec, row = quoted_figures(section)[0]
+    cells = row.split("|")
+    cells[2] += " 0.99 "
+    assert any("without its comment" in p for p in mismatches(section.replace(row, "|".join(cells), 1)))
+
+
+def test_the_committed_expert_table_equals_its_evaluations():
+    """results/expert-ml10-k/table.md is what `icl-metarl suites ML10 --check 10 --split train test
+    --action-repeats 1 2 3 4 5 --no-random` prints from the committed evaluations under k1..k5."""
+    root, ks, splits, keep, threshold = ROOT / "results/expert-ml10-k", (1, 2, 3, 4, 5), ("train", "test"), 0.95, 0.9
+    rows, below, at = [], [], {}
+    for k in ks:
+        for split in splits:
+            for env, recs in by_env(load_results(root / f"k{k}" / split), "oracle").items():
+                s = float(np.mean([r["success"] for r in recs]))
+                rows.append(f"| {k} | {split} | {env} | {len(recs)} | {s:.2f} | {steps_to_success(recs)} |")
+                at.setdefault((split, env), {})[k] = s
+                if s < threshold:
+                    below.append(f"{env} ({split}, k={k}: {s:.2f})")
+    relative = [f"| {split} | {env} | {' | '.join(f'{by_k[k]:.2f}' for k in ks)} | k={kept_up_to(by_k, ks, keep)} |"
+                for (split, env), by_k in sorted(at.items())]
+    worst = min(kept_up_to(by_k, ks, keep) for by_k in at.values())
+    table = (root / "table.md").read_text().splitlines()
+    assert [line for line in table if re.match(r"\| \d \|", line)] == rows
+    assert f"below {threshold}: {', '.join(below)}" in table
+    assert [line for line in table if re.match(r"\| (train|test) \|", line)] == relative
+    assert table[-1] == f"every environment keeps >= {keep} of its k=1 success up to k={worst}"
