@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from icl_metarl.harness.comparison import find_agent, load_evaluations, non_adaptive_variant, success
+from icl_metarl.harness.evaluation import load_results
 from icl_metarl.harness.statistics import difference_interval, mean_interval
 from icl_metarl.study.expert_check import by_env, kept_up_to, steps_to_success
-from icl_metarl.harness.evaluation import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[+-]?\d+\.\d+"
