@@ -347,10 +347,9 @@ class ICLPolicy(PreTrainedModel):
         """Write ``config.json`` and ``model.safetensors`` into ``save_directory``, each atomically."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.config.architectures = [type(self).__name__]
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-        atomic_write_text(path / CONFIG_NAME, self.config.to_json_string(use_diff=False))
+        write_policy_config(self.config, path)
 
     @classmethod
     def from_pretrained(cls, path, attn_implementation: str | None = None, device=None, dtype=None, **_):
@@ -406,3 +405,10 @@ def _check_state_matches(expected: dict, found: dict, weights: Path, config: Pat
 
 AutoConfig.register(ICLPolicyConfig.model_type, ICLPolicyConfig, exist_ok=True)
 AutoModel.register(ICLPolicyConfig, ICLPolicy, exist_ok=True)
+
+
+def write_policy_config(config: ICLPolicyConfig, directory: str | Path) -> None:
+    """``directory/config.json`` of an ICLPolicy checkpoint, atomically (``save_pretrained``'s, and each
+    training checkpoint step's beside accelerate's weights)."""
+    config.architectures = [ICLPolicy.__name__]
+    atomic_write_text(Path(directory) / CONFIG_NAME, config.to_json_string(use_diff=False))

@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 from icl_metarl.harness import checkpoint
 from icl_metarl.harness.budget import Budget, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, atomic_write_text, trim_log, versions
+from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import check_playable, decisions_per_episode, get_suite
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig, TrainConfig, check_train
 from icl_metarl.incontext.histories import generate
 from icl_metarl.incontext.loss import window_loss
-from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig, write_policy_config
 from icl_metarl.incontext.shards import load_histories
 from icl_metarl.incontext.windows import WindowDataset, WindowSampler, collate
 
@@ -78,8 +78,7 @@ def save_checkpoint(accelerator, run: Path, step: int, keep: int, budget: Budget
     def publish():
         atomic_write_json(tmp / STATE_NAME, {"step": step, **({"budget": budget.to_json()} if budget else {})})
         if model_config is not None:
-            model_config.architectures = [ICLPolicy.__name__]
-            atomic_write_text(tmp / "config.json", model_config.to_json_string(use_diff=False))
+            write_policy_config(model_config, tmp)
         if agent_budget is not None:
             write_budget(tmp, agent_budget)
         checkpoint.publish(tmp, final)
@@ -199,6 +198,7 @@ def train(cfg: TrainConfig) -> dict:
 
     stream = WindowStream(cfg.data, episodes_per_window=cfg.episodes_per_window, seed=cfg.seed,
                           from_trial_start=cfg.context_stride > 0)
+    data_cost = data_budget([h.manifest for h in stream.dataset.sources], cfg.target)  # every checkpoint's share
     set_seed(cfg.seed)
     model_config = ICLPolicyConfig(
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, action_head=cfg.action_head,
@@ -317,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
             so_far = _spent(accelerator, spent, cpu0, wall0)
             save_checkpoint(accelerator, run, done, cfg.keep_checkpoints, so_far, accelerator.unwrap_model(model).config,
-                            data_budget([h.manifest for h in stream.dataset.sources], cfg.target).add(so_far))
+                            data_cost.add(so_far))
         if cfg.kill_after and done - start >= cfg.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         final.save_pretrained(run)
-        write_budget(run, data_budget([h.manifest for h in stream.dataset.sources], cfg.target).add(spent))
+        write_budget(run, data_cost.add(spent))
         atomic_write_json(run / "training.json", {
             "data": [str(Path(d).resolve()) for d in cfg.data],
             "task_pools": stream.task_pools(),
