@@ -11,6 +11,7 @@ import torch
 
 from gradient_meta.meta_rl import KILL_ENV, MetaRLConfig, meta_train
 from icl_metarl.harness.budget import Budget, read_budget, run_budget
+from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import EvalConfig, evaluate, load_agents
 from icl_metarl.harness.report import compact, report_markdown
 from icl_metarl.incontext.histories import GenerateConfig, generate
@@ -191,3 +192,19 @@ def test_report_shows_each_checkpoints_budget_and_blanks_for_baselines(icl_run, 
         cells = rows[agent.label].split(" | ")[-4:]
         assert cells[:3] == [compact(b["env_steps"]), compact(b["expert_labels"]), compact(b["optimizer_steps"])]
     assert rows["random"].endswith("|  |  |  |  |")
+
+
+def test_relabelling_from_an_init_plays_it_first_and_counts_its_loop(data, icl_run, tmp_path):
+    """relabel_from_init: the --init-from policy plays round 1 as it is (no phase on the base data alone),
+    all the steps go to the phase after it, and the run's budget counts the init's training loop too."""
+    out = tmp_path / "from-init"
+    pretrain(_pretrain_cfg(data, out, init_from=str(icl_run), relabel_from_init=True))
+    assert not (out / "round-0" / "train" / "model.safetensors").exists()  # no training before round 1
+    assert read_budget(out / "round-1" / "train")["optimizer_steps"] == 8  # every step after the round
+    b, init = read_budget(out), read_budget(icl_run)
+    assert b["optimizer_steps"] == 8 + init["optimizer_steps"]
+    assert b["train_cpu_minutes"] > init["train_cpu_minutes"]
+    relabelled = json.loads((out / "round-1" / "relabelled" / "manifest.json").read_text())["settings"]
+    assert relabelled["policy"] == str(icl_run)  # the init itself played round 1
+    with pytest.raises(UsageError, match="relabel_from_init needs --init-from"):
+        pretrain(_pretrain_cfg(data, tmp_path / "x", relabel_from_init=True))

@@ -211,6 +211,9 @@ class TrainConfig:
     relabel_new_tasks: bool = False
     """relabelling rounds draw new tasks each round (the base data's seed + 1000 x round; pools of new
     tasks only, not 'benchmark'); off: every round replays the tasks of the base data's first trials"""
+    relabel_from_init: bool = False
+    """relabelling rounds: round 1 is played by the --init-from policy itself (no phase on the base data
+    alone first); the steps are cut into relabel_rounds phases, one after each round"""
     eval_every: int = 0
     """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
     monitor only: it never selects the checkpoint"""
@@ -254,6 +257,9 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
     if cfg.relabel_handover < 0 or (cfg.relabel_handover and not cfg.relabel_rounds):
         raise UsageError(f"relabel_handover={cfg.relabel_handover} needs relabel_rounds >= 1 and must be >= 0")
+    if cfg.relabel_from_init and not (cfg.init_from and cfg.relabel_rounds):
+        raise UsageError(f"relabel_from_init needs --init-from and relabel_rounds >= 1, got init_from={cfg.init_from!r} "
+                         f"and relabel_rounds={cfg.relabel_rounds}")
     if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:
         raise UsageError(f"steps={cfg.steps} cannot be cut into {cfg.relabel_rounds + 1} phases (relabel rounds + 1)")
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():

@@ -433,9 +433,19 @@ def pretrain(cfg: TrainConfig) -> dict:
             per_episode = np.sum([s["successful_trials_per_episode"] for s in manifest["shards"].values()], 0)
             rounds.append({"round": r, "data": str(relabelled),
                            "policy_success_per_episode": (per_episode / gen.trials).round(3).tolist()})
-        steps = cfg.steps // phases + (cfg.steps % phases if r == phases - 1 else 0)
+        if r == 0 and cfg.relabel_from_init:  # the --init-from policy plays round 1 as it is
+            init = Path(cfg.init_from)
+            # its training loop stands in as phase 0's, so the run's budget counts it (its data, the base
+            # data, is counted by the last phase)
+            own = run_budget(init)
+            if own is not None and int(os.environ.get("RANK", "0")) == 0:
+                write_budget(phase / "train", Budget.from_json(own).training_loop())
+            continue
+        trained = phases - cfg.relabel_from_init
+        steps = cfg.steps // trained + (cfg.steps % trained if r == phases - 1 else 0)
         phase_cfg = dataclasses.replace(cfg, data=data, out=str(phase / "train"), steps=steps,
-                                        relabel_rounds=0, relabel_handover=0, init_from=str(init) if init else "",
+                                        relabel_rounds=0, relabel_handover=0, relabel_from_init=False,
+                                        init_from=str(init) if init else "",
                                         resume=True, warmup_steps=min(cfg.warmup_steps, steps))
         if not (phase / "train" / "model.safetensors").is_file():
             record = train(phase_cfg)
