@@ -1,11 +1,5 @@
-import subprocess
-import sys
-
 import pytest
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "icl_metarl.study.cli", *args], capture_output=True, text=True)
+from conftest import run_cli
 
 
 def test_suites_lists_and_shows():

@@ -157,6 +157,7 @@ def test_too_many_tasks():
         EvalConfig(**{**TINY, "num_tasks": 51}).tasks()
 
 
+@pytest.mark.slow  # builds ML10 and ML45 task lists (~18 s)
 def test_tasks_per_env_takes_the_first_of_each_environment_in_split_order():
     all_tasks = EvalConfig(suite="ML10", split="test").tasks()
     picked = EvalConfig(suite="ML10", split="test", tasks_per_env=3).tasks()
@@ -261,7 +262,7 @@ def _killable(random_killed_at=None, exc=KeyboardInterrupt):
             EvalAgent("oracle", KilledAt(make_baseline("oracle")))]
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("exc", [pytest.param(KeyboardInterrupt, marks=pytest.mark.slow), SystemExit])
 def test_a_killed_evaluation_resumes_equal_to_an_uninterrupted_one(tmp_path, exc, capsys):
     whole = evaluate(_killable(), EvalConfig(**RESUME))
     with pytest.raises(exc):  # killed in random's 5th batch: seed 1, tasks 2-3

@@ -77,6 +77,7 @@ def test_every_batch_is_played_by_exactly_one_process(world):
     assert max(counts) - min(counts) <= 1  # 18 units dealt round-robin
 
 
+@pytest.mark.slow  # test_accelerate_launch_with_two_processes_equals_one is this file's default representative
 @pytest.mark.parametrize("world", [3])
 def test_processes_merge_into_the_one_process_results(tmp_path, world):
     one = evaluate(_agents(), EvalConfig(**TINY), tmp_path / "one")
@@ -112,6 +113,7 @@ def _run(out, world, killed=None):
     return results
 
 
+@pytest.mark.slow  # a multi-process representative of this file stays in the default suite
 @pytest.mark.parametrize("first, then", [
     ((3, (1, 2)), 2),  # three processes, the second killed in its 2nd batch of random's; resumed in two
     ((3, (2, 1)), 1),  # ... the third killed in its first; resumed in one process

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.suites import expert_actions, get_suite
@@ -172,6 +173,7 @@ def test_task_pools_never_hold_test_tasks():
         assert len(trial_tasks) == 20 and len(set(trial_tasks)) == min(distinct, 20)
 
 
+@pytest.mark.slow  # ML10 generation (~18 s)
 def test_trials_spread_over_environments_floor_ceil():
     """Any number of trials on ML10: per-environment trial counts differ by at most 1 (benchmark: 50 tasks
     per environment; fresh: one task per trial, round-robin; N new tasks, N a multiple of 10), every task
@@ -264,7 +266,7 @@ def test_damaged_directories_give_one_line_errors(tmp_path, reference):
 
 
 def test_cli_bad_pool_is_one_line_exit_2(tmp_path):
-    out = subprocess.run(cli_args(SMALL, tmp_path / "h", 1) + ["--task-pool", "many"], capture_output=True, text=True)
+    out = run_cli(*cli_args(SMALL, tmp_path / "h", 1)[3:], "--task-pool", "many")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "'many'" in out.stderr
 
 
@@ -451,6 +453,7 @@ def ml10_reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # a multi-process representative of this file stays in the default suite
 def test_two_processes_write_what_one_writes(tmp_path, ml10_reference):
     """Under accelerate launch each process plays its shards (index % 2) and process 0 merges their rank
     files: every shard file and the manifest (timings aside) equal a single process's."""
@@ -464,6 +467,7 @@ def test_two_processes_write_what_one_writes(tmp_path, ml10_reference):
     assert all(c["tasks"] == 50 and c["steps"] == c["trials"] * 2 * 10 for c in counts.values())
 
 
+@pytest.mark.slow  # a multi-process representative of this file stays in the default suite
 def test_killed_two_process_run_resumes_in_one_to_the_same_bytes(tmp_path, ml10_reference, capsys):
     """Killed after process 0's first shard, a 2-process ML10 run has listed its shards only in rank files;
     one process resumes it, keeping the shards whose checksums verify and replaying a damaged one."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from icl_metarl.harness import report, statistics
 from icl_metarl.harness.errors import UsageError
@@ -140,8 +141,7 @@ def test_shipped_configs_load():
 
 def test_cli_bad_config_exits_2(tmp_path):
     path = write(tmp_path, {"pretrain": {"steps": -1}, "size": "unknown"})
-    out = subprocess.run([sys.executable, "-m", "icl_metarl.study.cli", "quickstart", "--out", str(tmp_path / "o"),
-                          "--config", str(path)], capture_output=True, text=True)
+    out = run_cli("quickstart", "--out", tmp_path / "o", "--config", path)
     assert out.returncode == 2 and "'unknown'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

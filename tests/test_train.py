@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from icl_metarl.harness.errors import UsageError
@@ -68,6 +69,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_see_disjoint_win
         assert sorted(w0 + w1) == sorted(one[step]["windows"])
 
 
+@pytest.mark.slow  # a multi-process representative of this file stays in the default suite
 def test_resume_after_sigkill_equals_a_straight_run(data, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     r = _run(_train_cmd(data, straight, "--steps", "8", "--checkpoint-every", "4", "--dropout", "0.1"))
@@ -110,9 +112,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
 
 
 def test_bad_settings_are_one_line_errors(data, tmp_path):
-    r = _run(_train_cmd(data, tmp_path / "x", "--steps", "2", "--batch-size", "3", "--grad-accum", "2"))
+    r = run_cli(*_train_cmd(data, tmp_path / "x", "--steps", "2", "--batch-size", "3", "--grad-accum", "2")[3:])
     assert r.returncode == 2 and "batch size 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _run(_train_cmd(tmp_path / "missing", tmp_path / "x", "--steps", "2"))
+    r = run_cli(*_train_cmd(tmp_path / "missing", tmp_path / "x", "--steps", "2")[3:])
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(UsageError, match="target"):
         train(TrainConfig(data=[str(data)], target="reward"))
