@@ -181,3 +181,29 @@ def test_a_checkpoint_asked_another_context_form_is_refused(tmp_path):
     assert InContextAgent.from_pretrained(tmp_path, context_stride=3).model.config.context_stride == 3
     with pytest.raises(UsageError, match="--context-stride 0: .* compact context of stride 3"):
         InContextAgent.from_pretrained(tmp_path, context_stride=0)
+
+
+NORM = dict(obs_mean=[0.5, -1.0, 0.0, 2.0, 0.1], obs_std=[0.1, 2.0, 1.0, 0.05, 0.3])
+
+
+def test_normalised_observations_act_the_same_cached_recomputed_trained_and_reloaded(tmp_path):
+    model, raw = tiny(**NORM), tiny()  # same weights (seeded), one reads standardised observations
+    obs, rewards = trial()
+    cached = play(InContextAgent(model, use_cache=True), obs, rewards)
+    np.testing.assert_allclose(cached, play(InContextAgent(model, use_cache=False), obs, rewards), atol=1e-5)
+    np.testing.assert_allclose(cached, training_forward(model, obs, cached, rewards), atol=1e-5)
+    # the raw model given the standardised observations by hand acts the same: the statistics are applied
+    standard = (obs - np.float32(NORM["obs_mean"])) / np.float32(NORM["obs_std"])
+    np.testing.assert_allclose(cached, play(InContextAgent(raw), standard, rewards), atol=1e-5)
+    assert np.abs(cached - play(InContextAgent(raw), obs, rewards)).max() > 1e-3
+    model.save_pretrained(tmp_path)
+    back = ICLPolicy.from_pretrained(tmp_path)
+    assert back.config.obs_std == NORM["obs_std"]
+    np.testing.assert_array_equal(play(InContextAgent(back), obs, rewards), cached)
+
+
+@pytest.mark.parametrize("bad", [dict(obs_mean=[0.0] * 5), dict(obs_mean=[0.0] * 4, obs_std=[1.0] * 4),
+                                 dict(obs_mean=[0.0] * 5, obs_std=[1.0, 1.0, 0.0, 1.0, 1.0])])
+def test_bad_observation_statistics_are_one_line_errors(bad):
+    with pytest.raises(UsageError, match="obs_mean and obs_std"):
+        ICLPolicyConfig(obs_dim=5, **bad)

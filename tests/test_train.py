@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.histories import GenerateConfig, generate
+from icl_metarl.incontext.shards import load_histories
 from icl_metarl.incontext.train import TrainConfig, lr_factor, train
 
 TINY = ["--episodes-per-window", "2", "--d-model", "16", "--n-layer", "1", "--n-head", "2", "--batch-size", "4", "--log-every", "1", "--no-progress"]
@@ -179,3 +181,19 @@ def test_every_checkpoint_step_is_an_agent_the_evaluator_can_play(data, tmp_path
     early, final = read_budget(steps[0]), read_budget(tmp_path / "run")
     assert early["optimizer_steps"] == 2 and final["optimizer_steps"] == 4
     assert early["env_steps"] == final["env_steps"] > 0  # the data's cost is in both
+
+
+def test_normalize_obs_keeps_the_datas_statistics_and_an_init_keeps_its_own(data, tmp_path):
+    tiny = dict(steps=2, episodes_per_window=2, batch_size=2, d_model=16, n_layer=1, n_head=2, progress=False,
+                tensorboard=False)
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "n"), normalize_obs=True, **tiny))
+    cfg = json.loads((tmp_path / "n" / "config.json").read_text())
+    obs = np.concatenate([np.asarray(s["obs"]).reshape(-1, 39) for s in load_histories(data).shards])
+    # windows overlap episodes, so their statistics weigh steps a little differently from the raw arrays'
+    np.testing.assert_allclose(cfg["obs_mean"], obs.mean(0), atol=0.02)
+    np.testing.assert_allclose(cfg["obs_std"], np.maximum(obs.std(0, ddof=1), 0.01), atol=0.02, rtol=0.2)
+    assert cfg["obs_std"][-3:] == [0.01] * 3  # the hidden goal: constant, floored
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "i"), init_from=str(tmp_path / "n"), **tiny))
+    assert json.loads((tmp_path / "i" / "config.json").read_text())["obs_mean"] == cfg["obs_mean"]
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), **tiny))
+    assert json.loads((tmp_path / "r" / "config.json").read_text()).get("obs_mean") is None

@@ -195,6 +195,9 @@ class TrainConfig:
     first this many episodes of a trial it adds a constant random offset to its actions (0: none)"""
     explore_scale: float = 0.0
     """standard deviation of that offset per action dimension (actions lie in [-1, 1]), e.g. 0.5"""
+    normalize_obs: bool = False
+    """the policy reads observations standardised by the training data's per-dimension mean and standard
+    deviation (floored at 0.01; kept in config.json); with --init-from, the init's statistics are kept"""
     init_from: str = ""
     """initialise the weights from this in-context checkpoint directory (empty: random init)"""
     relabel_rounds: int = 0

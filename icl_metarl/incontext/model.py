@@ -115,6 +115,7 @@ class DecodePlan:
     max_episode_length: int
     reward_scale: float
     gaussian: bool
+    obs_norm: tuple[torch.Tensor, torch.Tensor] | None  # (mean, 1 / std), or None for raw observations
     token_w_t: torch.Tensor
     token_b: torch.Tensor
     step_emb: torch.Tensor
@@ -154,6 +155,19 @@ class ICLPolicy(PreTrainedModel):
         self.gradient_checkpointing = False
         self.set_attn_implementation(config.attn_implementation)
         self.post_init()
+
+    def _obs_norm(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, 1 / std) of the training observations as tensors, or None (raw observations). Kept in the
+        config, not in buffers, so that the weights file is the same with and without them."""
+        c = self.config
+        if c.obs_mean is None:
+            return None
+        return (torch.tensor(c.obs_mean, dtype=dtype, device=device),
+                1.0 / torch.tensor(c.obs_std, dtype=dtype, device=device))
+
+    def _normalized(self, obs: torch.Tensor, dtype) -> torch.Tensor:
+        norm = self._obs_norm(dtype, obs.device)
+        return obs.to(dtype) if norm is None else (obs.to(dtype) - norm[0]) * norm[1]
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -221,7 +235,7 @@ class ICLPolicy(PreTrainedModel):
 
         dtype = self.dtype
         tokens = torch.cat(
-            [obs.to(dtype), prev_actions.to(dtype),
+            [self._normalized(obs, dtype), prev_actions.to(dtype),
              rearrange(prev_rewards.to(dtype) * c.reward_scale, "b t -> b t 1"),
              rearrange(episode_start.to(dtype), "b t -> b t 1")],
             dim=-1,
@@ -280,6 +294,7 @@ class ICLPolicy(PreTrainedModel):
         return DecodePlan(
             d_model=c.d_model, n_head=c.n_head, act_dim=c.act_dim, max_episode_length=c.max_episode_length,
             reward_scale=float(c.reward_scale), gaussian=c.action_head == "tanh_gaussian",
+            obs_norm=self._obs_norm(self.token_in.weight.dtype, self.token_in.weight.device),
             token_w_t=self.token_in.weight.t(), token_b=self.token_in.bias, step_emb=self.step_emb.weight,
             pos_emb=(self.episode_emb if c.compact else self.pos_emb).weight, layers=layers, ln_f=ln(self.ln_f), head_w=self.head.weight,
             head_b=self.head.bias,
@@ -315,7 +330,8 @@ class ICLPolicy(PreTrainedModel):
             raise UsageError(f"decode_step at position {p} (capacity {cache.capacity}), step {step} "
                              f"(max_episode_length {plan.max_episode_length})")
         dtype = plan.token_b.dtype
-        token = torch.cat((obs.to(dtype), prev_action.to(dtype), (prev_reward.to(dtype) * plan.reward_scale)[:, None]), 1)
+        obs = obs.to(dtype) if plan.obs_norm is None else (obs.to(dtype) - plan.obs_norm[0]) * plan.obs_norm[1]
+        token = torch.cat((obs, prev_action.to(dtype), (prev_reward.to(dtype) * plan.reward_scale)[:, None]), 1)
         # token_in(token, flag) + step_emb[step] + pos_emb[p]: one fused multiply-add with a bias row shared
         # by the batch; the episode-start flag, the same for every row, adds its weight column to that row.
         where = p if position is None else min(position, plan.pos_emb.shape[0] - 1)

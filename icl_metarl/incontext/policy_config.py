@@ -45,6 +45,8 @@ class ICLPolicyConfig(PretrainedConfig):
             reads whole trials under this mask, so every token trains on exactly the context it acts on.
         action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
             step, the action held in between); an evaluation at another interval is refused.
+        obs_mean, obs_std: per-dimension statistics of the training data's observations (``train icl
+            --normalize-obs``): the policy reads (obs - obs_mean) / obs_std. None: raw observations.
     """
 
     model_type = MODEL_TYPE
@@ -66,6 +68,8 @@ class ICLPolicyConfig(PretrainedConfig):
         explore_scale: float = 0.0,
         context_stride: int = 0,
         action_repeat: int = 1,
+        obs_mean: list[float] | None = None,
+        obs_std: list[float] | None = None,
         **kwargs,
     ):
         # transformers keeps its own private attention setting; ours is a plain field so that it is
@@ -91,6 +95,10 @@ class ICLPolicyConfig(PretrainedConfig):
             raise UsageError(f"context_stride must be an integer >= 0 (0: full context), got {context_stride!r}")
         if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
             raise UsageError(f"action_repeat (decision interval) must be an integer >= 1, got {action_repeat!r}")
+        if (obs_mean is None) != (obs_std is None) or (obs_mean is not None and not (
+                len(obs_mean) == len(obs_std) == obs_dim and all(float(v) > 0 for v in obs_std))):
+            raise UsageError(f"obs_mean and obs_std must both be lists of obs_dim={obs_dim} numbers (std > 0) or both "
+                             f"None, got {obs_mean!r} and {obs_std!r}")
         if not float(explore_scale) >= 0.0:
             raise UsageError(f"explore_scale must be >= 0, got {explore_scale!r}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -110,6 +118,8 @@ class ICLPolicyConfig(PretrainedConfig):
         self.explore_scale = float(explore_scale)
         self.context_stride = context_stride
         self.action_repeat = action_repeat
+        self.obs_mean = None if obs_mean is None else [float(v) for v in obs_mean]
+        self.obs_std = None if obs_std is None else [float(v) for v in obs_std]
 
     @property
     def compact(self) -> bool:

@@ -118,6 +118,12 @@ class WindowStream:
         acts = acts[~torch.isnan(acts).any(-1)]  # labelled steps only (hand-over trials hold unlabelled ones)
         return float(((acts - acts.mean(0)) ** 2).mean())
 
+    def obs_stats(self, windows: int = 512, floor: float = 0.01) -> tuple[list[float], list[float]]:
+        """Per-dimension mean and standard deviation (at least ``floor``: constant dimensions such as a hidden
+        goal's stay 0 after the shift) of the observations of the stream's first ``windows`` windows."""
+        obs = self.batch(range(min(windows, len(self.dataset))))["obs"].flatten(0, 1).double()  # (B*W, D)
+        return obs.mean(0).tolist(), obs.std(0).clamp_min(floor).tolist()
+
     def task_pools(self) -> list[dict]:
         return [
             {"dir": str(h.path), "split": h.manifest["settings"]["split"],
@@ -207,9 +213,13 @@ def train(cfg: TrainConfig) -> dict:
         act_dim=stream.act_dim, explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
         context_stride=cfg.context_stride, action_repeat=stream.action_repeat,
     )
+    start_model = ICLPolicy.from_pretrained(cfg.init_from) if cfg.init_from else None
+    if start_model is not None:  # the init's weights read its observation statistics
+        model_config.obs_mean, model_config.obs_std = start_model.config.obs_mean, start_model.config.obs_std
+    elif cfg.normalize_obs:
+        model_config.obs_mean, model_config.obs_std = stream.obs_stats()
     model = ICLPolicy(model_config)
-    if cfg.init_from:
-        start_model = ICLPolicy.from_pretrained(cfg.init_from)
+    if start_model is not None:
         shape = ("obs_dim", "act_dim", "d_model", "n_layer", "n_head", "action_head", "max_episode_length",
                  "max_context_episodes", "context_stride", "action_repeat")
         differ = [k for k in shape if getattr(start_model.config, k) != getattr(model_config, k)]
