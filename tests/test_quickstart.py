@@ -341,6 +341,7 @@ def test_same_study_seed_same_figures_other_seed_other_data(tmp_path):
 
 
 # ------------------------------------------------------------------------- train-split diagnostic
+@pytest.mark.slow  # builds ML10's ten train and five test environments (~30 s)
 def test_train_diagnostic_plays_every_train_environment_beside_the_test_split(tmp_path):
     cfg = qc.tiny()
     cfg.suite, cfg.expert_goal_offsets, cfg.episode_length = "ML10", (), 10
