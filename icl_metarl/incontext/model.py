@@ -162,8 +162,15 @@ class ICLPolicy(PreTrainedModel):
         c = self.config
         if c.obs_mean is None:
             return None
-        return (torch.tensor(c.obs_mean, dtype=dtype, device=device),
-                1.0 / torch.tensor(c.obs_std, dtype=dtype, device=device))
+        # cached per dtype, device and statistics: a new tensor every forward was a host-to-device copy
+        # (and a sync) per step on a GPU
+        key = (dtype, str(device), tuple(c.obs_mean), tuple(c.obs_std))
+        cache = self.__dict__.setdefault("_obs_norm_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = (torch.tensor(c.obs_mean, dtype=dtype, device=device),
+                          1.0 / torch.tensor(c.obs_std, dtype=dtype, device=device))
+        return cache[key]
 
     def _normalized(self, obs: torch.Tensor, dtype) -> torch.Tensor:
         norm = self._obs_norm(dtype, obs.device)
