@@ -5,6 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n N` the N workers share the machine's cores: torch's (and every subprocess's) OpenMP pool
+    # would otherwise start a thread per core in each worker, which then spin against each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _task_cache(tmp_path_factory):

@@ -41,9 +41,14 @@ def test_a_layer_imports_only_the_layers_below_it(layer, allowed):
     assert wrong == []
 
 
+#: imports inside a function for their cost, not for a cycle: the generation workers (spawned processes)
+#: import recording.py, and only a policy-played shard needs the agent's torch and transformers (~5-10 s)
+FOR_COST = {("icl_metarl/incontext/recording.py", "icl_metarl.incontext.agent")}
+
+
 def test_no_project_module_is_imported_inside_a_function():
     hidden = [f"{p.relative_to(ROOT)}:{line} imports {m}" for pkg in PACKAGES for p in _modules(pkg)
-              for m, nested, line in _imports(p) if nested]
+              for m, nested, line in _imports(p) if nested and (str(p.relative_to(ROOT)), m) not in FOR_COST]
     assert hidden == []
 
 

@@ -149,3 +149,10 @@ def test_help_answers_without_importing_torch():
     """)
     assert "torch" not in loaded
     assert "icl_metarl.study.cli" in loaded
+
+
+def test_a_generation_worker_imports_neither_torch_nor_transformers():
+    """A spawned generation worker imports histories.py for its entry point: without torch (~5-10 s a worker)."""
+    loaded = _modules_after("import icl_metarl.incontext.histories")
+    assert not {"torch", "transformers", "accelerate"} & loaded
+    assert "icl_metarl.incontext.recording" in loaded  # the check can see a loaded module

@@ -15,6 +15,7 @@ processes, but for each shard's measured ``cpu_seconds`` in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -26,8 +27,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import PartialState
 from einops import rearrange
 from tqdm import tqdm
 
@@ -94,6 +93,30 @@ def _generate_shard(job: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- generation
+class _OneProcess:
+    """accelerate's ``PartialState`` as a process started without a launcher sees it, without importing torch
+    (the generating workers and a one-process run never need it)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def main_process_first(self):
+        return contextlib.nullcontext()
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _processes():
+    """The processes of an ``accelerate launch`` that share the shards, or this one alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _OneProcess()
+    import torch  # here, not at the top: a spawn worker imports this module for _generate_shard alone
+    from accelerate import PartialState
+
+    # Processes finish their shares at different times: wait at the last barrier longer than torch's 30 min.
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+
+
 def _new_manifest(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> dict:
     pool = parse_task_pool(cfg.task_pool)
     return {
@@ -217,8 +240,7 @@ def generate(cfg: GenerateConfig, out: str | Path, progress: bool = True) -> dic
     """
     check_generate(cfg)
     out = Path(out)
-    # Processes finish their shares at different times: wait at the last barrier longer than torch's 30 min.
-    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    state = _processes()
     world, rank = state.num_processes, state.process_index
     with state.main_process_first():  # process 0 builds (and caches) the task lists, the others then read them
         tasks, trial_tasks = build_task_pool(cfg)

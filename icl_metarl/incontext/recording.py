@@ -12,7 +12,6 @@ from icl_metarl.harness.agent import Agent, Privileged
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import ACT_DIM, OBS_DIM, decisions_per_episode, parse_goal_offsets
-from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.config import GenerateConfig
 from icl_metarl.incontext.noise import NoisyExpertAgent
 
@@ -107,6 +106,8 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
     expert.start_trials(T, shard_seed)
     agent, context_only = expert, 0
     if cfg.policy:
+        from icl_metarl.incontext.agent import InContextAgent  # torch and transformers: only a policy needs them
+
         policy = InContextAgent.from_pretrained(cfg.policy)
         if policy.action_repeat != cfg.action_repeat:
             raise UsageError(f"policy {cfg.policy} acts every {policy.action_repeat} simulator steps; these histories "
