@@ -148,6 +148,20 @@ def test_until_stopped_plays_as_curves_does_with_the_trainings_suite_and_episode
     curve = parser.parse_args(["curves", "r", "--suite", "ML1:push-v3", "--episode-length", "100", *play, "--out", "o"])
     train = parser.parse_args(["train", "maml", "--suite", "ML1:push-v3", "--episode-length", "100", "--out", "r",
                                "--until-stopped", "o", *play])
-    assert from_args(cli.CurvePlay, curve) == cli.CurvePlay("ML1:push-v3", "test", 5, 2, 100, (3, 4), 7, True)
-    from_training = {"suite": train.suite, "episode_length": train.episode_length}
+    assert from_args(cli.CurvePlay, curve) == cli.CurvePlay("ML1:push-v3", "test", 5, 2, 100, (3, 4), 7, deterministic=True)
+    from_training = {"suite": train.suite, "episode_length": train.episode_length, "task_seed": train.suite_seed}
     assert from_args(cli.CurvePlay, train, **from_training) == from_args(cli.CurvePlay, curve)
+
+
+def test_until_stopped_plays_the_split_of_the_trainings_benchmark_seed(monkeypatch):
+    """A run trained with --suite-seed 2 is chosen on that seed's validation tasks, not seed 0's."""
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda target, *args, **kw: seen.append(args[4]) or 0)
+    argv = ["train", "maml", "--suite", "ML1:push-v3", "--suite-seed", "2", "--episode-length", "100", "--out", "r",
+            "--until-stopped", "o", "--tasks", "7"]
+    assert cli.main(argv) == 0
+    (play,) = seen
+    assert (play.suite, play.episode_length, play.task_seed, play.split, play.num_tasks) == ("ML1:push-v3", 100, 2,
+                                                                                           "validation", 7)
+    assert from_args(cli.CurvePlay, cli.build_parser().parse_args(["curves", "r", "--out", "o", "--task-seed", "3"])
+                     ).eval_config().task_seed == 3

@@ -130,6 +130,8 @@ class CurvePlay:
     """evaluation seeds"""
     tasks: int = 50
     """the first N tasks of the split"""
+    task_seed: int = 0
+    """benchmark seed whose split is played (the test goals and the validation tasks depend on it)"""
     deterministic: bool = False
     """gradient agents act with their mean action once adapted"""
 
@@ -137,7 +139,8 @@ class CurvePlay:
         """The checked evaluation settings (UsageError if bad)."""
         return EvalConfig(suite=self.suite, split=self.split, adaptation_episodes=self.adaptation_episodes,
                           evaluation_episodes=self.evaluation_episodes, episode_length=self.episode_length,
-                          seeds=tuple(self.seeds), num_tasks=self.tasks, batch_size=self.tasks, progress=False).check()
+                          seeds=tuple(self.seeds), num_tasks=self.tasks, task_seed=self.task_seed, batch_size=self.tasks,
+                          progress=False).check()
 
 
 @dataclass
@@ -214,14 +217,15 @@ def _add_learner(sub, learner: registry.Learner, command: str | None = None, sum
     p.set_defaults(handler=lambda a: _train(learner, a))
 
 
-#: what a run grown --until-stopped is played with: its training's own
-_FROM_TRAINING = ("suite", "episode_length")
+#: what a run grown --until-stopped is played with: its training's own (play's field: the training's)
+_FROM_TRAINING = {"suite": "suite", "episode_length": "episode_length", "task_seed": "suite_seed"}
 
 
 def _grows_in_chunks(cls) -> bool:
     """Whether a learner's runs can be grown in chunks and played as curves: a larger ``iterations`` extends
-    a run, each checkpoint leaves a snapshot, and the run names the suite and episode length to play."""
-    return {"iterations", "checkpoint_every", "suite", "episode_length"} <= {f.name for f in dataclasses.fields(cls)}
+    a run, each checkpoint leaves a snapshot, and the run names the suite, episode length and benchmark seed to
+    play."""
+    return {"iterations", "checkpoint_every", *_FROM_TRAINING.values()} <= {f.name for f in dataclasses.fields(cls)}
 
 
 def _train(learner: registry.Learner, a) -> int | None:
@@ -240,7 +244,7 @@ def _train(learner: registry.Learner, a) -> int | None:
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--until-stopped runs in one process (it plays the curve between chunks of training)")
-    play = dataclasses.replace(play, suite=config.suite, episode_length=config.episode_length)
+    play = dataclasses.replace(play, **{name: getattr(config, own) for name, own in _FROM_TRAINING.items()})
     return _run("icl_metarl.study.until_stopped:train_until_stopped", learner.name, config, a.out, rule.until_stopped,
                 play.eval_config(), play.deterministic, rule.every, rule.patience, rule.min_iterations,
                 threads=threads)
