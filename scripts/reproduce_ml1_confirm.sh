@@ -14,7 +14,8 @@
 #   ENV=reach SEED=0 bash scripts/reproduce_ml1_confirm.sh ; ... SEED=1, SEED=2 ; ENV=reach STAGE=test bash ...
 # Smoke-test sizes (not the recipe): ITERS=4 MIN_ITERS=2 EVERY=2 TASKS=2 QS_SIZE=tiny PUSH_TRIALS=4 PUSH_STEPS=6.
 # Budget (issue-22 measurements, session 7-13 machines): reach ~12 (in-context) + 8-16 + 8-11 CPU-min per seed,
-# push ~24 + 14 + 10-14, plus the validation curves; not yet run end to end.
+# push ~24 + 14 + 10-14, plus the validation curves. Smoke-tested end to end at the sizes above (reach and push,
+# three seeds, then STAGE=test, session 20); not yet run at the recipe sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=${ENV:-reach}; SEED=${SEED:-0}; SUITE_SEED=${SUITE_SEED:-1}; STAGE=${STAGE:-train}
