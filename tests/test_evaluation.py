@@ -324,3 +324,18 @@ def test_other_package_versions_are_another_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "versions", lambda: {**real, "torch": "0.0"})
     with pytest.raises(UsageError, match="written by another evaluation \\(torch"):
         evaluate([EvalAgent("random", make_baseline("random"))], EvalConfig(**TINY), tmp_path)
+
+
+def test_a_results_file_committed_gzip_compressed_reads_as_the_plain_one(tmp_path):
+    """results/ keeps large evaluations as results.json.gz: a directory holding only that reads the same."""
+    import gzip
+    from pathlib import Path
+
+    plain = Path(__file__).resolve().parents[1] / "results" / "ml10-mi-s0-validation"
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "results.json.gz").write_bytes(gzip.compress((plain / "results.json").read_bytes()))
+    assert load_results(tmp_path / "gz") == load_results(plain)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(UsageError, match="results.json.gz is not valid JSON"):
+        load_results(tmp_path / "bad")

@@ -100,7 +100,8 @@ def test_every_recomputable_readme_figure_equals_its_recomputation(section):
     figures = quoted_figures(section)
     directories = {spec.split()[0] for _, spec, _ in figures}
     assert directories == {"results/ml10-cpu-s0-norm-dagger-validation", "results/ml10-cpu-s1-norm-dagger-validation",
-                           "results/ml10-mi-s0-validation", "results/ml10-msi-s0-validation", "results/ml10-cpu-s0-norm-validation", "results/ml10-cpu-s0-validation", "results/ml10-cpu-s0-validation-pilot", "results/expert-ml10-k"}
+                           "results/ml10-mi-s0-validation", "results/ml10-msi-s0-validation", "results/ml10-cpu-s0-norm-validation", "results/ml10-cpu-s0-validation", "results/ml10-cpu-s0-validation-pilot", "results/expert-ml10-k",
+                           "results/quickstart-pick-place-v3"}
     assert len(figures) >= 8
     assert mismatches(section) == []
 

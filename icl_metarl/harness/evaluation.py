@@ -524,10 +524,13 @@ def _progress_bar(config: EvalConfig, desc: str, total: int):
 
 
 def load_results(path: str | Path) -> dict:
-    """Read a results.json written by ``evaluate`` (a directory or the file itself)."""
+    """Read a results.json written by ``evaluate`` (a directory or the file itself); a directory whose
+    results.json was committed gzip-compressed (``results.json.gz``, as large ones under results/ are) is
+    read from that."""
     path = Path(path)
     if path.is_dir():
-        path = path / "results.json"
+        path = path / "results.json" if (path / "results.json").is_file() or not (path / "results.json.gz").is_file() \
+            else path / "results.json.gz"
     if not path.is_file():
         raise UsageError(f"no results file at {str(path)!r}")
     results = read_json(path)

@@ -6,6 +6,7 @@ Every JSON, shard and checkpoint this toolkit writes goes through here or throug
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -53,10 +54,15 @@ def as_json(value):
 
 
 def read_json(path: str | Path):
-    """The JSON value in ``path``; a file that is not JSON is a one-line UsageError naming it."""
+    """The JSON value in ``path`` (gzip-compressed if its name ends in ``.gz``); a file that is not JSON is a
+    one-line UsageError naming it."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt") as f:
+                return json.load(f)
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
 
 
