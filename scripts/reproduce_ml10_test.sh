@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 19, NOT yet run end to end (a tiny smoke test was started and not finished). For
+# Prepared in session 19; smoke-tested end to end at the tiny sizes below in session 20 (5 test tasks); not yet run
+# at the recipe's sizes. For
 # docs/ml10.md, "The ML10 test table": one training seed of the final CPU recipe retrained on the full ML10
 # benchmark (its 10 train environments; ML10-holdout's test split is refused), the supervision-matched
 # gradient learner at the same env-step budget, and the test split played once for this seed: 5 test
@@ -10,13 +11,15 @@
 #   SEED=0 bash scripts/reproduce_ml10_test.sh     # also plays random and the oracle (once, with seed 0)
 # Sizes can be shrunk for a smoke test (TRIALS=8 RELABEL=4 STEPS=20 ROUND_STEPS=20 ITERS=2 TASKS=1 SEEDS=0 K_EP=2 E_EP=1);
 # the recipe is the defaults. Per-environment budget as on ML10-holdout (100 trials and 40 relabelled trials
-# per train environment, the same passes over the data): 1,000 trials, 2 x 400 relabelled, 1,500 + 1,000 steps.
+# per train environment, the same passes over the data): 1,000 trials, 4 x 400 relabelled, 1,500 + 2 x 1,000 steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
 K=3
 TRIALS=${TRIALS:-1000}; RELABEL=${RELABEL:-400}; STEPS=${STEPS:-1500}; ROUND_STEPS=${ROUND_STEPS:-1000}
-ITERS=${ITERS:-360}        # maml-imitate: 10 tasks x 2 episodes x 500 steps an iteration = the agent's 3.6M env steps
+# maml-imitate: 10 tasks x 2 episodes x 500 steps an iteration; 520 = the 4-round agent's 5.2M env steps
+# (1,000 x 4 x 500 + 4 x 400 x 4 x 500); with ROUNDS=2, ITERS=360 matches its 3.6M
+ITERS=${ITERS:-520}
 TASKS=${TASKS:-10}; SEEDS=${SEEDS:-0 1 2}; K_EP=${K_EP:-10}; E_EP=${E_EP:-3}
 OUT=${OUT:-studies/ml10-test-s$SEED}
 RESULTS=${RESULTS:-results/ml10-test-s$SEED}
@@ -34,16 +37,27 @@ icl-metarl train icl --data "$OUT/histories" --out "$OUT/icl" --resume --seed "$
   --explore-episodes 1 --explore-scale 0.25 --steps "$ROUND_STEPS" --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 3 --log-every 20 --threads 1
 
+# Rounds 3-4 (stage 3b of scripts/reproduce_ml10_cpu.sh, chosen on validation: docs/ml10.md, session 20): two more
+# rounds from the 2-round agent on its own data; ROUNDS=2 stops after the first two.
+AGENT="$OUT/icl"
+if [ "${ROUNDS:-4}" = 4 ]; then
+  icl-metarl train icl --data "$OUT/histories" "$OUT/icl/round-1/relabelled" "$OUT/icl/round-2/relabelled" \
+    --out "$OUT/icl4" --resume --seed "$SEED" $MODEL --init-from "$OUT/icl" --relabel-rounds 2 --relabel-from-init \
+    --relabel-trials "$RELABEL" --relabel-new-tasks --explore-episodes 1 --explore-scale 0.25 --steps "$ROUND_STEPS" \
+    --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 --keep-checkpoints 3 --log-every 20 --threads 1
+  AGENT="$OUT/icl4"
+fi
+
 # The gradient learner (chosen on validation: results/ml10-mi-s0-validation against results/ml10-msi-s0-validation)
 icl-metarl train maml-imitate --suite ML10 --task-pool fresh --action-repeat $K --meta-batch 10 --iterations "$ITERS" \
   --checkpoint-every 40 --seed "$SEED" --threads 1 --out "$OUT/maml-imitate"
 
 BASELINES=""
 if [ "$SEED" = 0 ]; then BASELINES="random oracle"; fi
-icl-metarl evaluate "$OUT/icl" "$OUT/maml-imitate" $BASELINES --non-adaptive --suite ML10 --split test \
+icl-metarl evaluate "$AGENT" "$OUT/maml-imitate" $BASELINES --non-adaptive --suite ML10 --split test \
   --tasks-per-env "$TASKS" -K "$K_EP" -E "$E_EP" --seeds $SEEDS --action-repeat $K --batch-size 25 --vector pipelined \
   --out "$RESULTS"
-cp "$OUT/icl/budget.json" "$RESULTS/icl-budget.json"
-cp "$OUT/icl/config.json" "$RESULTS/icl-config.json"
+cp "$AGENT/budget.json" "$RESULTS/icl-budget.json"
+cp "$AGENT/config.json" "$RESULTS/icl-config.json"
 cp "$OUT/maml-imitate/budget.json" "$RESULTS/maml-imitate-budget.json"
 cp "$OUT/maml-imitate/config.json" "$RESULTS/maml-imitate-config.json"
