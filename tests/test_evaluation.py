@@ -1,6 +1,8 @@
+import gzip
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,9 +330,6 @@ def test_other_package_versions_are_another_evaluation(tmp_path, monkeypatch):
 
 def test_a_results_file_committed_gzip_compressed_reads_as_the_plain_one(tmp_path):
     """results/ keeps large evaluations as results.json.gz: a directory holding only that reads the same."""
-    import gzip
-    from pathlib import Path
-
     plain = Path(__file__).resolve().parents[1] / "results" / "ml10-mi-s0-validation"
     (tmp_path / "gz").mkdir()
     (tmp_path / "gz" / "results.json.gz").write_bytes(gzip.compress((plain / "results.json").read_bytes()))

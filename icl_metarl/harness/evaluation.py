@@ -529,8 +529,8 @@ def load_results(path: str | Path) -> dict:
     read from that."""
     path = Path(path)
     if path.is_dir():
-        path = path / "results.json" if (path / "results.json").is_file() or not (path / "results.json.gz").is_file() \
-            else path / "results.json.gz"
+        plain, packed = path / "results.json", path / "results.json.gz"
+        path = packed if packed.is_file() and not plain.is_file() else plain
     if not path.is_file():
         raise UsageError(f"no results file at {str(path)!r}")
     results = read_json(path)
