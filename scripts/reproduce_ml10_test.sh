@@ -8,7 +8,8 @@
 # seeds (0, 1, 2) were fixed with the recipe, before any test figure; each seed's test evaluation is written
 # to its own results directory and `icl-metarl compare` pools them (runs, then tasks).
 # Every stage resumes: kill it and rerun this script, finished work is reused.
-#   SEED=0 bash scripts/reproduce_ml10_test.sh     # also plays random and the oracle (once, with seed 0)
+#   SEED=0 bash scripts/reproduce_ml10_test.sh     # then random and the oracle, once, into results/ml10-test-baselines
+#   STAGE=baselines bash scripts/reproduce_ml10_test.sh   # only random and the oracle (they need no training)
 # Sizes can be shrunk for a smoke test (TRIALS=8 RELABEL=4 STEPS=20 ROUND_STEPS=20 ITERS=2 TASKS=1 SEEDS=0 K_EP=2 E_EP=1);
 # the recipe is the defaults. Per-environment budget as on ML10-holdout (100 trials and 40 relabelled trials
 # per train environment, the same passes over the data): 1,000 trials, 4 x 400 relabelled, 1,500 + 2 x 1,000 steps.
@@ -16,16 +17,40 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
 K=3
-TRIALS=${TRIALS:-1000}; RELABEL=${RELABEL:-400}; STEPS=${STEPS:-1500}; ROUND_STEPS=${ROUND_STEPS:-1000}
-# maml-imitate: 10 tasks x 2 episodes x 500 steps an iteration; 520 = the 4-round agent's 5.2M env steps
+# SUITE=ML45: the same recipe at the same per-environment budget on ML45's 45 train environments
+SUITE=${SUITE:-ML10}
+case "$SUITE" in
+  ML10) ENVS=10 ;;
+  ML45) ENVS=45 ;;
+  *) echo "SUITE=$SUITE: allowed ML10 or ML45" >&2; exit 2 ;;
+esac
+TRIALS=${TRIALS:-$((100 * ENVS))}; RELABEL=${RELABEL:-$((40 * ENVS))}
+STEPS=${STEPS:-$((150 * ENVS))}; ROUND_STEPS=${ROUND_STEPS:-$((100 * ENVS))}
+# maml-imitate: 10 tasks x 2 episodes x 500 steps an iteration; on ML10, 520 = the 4-round agent's 5.2M env steps
 # (1,000 x 4 x 500 + 4 x 400 x 4 x 500); with ROUNDS=2, ITERS=360 matches its 3.6M
-ITERS=${ITERS:-520}
+ITERS=${ITERS:-$((52 * ENVS))}
 TASKS=${TASKS:-10}; SEEDS=${SEEDS:-0 1 2}; K_EP=${K_EP:-10}; E_EP=${E_EP:-3}
-OUT=${OUT:-studies/ml10-test-s$SEED}
-RESULTS=${RESULTS:-results/ml10-test-s$SEED}
+NAME=$(echo "$SUITE" | tr "[:upper:]" "[:lower:]")
+OUT=${OUT:-studies/$NAME-test-s$SEED}
+RESULTS=${RESULTS:-results/$NAME-test-s$SEED}
 export OMP_NUM_THREADS=1
+# Random and the oracle need no training: played once, on the same test tasks and evaluation seeds, in a
+# results directory of their own (`icl-metarl compare` pairs them with any seed's agents by task).
+# BASELINES=1 plays them after the agents (the default with SEED=0); STAGE=baselines plays only them.
+baselines() {
+  icl-metarl evaluate random oracle --suite "$SUITE" --split test --tasks-per-env "$TASKS" -K "$K_EP" -E "$E_EP" \
+    --seeds $SEEDS --action-repeat $K --batch-size 25 --vector pipelined --out "${BASELINE_RESULTS:-results/$NAME-test-baselines}"
+}
+if [ "${STAGE:-all}" = baselines ]; then baselines; exit 0; fi
 
-icl-metarl generate --suite ML10 --split train --task-pool fresh --trials "$TRIALS" --episodes 4 \
+# The gradient learner (chosen on validation: results/ml10-mi-s0-validation against results/ml10-msi-s0-validation)
+# trains on one core beside the in-context stages (one thread each; two cores in all); its log goes to its folder.
+mkdir -p "$OUT/maml-imitate"
+icl-metarl train maml-imitate --suite "$SUITE" --task-pool fresh --action-repeat $K --meta-batch 10 --iterations "$ITERS" \
+  --checkpoint-every 40 --seed "$SEED" --threads 1 --out "$OUT/maml-imitate" > "$OUT/maml-imitate/stdout.log" 2>&1 &
+GRADIENT=$!
+
+icl-metarl generate --suite "$SUITE" --split train --task-pool fresh --trials "$TRIALS" --episodes 4 \
   --episode-length 500 --action-repeat $K --noise-kind goal --noise-schedule random --noise-max 0.15 \
   --action-noise 0.3 --trials-per-shard 25 --workers 2 --seed "$SEED" --out "$OUT/histories"
 
@@ -48,16 +73,16 @@ if [ "${ROUNDS:-4}" = 4 ]; then
   AGENT="$OUT/icl4"
 fi
 
-# The gradient learner (chosen on validation: results/ml10-mi-s0-validation against results/ml10-msi-s0-validation)
-icl-metarl train maml-imitate --suite ML10 --task-pool fresh --action-repeat $K --meta-batch 10 --iterations "$ITERS" \
-  --checkpoint-every 40 --seed "$SEED" --threads 1 --out "$OUT/maml-imitate"
+wait $GRADIENT || { echo "maml-imitate failed: see $OUT/maml-imitate/stdout.log" >&2; exit 1; }
+# STAGE=train stops here, before any test episode (a cost measurement: python scripts/stage_costs.py "$OUT")
+if [ "${STAGE:-all}" = train ]; then exit 0; fi
 
-BASELINES=""
-if [ "$SEED" = 0 ]; then BASELINES="random oracle"; fi
-icl-metarl evaluate "$AGENT" "$OUT/maml-imitate" $BASELINES --non-adaptive --suite ML10 --split test \
+icl-metarl evaluate "$AGENT" "$OUT/maml-imitate" --non-adaptive --suite "$SUITE" --split test \
   --tasks-per-env "$TASKS" -K "$K_EP" -E "$E_EP" --seeds $SEEDS --action-repeat $K --batch-size 25 --vector pipelined \
   --out "$RESULTS"
 cp "$AGENT/budget.json" "$RESULTS/icl-budget.json"
 cp "$AGENT/config.json" "$RESULTS/icl-config.json"
 cp "$OUT/maml-imitate/budget.json" "$RESULTS/maml-imitate-budget.json"
 cp "$OUT/maml-imitate/config.json" "$RESULTS/maml-imitate-config.json"
+
+if [ "${BASELINES:-$([ "$SEED" = 0 ] && echo 1 || echo 0)}" = 1 ]; then baselines; fi
