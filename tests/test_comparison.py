@@ -11,14 +11,16 @@ from icl_metarl.study.cli import main
 
 
 def _results(success: dict, adaptive: dict | None = None, spec: dict | None = None, split: str = "test",
-             tasks: list | None = None) -> dict:
-    """A results.json of hand-made success arrays (episodes, tasks, seeds) per agent label."""
+             tasks: list | None = None, evaluation: int = 1) -> dict:
+    """A results.json of hand-made success arrays (episodes, tasks, seeds) per agent label; the last
+    ``evaluation`` episodes are evaluation episodes."""
     e, t, s = next(iter(success.values())).shape
     records = [{"agent": a, "seed": seed, "task": j, "episode": k, "success": bool(x[k, j, seed]), "return": 0.0,
                 "steps_to_success": None}
                for a, x in success.items() for k in range(e) for j in range(t) for seed in range(s)]
     return {"format": "icl_metarl.evaluation/1",
-            "settings": {"suite": "ML1:reach-v3", "split": split, "adaptation_episodes": e - 1, "evaluation_episodes": 1},
+            "settings": {"suite": "ML1:reach-v3", "split": split, "adaptation_episodes": e - evaluation,
+                         "evaluation_episodes": evaluation},
             "tasks": tasks if tasks is not None else [{"index": j} for j in range(t)], "seeds": list(range(s)),
             "records": records,
             "agents": {a: {"spec": (spec or {}).get(a, a), "adaptive": (adaptive or {}).get(a, True)} for a in success}}
@@ -139,13 +141,30 @@ def test_against_non_adaptive_pairs_each_run_with_its_own_variant(tmp_path, caps
     assert rc == 2 and "not an adaptive agent" in err
 
 
+def test_evaluation_is_each_trials_mean_over_its_evaluation_episodes(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    # 2 adaptation + 3 evaluation episodes; the mean over episodes 3-5 differs from any one of them
+    success = {a: (rng.random((5, 8, 2)) < p).astype(float) for a, p in (("a0", 0.7), ("b0", 0.3))}
+    _write(tmp_path / "r", _results(success, evaluation=3))
+    rc, out, err = _compare(capsys, tmp_path / "r", "--a", "a0", "--b", "b0", "--episode", "evaluation",
+                            "--bootstrap", 300)
+    assert rc == 0, err
+    xa, xb = success["a0"][2:].mean(axis=0)[None], success["b0"][2:].mean(axis=0)[None]  # (runs, tasks, seeds)
+    d = st.difference_interval(xa, xb, 300)
+    assert f"A - B {d.estimate:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" in out
+    assert "the evaluation episodes 3-5 (each trial's mean)" in out
+    rc, last, _ = _compare(capsys, tmp_path / "r", "--a", "a0", "--b", "b0", "--episode", 5, "--bootstrap", 300)
+    assert _difference(last) != _difference(out)  # not the last episode alone
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--a", "zz", "--b", "b0", "--episode", "2"], "no agent 'zz' in the results; valid: a0, a1, b0"),
     (["--a", "a0", "a1", "--b", "b0", "--episode", "2"], "--a has 2 runs and --b 1"),
     (["--a", "a0", "a0", "--b", "b0", "a1", "--episode", "2"], "a0 more than once"),
     (["--a", "a0", "--episode", "2"], "--b LABEL ... or --against-non-adaptive"),
     (["--a", "a0", "--b", "b0", "--against-non-adaptive", "--episode", "2"], "not both"),
-    (["--a", "a0", "--b", "b0", "--episode", "3"], "--episode 3 is outside 1..2"),
+    (["--a", "a0", "--b", "b0", "--episode", "3"], "--episode 3: allowed 1..2 or 'evaluation'"),
+    (["--a", "a0", "--b", "b0", "--episode", "last"], "--episode last: allowed 1..2 or 'evaluation'"),
     (["--a", "a0", "--b", "b0", "--episode", "1", "--bootstrap", "0"], "--bootstrap must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, fragment):

@@ -4,7 +4,8 @@ results directory, with the code behind ``icl-metarl compare`` (evaluations) and
 
 The convention: a recomputable figure is written ``0.20 [0.05, 0.40]<!-- figure: results/DIR key=value ... -->``
 (the interval is optional, the figure may be bold), in a table row that names ``results/DIR`` visibly too.
-Keys: ``agent=LABEL episode=N`` (success in that episode; ``variant=non-adaptive`` for the agent's
+Keys: ``agent=LABEL episode=N`` (success in that episode, or ``episode=evaluation``: the mean over the evaluation
+episodes; ``variant=non-adaptive`` for the agent's
 non-adaptive variant, ``minus=non-adaptive`` for the paired difference to it) on an evaluation's
 results.json; ``k=K split=SPLIT env=ENV`` (the expert's success) on a ``suites --check`` directory.
 Earlier figures whose files were not kept carry no comment and sit in a separate table.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_metarl.harness.comparison import find_agent, load_evaluations, non_adaptive_variant, success
+from icl_metarl.harness.comparison import find_agent, load_evaluations, non_adaptive_variant, parse_episode, success
 from icl_metarl.harness.evaluation import load_results
 from icl_metarl.harness.statistics import difference_interval, mean_interval
 from icl_metarl.study.expert_check import by_env, kept_up_to, steps_to_success
@@ -55,7 +56,7 @@ def recompute(spec: str, with_interval: bool, root: Path = ROOT) -> str:
         return f"{np.mean([r['success'] for r in records]):.2f}"
     loaded = load_evaluations([str(path)])
     run = find_agent(loaded, keys["agent"])
-    episode = int(keys["episode"])
+    episode = parse_episode(keys["episode"], loaded[0][1]["settings"])
     if keys.get("variant") == "non-adaptive":
         run = non_adaptive_variant(loaded, run)
     if keys.get("minus") == "non-adaptive":

@@ -2,7 +2,8 @@
 each learner's mean and interquartile mean over its runs, and A minus B paired run by run, task by task
 and seed by seed, with tasks won/lost and the exact sign test; every interval from ``statistics``.
 
-``icl-metarl compare DIR ... --a LABEL ... --b LABEL ... --episode N``. The evaluations must share one
+``icl-metarl compare DIR ... --a LABEL ... --b LABEL ... --episode N`` (or ``--episode evaluation``: each trial's
+mean over its evaluation episodes, the figure Meta-World reports). The evaluations must share one
 protocol (suite, split, episodes, episode length, tasks and seeds), so that records pair task by task;
 anything else is refused in one line. A label found in several of them is named ``DIR:LABEL``.
 Not for: one evaluation's report (``report.py``); playing agents (``evaluation.py``).
@@ -68,14 +69,36 @@ def non_adaptive_variant(loaded: Loaded, run: tuple[str, str]) -> tuple[str, str
     return name, variants[0]
 
 
-def success(loaded: Loaded, runs: Sequence[tuple[str, str]], episode: int) -> np.ndarray:
-    """(runs, tasks, seeds): success of each run in ``episode`` (1-based); NaN where no record exists."""
+EVALUATION = "evaluation"  # --episode evaluation: the mean over a trial's evaluation episodes
+
+
+def parse_episode(value: int | str, settings: dict) -> int | str:
+    """``value`` as an episode of trials played with ``settings``: a 1-based index, or ``"evaluation"``;
+    anything else is refused in one line naming what is allowed."""
+    n = settings["adaptation_episodes"] + settings["evaluation_episodes"]
+    if str(value) == EVALUATION and settings["evaluation_episodes"] > 0:
+        return EVALUATION
+    try:
+        episode = int(value)
+    except ValueError:
+        episode = 0
+    if not 1 <= episode <= n:
+        allowed = f"1..{n}" + (f" or {EVALUATION!r}" if settings["evaluation_episodes"] else "")
+        raise UsageError(f"--episode {value}: allowed {allowed} (an episode of the trial, or the mean over its "
+                         "evaluation episodes)")
+    return episode
+
+
+def success(loaded: Loaded, runs: Sequence[tuple[str, str]], episode: int | str) -> np.ndarray:
+    """(runs, tasks, seeds): success of each run in ``episode`` (1-based), or with ``"evaluation"`` its mean
+    over the evaluation episodes; NaN where no record exists."""
     by_name = dict(loaded)
     out = []
     for name, label in runs:
         r = by_name[name]
-        n = r["settings"]["adaptation_episodes"] + r["settings"]["evaluation_episodes"]
-        out.append(episode_array(r["records"], label, "success", len(r["tasks"]), r["seeds"], n)[episode - 1])
+        K, E = r["settings"]["adaptation_episodes"], r["settings"]["evaluation_episodes"]
+        curve = episode_array(r["records"], label, "success", len(r["tasks"]), r["seeds"], K + E)
+        out.append(np.nanmean(curve[K:], axis=0) if episode == EVALUATION else curve[episode - 1])
     return np.stack(out)
 
 
@@ -83,14 +106,18 @@ def _fmt(c: Interval, sign: str = "") -> str:
     return f"{c.estimate:{sign}.2f} [{c.low:{sign}.2f}, {c.high:{sign}.2f}]"
 
 
-def compare_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]], episode: int,
+def compare_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]], episode: int | str,
                   num_resamples: int = 2000) -> list[str]:
     """The comparison as markdown: per learner its runs, mean and IQM; then A minus B, paired."""
     r0 = loaded[0][1]
     s = r0["settings"]
     xa, xb = success(loaded, a, episode), success(loaded, b, episode)  # (runs, tasks, seeds)
-    last = " (the last adaptation episode)" if episode == s["adaptation_episodes"] else ""
-    lines = [f"Success in episode {episode}{last}, {len(r0['tasks'])} {s['split']} tasks of {s['suite']} x evaluation "
+    if episode == EVALUATION:
+        K = s["adaptation_episodes"]
+        which = f"the evaluation episodes {K + 1}-{K + s['evaluation_episodes']} (each trial's mean)"
+    else:
+        which = f"episode {episode}" + (" (the last adaptation episode)" if episode == s["adaptation_episodes"] else "")
+    lines = [f"Success in {which}, {len(r0['tasks'])} {s['split']} tasks of {s['suite']} x evaluation "
              f"seeds {r0['seeds']}; A and B {len(a)} runs each, run i of A paired with run i of B.", "",
              "| learner | runs | each run | mean [95% CI] | IQM [95% CI] |", "|---|---|---|---|---|"]
     for side, runs, x in (("A", a, xa), ("B", b, xb)):
@@ -108,17 +135,14 @@ def compare_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tupl
 
 
 def compare_command(paths: Sequence[str], a: Sequence[str], b: Sequence[str] | None, against_non_adaptive: bool,
-                    episode: int, num_resamples: int) -> None:
+                    episode: int | str, num_resamples: int) -> None:
     """``icl-metarl compare``: the comparison printed as markdown."""
     if (b is None) == (not against_non_adaptive):
         raise UsageError("give B's runs with --b LABEL ... or --against-non-adaptive, not both or neither")
     if num_resamples < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {num_resamples}")
     loaded = load_evaluations(paths)
-    s = loaded[0][1]["settings"]
-    n = s["adaptation_episodes"] + s["evaluation_episodes"]
-    if not 1 <= episode <= n:
-        raise UsageError(f"--episode {episode} is outside 1..{n}, the episodes of a trial")
+    episode = parse_episode(episode, loaded[0][1]["settings"])
     runs_a = [find_agent(loaded, label) for label in a]
     runs_b = ([non_adaptive_variant(loaded, run) for run in runs_a] if against_non_adaptive
               else [find_agent(loaded, label) for label in b])

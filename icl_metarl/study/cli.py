@@ -72,8 +72,9 @@ class EvaluateCommand:
 class CompareCommand:
     """What ``icl-metarl compare`` computes besides the runs it is given."""
 
-    episode: int = 0
-    """episode of the trial to compare (1-based), e.g. the last adaptation episode"""
+    episode: str = ""
+    """episode of the trial to compare: its 1-based index (e.g. the last adaptation episode), or 'evaluation',
+    each trial's mean over its evaluation episodes (Meta-World's figure)"""
     against_non_adaptive: bool = False
     """B: each of A's runs without adaptation (its non-adaptive variant in the same evaluation), instead of --b"""
     bootstrap: int = 2000
