@@ -6,7 +6,8 @@
 # gradient learner at the same env-step budget, and the test split played once for this seed: 5 test
 # environments x 10 tasks, evaluation seeds 0 1 2, 10 adaptation + 3 evaluation episodes. The three training
 # seeds (0, 1, 2) were fixed with the recipe, before any test figure; each seed's test evaluation is written
-# to its own results directory and `icl-metarl compare` pools them (runs, then tasks).
+# to results/ml10-test-sS (in-context and wiped) and results/ml10-test-sS-maml-imitate, and `icl-metarl compare`
+# pools them (runs, then tasks).
 # Every stage resumes: kill it and rerun this script, finished work is reused.
 #   SEED=0 bash scripts/reproduce_ml10_test.sh     # then random and the oracle, once, into results/ml10-test-baselines
 #   STAGE=baselines bash scripts/reproduce_ml10_test.sh   # only random and the oracle (they need no training)
@@ -34,20 +35,28 @@ NAME=$(echo "$SUITE" | tr "[:upper:]" "[:lower:]")
 OUT=${OUT:-studies/$NAME-test-s$SEED}
 RESULTS=${RESULTS:-results/$NAME-test-s$SEED}
 export OMP_NUM_THREADS=1
+EVAL="--suite $SUITE --split test --tasks-per-env $TASKS -K $K_EP -E $E_EP --seeds $SEEDS --action-repeat $K --batch-size 25 --vector pipelined"
 # Random and the oracle need no training: played once, on the same test tasks and evaluation seeds, in a
 # results directory of their own (`icl-metarl compare` pairs them with any seed's agents by task).
 # BASELINES=1 plays them after the agents (the default with SEED=0); STAGE=baselines plays only them.
 baselines() {
-  icl-metarl evaluate random oracle --suite "$SUITE" --split test --tasks-per-env "$TASKS" -K "$K_EP" -E "$E_EP" \
-    --seeds $SEEDS --action-repeat $K --batch-size 25 --vector pipelined --out "${BASELINE_RESULTS:-results/$NAME-test-baselines}"
+  icl-metarl evaluate random oracle $EVAL --out "${BASELINE_RESULTS:-results/$NAME-test-baselines}"
 }
 if [ "${STAGE:-all}" = baselines ]; then baselines; exit 0; fi
 
 # The gradient learner (chosen on validation: results/ml10-mi-s0-validation against results/ml10-msi-s0-validation)
-# trains on one core beside the in-context stages (one thread each; two cores in all); its log goes to its folder.
+# trains, then plays the test split with and without its adaptation step, on one core beside the in-context
+# stages (one thread each; two cores in all), into a results directory of its own; its log goes to its folder.
+gradient() {
+  icl-metarl train maml-imitate --suite "$SUITE" --task-pool fresh --action-repeat $K --meta-batch 10 --iterations "$ITERS" \
+    --checkpoint-every 40 --seed "$SEED" --threads 1 --out "$OUT/maml-imitate"
+  if [ "${STAGE:-all}" = train ]; then return; fi
+  icl-metarl evaluate "$OUT/maml-imitate" --non-adaptive $EVAL --out "$RESULTS-maml-imitate"
+  cp "$OUT/maml-imitate/budget.json" "$RESULTS-maml-imitate/maml-imitate-budget.json"
+  cp "$OUT/maml-imitate/config.json" "$RESULTS-maml-imitate/maml-imitate-config.json"
+}
 mkdir -p "$OUT/maml-imitate"
-icl-metarl train maml-imitate --suite "$SUITE" --task-pool fresh --action-repeat $K --meta-batch 10 --iterations "$ITERS" \
-  --checkpoint-every 40 --seed "$SEED" --threads 1 --out "$OUT/maml-imitate" > "$OUT/maml-imitate/stdout.log" 2>&1 &
+gradient > "$OUT/maml-imitate/stdout.log" 2>&1 &
 GRADIENT=$!
 
 icl-metarl generate --suite "$SUITE" --split train --task-pool fresh --trials "$TRIALS" --episodes 4 \
@@ -73,16 +82,13 @@ if [ "${ROUNDS:-4}" = 4 ]; then
   AGENT="$OUT/icl4"
 fi
 
+# STAGE=train stops before any test episode (a cost measurement: python scripts/stage_costs.py "$OUT")
+if [ "${STAGE:-all}" != train ]; then
+  icl-metarl evaluate "$AGENT" --non-adaptive $EVAL --out "$RESULTS"
+  cp "$AGENT/budget.json" "$RESULTS/icl-budget.json"
+  cp "$AGENT/config.json" "$RESULTS/icl-config.json"
+fi
 wait $GRADIENT || { echo "maml-imitate failed: see $OUT/maml-imitate/stdout.log" >&2; exit 1; }
-# STAGE=train stops here, before any test episode (a cost measurement: python scripts/stage_costs.py "$OUT")
 if [ "${STAGE:-all}" = train ]; then exit 0; fi
-
-icl-metarl evaluate "$AGENT" "$OUT/maml-imitate" --non-adaptive --suite "$SUITE" --split test \
-  --tasks-per-env "$TASKS" -K "$K_EP" -E "$E_EP" --seeds $SEEDS --action-repeat $K --batch-size 25 --vector pipelined \
-  --out "$RESULTS"
-cp "$AGENT/budget.json" "$RESULTS/icl-budget.json"
-cp "$AGENT/config.json" "$RESULTS/icl-config.json"
-cp "$OUT/maml-imitate/budget.json" "$RESULTS/maml-imitate-budget.json"
-cp "$OUT/maml-imitate/config.json" "$RESULTS/maml-imitate-config.json"
 
 if [ "${BASELINES:-$([ "$SEED" = 0 ] && echo 1 || echo 0)}" = 1 ]; then baselines; fi
