@@ -104,7 +104,8 @@ def test_every_recomputable_readme_figure_equals_its_recomputation(section):
                            "results/ml10-mi-s0-validation", "results/ml10-msi-s0-validation", "results/ml10-cpu-s0-norm-validation", "results/ml10-cpu-s0-validation", "results/ml10-cpu-s0-validation-pilot", "results/expert-ml10-k",
                            "results/quickstart-pick-place-v3",
                            "results/ml10-cpu-s0-norm-dagger4-validation", "results/ml10-cpu-s1-norm-dagger4-validation",
-                           "results/ml10-cpu-s2-norm-dagger4-validation"}
+                           "results/ml10-cpu-s2-norm-dagger4-validation", "results/ml10-test-s0",
+                           "results/ml10-test-s0-maml-imitate", "results/ml10-test-baselines"}
     assert len(figures) >= 8
     assert mismatches(section) == []
 
