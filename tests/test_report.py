@@ -10,6 +10,7 @@ from icl_metarl.harness.report import (
     adaptation_summary,
     decision_intervals,
     episode_array,
+    keep_figures,
     report_markdown,
     success_definitions,
     success_within,
@@ -131,3 +132,50 @@ def test_decision_intervals_beside_each_agent():
     for a in r["agents"].values():
         a["action_repeat"] = 1
     assert decision_intervals(r) == {} and "acts every" not in report_markdown(r, 100)
+
+
+def test_keep_figures_by_hand():
+    """K=2, E=2; trial 0 finds in episode 2 and keeps half, trial 1 never finds, trial 2 finds in episode 1
+    and loses it, trial 3 has a missing record after its only success."""
+    n = np.nan
+    s = np.array([[0, 0, 1, 1],   # episode 1
+                  [1, 0, 0, n],   # episode 2
+                  [1, 1, 0, 0],   # episode 3 (evaluation)
+                  [0, 0, 0, 0]],  # episode 4 (evaluation)
+                 dtype=float)[:, :, None]  # (episodes, tasks, seeds=1)
+    k = keep_figures(s, 2)
+    np.testing.assert_array_equal(k["found"][:, 0], [1, 0, 1, 1])
+    np.testing.assert_array_equal(k["kept"][:, 0], [0.5, n, 0.0, 0.0])
+    np.testing.assert_array_equal(k["not found"][:, 0], [n, 0.5, n, n])
+    # trial 0: episode 2 -> 3 kept, 3 -> 4 lost; trial 1: 3 -> 4 lost; trial 2: 1 -> 2 lost; trial 3: no pair
+    np.testing.assert_array_equal(k["next after a success"][:, 0], [0.5, 0.0, 0.0, n])
+
+
+def test_report_says_whether_an_agent_keeps_what_it_finds():
+    text = report_markdown(_results(), 200)
+    table = text.split("## Does it keep what it finds?")[1].split("## ")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    # "good" finds a success in every trial and keeps it; "bad" never finds one
+    assert rows["good"] == "| good | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | n/a | 1.00 [1.00, 1.00] |"
+    assert rows["bad"] == "| bad | 0.00 [0.00, 0.00] | n/a | 0.00 [0.00, 0.00] | n/a |"
+    assert rows["a-v3"] == "| a-v3 | 2 | 1.00 / 1.00 | 0.00 / - |"
+    no_evaluation = copy.deepcopy(_results())
+    no_evaluation["settings"].update(adaptation_episodes=3, evaluation_episodes=0)
+    assert "## Does it keep" not in report_markdown(no_evaluation, 200)
+
+
+def test_report_command_renders_a_committed_results_file_again(tmp_path):
+    import gzip
+    import json
+
+    from icl_metarl.study.cli import main
+
+    src = tmp_path / "eval"
+    src.mkdir()
+    with gzip.open(src / "results.json.gz", "wt") as f:
+        json.dump(_results(), f)
+    assert main(["report", str(src), "--bootstrap", "50"]) == 0
+    assert (src / "report.md").read_text() == report_markdown(_results(), 50, ["success.png", "return.png",
+                                                                               "steps_to_success.png"])
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert main(["report", str(src), "--bootstrap", "0"]) == 2

@@ -44,6 +44,33 @@ def success_within(success: np.ndarray, k: int) -> np.ndarray:
     return np.where(np.isinf(any_), np.nan, any_)
 
 
+def keep_figures(success: np.ndarray, adaptation_episodes: int) -> dict[str, np.ndarray]:
+    """Does an agent keep a success it found? From one agent's success (episodes, tasks, seeds), per trial
+    (tasks, seeds), NaN where a figure is undefined for the trial:
+
+    - ``found``: 1 if an adaptation episode (1..K) succeeded, else 0;
+    - ``kept``: the evaluation episodes' success of the trials that found one;
+    - ``not found``: the evaluation episodes' success of the trials that did not;
+    - ``next after a success``: of the episodes that succeeded (but the last), the share whose next episode
+      succeeded too.
+
+    A task's start is the same in every episode of a trial (Meta-World resets a task to one state), so an
+    agent that succeeded once can succeed again by doing the same; a Bayes-optimal agent keeps its success.
+    """
+    K = adaptation_episodes
+    found = success_within(success, K)
+    evaluation = np.nanmean(success[K:], axis=0) if len(success) > K else np.full(found.shape, np.nan)
+    before, after = success[:-1], success[1:]
+    pairs = ~np.isnan(before) & ~np.isnan(after) & (before == 1)
+    hits, repeats = pairs.sum(axis=0), (pairs & (after == 1)).sum(axis=0)
+    return {
+        "found": found,
+        "kept": np.where(found == 1, evaluation, np.nan),
+        "not found": np.where(found == 0, evaluation, np.nan),
+        "next after a success": np.where(hits > 0, repeats / np.maximum(hits, 1), np.nan),
+    }
+
+
 # ---------------------------------------------------------------------------------------- report
 def _pool(description: dict) -> str:
     """The task pool an agent says trained it (``describe()["task_pool"]``)."""
@@ -253,6 +280,38 @@ def claim_lines(results: dict, adapters: Sequence[tuple[str, str, str]], versus:
     return lines
 
 
+def keep_lines(view: _View, env_names: Sequence[str]) -> list[str]:
+    """'Does it keep what it finds?': ``keep_figures`` per agent with intervals over the trials that define
+    each, then found and kept per environment (point figures: few trials find a success in some)."""
+    K = view.K
+    keep = {a: keep_figures(view.arr["success"][a], K) for a in view.agents}
+    names = list(next(iter(keep.values())))
+    lines = ["## Does it keep what it finds?", "",
+             "A task starts from the same state in every episode of its trial, so an agent that succeeded once can "
+             "succeed again by doing the same; a Bayes-optimal agent keeps a success. 'Found': the share of trials "
+             f"with a success in an adaptation episode (1-{K}). 'Kept': the evaluation episodes' success of those "
+             "trials; 'not found': that of the others. 'Next after a success': of the successful episodes (but "
+             "the last), the share whose next episode succeeded too, per trial. Each interval is over the trials "
+             "that define its figure.", "",
+             "| agent | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in view.agents:
+        lines.append(f"| {a} | " + " | ".join(_fmt(view.ci(keep[a][n])) for n in names) + " |")
+    lines.append("")
+    if len(env_names) > 1:
+        lines += ["Per environment, found / kept (point figures; '-': no trial found a success):", "",
+                  "| environment | tasks | " + " | ".join(view.agents) + " |", "|---|---|" + "---|" * len(view.agents)]
+        for env in env_names:
+            idx = [t["index"] for t in view.tasks if t["env_name"] == env]
+            cells = []
+            for a in view.agents:
+                found, kept = keep[a]["found"][idx], keep[a]["kept"][idx]
+                cells.append(f"{np.nanmean(found):.2f} / "
+                             + (f"{np.nanmean(kept):.2f}" if np.any(~np.isnan(kept)) else "-"))
+            lines.append(f"| {env} | {len(idx)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[str] = ()) -> str:
     """report.md as a string."""
     v = _View(results, num_resamples)
@@ -319,6 +378,8 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
         lines.append("")
 
     env_names = sorted({t["env_name"] for t in v.tasks})
+    if v.K > 0 and v.E > 0:
+        lines += keep_lines(v, env_names)
     if len(env_names) > 1 and v.E > 0:
         lines += ["## Per environment: success in the evaluation episodes (Meta-World's figure)", "",
                   "| environment | tasks | " + " | ".join(v.agents) + " |", "|---|---|" + "---|" * len(v.agents)]

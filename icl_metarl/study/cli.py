@@ -307,6 +307,14 @@ def _add_compare(sub) -> None:
                                           a.against_non_adaptive, a.episode, a.bootstrap))
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="report.md and plots of an evaluation again, from its results.json; plays nothing")
+    p.add_argument("results", help="results directory (or results.json / results.json.gz file) of `evaluate`")
+    p.add_argument("--out", help="directory for report.md and the plots (default: the results directory)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals (default 2000)")
+    p.set_defaults(handler=lambda a: _run("icl_metarl.study.commands:report", a.results, a.out, a.bootstrap))
+
+
 def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help="attention probes of an in-context policy: where it looks, what it uses")
     p.add_argument("checkpoint", help="in-context policy directory (config.json + model.safetensors)")
@@ -428,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_compare(sub)
+    _add_report(sub)
     _add_curves(sub)
     _add_crosscheck(sub)
     _add_probe(sub)

@@ -17,7 +17,7 @@ import numpy as np
 from accelerate import PartialState
 
 from icl_metarl.harness.errors import UsageError
-from icl_metarl.harness.evaluation import EvalConfig, load_agents, trial_seed
+from icl_metarl.harness.evaluation import EvalConfig, load_agents, load_results, trial_seed
 from icl_metarl.harness.evaluation import evaluate as evaluate_agents
 from icl_metarl.harness.mw_adapter import evaluate_with_metaworld
 from icl_metarl.harness.report import write_report
@@ -97,6 +97,18 @@ def evaluate(specs: list[str], config: EvalConfig, non_adaptive: bool, bootstrap
     for f in results["failures"]:
         print(f"agent {f['agent']} failed at seed {f['seed']}: {f['error']} (earlier records kept)", file=sys.stderr)
     print(f"wrote {out}/results.json and {report}")
+
+
+def report(path: str, out: str | None, bootstrap: int) -> None:
+    """``icl-metarl report``: report.md and the plots of an evaluation again, from its results.json (or the
+    results.json.gz committed under results/), without playing an episode: after the report gains a
+    section, or into another directory."""
+    if bootstrap < 1:
+        raise UsageError(f"--bootstrap must be >= 1, got {bootstrap}")
+    results = load_results(path)
+    where = Path(out) if out else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    where.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_report(results, where, bootstrap)}")
 
 
 def probe(checkpoint: str, config: ProbeConfig, out) -> None:
