@@ -179,3 +179,20 @@ def test_report_command_renders_a_committed_results_file_again(tmp_path):
                                                                                "steps_to_success.png"])
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["report", str(src), "--bootstrap", "0"]) == 2
+
+
+def test_steps_to_success_per_environment_counts_only_successful_evaluation_episodes():
+    r = copy.deepcopy(_results())
+    for rec in r["records"]:  # "good" succeeds in episode 3 of task 0 at step 2 (seed 0) and 6 (seed 1)
+        if rec["agent"] == "good" and rec["task"] == 0 and rec["episode"] == 2:
+            rec["steps_to_success"] = 2 if rec["seed"] == 0 else 6
+    text = report_markdown(r, 100)
+    table = text.split("Steps to first success in the evaluation episodes")[1].split("## ")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    # a-v3: tasks 0 and 1, seeds 0 and 1: steps 2, 6, 4, 4 -> median 4 of 4; "bad" never succeeds
+    assert rows["a-v3"] == "| a-v3 | 4 (4) | - |"
+    r["records"] = [rec for rec in r["records"] if not (rec["task"] == 1 and rec["seed"] == 1)]
+    r["records"] = [rec for rec in r["records"] if not (rec["task"] == 1 and rec["seed"] == 0)]
+    text = report_markdown(r, 100)
+    table = text.split("Steps to first success in the evaluation episodes")[1].split("## ")[0]
+    assert "| a-v3 | 4 (2) | - |" in table  # task 1 has no record: the median of 2 and 6, of 2 episodes

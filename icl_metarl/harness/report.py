@@ -387,6 +387,17 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
             idx = [t["index"] for t in v.tasks if t["env_name"] == env]
             cells = [_fmt(v.ci(np.nanmean(v.arr["success"][a][v.K:, idx], axis=0))) for a in v.agents]
             lines.append(f"| {env} | {len(idx)} | " + " | ".join(cells) + " |")
+        lines += ["", "Steps to first success in the evaluation episodes that succeeded, per environment: median "
+                  "(successful episodes); '-': none succeeded. Compare an agent with the oracle where both succeed.", "",
+                  "| environment | " + " | ".join(v.agents) + " |", "|---|" + "---|" * len(v.agents)]
+        for env in env_names:
+            idx = [t["index"] for t in v.tasks if t["env_name"] == env]
+            cells = []
+            for a in v.agents:
+                won = v.arr["success"][a][v.K:, idx] == 1
+                steps = v.arr["steps_to_success"][a][v.K:, idx][won]  # a NaN record is no success
+                cells.append(f"{np.median(steps):.0f} ({steps.size})" if steps.size else "-")
+            lines.append(f"| {env} | " + " | ".join(cells) + " |")
         lines.append("")
 
     if results["failures"]:
