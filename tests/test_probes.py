@@ -297,3 +297,45 @@ def test_cli_probe_and_bad_input(tmp_path, capsys):
     assert main(["probe", str(tmp_path / "ckpt"), "--out", str(out), "--episodes", "1"]) == 2
     assert main(["probe", str(tmp_path / "ckpt"), "--out", str(out), "--heads", "5.0"]) == 2
     assert main(["probe", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_probe_plays_the_evaluators_500_step_episodes_by_default():
+    """A model holding 167 decisions at k = 3 plays 500 simulator steps (167 x 3 = 501 would run past
+    Meta-World's episode end and shift every later episode's boundary); shorter models play what they hold."""
+    from icl_metarl.probes.config import ProbeConfig
+    from icl_metarl.probes.probe import check_config
+
+    k3 = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=167, max_context_episodes=3,
+                                   action_repeat=3))
+    assert check_config(ProbeConfig(suite="ML10"), k3).episode_length == 500
+    k1 = ICLPolicy(ICLPolicyConfig(d_model=16, n_layer=1, n_head=2, max_episode_length=40, max_context_episodes=3))
+    assert check_config(ProbeConfig(suite="ML10"), k1).episode_length == 40
+
+
+def test_probe_spreads_its_trials_over_the_environments_as_the_evaluator_does():
+    """ML10's test split lists 50 drawer-open tasks first; 10 trials are 2 per environment, the evaluator's
+    --tasks-per-env 2 in its order, and 7 trials take the environments in turn."""
+    from icl_metarl.harness.evaluation import first_per_env
+    from icl_metarl.probes.config import ProbeConfig
+    from icl_metarl.probes.probe import probe_tasks
+
+    tasks = get_suite("ML10").tasks("test", 0)
+    envs = list(dict.fromkeys(t.env_name for t in tasks))
+    assert probe_tasks(tasks, ProbeConfig(suite="ML10", trials=10)) == first_per_env(tasks, 2)
+    seven = probe_tasks(tasks, ProbeConfig(suite="ML10", trials=7))
+    assert [sum(t.env_name == e for t in seven) for e in envs] == [2, 2, 1, 1, 1]
+    assert seven == [t for t in first_per_env(tasks, 2) if t in seven]  # the split's order
+    door = probe_tasks(tasks, ProbeConfig(suite="ML10", trials=3, env="door-close-v3"))
+    assert door == [t for t in tasks if t.env_name == "door-close-v3"][:3]
+    with pytest.raises(UsageError, match="door-open-v3.*door-close-v3"):
+        probe_tasks(tasks, ProbeConfig(suite="ML10", env="door-open-v3"))
+    with pytest.raises(UsageError, match="trials=51"):
+        probe_tasks(tasks, ProbeConfig(suite="ML10", trials=51, env="door-close-v3"))
+
+
+def test_probe_report_gives_success_per_environment():
+    from icl_metarl.probes.report import _success_by_environment
+
+    b = {"environment_by_trial": ["a-v3", "b-v3", "a-v3"], "success_by_trial": [[0, 1], [1, 1], [1, 0]]}
+    assert _success_by_environment(b) == ["- a-v3 (2 trials): 0.50, 0.50", "- b-v3 (1 trials): 1.00, 1.00"]
+    assert _success_by_environment({**b, "environment_by_trial": ["a-v3"] * 3}) == []

@@ -30,11 +30,16 @@ class ProbeConfig:
     split: str = "test"
     """task split: test (held-out tasks, default), validation (new train-environment tasks) or train"""
     trials: int = 10
-    """parallel trials (the split's first N tasks)"""
+    """parallel trials, spread evenly over the suite's environments: with N trials over n environments, the first
+    ceil(N/n) tasks of each, the environments taken in turn (N a multiple of n: the evaluator's tasks at
+    --tasks-per-env N/n, in its order); one environment's first N tasks where ``env`` is set"""
+    env: str | None = None
+    """probe only this environment of the suite (e.g. door-close-v3 on ML10's test split); None: all of them"""
     episodes: int | None = None
     """episodes per trial, >= 2; None: the model's max_context_episodes (the last one sees a full context)"""
     episode_length: int | None = None
-    """simulator steps per episode; None: the model's max_episode_length (500 by default) times its interval"""
+    """simulator steps per episode; None: the evaluator's 500, or fewer where the model's max_episode_length
+    decisions times its interval are fewer"""
     action_repeat: int | None = None
     """decision interval k: the agent acts every k-th simulator step, its action held, and the probe's per-step
     arrays and maps are per decision; None: the model's own (another than the model's is refused)"""

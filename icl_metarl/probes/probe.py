@@ -33,6 +33,7 @@ from icl_metarl.harness.evaluation import trial_seed
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.statistics import normal_interval
 from icl_metarl.harness.suites import (
+    DEFAULT_EPISODE_LENGTH,
     check_action_repeat,
     check_episode_length,
     check_playable,
@@ -111,6 +112,24 @@ def load_model(model_or_path):
     raise UsageError(f"probe needs an ICLPolicy or a checkpoint directory, got {type(model_or_path).__name__}")
 
 
+def probe_tasks(tasks: list, cfg: ProbeConfig) -> list:
+    """The trials' tasks: ``cfg.env``'s first N, or N spread evenly over the environments (the first
+    ceil(N/n) of each, environments taken in turn, kept in the split's order); a split lists its tasks
+    environment by environment, so its first N tasks would all be one environment's."""
+    envs = list(dict.fromkeys(t.env_name for t in tasks))
+    if cfg.env is not None:
+        if cfg.env not in envs:
+            raise choice_error(f"environment of {cfg.suite}'s {cfg.split} split", cfg.env, envs)
+        envs = [cfg.env]
+    per_env = {e: [j for j, t in enumerate(tasks) if t.env_name == e] for e in envs}
+    if cfg.trials > sum(map(len, per_env.values())):
+        raise UsageError(f"trials={cfg.trials} but {cfg.suite} has {sum(map(len, per_env.values()))} {cfg.split} "
+                         f"tasks{f' of {cfg.env}' if cfg.env else ''}")
+    in_turn = [j for rank in range(max(map(len, per_env.values()))) for e in envs if rank < len(per_env[e])
+               for j in [per_env[e][rank]]]
+    return [tasks[j] for j in sorted(in_turn[: cfg.trials])]
+
+
 def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
     c = model.config
     check_playable(cfg.suite, cfg.split)
@@ -118,7 +137,10 @@ def check_config(cfg: ProbeConfig, model) -> ProbeConfig:
     if cfg.action_repeat is not None and check_action_repeat(cfg.action_repeat) != repeat:
         raise UsageError(f"action repeat {cfg.action_repeat}: the model was trained to act every {repeat} simulator "
                          f"steps; probe it with action repeat {repeat} or leave it unset")
-    length = c.max_episode_length * repeat if cfg.episode_length is None else check_episode_length(cfg.episode_length)
+    # the evaluator's episodes by default: 500 simulator steps (Meta-World's), fewer only where the model holds fewer
+    # decisions; max_episode_length x k can exceed 500 (167 x 3 = 501), and Meta-World ends the episode at 500
+    length = (min(DEFAULT_EPISODE_LENGTH, c.max_episode_length * repeat) if cfg.episode_length is None
+              else check_episode_length(cfg.episode_length))
     if decisions_per_episode(length, repeat) > c.max_episode_length:
         raise UsageError(f"episode length {length} ({decisions_per_episode(length, repeat)} decisions at action repeat "
                          f"{repeat}) > the model's max_episode_length {c.max_episode_length}")
@@ -160,10 +182,7 @@ def probe(model_or_path, suite: str | None = None, config: ProbeConfig | None = 
     except TypeError as e:
         raise UsageError(f"unknown probe setting: {e}") from None
     cfg = check_config(cfg, model)
-    tasks = get_suite(cfg.suite).tasks(cfg.split, cfg.suite_seed)
-    if cfg.trials > len(tasks):
-        raise UsageError(f"trials={cfg.trials} but {cfg.suite} has {len(tasks)} {cfg.split} tasks")
-    tasks = tasks[: cfg.trials]
+    tasks = probe_tasks(get_suite(cfg.suite).tasks(cfg.split, cfg.suite_seed), cfg)
     window = model.config.max_context_episodes  # episodes in the context, the probed one included
     rng = np.random.default_rng(cfg.seed)
     timing = {}
@@ -233,7 +252,9 @@ def _probe(model, cfg: ProbeConfig, tasks, window: int, rng, timing: dict, say) 
     finally:
         envs.close()
     timing["total_s"] = time.perf_counter() - t0
-    return _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timing)
+    result = _summarise(cfg, model, success, returns, stats, kept, causal, ablation, timing)
+    result.baseline["environment_by_trial"] = [t.env_name for t in tasks]
+    return result
 
 
 def _mean_ci(x: np.ndarray) -> dict:

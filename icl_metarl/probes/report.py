@@ -59,6 +59,19 @@ class ProbeResult:
         return paths + [out / "probe.md"]
 
 
+def _success_by_environment(baseline: dict) -> list[str]:
+    """One line per environment (where the trials span several): its trials' success per episode."""
+    envs = baseline.get("environment_by_trial") or []
+    if len(set(envs)) < 2:
+        return []
+    success = np.asarray(baseline["success_by_trial"], dtype=np.float64)  # (B, K)
+    lines = []
+    for env in dict.fromkeys(envs):
+        rows = success[[e == env for e in envs]]
+        lines.append(f"- {env} ({len(rows)} trials): {', '.join(f'{x:.2f}' for x in rows.mean(axis=0))}")
+    return lines
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -173,6 +186,7 @@ def describe(result: ProbeResult, figures: Sequence[str] = ()) -> str:
         "",
         f"Success per episode: {', '.join(_fmt(x) for x in b['success_per_episode'])} "
         f"(return {', '.join(f'{x:.0f}' for x in b['return_per_episode'])}).",
+        *_success_by_environment(b),
         "",
         "## Where attention goes (queries of the probed episode, mean over trials)",
         "",
