@@ -8,6 +8,9 @@ Keys: ``agent=LABEL episode=N`` (success in that episode, or ``episode=evaluatio
 episodes; ``variant=non-adaptive`` for the agent's
 non-adaptive variant, ``minus=non-adaptive`` for the paired difference to it) on an evaluation's
 results.json; ``k=K split=SPLIT env=ENV`` (the expert's success) on a ``suites --check`` directory.
+Pooled over training seeds, as ``icl-metarl compare`` pools them (runs, then tasks, then seeds): several directories
+joined by commas, the same agent label in each (``results/A,results/B agent=icl episode=evaluation``), and
+``minus=DIR,DIR:LABEL`` for the paired difference to another learner's runs, run i with run i.
 Earlier figures whose files were not kept carry no comment and sit in a separate table.
 """
 
@@ -49,23 +52,36 @@ def recompute(spec: str, with_interval: bool, root: Path = ROOT) -> str:
     directory, *pairs = spec.split()
     keys = dict(p.split("=", 1) for p in pairs)
     path = root / directory
-    if not path.is_dir():
-        raise FileNotFoundError(f"{directory} is not a committed results directory")
-    if "k" in keys:  # the expert at decision interval k, as `icl-metarl suites --check` tabulates it
+    if "k" in keys:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{directory} is not a committed results directory")  # the expert at decision interval k, as `icl-metarl suites --check` tabulates it
         records = by_env(load_results(path / f"k{keys['k']}" / keys["split"]), "oracle")[keys["env"]]
         return f"{np.mean([r['success'] for r in records]):.2f}"
-    loaded = load_evaluations([str(path)])
-    run = find_agent(loaded, keys["agent"])
+    minus = keys.get("minus", "")
+    other, _, other_label = minus.rpartition(":") if minus != "non-adaptive" else ("", "", "")
+    a_dirs, b_dirs = directory.split(","), other.split(",") if other else []
+    for d in a_dirs + b_dirs:
+        if not (root / d).is_dir():
+            raise FileNotFoundError(f"{d} is not a committed results directory")
+    loaded = load_evaluations([str(root / d) for d in a_dirs + b_dirs])
+    runs = [find_agent(loaded, f"{root / d}:{keys['agent']}") for d in a_dirs]
     episode = parse_episode(keys["episode"], loaded[0][1]["settings"])
     if keys.get("variant") == "non-adaptive":
-        run = non_adaptive_variant(loaded, run)
-    if keys.get("minus") == "non-adaptive":
-        ci = difference_interval(success(loaded, [run], episode), success(loaded, [non_adaptive_variant(loaded, run)],
-                                                                              episode))
-        sign = True
+        runs = [non_adaptive_variant(loaded, run) for run in runs]
+    if minus:
+        b_runs = ([non_adaptive_variant(loaded, run) for run in runs] if minus == "non-adaptive"
+                  else [find_agent(loaded, f"{root / d}:{other_label}") for d in b_dirs])
+        ci, sign = difference_interval(success(loaded, runs, episode), success(loaded, b_runs, episode)), True
     else:
-        ci, sign = mean_interval(success(loaded, [run], episode)), False
+        ci, sign = mean_interval(success(loaded, runs, episode)), False
     return _fmt(ci if with_interval else ci[:1], sign)
+
+
+def spec_directories(spec: str) -> list[str]:
+    """Every results directory a figure's spec reads: its own (comma-joined when pooled) and minus=DIRS:LABEL's."""
+    directory, *pairs = spec.split()
+    minus = dict(p.split("=", 1) for p in pairs).get("minus", "non-adaptive")
+    return directory.split(",") + (minus.rpartition(":")[0].split(",") if minus != "non-adaptive" else [])
 
 
 def mismatches(section: str, root: Path = ROOT) -> list[str]:
@@ -74,9 +90,9 @@ def mismatches(section: str, root: Path = ROOT) -> list[str]:
     in the figure column of a row that has comments."""
     problems = []
     for quoted, spec, row in quoted_figures(section):
-        directory = spec.split()[0]
-        if directory not in FIGURE.sub("", row):
-            problems.append(f"{spec}: its row does not name {directory} outside the comment")
+        for directory in spec_directories(spec):
+            if directory not in FIGURE.sub("", row):
+                problems.append(f"{spec}: its row does not name {directory} outside the comment")
         try:
             again = recompute(spec, "[" in quoted, root)
         except FileNotFoundError as e:
@@ -99,7 +115,7 @@ def section() -> str:
 
 def test_every_recomputable_readme_figure_equals_its_recomputation(section):
     figures = quoted_figures(section)
-    directories = {spec.split()[0] for _, spec, _ in figures}
+    directories = {d for _, spec, _ in figures for d in spec_directories(spec)}
     assert directories == {"results/ml10-cpu-s0-norm-dagger-validation", "results/ml10-cpu-s1-norm-dagger-validation",
                            "results/ml10-mi-s0-validation", "results/ml10-msi-s0-validation", "results/ml10-cpu-s0-norm-validation", "results/ml10-cpu-s0-validation", "results/ml10-cpu-s0-validation-pilot", "results/expert-ml10-k",
                            "results/quickstart-pick-place-v3",
@@ -155,3 +171,13 @@ def test_the_committed_expert_table_equals_its_evaluations():
     assert f"below {threshold}: {', '.join(below)}" in table
     assert [line for line in table if re.match(r"\| (train|test) \|", line)] == relative
     assert table[-1] == f"every environment keeps >= {keep} of its k=1 success up to k={worst}"
+
+
+def test_a_changed_pooled_figure_is_a_mismatch(section):
+    """Pooled figures (several directories, minus another learner) are recomputed too, not skipped."""
+    pooled = [f for f in quoted_figures(section) if "," in f[1].split()[0] and "minus=results/" in f[1]]
+    assert pooled, "the README quotes no pooled difference to another learner"
+    quoted, spec, row = pooled[0]
+    changed_figure = quoted.replace(quoted[1:5], f"{float(quoted[1:5]) + 0.01:.2f}", 1)
+    found = mismatches(section.replace(row, row.replace(quoted, changed_figure, 1), 1))
+    assert len(found) == 1 and f"README quotes {changed_figure}" in found[0]
