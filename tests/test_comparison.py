@@ -177,3 +177,27 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, fragment):
 def test_a_missing_evaluation_is_one_line(tmp_path, capsys):
     rc, _, err = _compare(capsys, tmp_path / "missing", "--a", "a", "--b", "b", "--episode", 1)
     assert rc == 2 and "no results file" in err and "missing" in err
+
+
+def test_per_env_rows_pool_each_environments_tasks_alone(tmp_path, capsys):
+    """Two environments of 3 tasks each: each row is the module's figures on that environment's columns."""
+    rng = np.random.default_rng(3)
+    success = {name: (rng.random((2, 6, 2)) < p).astype(float)
+               for name, p in (("a0", 0.8), ("a1", 0.5), ("b0", 0.3), ("b1", 0.2))}
+    success["a1"][:, 3:] = 0.0  # lever-pull is harder for A's run 1
+    tasks = [{"index": j, "env_name": "door-close-v3" if j < 3 else "lever-pull-v3"} for j in range(6)]
+    _write(tmp_path / "r", _results(success, tasks=tasks))
+    rc, out, err = _compare(capsys, tmp_path / "r", "--a", "a0", "a1", "--b", "b0", "b1", "--episode", 2,
+                            "--bootstrap", 200, "--per-env")
+    assert rc == 0, err
+    xa = np.stack([success["a0"][1], success["a1"][1]])
+    xb = np.stack([success["b0"][1], success["b1"][1]])
+    for env, cols in (("door-close-v3", slice(0, 3)), ("lever-pull-v3", slice(3, 6))):
+        m, d = st.mean_interval(xa[:, cols], 200), st.difference_interval(xa[:, cols], xb[:, cols], 200)
+        per_task = (xa[:, cols] - xb[:, cols]).mean(axis=(0, 2))
+        row = next(line for line in out.splitlines() if line.startswith(f"| {env} |"))
+        assert row.startswith(f"| {env} | 3 | {m.estimate:.2f} [{m.low:.2f}, {m.high:.2f}] |")
+        assert f"| {d.estimate:+.2f} [{d.low:+.2f}, {d.high:+.2f}] | {(per_task > 0).sum()} / {(per_task < 0).sum()} |" in row
+    assert abs(xa[:, :3].mean() - xa[:, 3:].mean()) > 0.01  # the rows differ, so a whole-table row would fail
+    rc, out, _ = _compare(capsys, tmp_path / "r", "--a", "a0", "--b", "b0", "--episode", 2, "--bootstrap", 50)
+    assert rc == 0 and "| door-close-v3 |" not in out  # only with --per-env

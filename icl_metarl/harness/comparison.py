@@ -3,7 +3,7 @@ each learner's mean and interquartile mean over its runs, and A minus B paired r
 and seed by seed, with tasks won/lost and the exact sign test; every interval from ``statistics``.
 
 ``icl-metarl compare DIR ... --a LABEL ... --b LABEL ... --episode N`` (or ``--episode evaluation``: each trial's
-mean over its evaluation episodes, the figure Meta-World reports). The evaluations must share one
+mean over its evaluation episodes, the figure Meta-World reports; ``--per-env``: the same per environment). The evaluations must share one
 protocol (suite, split, episodes, episode length, tasks and seeds), so that records pair task by task;
 anything else is refused in one line. A label found in several of them is named ``DIR:LABEL``.
 Not for: one evaluation's report (``report.py``); playing agents (``evaluation.py``).
@@ -134,8 +134,26 @@ def compare_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tupl
     return lines
 
 
+def per_env_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]], episode: int | str,
+                  num_resamples: int = 2000) -> list[str]:
+    """One row per environment of the tasks: A, B and A minus B over that environment's tasks, pooled as the
+    whole is (runs, then its tasks, then seeds), with tasks won and lost."""
+    r0 = loaded[0][1]
+    envs = [t.get("env_name", "?") for t in r0["tasks"]]
+    xa, xb = success(loaded, a, episode), success(loaded, b, episode)  # (runs, tasks, seeds)
+    lines = ["| environment | tasks | A mean [95% CI] | B mean [95% CI] | A - B [95% CI] | won / lost |",
+             "|---|---|---|---|---|---|"]
+    for env in dict.fromkeys(envs):
+        mask = np.array([e == env for e in envs])
+        won, lost, _, _ = won_lost(xa[:, mask] - xb[:, mask])
+        lines.append(f"| {env} | {int(mask.sum())} | {_fmt(mean_interval(xa[:, mask], num_resamples))} | "
+                     f"{_fmt(mean_interval(xb[:, mask], num_resamples))} | "
+                     f"{_fmt(difference_interval(xa[:, mask], xb[:, mask], num_resamples), '+')} | {won} / {lost} |")
+    return lines
+
+
 def compare_command(paths: Sequence[str], a: Sequence[str], b: Sequence[str] | None, against_non_adaptive: bool,
-                    episode: int | str, num_resamples: int) -> None:
+                    episode: int | str, num_resamples: int, per_env: bool = False) -> None:
     """``icl-metarl compare``: the comparison printed as markdown."""
     if (b is None) == (not against_non_adaptive):
         raise UsageError("give B's runs with --b LABEL ... or --against-non-adaptive, not both or neither")
@@ -153,4 +171,8 @@ def compare_command(paths: Sequence[str], a: Sequence[str], b: Sequence[str] | N
     if len(runs_a) != len(runs_b):
         raise UsageError(f"--a has {len(runs_a)} runs and --b {len(runs_b)}; the difference pairs run i of A with "
                          "run i of B, so give as many of each")
-    print("\n".join(compare_lines(loaded, runs_a, runs_b, episode, num_resamples)))
+    lines = compare_lines(loaded, runs_a, runs_b, episode, num_resamples)
+    if per_env:
+        lines += ["", "Per environment (its tasks only, pooled the same way):", "",
+                  *per_env_lines(loaded, runs_a, runs_b, episode, num_resamples)]
+    print("\n".join(lines))

@@ -79,6 +79,8 @@ class CompareCommand:
     """B: each of A's runs without adaptation (its non-adaptive variant in the same evaluation), instead of --b"""
     bootstrap: int = 2000
     """bootstrap resamples for the 95% intervals"""
+    per_env: bool = False
+    """also a table per environment of the tasks (ML10, ML45): A, B and A minus B over its tasks alone"""
 
 
 @dataclass
@@ -304,7 +306,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--b", nargs="+", metavar="LABEL", help="agent labels of learner B's runs, paired in order with A's")
     add_arguments(p, CompareCommand, required=("episode",))
     p.set_defaults(handler=lambda a: _run("icl_metarl.harness.comparison:compare_command", a.results, a.a, a.b,
-                                          a.against_non_adaptive, a.episode, a.bootstrap))
+                                          a.against_non_adaptive, a.episode, a.bootstrap, a.per_env))
 
 
 def _add_report(sub) -> None:
