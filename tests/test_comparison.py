@@ -163,8 +163,8 @@ def test_evaluation_is_each_trials_mean_over_its_evaluation_episodes(tmp_path, c
     (["--a", "a0", "a0", "--b", "b0", "a1", "--episode", "2"], "a0 more than once"),
     (["--a", "a0", "--episode", "2"], "--b LABEL ... or --against-non-adaptive"),
     (["--a", "a0", "--b", "b0", "--against-non-adaptive", "--episode", "2"], "not both"),
-    (["--a", "a0", "--b", "b0", "--episode", "3"], "--episode 3: allowed 1..2 or 'evaluation'"),
-    (["--a", "a0", "--b", "b0", "--episode", "last"], "--episode last: allowed 1..2 or 'evaluation'"),
+    (["--a", "a0", "--b", "b0", "--episode", "3"], "--episode 3: allowed 1..2 or 'evaluation' or 'replay-best'"),
+    (["--a", "a0", "--b", "b0", "--episode", "last"], "--episode last: allowed 1..2 or 'evaluation' or 'replay-best'"),
     (["--a", "a0", "--b", "b0", "--episode", "1", "--bootstrap", "0"], "--bootstrap must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, fragment):
@@ -201,3 +201,30 @@ def test_per_env_rows_pool_each_environments_tasks_alone(tmp_path, capsys):
     assert abs(xa[:, :3].mean() - xa[:, 3:].mean()) > 0.01  # the rows differ, so a whole-table row would fail
     rc, out, _ = _compare(capsys, tmp_path / "r", "--a", "a0", "--b", "b0", "--episode", 2, "--bootstrap", 50)
     assert rc == 0 and "| door-close-v3 |" not in out  # only with --per-env
+
+
+def test_replay_best_is_the_success_of_each_trials_highest_return_adaptation_episode(tmp_path, capsys):
+    """Three adaptation episodes and one evaluation episode; the return picks the episode, not the success."""
+    rng = np.random.default_rng(5)
+    success = {a: (rng.random((4, 6, 2)) < 0.5).astype(float) for a in ("a0", "b0")}
+    returns = {a: rng.random((4, 6, 2)) for a in success}
+    results = _results(success)
+    for r in results["records"]:
+        r["return"] = float(returns[r["agent"]][r["episode"], r["task"], r["seed"]])
+    _write(tmp_path / "r", results)
+    rc, out, err = _compare(capsys, tmp_path / "r", "--a", "a0", "--b", "b0", "--episode", "replay-best",
+                            "--bootstrap", 200)
+    assert rc == 0, err
+    by_hand = {}
+    for a in success:
+        x = np.empty((6, 2))
+        for j in range(6):
+            for seed in range(2):
+                best = max(range(3), key=lambda k: returns[a][k, j, seed])  # the adaptation episodes only
+                x[j, seed] = success[a][best, j, seed]
+        by_hand[a] = x[None]
+    d = st.difference_interval(by_hand["a0"], by_hand["b0"], 200)
+    assert f"A - B {d.estimate:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" in out
+    assert "highest-return adaptation episode (1-3)" in out
+    any_success = np.nanmax(success["a0"][:3], axis=0)[None]  # the 'found' rate, a different figure
+    assert not np.isclose(by_hand["a0"].mean(), any_success.mean())

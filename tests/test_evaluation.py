@@ -338,3 +338,42 @@ def test_a_results_file_committed_gzip_compressed_reads_as_the_plain_one(tmp_pat
     (tmp_path / "bad" / "results.json.gz").write_bytes(b"not gzip")
     with pytest.raises(UsageError, match="results.json.gz is not valid JSON"):
         load_results(tmp_path / "bad")
+
+
+def _by_trial(res: dict, agent: str, key: str) -> np.ndarray:
+    """(episodes, tasks) of one agent's records at seed 0."""
+    rec = [r for r in res["records"] if r["agent"] == agent and r["seed"] == 0]
+    out = np.full((max(r["episode"] for r in rec) + 1, max(r["task"] for r in rec) + 1), np.nan)
+    for r in rec:
+        out[r["episode"], r["task"]] = float(r[key])
+    return out
+
+
+@pytest.mark.parametrize("vector", ["sync", "pipelined"])
+def test_replay_best_plays_the_agent_then_repeats_its_best_adaptation_episode(vector):
+    """The random agent's returns differ in every episode: the replay-best variant's adaptation episodes are
+    the agent's own, and each evaluation episode scores exactly what its highest-return one scored (online
+    equals the offline figure ``best_return_success`` reads from records)."""
+    from icl_metarl.harness.report import best_return_success
+
+    cfg = EvalConfig(**{**TINY, "num_tasks": 4, "adaptation_episodes": 3, "evaluation_episodes": 2,
+                        "episode_length": 30, "action_repeat": 3, "vector": vector, "batch_size": 4})
+    agents = load_agents(["random", "oracle"], replay_best_after=3)
+    assert [a.label for a in agents] == ["random", "random [replay-best]", "oracle", "oracle [replay-best]"]
+    res = evaluate(agents, cfg)
+    for name in ("random", "oracle"):
+        ret, rep = _by_trial(res, name, "return"), _by_trial(res, f"{name} [replay-best]", "return")
+        np.testing.assert_array_equal(rep[:3], ret[:3])  # the agent's own adaptation episodes
+        best = ret[:3].argmax(axis=0)
+        for e in (3, 4):
+            np.testing.assert_allclose(rep[e], ret[best, np.arange(4)], rtol=1e-5)
+        success = _by_trial(res, f"{name} [replay-best]", "success")
+        np.testing.assert_array_equal(success[3], best_return_success(success[:, :, None], rep[:, :, None], 3)[:, 0])
+    assert len({round(x, 3) for x in _by_trial(res, "random", "return")[:3, 0]}) == 3  # a real choice was made
+
+
+def test_replay_best_needs_adaptation_and_evaluation_episodes(tmp_path, capsys):
+    base = ["evaluate", "random", "--suite", "ML1:reach-v3", "--out", str(tmp_path), "--no-progress", "--replay-best"]
+    assert main(base + ["-K", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--replay-best" in err[0] and "-K 0" in err[0]

@@ -8,6 +8,7 @@ from icl_metarl.harness.report import (
     _fmt,
     _View,
     adaptation_summary,
+    best_return_success,
     decision_intervals,
     episode_array,
     keep_figures,
@@ -149,6 +150,15 @@ def test_keep_figures_by_hand():
     np.testing.assert_array_equal(k["not found"][:, 0], [n, 0.5, n, n])
     # trial 0: episode 2 -> 3 kept, 3 -> 4 lost; trial 1: 3 -> 4 lost; trial 2: 1 -> 2 lost; trial 3: no pair
     np.testing.assert_array_equal(k["next after a success"][:, 0], [0.5, 0.0, 0.0, n])
+    assert "replay best" not in k
+    # returns pick the replayed adaptation episode: trial 0 its failed episode 1 (the higher return), trial 2 a
+    # tie (the first), trial 3 its episode 1 (episode 2 has no record); evaluation returns are never read
+    r = np.array([[5, 1, 2, 7],
+                  [4, 3, 2, n],
+                  [9, 9, 9, 9],
+                  [9, 9, 9, 9]], dtype=float)[:, :, None]
+    np.testing.assert_array_equal(keep_figures(s, 2, r)["replay best"][:, 0], [0, 0, 1, 1])
+    np.testing.assert_array_equal(best_return_success(s, np.full_like(s, n), 2)[:, 0], [n, n, n, n])
 
 
 def test_report_says_whether_an_agent_keeps_what_it_finds():
@@ -156,8 +166,8 @@ def test_report_says_whether_an_agent_keeps_what_it_finds():
     table = text.split("## Does it keep what it finds?")[1].split("## ")[0]
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
     # "good" finds a success in every trial and keeps it; "bad" never finds one
-    assert rows["good"] == "| good | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | n/a | 1.00 [1.00, 1.00] |"
-    assert rows["bad"] == "| bad | 0.00 [0.00, 0.00] | n/a | 0.00 [0.00, 0.00] | n/a |"
+    assert rows["good"] == "| good | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | n/a | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |"
+    assert rows["bad"] == "| bad | 0.00 [0.00, 0.00] | n/a | 0.00 [0.00, 0.00] | n/a | 0.00 [0.00, 0.00] |"
     assert rows["a-v3"] == "| a-v3 | 2 | 1.00 / 1.00 | 0.00 / - |"
     no_evaluation = copy.deepcopy(_results())
     no_evaluation["settings"].update(adaptation_episodes=3, evaluation_episodes=0)

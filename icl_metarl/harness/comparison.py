@@ -18,7 +18,7 @@ import numpy as np
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.evaluation import load_results
-from icl_metarl.harness.report import episode_array
+from icl_metarl.harness.report import best_return_success, episode_array
 from icl_metarl.harness.statistics import Interval, difference_interval, iqm_interval, mean_interval, won_lost
 
 #: what makes two evaluations' records pair task by task (batch size, vector mode, progress do not)
@@ -70,35 +70,47 @@ def non_adaptive_variant(loaded: Loaded, run: tuple[str, str]) -> tuple[str, str
 
 
 EVALUATION = "evaluation"  # --episode evaluation: the mean over a trial's evaluation episodes
+#: --episode replay-best: the success of a trial's highest-return adaptation episode, which replaying it would
+#: score in the evaluation episodes (``report.best_return_success``)
+REPLAY_BEST = "replay-best"
 
 
 def parse_episode(value: int | str, settings: dict) -> int | str:
-    """``value`` as an episode of trials played with ``settings``: a 1-based index, or ``"evaluation"``;
-    anything else is refused in one line naming what is allowed."""
+    """``value`` as an episode of trials played with ``settings``: a 1-based index, ``"evaluation"`` or
+    ``"replay-best"``; anything else is refused in one line naming what is allowed."""
     n = settings["adaptation_episodes"] + settings["evaluation_episodes"]
+    both = settings["evaluation_episodes"] > 0 and settings["adaptation_episodes"] > 0
     if str(value) == EVALUATION and settings["evaluation_episodes"] > 0:
         return EVALUATION
+    if str(value) == REPLAY_BEST and both:
+        return REPLAY_BEST
     try:
         episode = int(value)
     except ValueError:
         episode = 0
     if not 1 <= episode <= n:
-        allowed = f"1..{n}" + (f" or {EVALUATION!r}" if settings["evaluation_episodes"] else "")
-        raise UsageError(f"--episode {value}: allowed {allowed} (an episode of the trial, or the mean over its "
-                         "evaluation episodes)")
+        allowed = f"1..{n}" + (f" or {EVALUATION!r}" if settings["evaluation_episodes"] else "") \
+            + (f" or {REPLAY_BEST!r}" if both else "")
+        raise UsageError(f"--episode {value}: allowed {allowed} (an episode of the trial, the mean over its "
+                         "evaluation episodes, or the success of its highest-return adaptation episode)")
     return episode
 
 
 def success(loaded: Loaded, runs: Sequence[tuple[str, str]], episode: int | str) -> np.ndarray:
-    """(runs, tasks, seeds): success of each run in ``episode`` (1-based), or with ``"evaluation"`` its mean
-    over the evaluation episodes; NaN where no record exists."""
+    """(runs, tasks, seeds): success of each run in ``episode`` (1-based), with ``"evaluation"`` its mean
+    over the evaluation episodes, with ``"replay-best"`` that of its highest-return adaptation episode; NaN
+    where no record exists."""
     by_name = dict(loaded)
     out = []
     for name, label in runs:
         r = by_name[name]
         K, E = r["settings"]["adaptation_episodes"], r["settings"]["evaluation_episodes"]
         curve = episode_array(r["records"], label, "success", len(r["tasks"]), r["seeds"], K + E)
-        out.append(np.nanmean(curve[K:], axis=0) if episode == EVALUATION else curve[episode - 1])
+        if episode == REPLAY_BEST:
+            returns = episode_array(r["records"], label, "return", len(r["tasks"]), r["seeds"], K + E)
+            out.append(best_return_success(curve, returns, K))
+        else:
+            out.append(np.nanmean(curve[K:], axis=0) if episode == EVALUATION else curve[episode - 1])
     return np.stack(out)
 
 
@@ -115,6 +127,9 @@ def compare_lines(loaded: Loaded, a: Sequence[tuple[str, str]], b: Sequence[tupl
     if episode == EVALUATION:
         K = s["adaptation_episodes"]
         which = f"the evaluation episodes {K + 1}-{K + s['evaluation_episodes']} (each trial's mean)"
+    elif episode == REPLAY_BEST:
+        which = (f"each trial's highest-return adaptation episode (1-{s['adaptation_episodes']}), what replaying "
+                 "its actions in the evaluation episodes would score (replay is exact: scripts/replay_check.py)")
     else:
         which = f"episode {episode}" + (" (the last adaptation episode)" if episode == s["adaptation_episodes"] else "")
     lines = [f"Success in {which}, {len(r0['tasks'])} {s['split']} tasks of {s['suite']} x evaluation "

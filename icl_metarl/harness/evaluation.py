@@ -18,7 +18,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from icl_metarl.harness.agent import Agent
+from icl_metarl.harness.agent import Agent, ReplayBest
 from icl_metarl.harness.baselines import BASELINES
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.files import atomic_write_json, read_json, versions
@@ -169,9 +169,11 @@ class Processes(Protocol):
 
 
 # ------------------------------------------------------------------------------------- loading
-def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict | None = None) -> list[EvalAgent]:
-    """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant.
-    ``options``: acting options by name (each learner takes its own, ``registry.load_agent``)."""
+def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict | None = None,
+                replay_best_after: int = 0) -> list[EvalAgent]:
+    """Agents for the command line, with unique labels; ``non_adaptive`` adds each checkpoint's variant,
+    ``replay_best_after`` K >= 1 each agent's ``ReplayBest`` variant (it replays its best of the first K
+    episodes). ``options``: acting options by name (each learner takes its own, ``registry.load_agent``)."""
     if len(specs) == 0:
         raise UsageError("no agents to evaluate; give baseline names (random, oracle) or checkpoint directories")
     out: list[EvalAgent] = []
@@ -183,6 +185,9 @@ def load_agents(specs: Sequence[str], non_adaptive: bool = False, options: dict 
             if base in ("agent", ""):
                 base = Path(spec).name
             out.append(EvalAgent(base if adaptive else f"{base} [non-adaptive]", agent, spec, adaptive))
+            if replay_best_after and adaptive:
+                replaying = ReplayBest(load_agent(spec, adaptive=True, options=options), replay_best_after)
+                out.append(EvalAgent(f"{base} [replay-best]", replaying, spec, True))
     seen: dict[str, int] = {}
     for a in out:  # two checkpoints with the same name still get distinct rows
         seen[a.label] = seen.get(a.label, 0) + 1

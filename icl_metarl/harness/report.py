@@ -44,7 +44,24 @@ def success_within(success: np.ndarray, k: int) -> np.ndarray:
     return np.where(np.isinf(any_), np.nan, any_)
 
 
-def keep_figures(success: np.ndarray, adaptation_episodes: int) -> dict[str, np.ndarray]:
+def best_return_success(success: np.ndarray, returns: np.ndarray, adaptation_episodes: int) -> np.ndarray:
+    """(tasks, seeds): the success of each trial's highest-return adaptation episode (the first of a tie), NaN
+    where a trial has no adaptation record. From success and returns (episodes, tasks, seeds).
+
+    An episode of a trial starts from the same state as the others and the simulator is deterministic, so an
+    agent that replayed that episode's actions in its evaluation episodes would score exactly this there
+    (measured: 90 of 90 replays of a successful episode succeed, none of a failed one:
+    ``scripts/replay_check.py``). It reads returns only, which every meta-RL agent is given.
+    """
+    r = returns[:adaptation_episodes]
+    missing = np.all(np.isnan(r), axis=0)
+    best = np.argmax(np.where(np.isnan(r), -np.inf, r), axis=0)  # (tasks, seeds)
+    chosen = np.take_along_axis(success[:adaptation_episodes], best[None], axis=0)[0]
+    return np.where(missing, np.nan, chosen)
+
+
+def keep_figures(success: np.ndarray, adaptation_episodes: int,
+                 returns: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Does an agent keep a success it found? From one agent's success (episodes, tasks, seeds), per trial
     (tasks, seeds), NaN where a figure is undefined for the trial:
 
@@ -52,7 +69,9 @@ def keep_figures(success: np.ndarray, adaptation_episodes: int) -> dict[str, np.
     - ``kept``: the evaluation episodes' success of the trials that found one;
     - ``not found``: the evaluation episodes' success of the trials that did not;
     - ``next after a success``: of the episodes that succeeded (but the last), the share whose next episode
-      succeeded too.
+      succeeded too;
+    - ``replay best``, with ``returns``: ``best_return_success``, what replaying the highest-return adaptation
+      episode would score in the evaluation episodes.
 
     A task's start is the same in every episode of a trial (Meta-World resets a task to one state), so an
     agent that succeeded once can succeed again by doing the same; a Bayes-optimal agent keeps its success.
@@ -63,12 +82,15 @@ def keep_figures(success: np.ndarray, adaptation_episodes: int) -> dict[str, np.
     before, after = success[:-1], success[1:]
     pairs = ~np.isnan(before) & ~np.isnan(after) & (before == 1)
     hits, repeats = pairs.sum(axis=0), (pairs & (after == 1)).sum(axis=0)
-    return {
+    figures = {
         "found": found,
         "kept": np.where(found == 1, evaluation, np.nan),
         "not found": np.where(found == 0, evaluation, np.nan),
         "next after a success": np.where(hits > 0, repeats / np.maximum(hits, 1), np.nan),
     }
+    if returns is not None:
+        figures["replay best"] = best_return_success(success, returns, K)
+    return figures
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -284,15 +306,18 @@ def keep_lines(view: _View, env_names: Sequence[str]) -> list[str]:
     """'Does it keep what it finds?': ``keep_figures`` per agent with intervals over the trials that define
     each, then found and kept per environment (point figures: few trials find a success in some)."""
     K = view.K
-    keep = {a: keep_figures(view.arr["success"][a], K) for a in view.agents}
+    keep = {a: keep_figures(view.arr["success"][a], K, view.arr["return"][a]) for a in view.agents}
     names = list(next(iter(keep.values())))
     lines = ["## Does it keep what it finds?", "",
              "A task starts from the same state in every episode of its trial, so an agent that succeeded once can "
              "succeed again by doing the same; a Bayes-optimal agent keeps a success. 'Found': the share of trials "
              f"with a success in an adaptation episode (1-{K}). 'Kept': the evaluation episodes' success of those "
              "trials; 'not found': that of the others. 'Next after a success': of the successful episodes (but "
-             "the last), the share whose next episode succeeded too, per trial. Each interval is over the trials "
-             "that define its figure.", "",
+             "the last), the share whose next episode succeeded too, per trial. 'Replay best': the success of each "
+             "trial's highest-return adaptation episode, which is what the evaluation episodes would score if the "
+             "agent replayed that episode's actions (a trial's episodes start from one state and the simulator is "
+             "deterministic: scripts/replay_check.py); compare it with the evaluation episodes' success. Each "
+             "interval is over the trials that define its figure.", "",
              "| agent | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in view.agents:
         lines.append(f"| {a} | " + " | ".join(_fmt(view.ci(keep[a][n])) for n in names) + " |")

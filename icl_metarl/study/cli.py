@@ -64,6 +64,10 @@ class EvaluateCommand:
 
     non_adaptive: bool = False
     """also evaluate each checkpoint's non-adaptive variant (context wiped / no adaptation step)"""
+    replay_best: bool = False
+    """also evaluate each agent's replay-best variant: it plays the K adaptation episodes as the agent does,
+    then replays, open loop, the actions of its highest-return adaptation episode in every evaluation
+    episode (what the agent found, kept perfectly: a trial's episodes start from one state)"""
     bootstrap: int = 2000
     """bootstrap resamples for the 95% intervals"""
 
@@ -73,8 +77,9 @@ class CompareCommand:
     """What ``icl-metarl compare`` computes besides the runs it is given."""
 
     episode: str = ""
-    """episode of the trial to compare: its 1-based index (e.g. the last adaptation episode), or 'evaluation',
-    each trial's mean over its evaluation episodes (Meta-World's figure)"""
+    """episode of the trial to compare: its 1-based index (e.g. the last adaptation episode), 'evaluation',
+    each trial's mean over its evaluation episodes (Meta-World's figure), or 'replay-best', the success of
+    its highest-return adaptation episode (what replaying that episode in the evaluation episodes scores)"""
     against_non_adaptive: bool = False
     """B: each of A's runs without adaptation (its non-adaptive variant in the same evaluation), instead of --b"""
     bootstrap: int = 2000
@@ -293,7 +298,7 @@ def _evaluate(a) -> None:
     command = from_args(EvaluateCommand, a)
     options = {f.name: getattr(a, f.name) for cls in registry.agent_option_classes() for f in dataclasses.fields(cls)}
     _run("icl_metarl.study.commands:evaluate", a.agents, config, command.non_adaptive, command.bootstrap, options,
-         a.out, threads=a.threads)
+         a.out, command.replay_best, threads=a.threads)
 
 
 def _add_compare(sub) -> None:

@@ -83,13 +83,18 @@ def launched_processes() -> PartialState | None:
     return PartialState(cpu=True, timeout=_SHARES_APART) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
-def evaluate(specs: list[str], config: EvalConfig, non_adaptive: bool, bootstrap: int, options: dict, out) -> None:
+def evaluate(specs: list[str], config: EvalConfig, non_adaptive: bool, bootstrap: int, options: dict, out,
+             replay_best: bool = False) -> None:
     """``icl-metarl evaluate``: every agent on the same tasks and seeds; results.json, report.md, plots.
     Under ``accelerate launch`` every process plays a share of the trials and the main one reports."""
     if bootstrap < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {bootstrap}")
+    if replay_best and (config.adaptation_episodes < 1 or config.evaluation_episodes < 1):
+        raise UsageError(f"--replay-best replays an adaptation episode in the evaluation episodes: it needs -K >= 1 "
+                         f"and -E >= 1, got -K {config.adaptation_episodes} -E {config.evaluation_episodes}")
     config.tasks()  # a bad --tasks fails before any checkpoint is loaded
-    agents = load_agents(specs, non_adaptive=non_adaptive, options=options)
+    agents = load_agents(specs, non_adaptive=non_adaptive, options=options,
+                         replay_best_after=config.adaptation_episodes if replay_best else 0)
     results = evaluate_agents(agents, config, out, launched_processes())
     if results is None:  # another process than the main one: its share is in out/ranks
         return
