@@ -518,3 +518,60 @@ def test_action_noise_leaves_the_experts_path_and_keeps_its_labels(tmp_path):
     assert 0.2 < np.std((taken - label)[unclipped]) < 0.4
     with pytest.raises(UsageError, match="action_noise must be a standard deviation in \\[0, 2\\], got -0.1"):
         generate(replace(base, action_noise=-0.1), tmp_path / "bad", progress=False)
+
+
+def test_self_imitation_labels_each_episode_after_a_success_with_the_latest_successful_actions():
+    """Trial 0 succeeds in episodes 2 and 4 (of 5): episodes 3 and 4 imitate 2 (4's own success comes later),
+    episode 5 imitates 4; episodes 1-2 keep the expert's labels. Trial 1 never succeeds: all expert. Trial 2
+    succeeds in episode 1 only: 2-5 imitate 1."""
+    from icl_metarl.incontext.recording import ShardRecorder
+
+    T, K, L = 3, 5, 4
+    rec = ShardRecorder(["reach-v3"] * T, K, L, label=None)
+    rng = np.random.default_rng(0)
+    rec.taken[:], rec.expert[:] = rng.random(rec.taken.shape), rng.random(rec.expert.shape)
+    rec.success[:] = 0
+    rec.success[0, 1, 2] = rec.success[0, 3, 0] = rec.success[2, 0, 3] = 1
+    taken, expert = rec.taken.copy(), rec.expert.copy()
+    rec.imitate_successes()
+    want = expert.copy()
+    want[0, 2], want[0, 3], want[0, 4] = taken[0, 1], taken[0, 1], taken[0, 3]
+    want[2, 1:] = taken[2, 0]
+    np.testing.assert_array_equal(rec.expert, want)
+    np.testing.assert_array_equal(rec.taken, taken)  # what was played is never rewritten
+
+
+def test_self_imitation_settings_that_cannot_be_met(tmp_path):
+    from icl_metarl.incontext.train import TrainConfig, pretrain
+
+    with pytest.raises(UsageError, match="self_imitation .* needs a policy that plays every episode"):
+        generate(GenerateConfig(trials=2, episodes_per_trial=2, episode_length=10, self_imitation=True),
+                 tmp_path / "x", progress=False)
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,
+                            workers=1), data, progress=False)
+    with pytest.raises(UsageError, match="relabel_self_imitation needs relabel_rounds >= 1 and relabel_handover 0, "
+                                         "got relabel_rounds=1 and relabel_handover=1"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=2, relabel_rounds=1, relabel_handover=1,
+                             relabel_self_imitation=True))
+    with pytest.raises(UsageError, match="relabel_rounds=0"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=2, relabel_self_imitation=True))
+
+
+def test_pretrain_self_imitation_rounds_record_the_setting_and_keep_old_data_readable(tmp_path):
+    """--relabel-self-imitation reaches the round's histories (its manifest says so); data written without it
+    keeps its settings (no new key), so existing directories resume."""
+    from icl_metarl.incontext.train import TrainConfig, pretrain
+
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,
+                            workers=1), data, progress=False)
+    assert "self_imitation" not in load_histories(data).manifest["settings"]
+    record = pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), steps=4, batch_size=2, d_model=16,
+                                  n_layer=1, n_head=2, episodes_per_window=2, relabel_rounds=1, relabel_trials=2,
+                                  relabel_self_imitation=True, progress=False, log_every=1, checkpoint_every=0,
+                                  tensorboard=False))
+    assert np.isfinite(record["loss"])
+    h = load_histories(tmp_path / "r" / "round-1" / "relabelled")
+    assert h.manifest["settings"]["self_imitation"] is True and h.manifest["settings"]["policy"]
+    assert "self-imitation" in h.manifest["source"]

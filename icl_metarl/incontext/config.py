@@ -85,6 +85,12 @@ class GenerateConfig:
     """With a policy: it plays only the first this many episodes of each trial, which are then context
     only (their labels are NaN: no loss), and the noisy expert (noise settings) plays and labels the
     rest. 0: the policy plays every episode and every step is labelled (DAgger)."""
+    self_imitation: bool = False
+    """With a policy playing every episode: once an episode of a trial succeeds, each later episode's steps
+    are labelled with the actions that the latest successful episode took at the same decision, not the
+    expert's (replaying them repeats the success exactly: a trial's episodes start from one state,
+    ``scripts/replay_check.py``). The target "repeat what worked", which the expert's labels never teach
+    and which a learner needs on environments whose skill it lacks. The expert still labels the rest."""
 
 
 def check_generate(cfg: GenerateConfig) -> GenerateConfig:
@@ -116,6 +122,9 @@ def check_generate(cfg: GenerateConfig) -> GenerateConfig:
                          f"got {cfg.handover!r}")
     if cfg.handover and not cfg.policy:
         raise UsageError(f"handover={cfg.handover} needs a policy that plays the episodes before it")
+    if cfg.self_imitation and (not cfg.policy or cfg.handover):
+        raise UsageError(f"self_imitation labels a policy's episodes with its own successful ones: it needs a policy "
+                         f"that plays every episode (handover 0), got policy={cfg.policy!r}, handover={cfg.handover}")
     if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
         raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
     pool = parse_task_pool(cfg.task_pool)
@@ -211,6 +220,9 @@ class TrainConfig:
     only, unlabelled) and the noisy expert of the base data plays and labels the rest; 0: the policy
     plays every episode and every step is labelled (DAgger). For experts that cannot label a learner's
     states well (push-v3's lifts the hand whenever it is 2 cm off the puck: docs/results.md)"""
+    relabel_self_imitation: bool = False
+    """relabelling rounds: once an episode of a relabelled trial succeeds, later episodes are labelled with
+    its actions (``GenerateConfig.self_imitation``), the expert's elsewhere; needs relabel_handover 0"""
     relabel_new_tasks: bool = False
     """relabelling rounds draw new tasks each round (the base data's seed + 1000 x round; pools of new
     tasks only, not 'benchmark'); off: every round replays the tasks of the base data's first trials"""
@@ -260,6 +272,9 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
     if cfg.relabel_handover < 0 or (cfg.relabel_handover and not cfg.relabel_rounds):
         raise UsageError(f"relabel_handover={cfg.relabel_handover} needs relabel_rounds >= 1 and must be >= 0")
+    if cfg.relabel_self_imitation and (not cfg.relabel_rounds or cfg.relabel_handover):
+        raise UsageError(f"relabel_self_imitation needs relabel_rounds >= 1 and relabel_handover 0, got "
+                         f"relabel_rounds={cfg.relabel_rounds} and relabel_handover={cfg.relabel_handover}")
     if cfg.relabel_from_init and not (cfg.init_from and cfg.relabel_rounds):
         raise UsageError(f"relabel_from_init needs --init-from and relabel_rounds >= 1, got init_from={cfg.init_from!r} "
                          f"and relabel_rounds={cfg.relabel_rounds}")

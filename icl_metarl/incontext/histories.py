@@ -62,6 +62,8 @@ def _settings(cfg: GenerateConfig) -> dict:
         d.pop("action_repeat")
     if d["action_noise"] == 0.0:  # likewise for the DART noise
         d.pop("action_noise")
+    if not d["self_imitation"]:  # and for self-imitation labels
+        d.pop("self_imitation")
     d["task_pool"] = str(parse_task_pool(cfg.task_pool))
     if cfg.policy:  # the policy's weights, not only its path, determine the data
         d["policy_sha256"] = sha256_file(Path(cfg.policy) / "model.safetensors")
@@ -123,7 +125,9 @@ def _new_manifest(cfg: GenerateConfig, tasks: list, trial_tasks: list[int]) -> d
         "schema_version": SCHEMA_VERSION,
         "complete": False,
         "source": (f"trials of policy {cfg.policy} for {cfg.handover} episode(s), then the noisy expert, expert-labelled"
-                   if cfg.handover else f"trials of policy {cfg.policy}, expert-labelled" if cfg.policy
+                   if cfg.handover else f"trials of policy {cfg.policy}, labelled with its own latest successful episode "
+                   "after a success (self-imitation), by the expert elsewhere" if cfg.self_imitation
+                   else f"trials of policy {cfg.policy}, expert-labelled" if cfg.policy
                    else "annealed-noise expert"),
         "settings": _settings(cfg),
         "pool": {

@@ -76,6 +76,16 @@ class ShardRecorder:
         self.reward[:, episode, t] = reward
         self.success[:, episode, t] = success > 0
 
+    def imitate_successes(self) -> None:
+        """Self-imitation: each episode after a successful one of its trial takes as labels the actions of the
+        latest successful episode before it, decision by decision (``GenerateConfig.self_imitation``)."""
+        T, K, _ = self.success.shape
+        succeeded = self.success.any(axis=2)  # (T, K)
+        latest = np.maximum.accumulate(np.where(succeeded, np.arange(K)[None], -1), axis=1)  # at or before k
+        source = np.concatenate([np.full((T, 1), -1), latest[:, :-1]], axis=1)  # strictly before k
+        trial, episode = np.nonzero(source >= 0)
+        self.expert[trial, episode] = self.taken[trial, source[trial, episode]]
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The shard's step fields: flat, trial-major (trial, episode, step)."""
         T, K, L = self.reward.shape
@@ -120,4 +130,6 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
     for _ in play_trials(agent, tasks, shard_seed % (2**31 - T), shard_seed, K, 0, cfg.episode_length,
                          on_step=record, start_trials=False, action_repeat=cfg.action_repeat):
         pass
+    if cfg.self_imitation:
+        record.imitate_successes()
     return record.arrays()

@@ -434,7 +434,8 @@ def pretrain(cfg: TrainConfig) -> dict:
                 trials_per_shard=base["trials_per_shard"],
                 seed=base["seed"] + (1000 * r if cfg.relabel_new_tasks else 0), suite_seed=base["suite_seed"],
                 workers=1, policy=str(init),
-                handover=cfg.relabel_handover, expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),
+                handover=cfg.relabel_handover, self_imitation=cfg.relabel_self_imitation,
+                expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),
                 **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
                 action_noise=float(base.get("action_noise", 0.0)) if cfg.relabel_handover else 0.0,
             )
@@ -455,6 +456,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         steps = cfg.steps // trained + (cfg.steps % trained if r == phases - 1 else 0)
         phase_cfg = dataclasses.replace(cfg, data=data, out=str(phase / "train"), steps=steps,
                                         relabel_rounds=0, relabel_handover=0, relabel_from_init=False,
+                                        relabel_self_imitation=False,
                                         init_from=str(init) if init else "",
                                         resume=True, warmup_steps=min(cfg.warmup_steps, steps))
         if not (phase / "train" / "model.safetensors").is_file():
