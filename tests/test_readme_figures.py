@@ -4,8 +4,8 @@ results directory, with the code behind ``icl-metarl compare`` (evaluations) and
 
 The convention: a recomputable figure is written ``0.20 [0.05, 0.40]<!-- figure: results/DIR key=value ... -->``
 (the interval is optional, the figure may be bold), in a table row that names ``results/DIR`` visibly too.
-Keys: ``agent=LABEL episode=N`` (success in that episode, or ``episode=evaluation``: the mean over the evaluation
-episodes; ``variant=non-adaptive`` for the agent's
+Keys: ``agent=LABEL episode=N`` (success in that episode, ``episode=evaluation``: the mean over the evaluation
+episodes, or ``episode=replay-best``: the success of the highest-return adaptation episode; ``variant=non-adaptive`` for the agent's
 non-adaptive variant, ``minus=non-adaptive`` for the paired difference to it) on an evaluation's
 results.json; ``k=K split=SPLIT env=ENV`` (the expert's success) on a ``suites --check`` directory.
 Pooled over training seeds, as ``icl-metarl compare`` pools them (runs, then tasks, then seeds): several directories
