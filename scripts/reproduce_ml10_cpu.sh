@@ -44,6 +44,16 @@ icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 20 --log-every 20 --threads 1
 
+# 3c (SELF_IMITATION=1, session 24, being tried): rounds 3-4 with self-imitation labels instead: once an episode of a
+#    relabelled trial succeeds, later episodes are labelled with its actions (replay repeats a success exactly),
+#    the expert's labels elsewhere; then AGENT=pretrain-norm-dagger-si for step 4
+if [ "${SELF_IMITATION:-0}" = 1 ]; then
+  icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
+    --out "$OUT/pretrain-norm-dagger-si" --resume --seed $SEED $MODEL \
+    --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks --relabel-self-imitation \
+    --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
+    --keep-checkpoints 20 --log-every 20 --threads 1
+fi
 # 4. validation: ML10's validation split (new goals of all 10 train environments; window-open and
 #    basketball were held out of this agent's training), 3 adaptation + 1 evaluation episodes
 AGENT=${AGENT:-pretrain-norm-dagger4}
