@@ -19,46 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_metarl.harness.agent import Agent, Privileged
+from icl_metarl.harness.agent import ReplayBest
 from icl_metarl.harness.evaluation import first_per_env
 from icl_metarl.harness.files import atomic_write_json, atomic_write_text
 from icl_metarl.harness.rollout import play_trials
 from icl_metarl.harness.suites import check_playable, get_suite
 from icl_metarl.incontext.noise import NoisyExpertAgent
-
-
-class ReplayAgent(Agent):
-    """``first`` plays episode 1; every later episode replays episode 1's actions, decision by decision."""
-
-    name = "replay"
-    privileged = True
-
-    def __init__(self, first: Agent):
-        self.first = first
-
-    def start_trials(self, num_trials: int, seed: int) -> None:
-        self.first.start_trials(num_trials, seed)
-        self._episode, self._t, self._taken = 0, 0, []
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("the replay agent's first episode is the expert's: act_privileged only")
-
-    def act_privileged(self, obs: np.ndarray, privileged: Privileged) -> np.ndarray:
-        if self._episode == 0:
-            action = np.asarray(self.first.act_privileged(obs, privileged), np.float32)
-            self._taken.append(action.copy())
-        else:
-            action = self._taken[self._t]
-        self._t += 1
-        return action
-
-    def observe(self, reward: np.ndarray, success: np.ndarray) -> None:
-        if self._episode == 0:
-            self.first.observe(reward, success)
-
-    def end_episode(self) -> None:
-        self.first.end_episode()
-        self._episode, self._t = self._episode + 1, 0
 
 
 def main(argv=None) -> None:
@@ -75,7 +41,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     check_playable(a.suite, a.split)
     tasks = first_per_env(get_suite(a.suite).tasks(a.split), a.tasks_per_env, f"{a.suite} {a.split} split")
-    agent = ReplayAgent(NoisyExpertAgent("goal", "random", a.noise_max, 2, action_noise=a.action_noise))
+    # the evaluator's replay-best variant with one adaptation episode: episode 2 replays episode 1 open loop
+    agent = ReplayBest(NoisyExpertAgent("goal", "random", a.noise_max, 2, action_noise=a.action_noise), 1)
     start = time.process_time()
     records = list(play_trials(agent, tasks, a.seed, a.seed, 1, 1, a.episode_length, action_repeat=a.action_repeat))
     cpu = time.process_time() - start

@@ -44,7 +44,7 @@ icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 20 --log-every 20 --threads 1
 
-# 3c (SELF_IMITATION=1, session 24, being tried): rounds 3-4 with self-imitation labels instead: once an episode of a
+# 3c (SELF_IMITATION=1, session 24; tried on seed 0, no gain, not chosen: docs/ml10.md): rounds 3-4 with self-imitation labels instead: once an episode of a
 #    relabelled trial succeeds, later episodes are labelled with its actions (replay repeats a success exactly),
 #    the expert's labels elsewhere; then AGENT=pretrain-norm-dagger-si for step 4
 if [ "${SELF_IMITATION:-0}" = 1 ]; then
