@@ -205,6 +205,27 @@ def test_exploration_offsets_the_first_episodes_and_the_context_records_the_take
         InContextAgent(model, explore_episodes=-1)
 
 
+def test_step_exploration_perturbs_every_decision_of_the_first_episodes():
+    model = tiny()
+    agent = InContextAgent(model, explore_episodes=2, explore_scale=0.3, explore_kind="step")
+    episodes = play(agent)
+    m = model.config.max_context_episodes
+    for k, (_, taken, _) in enumerate(episodes):
+        intended = full_forward_actions(model, episodes[max(0, k - m + 1) : k + 1])[:, -LENGTHS[k]:]
+        # the perturbation is added before the squash: recover it in pre-squash units
+        noise = np.arctanh(np.clip(taken, -1 + 1e-6, 1 - 1e-6)) - np.arctanh(np.clip(intended, -1 + 1e-6, 1 - 1e-6))
+        if k < 2:
+            assert np.abs(np.diff(noise, axis=1)).min(axis=(0, 2)).max() > 1e-3  # a fresh draw at every decision
+            assert 0.15 < noise.std() < 0.6  # of the asked scale (0.3), not an offset in action units
+        else:
+            assert np.abs(taken - intended).max() <= 1e-4  # no perturbation once exploring is over
+    again = play(InContextAgent(model, explore_episodes=2, explore_scale=0.3, explore_kind="step"))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(episodes, again))  # part of the seeded trial
+    assert InContextAgent(model).describe()["explore_kind"] == "offset"  # the default
+    with pytest.raises(UsageError, match="explore_kind 'per-step': allowed offset, step"):
+        InContextAgent(model, explore_kind="per-step")
+
+
 def test_evaluator_overrides_the_checkpoint_exploration(tmp_path):
     tiny(explore_episodes=1, explore_scale=0.2).save_pretrained(tmp_path / "ckpt")
     assert InContextAgent.from_pretrained(tmp_path / "ckpt").explore_episodes == 1  # saved in config.json

@@ -23,6 +23,7 @@ from icl_metarl.incontext.model import ICLPolicy
 from icl_metarl.incontext.tokens import episode_inputs
 
 TRAINING_INFO = "training.json"
+EXPLORE_KINDS = ("offset", "step")  # a constant action offset per episode; a fresh pre-squash perturbation per decision
 
 
 class InContextAgent(Agent):
@@ -49,6 +50,8 @@ class InContextAgent(Agent):
     [-1, 1]); the context records the action actually taken. A posterior-mean policy otherwise repeats
     the same path every episode and its context never tells it more; the later episodes exploit what the
     exploratory ones found. The wiped-context variant explores in the same episodes of a trial.
+    ``explore_kind="step"`` perturbs every decision instead: the pre-squash action plus fresh N(0,
+    explore_scale^2) noise, as a Gaussian policy samples, so each exploring episode is a different path.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class InContextAgent(Agent):
         cpu_threads: int | None = 1,
         explore_episodes: int | None = None,
         explore_scale: float | None = None,
+        explore_kind: str | None = None,
     ):
         if deterministic is None:
             # A policy trained to model a distribution acts by sampling it (posterior-sampling-like
@@ -85,6 +89,9 @@ class InContextAgent(Agent):
         if self.explore_episodes < 0 or not self.explore_scale >= 0.0:
             raise UsageError(f"explore_episodes must be >= 0 and explore_scale >= 0, got "
                              f"{self.explore_episodes} and {self.explore_scale}")
+        self.explore_kind = "offset" if explore_kind is None else explore_kind
+        if self.explore_kind not in EXPLORE_KINDS:
+            raise UsageError(f"explore_kind {self.explore_kind!r}: allowed {', '.join(EXPLORE_KINDS)}")
         self.checkpoint: str | None = None
         self.action_repeat = int(getattr(c, "action_repeat", 1))  # the decision interval it was trained at
         self.name = "icl-wiped" if wipe_context_each_episode else "icl"
@@ -201,7 +208,8 @@ class InContextAgent(Agent):
             )
         if self._t == 0:
             self._make_room_for_episode()
-            explore = self._episode_index < self.explore_episodes and self.explore_scale > 0
+            explore = (self._episode_index < self.explore_episodes and self.explore_scale > 0
+                       and self.explore_kind == "offset")
             self._offset = (self.explore_scale * torch.randn(self._offset.shape, generator=self._generator,
                                                             device=self.device)) if explore else torch.zeros_like(self._offset)
 
@@ -223,6 +231,10 @@ class InContextAgent(Agent):
             out = self._forward(0, i + 1, None)
             mean, log_std = out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]
         mean = mean.float()
+        if self.explore_kind == "step" and self._episode_index < self.explore_episodes and self.explore_scale > 0:
+            # a fresh Gaussian perturbation of the pre-squash action at every decision, as a Gaussian policy
+            # (maml-imitate's) samples
+            mean = mean + self.explore_scale * torch.randn(mean.shape, generator=self._generator, device=self.device)
         if self.deterministic:
             action = torch.tanh(mean)
         else:
@@ -261,6 +273,7 @@ class InContextAgent(Agent):
             "wipe_context_each_episode": self.wipe_context_each_episode,
             "explore_episodes": self.explore_episodes,
             "explore_scale": self.explore_scale,
+            "explore_kind": self.explore_kind,
             "model": {
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",

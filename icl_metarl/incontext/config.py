@@ -294,6 +294,9 @@ class InContextAgentOptions:
     episodes of each trial"""
     explore_scale: float | None = None
     """in-context checkpoints: standard deviation of that offset"""
+    explore_kind: str | None = None
+    """in-context checkpoints: 'offset' (None: a constant offset per episode) or 'step' (a fresh
+    perturbation of the pre-squash action at every decision, as a Gaussian policy samples)"""
     cpu_threads: int | None = field(default=None, metadata={FLAGS: ("--agent-threads",)})
     """in-context checkpoints: torch CPU threads of each step (None: 1, safe on a busy machine)"""
     context_stride: int | None = None
