@@ -11,6 +11,11 @@
 # Every stage resumes: kill it and rerun this script, finished work is reused.
 #   SEED=0 bash scripts/reproduce_ml10_test.sh     # then random and the oracle, once, into results/ml10-test-baselines
 #   STAGE=baselines bash scripts/reproduce_ml10_test.sh   # only random and the oracle (they need no training)
+# ICL_ACT: how the in-context agent acts on the test split (extra `icl-metarl evaluate` options; empty for seeds
+# 0-2). The second set of training seeds (3, 4, 5, fixed in session 25 before any of their figures) plays the acting
+# rule chosen on validation then (docs/ml10.md, "Session 25"): a fresh pre-squash perturbation of scale 0.5 at every
+# decision of the 10 adaptation episodes, replay-best read from the same records:
+#   SEED=3 ICL_ACT="--explore-episodes 10 --explore-kind step --explore-scale 0.5" bash scripts/reproduce_ml10_test.sh
 # Sizes can be shrunk for a smoke test (TRIALS=8 RELABEL=4 STEPS=20 ROUND_STEPS=20 ITERS=2 TASKS=1 SEEDS=0 K_EP=2 E_EP=1);
 # the recipe is the defaults. Per-environment budget as on ML10-holdout (100 trials and 40 relabelled trials
 # per train environment, the same passes over the data): 1,000 trials, 4 x 400 relabelled, 1,500 + 2 x 1,000 steps.
@@ -84,7 +89,7 @@ fi
 
 # STAGE=train stops before any test episode (a cost measurement: python scripts/stage_costs.py "$OUT")
 if [ "${STAGE:-all}" != train ]; then
-  icl-metarl evaluate "$AGENT" --non-adaptive $EVAL --out "$RESULTS"
+  icl-metarl evaluate "$AGENT" --non-adaptive $EVAL ${ICL_ACT:-} --out "$RESULTS"
   cp "$AGENT/budget.json" "$RESULTS/icl-budget.json"
   cp "$AGENT/config.json" "$RESULTS/icl-config.json"
 fi

@@ -11,6 +11,7 @@ from icl_metarl.harness.report import (
     best_return_success,
     decision_intervals,
     episode_array,
+    exploration_lines,
     keep_figures,
     report_markdown,
     success_definitions,
@@ -133,6 +134,19 @@ def test_decision_intervals_beside_each_agent():
     for a in r["agents"].values():
         a["action_repeat"] = 1
     assert decision_intervals(r) == {} and "acts every" not in report_markdown(r, 100)
+
+
+def test_the_report_says_how_each_agent_explored():
+    r = _results()
+    assert exploration_lines(r) == [] and "Exploration:" not in report_markdown(r, 100)  # nobody explored
+    r["agents"]["good"]["description"].update(explore_episodes=10, explore_scale=0.5, explore_kind="step")
+    r["agents"]["bad"]["description"].update(explore_episodes=1, explore_scale=0.25)  # older records: no kind
+    line = next(x for x in report_markdown(r, 100).splitlines() if x.startswith("Exploration:"))
+    assert line == ("Exploration: good explores in episodes 1-10 of each trial: a fresh perturbation of every decision "
+                    "(N(0, 0.5^2), added before the squash); bad explores in episode 1 of each trial: one constant "
+                    "action offset per episode (N(0, 0.25^2)).")
+    r["agents"]["bad"]["description"]["explore_scale"] = 0.0  # a scale of 0 explores nowhere
+    assert "bad explores" not in exploration_lines(r)[0]
 
 
 def test_keep_figures_by_hand():

@@ -119,6 +119,22 @@ def acts_every(k: int) -> str:
     return "acts every step" if k == 1 else f"acts every {k} steps"
 
 
+def exploration_lines(results: dict) -> list[str]:
+    """One sentence naming how each exploring agent explored (its ``describe()``: ``explore_episodes``,
+    ``explore_scale``, ``explore_kind``); [] when none did."""
+    said = []
+    for a, info in results["agents"].items():
+        d = info.get("description", {})
+        n, scale = int(d.get("explore_episodes") or 0), float(d.get("explore_scale") or 0.0)
+        if n <= 0 or scale <= 0:
+            continue
+        episodes = "episode 1" if n == 1 else f"episodes 1-{n}"
+        how = (f"a fresh perturbation of every decision (N(0, {scale:g}^2), added before the squash)"
+               if d.get("explore_kind") == "step" else f"one constant action offset per episode (N(0, {scale:g}^2))")
+        said.append(f"{a} explores in {episodes} of each trial: {how}")
+    return ["Exploration: " + "; ".join(said) + ".", ""] if said else []
+
+
 def _budget_cells(description: dict) -> str:
     """The Agents table's budget columns from ``describe()["budget"]`` (a checkpoint's budget.json);
     blank for an agent that did not train (a baseline) or a checkpoint that predates budgets."""
@@ -370,6 +386,7 @@ def report_markdown(results: dict, num_resamples: int = 2000, plots: Sequence[st
         lines += [("**The agents act at different decision intervals.** " if differ else "")
                   + "An agent that acts every k steps holds each action for k simulator steps; every episode is "
                   f"{v.L} simulator steps whatever k, and success counts at any simulator step.", ""]
+    lines += exploration_lines(results)
     if any(info.get("description", {}).get("budget") for info in results["agents"].values()):
         lines += ["Budget of each training run, from its checkpoint's budget.json: environment steps played for "
                   "its training signal, those whose expert action was a training target, optimizer steps, and CPU "
