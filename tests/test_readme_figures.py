@@ -123,7 +123,10 @@ def test_every_recomputable_readme_figure_equals_its_recomputation(section):
                            "results/ml10-cpu-s2-norm-dagger4-validation", "results/ml10-test-s0",
                            "results/ml10-test-s0-maml-imitate", "results/ml10-test-baselines",
                            "results/ml10-test-s1", "results/ml10-test-s1-maml-imitate",
-                           "results/ml10-test-s2", "results/ml10-test-s2-maml-imitate", "results/ml10-test-s0-maml"}
+                           "results/ml10-test-s2", "results/ml10-test-s2-maml-imitate", "results/ml10-test-s0-maml",
+                           "results/ml10-cpu-s0-norm-dagger-validation-k10", "results/ml10-cpu-s0-norm-dagger-validation-k10-seed1",
+                           "results/ml10-cpu-s0-norm-dagger-validation-k10-step05",
+                           "results/ml10-cpu-s0-norm-dagger-validation-k10-step05-seed1"}
     assert len(figures) >= 8
     assert mismatches(section) == []
 
