@@ -189,6 +189,11 @@ class InContextAgent(Agent):
         """The trials' random generator state (exploration offsets, sampled actions), for ``prime``."""
         return self._generator.get_state()
 
+    @property
+    def _exploring(self) -> bool:
+        """Whether the current episode of the trial is one of the exploring ones."""
+        return self._episode_index < self.explore_episodes and self.explore_scale > 0
+
     def act(self, obs: np.ndarray) -> np.ndarray:
         with self._threads(), torch.inference_mode():
             return self._act(obs)
@@ -208,10 +213,9 @@ class InContextAgent(Agent):
             )
         if self._t == 0:
             self._make_room_for_episode()
-            explore = (self._episode_index < self.explore_episodes and self.explore_scale > 0
-                       and self.explore_kind == "offset")
+            offset = self._exploring and self.explore_kind == "offset"
             self._offset = (self.explore_scale * torch.randn(self._offset.shape, generator=self._generator,
-                                                            device=self.device)) if explore else torch.zeros_like(self._offset)
+                                                            device=self.device)) if offset else torch.zeros_like(self._offset)
 
         i = self._length
         self._obs[:, i] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
@@ -231,7 +235,7 @@ class InContextAgent(Agent):
             out = self._forward(0, i + 1, None)
             mean, log_std = out.mean[:, -1], None if out.log_std is None else out.log_std[:, -1]
         mean = mean.float()
-        if self.explore_kind == "step" and self._episode_index < self.explore_episodes and self.explore_scale > 0:
+        if self._exploring and self.explore_kind == "step":
             # a fresh Gaussian perturbation of the pre-squash action at every decision, as a Gaussian policy
             # (maml-imitate's) samples
             mean = mean + self.explore_scale * torch.randn(mean.shape, generator=self._generator, device=self.device)
@@ -240,7 +244,7 @@ class InContextAgent(Agent):
         else:
             noise = torch.randn(mean.shape, generator=self._generator, device=self.device)
             action = torch.tanh(mean + log_std.float().exp() * noise)
-        if self._episode_index < self.explore_episodes:
+        if self._exploring and self.explore_kind == "offset":
             action = (action + self._offset).clamp(-1.0, 1.0)
         self._last_action = action
         self._awaiting_observe = True
