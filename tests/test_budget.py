@@ -208,3 +208,23 @@ def test_relabelling_from_an_init_plays_it_first_and_counts_its_loop(data, icl_r
     assert relabelled["policy"] == str(icl_run)  # the init itself played round 1
     with pytest.raises(UsageError, match="relabel_from_init needs --init-from"):
         pretrain(_pretrain_cfg(data, tmp_path / "x", relabel_from_init=True))
+
+
+def test_relabelling_rounds_play_with_the_runs_exploration_kind(data, tmp_path, monkeypatch):
+    """--explore-kind step: the round's trials are played by a checkpoint that explores at every decision."""
+    from icl_metarl.incontext.agent import InContextAgent
+
+    kinds, loaded = [], InContextAgent.from_pretrained
+
+    def spy(path, **kw):
+        agent = loaded(path, **kw)
+        kinds.append((agent.explore_episodes, agent.explore_scale, agent.explore_kind))
+        return agent
+
+    monkeypatch.setattr(InContextAgent, "from_pretrained", spy)
+    out = tmp_path / "step"
+    pretrain(_pretrain_cfg(data, out, explore_episodes=1, explore_scale=0.5, explore_kind="step"))
+    assert kinds and set(kinds) == {(1, 0.5, "step")}  # every shard of round 1, played by the round-0 checkpoint
+    assert json.loads((out / "config.json").read_text())["explore_kind"] == "step"
+    with pytest.raises(UsageError, match="unknown explore-kind 'sample'; valid: offset, step"):
+        pretrain(_pretrain_cfg(data, tmp_path / "x", explore_kind="sample"))

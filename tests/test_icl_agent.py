@@ -238,6 +238,19 @@ def test_evaluator_overrides_the_checkpoint_exploration(tmp_path):
     assert all(a.deterministic is True for a in icl)  # the deterministic head's own choice, not the option
 
 
+def test_the_exploration_kind_is_an_acting_default_saved_with_the_checkpoint(tmp_path):
+    tiny(explore_episodes=2, explore_scale=0.3, explore_kind="step").save_pretrained(tmp_path / "ckpt")
+    agent = InContextAgent.from_pretrained(tmp_path / "ckpt")
+    assert agent.explore_kind == "step"  # saved in config.json: relabelling rounds' trials act with it
+    explicit = InContextAgent(ICLPolicy.from_pretrained(tmp_path / "ckpt").eval(), explore_kind="step")
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(play(agent), play(explicit)))
+    [evaluated] = [a.agent for a in load_agents([str(tmp_path / "ckpt")], options={"explore_kind": "offset"})]
+    assert evaluated.explore_kind == "offset"  # the evaluator's option overrides it
+    assert InContextAgent(tiny()).explore_kind == "offset"  # a config without the choice: a constant offset
+    with pytest.raises(UsageError, match="unknown explore_kind 'per-step'; valid: offset, step"):
+        tiny(explore_kind="per-step")
+
+
 def play_through(agent, obs, rewards):
     """One episode on given observations (B,T,39) and rewards (B,T); the actions taken (B,T,4)."""
     taken = []

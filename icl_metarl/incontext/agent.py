@@ -19,11 +19,11 @@ from icl_metarl.harness.budget import run_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.threads import threads_held
 from icl_metarl.incontext.attention import kept_steps
+from icl_metarl.incontext.config import EXPLORE_KINDS
 from icl_metarl.incontext.model import ICLPolicy
 from icl_metarl.incontext.tokens import episode_inputs
 
 TRAINING_INFO = "training.json"
-EXPLORE_KINDS = ("offset", "step")  # a constant action offset per episode; a fresh pre-squash perturbation per decision
 
 
 class InContextAgent(Agent):
@@ -89,7 +89,7 @@ class InContextAgent(Agent):
         if self.explore_episodes < 0 or not self.explore_scale >= 0.0:
             raise UsageError(f"explore_episodes must be >= 0 and explore_scale >= 0, got "
                              f"{self.explore_episodes} and {self.explore_scale}")
-        self.explore_kind = "offset" if explore_kind is None else explore_kind
+        self.explore_kind = getattr(c, "explore_kind", "offset") if explore_kind is None else explore_kind
         if self.explore_kind not in EXPLORE_KINDS:
             raise UsageError(f"explore_kind {self.explore_kind!r}: allowed {', '.join(EXPLORE_KINDS)}")
         self.checkpoint: str | None = None

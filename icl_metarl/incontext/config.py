@@ -27,6 +27,7 @@ NOISE_SCHEDULES = ("linear", "cosine", "none", "random")
 TARGETS = ("expert", "taken")
 #: config.json "model_type" of an in-context policy checkpoint
 MODEL_TYPE = "icl_metarl_policy"
+EXPLORE_KINDS = ("offset", "step")  # a constant action offset per episode; a fresh pre-squash perturbation per decision
 MIXED_PRECISION = ("auto", "no", "bf16")
 
 
@@ -204,6 +205,9 @@ class TrainConfig:
     first this many episodes of a trial it adds a constant random offset to its actions (0: none)"""
     explore_scale: float = 0.0
     """standard deviation of that offset per action dimension (actions lie in [-1, 1]), e.g. 0.5"""
+    explore_kind: str = "offset"
+    """'offset' (a constant random offset per exploring episode) or 'step' (a fresh perturbation of the
+    pre-squash action at every decision of the exploring episodes, as a Gaussian policy samples)"""
     normalize_obs: bool = False
     """the policy reads observations standardised by the training data's per-dimension mean and standard
     deviation (floored at 0.01; kept in config.json); with --init-from, the init's statistics are kept"""
@@ -268,6 +272,8 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise UsageError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.explore_kind not in EXPLORE_KINDS:
+        raise choice_error("explore-kind", cfg.explore_kind, EXPLORE_KINDS)
     if cfg.relabel_rounds < 0 or cfg.relabel_trials < 0:
         raise UsageError(f"relabel rounds and trials must be >= 0, got {cfg.relabel_rounds} and {cfg.relabel_trials}")
     if cfg.relabel_handover < 0 or (cfg.relabel_handover and not cfg.relabel_rounds):
@@ -295,8 +301,9 @@ class InContextAgentOptions:
     explore_scale: float | None = None
     """in-context checkpoints: standard deviation of that offset"""
     explore_kind: str | None = None
-    """in-context checkpoints: 'offset' (None: a constant offset per episode) or 'step' (a fresh
-    perturbation of the pre-squash action at every decision, as a Gaussian policy samples)"""
+    """in-context checkpoints: 'offset' (a constant offset per episode) or 'step' (a fresh perturbation of
+    the pre-squash action at every decision, as a Gaussian policy samples); None: as config.json says
+    ('offset' for checkpoints saved before the field existed)"""
     cpu_threads: int | None = field(default=None, metadata={FLAGS: ("--agent-threads",)})
     """in-context checkpoints: torch CPU threads of each step (None: 1, safe on a busy machine)"""
     context_stride: int | None = None

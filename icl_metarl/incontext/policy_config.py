@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.incontext.attention import ATTN_IMPLEMENTATIONS, kept_steps
-from icl_metarl.incontext.config import MODEL_TYPE
+from icl_metarl.incontext.config import EXPLORE_KINDS, MODEL_TYPE
 
 ACTION_HEADS = ("deterministic", "tanh_gaussian")
 
@@ -36,6 +36,9 @@ class ICLPolicyConfig(PretrainedConfig):
             episode), so its early episodes go to different places; the context then holds the rewards of
             places a posterior-mean policy would never visit. 0: no exploration.
         explore_scale: standard deviation of that offset, in action units (actions lie in [-1, 1]).
+        explore_kind: "offset" (the constant offset above) or "step": a fresh N(0, explore_scale^2)
+            perturbation of the pre-squash action at every decision of the exploring episodes, as a
+            Gaussian policy samples. Relabelling rounds' trials and the evaluator act with it.
         context_stride: what the policy reads of earlier episodes. 0: every token of the last
             ``max_context_episodes`` episodes, with absolute positions (the ML1 recipes). s >= 1: the compact
             cross-episode context: the current episode in full and each earlier episode of the trial by
@@ -66,6 +69,7 @@ class ICLPolicyConfig(PretrainedConfig):
         attn_implementation: str = "sdpa",
         explore_episodes: int = 0,
         explore_scale: float = 0.0,
+        explore_kind: str = "offset",
         context_stride: int = 0,
         action_repeat: int = 1,
         obs_mean: list[float] | None = None,
@@ -99,6 +103,8 @@ class ICLPolicyConfig(PretrainedConfig):
                 len(obs_mean) == len(obs_std) == obs_dim and all(float(v) > 0 for v in obs_std))):
             raise UsageError(f"obs_mean and obs_std must both be lists of obs_dim={obs_dim} numbers (std > 0) or both "
                              f"None, got {obs_mean!r} and {obs_std!r}")
+        if explore_kind not in EXPLORE_KINDS:
+            raise choice_error("explore_kind", explore_kind, EXPLORE_KINDS)
         if not float(explore_scale) >= 0.0:
             raise UsageError(f"explore_scale must be >= 0, got {explore_scale!r}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -116,6 +122,7 @@ class ICLPolicyConfig(PretrainedConfig):
         self.attn_implementation = attn_implementation
         self.explore_episodes = explore_episodes
         self.explore_scale = float(explore_scale)
+        self.explore_kind = explore_kind
         self.context_stride = context_stride
         self.action_repeat = action_repeat
         self.obs_mean = None if obs_mean is None else [float(v) for v in obs_mean]

@@ -211,7 +211,7 @@ def train(cfg: TrainConfig) -> dict:
         dropout=cfg.dropout, max_episode_length=stream.episode_length,
         max_context_episodes=cfg.context_episodes or cfg.episodes_per_window, obs_dim=stream.obs_dim,
         act_dim=stream.act_dim, explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
-        context_stride=cfg.context_stride, action_repeat=stream.action_repeat,
+        explore_kind=cfg.explore_kind, context_stride=cfg.context_stride, action_repeat=stream.action_repeat,
     )
     start_model = ICLPolicy.from_pretrained(cfg.init_from) if cfg.init_from else None
     if start_model is not None:  # the init's weights read its observation statistics
