@@ -54,6 +54,28 @@ if [ "${SELF_IMITATION:-0}" = 1 ]; then
     --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
     --keep-checkpoints 20 --log-every 20 --threads 1
 fi
+# 3d (STEP_ROUNDS=1, session 26; to try on validation): rounds 3-4 whose trials explore the way the test split's
+#    acting rule does (session 25): a fresh pre-squash perturbation of scale 0.5 at every decision of episodes 1-3
+#    of each relabelled trial, the 4th played as it would exploit, the expert labelling every step. Round 3 is
+#    played by the 2-round agent with this run's exploration (--relabel-init-explores), round 4 by round 3's.
+#    Then compare on 10 + 3 episodes with the session-25 acting rule against the recipe's 4-round agent:
+#    EVAL_K10=1 AGENT=pretrain-norm-dagger-step bash scripts/reproduce_ml10_cpu.sh  (and AGENT=pretrain-norm-dagger4)
+if [ "${STEP_ROUNDS:-0}" = 1 ]; then
+  icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
+    --out "$OUT/pretrain-norm-dagger-step" --resume --seed $SEED $MODEL \
+    --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-init-explores --relabel-trials 320 \
+    --relabel-new-tasks --explore-episodes 3 --explore-kind step --explore-scale 0.5 --steps 800 --lr 5e-4 \
+    --warmup-steps 20 --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
+fi
+# 4b (EVAL_K10=1): the test protocol's 10 adaptation + 3 evaluation episodes on the validation split, acting as the
+#    second set of test seeds does (exploring at every decision of episodes 1-10, scale 0.5); context wiped beside it
+if [ "${EVAL_K10:-0}" = 1 ]; then
+  icl-metarl evaluate "$OUT/${AGENT:-pretrain-norm-dagger4}" --non-adaptive --suite ML10 --split validation \
+    --tasks-per-env 5 -K 10 -E 3 --seeds 0 --action-repeat $K --batch-size 25 --vector pipelined \
+    --explore-episodes 10 --explore-kind step --explore-scale 0.5 \
+    --out "$OUT/eval-validation-k10-step05-${AGENT:-pretrain-norm-dagger4}"
+  exit 0
+fi
 # 4. validation: ML10's validation split (new goals of all 10 train environments; window-open and
 #    basketball were held out of this agent's training), 3 adaptation + 1 evaluation episodes
 AGENT=${AGENT:-pretrain-norm-dagger4}

@@ -210,21 +210,46 @@ def test_relabelling_from_an_init_plays_it_first_and_counts_its_loop(data, icl_r
         pretrain(_pretrain_cfg(data, tmp_path / "x", relabel_from_init=True))
 
 
-def test_relabelling_rounds_play_with_the_runs_exploration_kind(data, tmp_path, monkeypatch):
-    """--explore-kind step: the round's trials are played by a checkpoint that explores at every decision."""
+@pytest.fixture
+def round_players(monkeypatch):
+    """How each checkpoint loaded to play relabelled trials explores: (episodes, scale, kind) per shard."""
     from icl_metarl.incontext.agent import InContextAgent
 
-    kinds, loaded = [], InContextAgent.from_pretrained
+    players, loaded = [], InContextAgent.from_pretrained
 
     def spy(path, **kw):
         agent = loaded(path, **kw)
-        kinds.append((agent.explore_episodes, agent.explore_scale, agent.explore_kind))
+        players.append((agent.explore_episodes, agent.explore_scale, agent.explore_kind))
         return agent
 
     monkeypatch.setattr(InContextAgent, "from_pretrained", spy)
+    return players
+
+
+def test_relabelling_rounds_play_with_the_runs_exploration_kind(data, icl_run, tmp_path, round_players):
+    """--explore-kind step: the round's trials are played by a checkpoint that explores at every decision;
+    from an init, round 1 explores as the init's config.json says unless --relabel-init-explores."""
+    step = dict(explore_episodes=1, explore_scale=0.5, explore_kind="step")
     out = tmp_path / "step"
-    pretrain(_pretrain_cfg(data, out, explore_episodes=1, explore_scale=0.5, explore_kind="step"))
-    assert kinds and set(kinds) == {(1, 0.5, "step")}  # every shard of round 1, played by the round-0 checkpoint
+    pretrain(_pretrain_cfg(data, out, **step))
+    assert round_players and set(round_players) == {(1, 0.5, "step")}  # every shard of round 1, the round-0 checkpoint
     assert json.loads((out / "config.json").read_text())["explore_kind"] == "step"
+
+    round_players.clear()
+    pretrain(_pretrain_cfg(data, tmp_path / "init", init_from=str(icl_run), relabel_from_init=True, **step))
+    assert set(round_players) == {(0, 0.0, "offset")}  # the init as its own config.json says (the recipes as measured)
+    round_players.clear()
+    out = tmp_path / "init-explores"
+    pretrain(_pretrain_cfg(data, out, init_from=str(icl_run), relabel_from_init=True, relabel_init_explores=True, **step))
+    assert set(round_players) == {(1, 0.5, "step")}
+    settings = json.loads((out / "round-1" / "relabelled" / "manifest.json").read_text())["settings"]
+    assert (settings["policy_explore_episodes"], settings["policy_explore_kind"]) == (1, "step")  # provenance
+
     with pytest.raises(UsageError, match="unknown explore-kind 'sample'; valid: offset, step"):
         pretrain(_pretrain_cfg(data, tmp_path / "x", explore_kind="sample"))
+    with pytest.raises(UsageError, match="relabel_init_explores needs relabel_from_init"):
+        pretrain(_pretrain_cfg(data, tmp_path / "x", relabel_init_explores=True))
+    with pytest.raises(UsageError, match="policy_explore_kind: only a policy explores"):
+        generate(GenerateConfig(trials=1, policy_explore_kind="step"), tmp_path / "x", progress=False)
+    with pytest.raises(UsageError, match="unknown policy_explore_kind 'x'"):
+        generate(GenerateConfig(trials=1, policy=str(icl_run), policy_explore_kind="x"), tmp_path / "x", progress=False)

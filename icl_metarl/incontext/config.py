@@ -92,6 +92,14 @@ class GenerateConfig:
     expert's (replaying them repeats the success exactly: a trial's episodes start from one state,
     ``scripts/replay_check.py``). The target "repeat what worked", which the expert's labels never teach
     and which a learner needs on environments whose skill it lacks. The expert still labels the rest."""
+    policy_explore_episodes: int | None = None
+    """With a policy: it explores in the first this many episodes of each trial (None: as its config.json
+    says; the same for the two settings below)"""
+    policy_explore_scale: float | None = None
+    """With a policy: the standard deviation of its exploration"""
+    policy_explore_kind: str | None = None
+    """With a policy: 'offset' (a constant action offset per exploring episode) or 'step' (a fresh
+    pre-squash perturbation at every decision)"""
 
 
 def check_generate(cfg: GenerateConfig) -> GenerateConfig:
@@ -126,6 +134,16 @@ def check_generate(cfg: GenerateConfig) -> GenerateConfig:
     if cfg.self_imitation and (not cfg.policy or cfg.handover):
         raise UsageError(f"self_imitation labels a policy's episodes with its own successful ones: it needs a policy "
                          f"that plays every episode (handover 0), got policy={cfg.policy!r}, handover={cfg.handover}")
+    explore = {k: getattr(cfg, k) for k in ("policy_explore_episodes", "policy_explore_scale", "policy_explore_kind")}
+    if not cfg.policy and any(v is not None for v in explore.values()):
+        raise UsageError(f"{', '.join(k for k, v in explore.items() if v is not None)}: only a policy explores "
+                         f"(--policy is empty)")
+    if cfg.policy_explore_episodes is not None and cfg.policy_explore_episodes < 0:
+        raise UsageError(f"policy_explore_episodes must be >= 0, got {cfg.policy_explore_episodes}")
+    if cfg.policy_explore_scale is not None and not cfg.policy_explore_scale >= 0:
+        raise UsageError(f"policy_explore_scale must be >= 0, got {cfg.policy_explore_scale}")
+    if cfg.policy_explore_kind is not None and cfg.policy_explore_kind not in EXPLORE_KINDS:
+        raise choice_error("policy_explore_kind", cfg.policy_explore_kind, EXPLORE_KINDS)
     if cfg.policy and not (Path(cfg.policy) / "model.safetensors").is_file():
         raise UsageError(f"policy {cfg.policy!r} is not an in-context checkpoint directory (no model.safetensors)")
     pool = parse_task_pool(cfg.task_pool)
@@ -233,6 +251,10 @@ class TrainConfig:
     relabel_from_init: bool = False
     """relabelling rounds: round 1 is played by the --init-from policy itself (no phase on the base data
     alone first); the steps are cut into relabel_rounds phases, one after each round"""
+    relabel_init_explores: bool = False
+    """with relabel_from_init: the init plays round 1 exploring as this run says (--explore-episodes,
+    --explore-scale, --explore-kind), not as its own config.json says (off: as its own, the way the
+    committed ML10 recipes were measured)"""
     eval_every: int = 0
     """steps between in-context evaluations on held-out tasks, logged beside the loss (0: none); a
     monitor only: it never selects the checkpoint"""
@@ -284,6 +306,8 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
     if cfg.relabel_from_init and not (cfg.init_from and cfg.relabel_rounds):
         raise UsageError(f"relabel_from_init needs --init-from and relabel_rounds >= 1, got init_from={cfg.init_from!r} "
                          f"and relabel_rounds={cfg.relabel_rounds}")
+    if cfg.relabel_init_explores and not cfg.relabel_from_init:
+        raise UsageError("relabel_init_explores needs relabel_from_init (only then does the init play a round)")
     if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:
         raise UsageError(f"steps={cfg.steps} cannot be cut into {cfg.relabel_rounds + 1} phases (relabel rounds + 1)")
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():

@@ -118,7 +118,9 @@ def play_shard(tasks: list, cfg: GenerateConfig, shard_seed: int) -> dict[str, n
     if cfg.policy:
         from icl_metarl.incontext.agent import InContextAgent  # torch and transformers: only a policy needs them
 
-        policy = InContextAgent.from_pretrained(cfg.policy)
+        policy = InContextAgent.from_pretrained(cfg.policy, explore_episodes=cfg.policy_explore_episodes,
+                                                explore_scale=cfg.policy_explore_scale,
+                                                explore_kind=cfg.policy_explore_kind)
         if policy.action_repeat != cfg.action_repeat:
             raise UsageError(f"policy {cfg.policy} acts every {policy.action_repeat} simulator steps; these histories "
                              f"are played at action_repeat={cfg.action_repeat}")

@@ -438,6 +438,8 @@ def pretrain(cfg: TrainConfig) -> dict:
                 expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),
                 **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
                 action_noise=float(base.get("action_noise", 0.0)) if cfg.relabel_handover else 0.0,
+                **({"policy_explore_episodes": cfg.explore_episodes, "policy_explore_scale": cfg.explore_scale,
+                    "policy_explore_kind": cfg.explore_kind} if r == 1 and cfg.relabel_init_explores else {}),
             )
             manifest = generate(gen, relabelled, progress=cfg.progress)
             data.append(str(relabelled))
@@ -455,7 +457,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         trained = phases - cfg.relabel_from_init
         steps = cfg.steps // trained + (cfg.steps % trained if r == phases - 1 else 0)
         phase_cfg = dataclasses.replace(cfg, data=data, out=str(phase / "train"), steps=steps,
-                                        relabel_rounds=0, relabel_handover=0, relabel_from_init=False,
+                                        relabel_rounds=0, relabel_handover=0, relabel_from_init=False, relabel_init_explores=False,
                                         relabel_self_imitation=False,
                                         init_from=str(init) if init else "",
                                         resume=True, warmup_steps=min(cfg.warmup_steps, steps))
