@@ -107,6 +107,10 @@ def test_agents_of_several_evaluations_pair_task_by_task(tmp_path, capsys):
     assert rc == 0, err
     _, alone, _ = _compare(capsys, one, "--a", "a0", "--b", "b0", "--episode", 2)
     assert _difference(named) == _difference(alone)
+    # one evaluation named twice is one evaluation, not a label in two
+    rc, twice, err = _compare(capsys, one, f"{one}/", "--a", "a0", "--b", "b0", "--episode", 2)
+    assert rc == 0, err
+    assert _difference(twice) == _difference(alone)
 
     # another split or other tasks do not pair: refused in one line
     other = _write(tmp_path / "other", _results({"c": success["b0"]}, split="validation"))

@@ -31,7 +31,8 @@ Loaded = list[tuple[str, dict]]  # (directory as given, results.json)
 def load_evaluations(paths: Sequence[str]) -> Loaded:
     """(name, results) of each results directory (or results.json); refuses evaluations of another
     protocol, other tasks or other seeds than the first's."""
-    loaded = [(str(Path(p)), load_results(p)) for p in paths]
+    names = dict.fromkeys(str(Path(p)) for p in paths)  # one evaluation named twice ("r", "r/") is loaded once
+    loaded = [(name, load_results(name)) for name in names]
     (first, r0), rest = loaded[0], loaded[1:]
     for name, r in rest:
         for key in PROTOCOL:
