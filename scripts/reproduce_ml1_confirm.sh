@@ -12,6 +12,9 @@
 # Every stage resumes: kill it and rerun, finished work is reused. ENV=reach|push, SEED=0|1|2; once all three
 # seeds of an ENV are trained, STAGE=test plays the test split once and writes results/ml1-ENV-confirm-test.
 #   ENV=reach SEED=0 bash scripts/reproduce_ml1_confirm.sh ; ... SEED=1, SEED=2 ; ENV=reach STAGE=test bash ...
+# A seed whose training may not survive until the other seeds are trained (studies/ is not kept between sittings)
+# plays the test split on its own, once, right after its training: STAGE=test SEEDS=0 writes
+# results/ml1-ENV-confirm-test-s0; `icl-metarl compare` pools the three per-seed directories as it pools one.
 # Smoke-test sizes (not the recipe): ITERS=4 MIN_ITERS=2 EVERY=2 TASKS=2 QS_SIZE=tiny PUSH_TRIALS=4 PUSH_STEPS=6.
 # Budget (issue-22 measurements, session 7-13 machines): reach ~12 (in-context) + 8-16 + 8-11 CPU-min per seed,
 # push ~24 + 14 + 10-14, plus the validation curves. Smoke-tested end to end at the sizes above (reach and push,
@@ -63,12 +66,14 @@ fi
 chosen() {  # the snapshot curves.json chose for run $1 (its curves in $2)
   python -c 'import json, sys; print(json.load(open(sys.argv[2] + "/curves.json"))["chosen"][sys.argv[1]]["point"])' "$1" "$2"
 }
+SEEDS=${SEEDS:-0 1 2}
 AGENTS=()
-for S in 0 1 2; do AGENTS+=("$OUT/icl-s$S"); done
+for S in $SEEDS; do AGENTS+=("$OUT/icl-s$S"); done
 for L in "$BEST" reptile; do
-  for S in 0 1 2; do AGENTS+=("$OUT/$L-s$S/snapshots/$(chosen "$OUT/$L-s$S" "$OUT/curves-$L-s$S")"); done
+  for S in $SEEDS; do AGENTS+=("$OUT/$L-s$S/snapshots/$(chosen "$OUT/$L-s$S" "$OUT/curves-$L-s$S")"); done
 done
-RESULTS=${RESULTS:-results/ml1-$ENV-confirm-test}
+if [ "$SEEDS" = "0 1 2" ]; then RESULTS=${RESULTS:-results/ml1-$ENV-confirm-test}
+else RESULTS=${RESULTS:-results/ml1-$ENV-confirm-test-s${SEEDS// /-}}; fi
 icl-metarl evaluate "${AGENTS[@]}" random oracle --non-adaptive --suite "$SUITE" --split test --task-seed "$SUITE_SEED" \
   -K 3 -E 1 --episode-length $LEN --seeds 0 --tasks "$TASKS" --out "$RESULTS"
 for A in "${AGENTS[@]}"; do  # each agent's budget and configuration beside the figures (issue 35)
