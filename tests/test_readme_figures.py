@@ -10,7 +10,9 @@ non-adaptive variant, ``minus=non-adaptive`` for the paired difference to it) on
 results.json; ``k=K split=SPLIT env=ENV`` (the expert's success) on a ``suites --check`` directory.
 Pooled over training seeds, as ``icl-metarl compare`` pools them (runs, then tasks, then seeds): several directories
 joined by commas, the same agent label in each (``results/A,results/B agent=icl episode=evaluation``), and
-``minus=DIR,DIR:LABEL`` for the paired difference to another learner's runs, run i with run i.
+``minus=DIR,DIR:LABEL`` for the paired difference to another learner's runs, run i with run i. Where a learner's
+label differs between directories (a snapshot chosen per training seed), each directory names its own:
+``agent=L1,L2`` (one per directory of the figure) and ``minus=DIR:L1,DIR:L2``.
 Earlier figures whose files were not kept carry no comment and sit in a separate table.
 """
 
@@ -58,30 +60,43 @@ def recompute(spec: str, with_interval: bool, root: Path = ROOT) -> str:
         records = by_env(load_results(path / f"k{keys['k']}" / keys["split"]), "oracle")[keys["env"]]
         return f"{np.mean([r['success'] for r in records]):.2f}"
     minus = keys.get("minus", "")
-    other, _, other_label = minus.rpartition(":") if minus != "non-adaptive" else ("", "", "")
-    a_dirs, b_dirs = directory.split(","), other.split(",") if other else []
+    a_dirs = directory.split(",")
+    a_labels = keys["agent"].split(",")
+    if len(a_labels) == 1:
+        a_labels *= len(a_dirs)
+    assert len(a_labels) == len(a_dirs), f"{spec}: agent= names {len(a_labels)} labels for {len(a_dirs)} directories"
+    b_pairs = minus_runs(minus) if minus not in ("", "non-adaptive") else []
+    b_dirs = [d for d, _ in b_pairs]
     for d in a_dirs + b_dirs:
         if not (root / d).is_dir():
             raise FileNotFoundError(f"{d} is not a committed results directory")
     loaded = load_evaluations([str(root / d) for d in a_dirs + b_dirs])
-    runs = [find_agent(loaded, f"{root / d}:{keys['agent']}") for d in a_dirs]
+    runs = [find_agent(loaded, f"{root / d}:{label}") for d, label in zip(a_dirs, a_labels)]
     episode = parse_episode(keys["episode"], loaded[0][1]["settings"])
     if keys.get("variant") == "non-adaptive":
         runs = [non_adaptive_variant(loaded, run) for run in runs]
     if minus:
         b_runs = ([non_adaptive_variant(loaded, run) for run in runs] if minus == "non-adaptive"
-                  else [find_agent(loaded, f"{root / d}:{other_label}") for d in b_dirs])
+                  else [find_agent(loaded, f"{root / d}:{label}") for d, label in b_pairs])
         ci, sign = difference_interval(success(loaded, runs, episode), success(loaded, b_runs, episode)), True
     else:
         ci, sign = mean_interval(success(loaded, runs, episode)), False
     return _fmt(ci if with_interval else ci[:1], sign)
 
 
+def minus_runs(minus: str) -> list[tuple[str, str]]:
+    """(directory, label) of each run ``minus=`` names: ``DIR,DIR:LABEL`` (one label for all) or ``DIR:L1,DIR:L2``."""
+    items = [item.partition(":") for item in minus.split(",")]
+    last = items[-1][2]
+    assert last, f"minus={minus}: its last directory names no label (DIR:LABEL)"
+    return [(d, label or last) for d, _, label in items]
+
+
 def spec_directories(spec: str) -> list[str]:
     """Every results directory a figure's spec reads: its own (comma-joined when pooled) and minus=DIRS:LABEL's."""
     directory, *pairs = spec.split()
     minus = dict(p.split("=", 1) for p in pairs).get("minus", "non-adaptive")
-    return directory.split(",") + (minus.rpartition(":")[0].split(",") if minus != "non-adaptive" else [])
+    return directory.split(",") + ([d for d, _ in minus_runs(minus)] if minus != "non-adaptive" else [])
 
 
 def mismatches(section: str, root: Path = ROOT) -> list[str]:
@@ -188,3 +203,10 @@ def test_a_changed_pooled_figure_is_a_mismatch(section):
     changed_figure = quoted.replace(quoted[1:5], f"{float(quoted[1:5]) + 0.01:.2f}", 1)
     found = mismatches(section.replace(row, row.replace(quoted, changed_figure, 1), 1))
     assert len(found) == 1 and f"README quotes {changed_figure}" in found[0]
+
+
+def test_minus_names_one_label_for_all_or_one_per_directory():
+    assert minus_runs("results/a,results/b:x") == [("results/a", "x"), ("results/b", "x")]
+    assert minus_runs("results/a:x,results/b:y") == [("results/a", "x"), ("results/b", "y")]
+    with pytest.raises(AssertionError, match="names no label"):
+        minus_runs("results/a:x,results/b")
