@@ -7,6 +7,7 @@ least 2: with one SGD step the update is the multi-task gradient (Nichol et al. 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,10 @@ def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConf
     """theta - mean_i(phi_i) over the tasks of ``support`` (leading task axis), and each task's final loss.
 
     Reptile (Nichol et al. 2018), Algorithm 2 (batched): theta <- theta + eps * mean_i(phi_i - theta);
-    handing theta - mean(phi) to SGD with learning rate eps is exactly that update.
+    handing theta - mean(phi) to SGD with learning rate eps is exactly that update. A task whose inner steps
+    diverge (a non-finite weight: policy-gradient steps after the first are importance-weighted and unclipped)
+    is left out of the mean, and its loss is NaN; if every task diverges the direction is zero. Where no task
+    diverges the update is the paper's, unchanged.
     """
     params = {k: v.detach() for k, v in params.items()}
 
@@ -85,7 +89,13 @@ def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConf
         return phi, loss(phi, batch)
 
     phis, losses = vmap(one_task)(support)  # each phi: (T, *param.shape)
-    return {k: params[k] - phis[k].mean(0) for k in params}, losses
+    finite = torch.stack([torch.isfinite(phi.flatten(1)).all(1) for phi in phis.values()]).all(0)  # (T,)
+    if bool(finite.all()):
+        return {k: params[k] - phis[k].mean(0) for k in params}, losses
+    if not bool(finite.any()):
+        return {k: torch.zeros_like(p) for k, p in params.items()}, torch.full_like(losses, float("nan"))
+    kept = {k: params[k] - phis[k][finite].mean(0) for k in params}
+    return kept, torch.where(finite, losses, torch.full_like(losses, float("nan")))
 
 
 class Reptile:
@@ -109,7 +119,11 @@ class Reptile:
         episodes alone: it has no outer loss)."""
         direction, losses = reptile_direction(self.inner_loss, self.params, support, self.config)
         apply_gradient(self.optimizer, self.params, all_reduce_mean(direction, self.accelerator))
-        return float(losses.mean())
+        diverged = int(torch.isnan(losses).sum())
+        if diverged:
+            warnings.warn(f"reptile: {diverged} of {losses.numel()} tasks' inner steps diverged (non-finite "
+                          f"weights); left out of this meta-update", RuntimeWarning, stacklevel=2)
+        return float(losses.nanmean()) if diverged < losses.numel() else float("nan")
 
     def update(self, support, query=None) -> float:
         """One whole meta-update: Reptile's move (see ``step``)."""

@@ -124,3 +124,22 @@ def test_reptile_defaults_to_k_of_at_least_two_and_no_query_episodes():
         MetaRLConfig(algo="reptile", query_episodes=1)
     with pytest.raises(UsageError, match="query-episodes must be an integer >= 1, got 0"):
         MetaRLConfig(algo="maml", query_episodes=0)
+
+
+def test_a_task_whose_inner_steps_diverge_is_left_out_of_the_update():
+    """Policy-gradient inner steps after the first are unclipped importance weights and can overflow: such a task
+    drops out of the mean (the update is the other tasks' Reptile move), and if all diverge nothing moves."""
+    (xs, ys), _, w = _tasks()
+    cfg = ReptileConfig(inner_steps=2, inner_lr=0.05, meta_lr=0.5)
+    bad_xs = xs.clone()
+    bad_xs[1] = float("inf")  # task 1's gradient is non-finite from its first step
+    learner = Reptile({"w": w}, linear_loss, cfg)
+    with pytest.warns(RuntimeWarning, match="1 of 4 tasks. inner steps diverged"):
+        loss = learner.step((bad_xs, ys))
+    assert len(xs) == 4 and torch.isfinite(torch.tensor(loss))
+    keep = torch.tensor([0, 2, 3])
+    reference = Reptile({"w": w}, linear_loss, cfg)
+    reference.step((xs[keep], ys[keep]))
+    torch.testing.assert_close(learner.params["w"].detach(), reference.params["w"].detach(), atol=1e-12, rtol=1e-10)
+    d, losses = reptile_direction(linear_loss, {"w": w}, (torch.full_like(xs, float("inf")), ys), cfg)
+    assert torch.equal(d["w"], torch.zeros_like(w)) and bool(torch.isnan(losses).all())

@@ -145,9 +145,11 @@ def play_lockstep(groups, envs, agent_seed: int, adaptation_episodes: int, evalu
         else:
             actions = agent.act(obs)
         actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (n[g], ACT_DIM) or not np.all(np.isfinite(actions)):
-            raise ValueError(f"agent returned actions of shape {actions.shape} (want {(n[g], ACT_DIM)}) "
-                             f"or non-finite values")
+        if actions.shape != (n[g], ACT_DIM):
+            raise ValueError(f"agent returned actions of shape {actions.shape} (want {(n[g], ACT_DIM)})")
+        if not np.all(np.isfinite(actions)):
+            raise ValueError(f"agent returned non-finite actions ({int((~np.isfinite(actions)).sum())} of "
+                             f"{actions.size} values NaN or inf): its weights have diverged")
         chosen[g] = (obs, info, actions)
         return actions
 
