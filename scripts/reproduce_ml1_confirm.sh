@@ -18,7 +18,8 @@
 # Smoke-test sizes (not the recipe): ITERS=4 MIN_ITERS=2 EVERY=2 TASKS=2 QS_SIZE=tiny PUSH_TRIALS=4 PUSH_STEPS=6.
 # Budget (issue-22 measurements, session 7-13 machines): reach ~12 (in-context) + 8-16 + 8-11 CPU-min per seed,
 # push ~24 + 14 + 10-14, plus the validation curves. Smoke-tested end to end at the sizes above (reach and push,
-# three seeds, then STAGE=test, session 20); not yet run at the recipe sizes.
+# three seeds, then STAGE=test, session 20). Run at the recipe sizes: reach, three seeds (session 29, ~40 wall-min
+# per seed on one core: docs/results.md, "Confirmation on untouched tasks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=${ENV:-reach}; SEED=${SEED:-0}; SUITE_SEED=${SUITE_SEED:-1}; STAGE=${STAGE:-train}
@@ -76,6 +77,7 @@ if [ "$SEEDS" = "0 1 2" ]; then RESULTS=${RESULTS:-results/ml1-$ENV-confirm-test
 else RESULTS=${RESULTS:-results/ml1-$ENV-confirm-test-s${SEEDS// /-}}; fi
 icl-metarl evaluate "${AGENTS[@]}" random oracle --non-adaptive --suite "$SUITE" --split test --task-seed "$SUITE_SEED" \
   -K 3 -E 1 --episode-length $LEN --seeds 0 --tasks "$TASKS" --out "$RESULTS"
+gzip -9 -n -f "$RESULTS/results.json"  # committed compressed; every reader takes results.json.gz as well
 for A in "${AGENTS[@]}"; do  # each agent's budget and configuration beside the figures (issue 35)
   D="$RESULTS/agents/$(echo "${A#"$OUT"/}" | tr / _)"; mkdir -p "$D"
   for F in budget.json config.json; do if [ -f "$A/$F" ]; then cp "$A/$F" "$D/$F"; fi; done
