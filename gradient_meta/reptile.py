@@ -90,12 +90,10 @@ def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConf
 
     phis, losses = vmap(one_task)(support)  # each phi: (T, *param.shape)
     finite = torch.stack([torch.isfinite(phi.flatten(1)).all(1) for phi in phis.values()]).all(0)  # (T,)
-    if bool(finite.all()):
-        return {k: params[k] - phis[k].mean(0) for k in params}, losses
+    losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
     if not bool(finite.any()):
-        return {k: torch.zeros_like(p) for k, p in params.items()}, torch.full_like(losses, float("nan"))
-    kept = {k: params[k] - phis[k][finite].mean(0) for k in params}
-    return kept, torch.where(finite, losses, torch.full_like(losses, float("nan")))
+        return {k: torch.zeros_like(p) for k, p in params.items()}, losses
+    return {k: params[k] - phis[k][finite].mean(0) for k in params}, losses
 
 
 class Reptile:
