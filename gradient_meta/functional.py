@@ -144,6 +144,17 @@ def all_reduce_mean(grads: Params, accelerator=None) -> Params:
     return {k: accelerator.reduce(v.contiguous(), reduction="mean") for k, v in grads.items()}
 
 
+def all_reduce_weighted_mean(means: Params, count: int, accelerator=None) -> Params:
+    """The mean over every process's items, where this process's ``means`` average its own ``count`` items:
+    sum_p count_p * means_p / sum_p count_p. Processes may keep different numbers of items (Reptile leaves
+    diverged tasks out), where the plain mean of means would weight them wrongly; zero where none has any."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return means
+    total = float(accelerator.reduce(torch.tensor(float(count)), reduction="sum"))
+    summed = {k: accelerator.reduce((v * count).contiguous(), reduction="sum") for k, v in means.items()}
+    return {k: v / total if total else torch.zeros_like(v) for k, v in summed.items()}
+
+
 def apply_gradient(optimizer: torch.optim.Optimizer, tensors: Params, grads: Params) -> None:
     """Hand precomputed gradients to a torch optimizer and take its step."""
     for name, t in tensors.items():

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from gradient_meta.config import SINUSOID_REPTILE_STEPS, check_reptile_steps, check_step_size
-from gradient_meta.functional import LossFn, Params, adapt_tasks, all_reduce_mean, apply_gradient
+from gradient_meta.functional import LossFn, Params, adapt_tasks, all_reduce_weighted_mean, apply_gradient
 from icl_metarl.harness.errors import choice_error
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -75,9 +75,9 @@ def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConf
 
     Reptile (Nichol et al. 2018), Algorithm 2 (batched): theta <- theta + eps * mean_i(phi_i - theta);
     handing theta - mean(phi) to SGD with learning rate eps is exactly that update. A task whose inner steps
-    diverge (a non-finite weight: policy-gradient steps after the first are importance-weighted and unclipped)
-    is left out of the mean, and its loss is NaN; if every task diverges the direction is zero. Where no task
-    diverges the update is the paper's, unchanged.
+    diverge (a non-finite weight or final loss: policy-gradient steps after the first are importance-weighted
+    and unclipped) is left out of the mean, and its loss is NaN, so the NaN losses are exactly the tasks left
+    out; if every task diverges the direction is zero. Where no task diverges the update is the paper's.
     """
     params = {k: v.detach() for k, v in params.items()}
 
@@ -90,6 +90,7 @@ def reptile_direction(loss: LossFn, params: Params, support, config: ReptileConf
 
     phis, losses = vmap(one_task)(support)  # each phi: (T, *param.shape)
     finite = torch.stack([torch.isfinite(phi.flatten(1)).all(1) for phi in phis.values()]).all(0)  # (T,)
+    finite = finite & torch.isfinite(losses)
     losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
     if not bool(finite.any()):
         return {k: torch.zeros_like(p) for k, p in params.items()}, losses
@@ -116,8 +117,9 @@ class Reptile:
         """One meta-update from a batch of tasks; ``query`` is unused (Reptile learns from the support
         episodes alone: it has no outer loss)."""
         direction, losses = reptile_direction(self.inner_loss, self.params, support, self.config)
-        apply_gradient(self.optimizer, self.params, all_reduce_mean(direction, self.accelerator))
         diverged = int(torch.isnan(losses).sum())
+        kept = losses.numel() - diverged  # each process's mean weighted by its kept tasks: exact over processes
+        apply_gradient(self.optimizer, self.params, all_reduce_weighted_mean(direction, kept, self.accelerator))
         if diverged:
             warnings.warn(f"reptile: {diverged} of {losses.numel()} tasks' inner steps diverged (non-finite "
                           f"weights); left out of this meta-update", RuntimeWarning, stacklevel=2)

@@ -1,5 +1,6 @@
 """Reptile against its update written out by hand, inner SGD and inner Adam (torch.optim.Adam as reference)."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -143,3 +144,35 @@ def test_a_task_whose_inner_steps_diverge_is_left_out_of_the_update():
     torch.testing.assert_close(learner.params["w"].detach(), reference.params["w"].detach(), atol=1e-12, rtol=1e-10)
     d, losses = reptile_direction(linear_loss, {"w": w}, (torch.full_like(xs, float("inf")), ys), cfg)
     assert torch.equal(d["w"], torch.zeros_like(w)) and bool(torch.isnan(losses).all())
+
+
+def _two_process_diverged_step(out_dir):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2
+    (xs, ys), _, w = _tasks()
+    xs = xs.clone()
+    xs[1] = float("inf")  # process 0 keeps 1 of its 2 tasks, process 1 both of its own
+    mine = slice(2 * acc.process_index, 2 * acc.process_index + 2)
+    learner = Reptile({"w": w}, linear_loss, ReptileConfig(inner_steps=2, inner_lr=0.05, meta_lr=0.5), acc)
+    with pytest.warns(RuntimeWarning) if acc.process_index == 0 else contextlib.nullcontext():
+        learner.step((xs[mine], ys[mine]))
+    if acc.is_main_process:
+        torch.save(learner.params["w"].detach(), out_dir / "two.pt")
+
+
+# two gloo processes, ~8 s: the file's multi-process representative in the default suite
+def test_two_processes_with_a_diverged_task_equal_one_on_the_kept_tasks(tmp_path):
+    """Processes that keep different numbers of tasks are weighted by them: the update is the one-process
+    Reptile step on the three finite tasks, not the mean of the two processes' means."""
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's one-process state is not forked
+    debug_launcher(_two_process_diverged_step, args=(tmp_path,), num_processes=2)
+    (xs, ys), _, w = _tasks()
+    keep = torch.tensor([0, 2, 3])
+    reference = Reptile({"w": w}, linear_loss, ReptileConfig(inner_steps=2, inner_lr=0.05, meta_lr=0.5))
+    reference.step((xs[keep], ys[keep]))
+    torch.testing.assert_close(torch.load(tmp_path / "two.pt"), reference.params["w"].detach(), atol=1e-10, rtol=1e-8)
