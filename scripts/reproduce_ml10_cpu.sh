@@ -36,9 +36,10 @@ icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm-dagger" -
 # 3b. two more relabelling rounds from the 2-round agent on its own data (session 19, seed 1: 0.62 against
 #    0.52 after 2 rounds, paired +0.10 [+0.02, +0.18]). As measured, these rounds draw their tasks with
 #    the same round seeds as rounds 1-2 (seed + 1000 x round), so they replay rounds 1-2's task draws
-#    with the better agent.
+#    with the better agent. Skipped under STEP_ROUNDS=1 (3d replaces these two rounds; the 4-round agent is built by
+#    a run without it, which can go beside it on the other core once step 3 is done)
 D="$OUT/pretrain-norm-dagger"
-icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
+[ "${STEP_ROUNDS:-0}" = 1 ] || icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
   --out "$OUT/pretrain-norm-dagger4" --resume --seed $SEED $MODEL \
   --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
