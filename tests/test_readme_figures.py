@@ -147,7 +147,7 @@ def test_every_recomputable_readme_figure_equals_its_recomputation(section):
                            "results/ml10-test-s5", "results/ml10-test-s5-maml-imitate",
                            "results/ml1-reach-confirm-test-s0", "results/ml1-reach-confirm-test-s1",
                            "results/ml1-reach-confirm-test-s2", "results/ml1-push-confirm-test-s0",
-                           "results/ml1-push-confirm-test-s1"}
+                           "results/ml1-push-confirm-test-s1", "results/ml1-push-confirm-test-s2"}
     assert len(figures) >= 8
     assert mismatches(section) == []
 
