@@ -122,7 +122,7 @@ class Reptile:
         apply_gradient(self.optimizer, self.params, all_reduce_weighted_mean(direction, kept, self.accelerator))
         if diverged:
             warnings.warn(f"reptile: {diverged} of {losses.numel()} tasks' inner steps diverged (non-finite "
-                          f"weights); left out of this meta-update", RuntimeWarning, stacklevel=2)
+                          f"weights or loss); left out of this meta-update", RuntimeWarning, stacklevel=2)
         return float(losses.nanmean()) if diverged < losses.numel() else float("nan")
 
     def update(self, support, query=None) -> float:

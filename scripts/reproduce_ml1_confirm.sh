@@ -19,7 +19,8 @@
 # Budget (issue-22 measurements, session 7-13 machines): reach ~12 (in-context) + 8-16 + 8-11 CPU-min per seed,
 # push ~24 + 14 + 10-14, plus the validation curves. Smoke-tested end to end at the sizes above (reach and push,
 # three seeds, then STAGE=test, session 20). Run at the recipe sizes: reach, three seeds (session 29, ~40 wall-min
-# per seed on one core: docs/results.md, "Confirmation on untouched tasks").
+# per seed on one core), and push, three seeds (sessions 29-30, ~55-60 wall-min per seed on one core):
+# docs/results.md, "Confirmation on untouched tasks".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=${ENV:-reach}; SEED=${SEED:-0}; SUITE_SEED=${SUITE_SEED:-1}; STAGE=${STAGE:-train}
