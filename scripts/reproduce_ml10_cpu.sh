@@ -22,14 +22,18 @@ icl-metarl generate --suite ML10-holdout --split train --task-pool fresh --trial
 # 2. pretraining: the compact context (earlier episodes by every 10th decision and their last), whole
 #    4-episode trials as windows, acting on trials of up to 13 episodes, observations standardised by
 #    the data's statistics (session 18: 0.50 against 0.28 without)
+#    KEEP_BEST=1 (session 31, tried on validation): each earlier episode also keeps its best-rewarded step
+#    (--context-keep-best); every agent of steps 2-4 gets the suffix -best, the histories are shared
 MODEL="--context-stride 10 --episodes-per-window 4 --context-episodes 13 --d-model 96 --n-layer 3 --n-head 4 --batch-size 16 --normalize-obs"
-icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm" --resume --seed $SEED $MODEL \
+B=""
+if [ "${KEEP_BEST:-0}" = 1 ]; then MODEL="$MODEL --context-keep-best"; B="-best"; fi
+icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm$B" --resume --seed $SEED $MODEL \
   --steps 1200 --lr 1e-3 --warmup-steps 50 --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
 
 # 3. two relabelling rounds: the agent plays 320 trials of new train tasks exploring in episode 1, the
 #    expert labels every step, 400 steps on base + rounds after each (session 18: 0.52, context +0.08)
-icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm-dagger" --resume --seed $SEED $MODEL \
-  --init-from "$OUT/pretrain-norm" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm-dagger$B" --resume --seed $SEED $MODEL \
+  --init-from "$OUT/pretrain-norm$B" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 20 --log-every 20 --threads 1
 
@@ -38,9 +42,9 @@ icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm-dagger" -
 #    the same round seeds as rounds 1-2 (seed + 1000 x round), so they replay rounds 1-2's task draws
 #    with the better agent. Skipped under STEP_ROUNDS=1 (3d replaces these two rounds; the 4-round agent is built by
 #    a run without it, which can go beside it on the other core once step 3 is done)
-D="$OUT/pretrain-norm-dagger"
+D="$OUT/pretrain-norm-dagger$B"
 [ "${STEP_ROUNDS:-0}" = 1 ] || icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
-  --out "$OUT/pretrain-norm-dagger4" --resume --seed $SEED $MODEL \
+  --out "$OUT/pretrain-norm-dagger4$B" --resume --seed $SEED $MODEL \
   --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 20 --log-every 20 --threads 1
@@ -68,17 +72,28 @@ if [ "${STEP_ROUNDS:-0}" = 1 ]; then
     --relabel-new-tasks --explore-episodes 3 --explore-kind step --explore-scale 0.5 --steps 800 --lr 5e-4 \
     --warmup-steps 20 --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
 fi
+# 3e (BEST_ROUNDS=1, session 31; tried on validation): rounds 3-4 as the recipe's (3b), from the same 2-round agent,
+#    but trained and played with each earlier episode's best-rewarded step kept (--context-keep-best: a mask, the
+#    weights carry over); round 3 is played by the 2-round agent as in 3b. Then
+#    EVAL_K10=1 AGENT=pretrain-norm-dagger4-bestrounds bash scripts/reproduce_ml10_cpu.sh
+if [ "${BEST_ROUNDS:-0}" = 1 ]; then
+  icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
+    --out "$OUT/pretrain-norm-dagger4-bestrounds" --resume --seed $SEED $MODEL --context-keep-best \
+    --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+    --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
+    --keep-checkpoints 20 --log-every 20 --threads 1
+fi
 # 4b (EVAL_K10=1): the test protocol's 10 adaptation + 3 evaluation episodes on the validation split, acting as the
 #    second set of test seeds does (exploring at every decision of episodes 1-10, scale 0.5); context wiped beside it
 if [ "${EVAL_K10:-0}" = 1 ]; then
-  icl-metarl evaluate "$OUT/${AGENT:-pretrain-norm-dagger4}" --non-adaptive --suite ML10 --split validation \
+  icl-metarl evaluate "$OUT/${AGENT:-pretrain-norm-dagger4$B}" --non-adaptive --suite ML10 --split validation \
     --tasks-per-env 5 -K 10 -E 3 --seeds 0 --action-repeat $K --batch-size 25 --vector pipelined \
     --explore-episodes 10 --explore-kind step --explore-scale 0.5 \
-    --out "$OUT/eval-validation-k10-step05-${AGENT:-pretrain-norm-dagger4}"
+    --out "$OUT/eval-validation-k10-step05-${AGENT:-pretrain-norm-dagger4$B}"
   exit 0
 fi
 # 4. validation: ML10's validation split (new goals of all 10 train environments; window-open and
 #    basketball were held out of this agent's training), 3 adaptation + 1 evaluation episodes
-AGENT=${AGENT:-pretrain-norm-dagger4}
+AGENT=${AGENT:-pretrain-norm-dagger4$B}
 icl-metarl evaluate "$OUT/$AGENT" random oracle --non-adaptive --suite ML10 --split validation \
   --tasks-per-env 5 -K 3 -E 1 --seeds 0 --action-repeat $K --batch-size 25 --vector pipelined --out "$OUT/eval-validation-$AGENT"

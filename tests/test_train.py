@@ -197,3 +197,18 @@ def test_normalize_obs_keeps_the_datas_statistics_and_an_init_keeps_its_own(data
     assert json.loads((tmp_path / "i" / "config.json").read_text())["obs_mean"] == cfg["obs_mean"]
     train(TrainConfig(data=[str(data)], out=str(tmp_path / "r"), **tiny))
     assert json.loads((tmp_path / "r" / "config.json").read_text()).get("obs_mean") is None
+
+
+def test_keep_best_trains_from_a_plain_compact_init_and_needs_the_compact_context(data, tmp_path):
+    tiny = dict(steps=2, episodes_per_window=2, batch_size=2, d_model=16, n_layer=1, n_head=2, progress=False,
+                tensorboard=False, context_stride=5)
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "plain"), **tiny))
+    # the kept best step is a mask, not a weight: a plain compact checkpoint starts a keep-best run
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "best"), init_from=str(tmp_path / "plain"),
+                      context_keep_best=True, **tiny))
+    cfg = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert (cfg["context_stride"], cfg["context_keep_best"]) == (5, True)
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["context_keep_best"] is False
+    with pytest.raises(UsageError, match="context-keep-best needs the compact context"):
+        train(TrainConfig(data=[str(data)], out=str(tmp_path / "bad"), **{**tiny, "context_stride": 0},
+                          context_keep_best=True))

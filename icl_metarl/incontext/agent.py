@@ -18,7 +18,7 @@ from icl_metarl.harness.agent import Agent
 from icl_metarl.harness.budget import run_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.threads import threads_held
-from icl_metarl.incontext.attention import kept_steps
+from icl_metarl.incontext.attention import kept_offsets
 from icl_metarl.incontext.config import EXPLORE_KINDS
 from icl_metarl.incontext.model import ICLPolicy
 from icl_metarl.incontext.tokens import episode_inputs
@@ -181,7 +181,7 @@ class InContextAgent(Agent):
         if self._cache is not None and n and c.compact:  # episode by episode, each then compacted
             for e in range(k):
                 self._forward(e * t, (e + 1) * t, self._cache, episode=e)
-                self._cache.keep(self._cache.length - t, kept_steps(t, c.context_stride))
+                self._keep_episode(e * t, t)
         elif self._cache is not None and n:
             self._forward(0, n, self._cache)  # encoded once, as a re-encoded window is
 
@@ -261,7 +261,7 @@ class InContextAgent(Agent):
         c = self.model.config
         if self._t > 0:
             if c.compact and self._cache is not None and not self.wipe_context_each_episode:
-                self._cache.keep(self._cache.length - self._t, kept_steps(self._t, c.context_stride))
+                self._keep_episode(self._length - self._t, self._t)
             self._episodes.append(self._t)
             self._episode_index += 1
         self._t = 0
@@ -282,7 +282,7 @@ class InContextAgent(Agent):
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",
                                               "max_context_episodes", "action_head", "reward_scale",
-                                              "context_stride", "action_repeat")},
+                                              "context_stride", "context_keep_best", "action_repeat")},
                 "attn_implementation": self.model.attn_implementation,
             },
         }
@@ -319,6 +319,15 @@ class InContextAgent(Agent):
             use_cache=cache is not None,
             episode_index=index,
         )
+
+    def _keep_episode(self, start: int, t: int) -> None:
+        """Compact context: drop from the cache all but the kept steps of the episode just encoded, whose
+        ``t`` tokens sit at ``start`` in the window (``attention.kept_offsets``: the strided steps, the
+        last, and each row's best-rewarded step if the model keeps it)."""
+        c = self.model.config
+        offsets = kept_offsets(self._prev_rewards[:, start:start + t], c.context_stride,
+                               getattr(c, "context_keep_best", False))
+        self._cache.keep(self._cache.length - t, offsets)
 
     def _make_room_for_episode(self) -> None:
         """At an episode boundary: wipe, or drop the oldest episode and re-encode, if the window is full."""

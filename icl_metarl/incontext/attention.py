@@ -41,18 +41,58 @@ def kept_steps(length: int, stride: int) -> list[int]:
     return [t for t in range(length) if (t + 1) % stride == 0 or t == length - 1]
 
 
-def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int) -> torch.Tensor:
+def best_step(prev_rewards: torch.Tensor, stride: int) -> torch.Tensor | None:
+    """The extra step a finished episode keeps under ``context_keep_best``: of its steps that
+    ``kept_steps`` does not keep (and not step 0, which reads no reward of the episode), the one whose token
+    reads the highest previous reward, the first on ties. That token holds the observation the episode's
+    best-rewarded decision led to (where the hand or the object was when the hidden goal paid most).
+    ``prev_rewards`` (..., T), the tokens' previous-reward inputs of one episode; returns (...) long, or
+    None when the episode has no such step (every step kept)."""
+    t = prev_rewards.shape[-1]
+    steps = torch.arange(t, device=prev_rewards.device)
+    candidate = ((steps + 1) % stride != 0) & (steps != t - 1) & (steps != 0)
+    if not bool(candidate.any()):
+        return None
+    # float32 in both paths (training's stored rewards, acting's observed ones), so ties break alike
+    return prev_rewards.float().masked_fill(~candidate, float("-inf")).argmax(-1)
+
+
+def kept_offsets(prev_rewards: torch.Tensor, stride: int, keep_best: bool) -> torch.Tensor:
+    """(B, n) long, ascending: the steps a finished episode keeps in the cache, per row. ``prev_rewards``
+    (B, T): its tokens' previous-reward inputs. Every row keeps ``kept_steps``, and under ``keep_best``
+    its ``best_step`` too (one more, so every row keeps as many)."""
+    b, t = prev_rewards.shape
+    base = torch.as_tensor(kept_steps(t, stride), dtype=torch.long, device=prev_rewards.device).expand(b, -1)
+    best = best_step(prev_rewards, stride) if keep_best else None
+    if best is None:
+        return base
+    return torch.cat([base, best[:, None]], dim=1).sort(dim=1).values
+
+
+def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int,
+                 prev_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """(T, T) bool, True where token i may attend token j under the compact context: j <= i, and j in
     i's episode or a kept token (``kept_steps``) of an earlier one. ``episode_index`` and ``step`` (T,) lay
     out whole episodes end to end (the last token of the sequence ends its episode, or is in the episode
-    of every later query)."""
+    of every later query). ``prev_rewards`` (B, T) (``context_keep_best``): each row's episodes also keep
+    their ``best_step``, and the mask is (B, T, T)."""
     t = step.shape[0]
     last = torch.ones(t, dtype=torch.bool, device=step.device)
     last[:-1] = episode_index[1:] != episode_index[:-1]
     kept = ((step + 1) % stride == 0) | last  # (T,)
     same = episode_index[:, None] == episode_index[None, :]  # (T, T)
     causal = torch.ones(t, t, dtype=torch.bool, device=step.device).tril()
-    return causal & (same | kept[None, :])
+    if prev_rewards is None:
+        return causal & (same | kept[None, :])
+    kept = kept.expand(prev_rewards.shape[0], t).clone()  # (B, T)
+    ends = torch.nonzero(last).flatten().tolist()
+    start = 0
+    for end in ends:  # one episode at a time: a handful per trial
+        best = best_step(prev_rewards[:, start:end + 1], stride)
+        if best is not None:
+            kept[torch.arange(kept.shape[0], device=kept.device), start + best] = True
+        start = end + 1
+    return causal & (same | kept[:, None, :])
 
 
 # ---------------------------------------------------------------------------------------- kernels

@@ -171,6 +171,9 @@ class TrainConfig:
     """0: the full context (every token of the last episodes_per_window episodes). s >= 1: the compact
     cross-episode context: earlier episodes by every s-th step and their last, the current one in full;
     windows are then the first episodes_per_window episodes of each trial, read under that mask"""
+    context_keep_best: bool = False
+    """compact context: each earlier episode also keeps its step of highest previous reward among those
+    the stride drops (where its reward peaked), one token more per episode"""
     context_episodes: int = 0
     """compact context: the most episodes of a trial the model reads when acting (its episode-index table
     and KV cache); 0: episodes_per_window. Set it to the evaluation's K + E (e.g. 13)"""
@@ -287,6 +290,8 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
     if cfg.context_stride < 0 or cfg.context_episodes < 0:
         raise UsageError(f"context_stride and context_episodes must be >= 0, got {cfg.context_stride} and "
                          f"{cfg.context_episodes}")
+    if cfg.context_keep_best and not cfg.context_stride:
+        raise UsageError("context-keep-best needs the compact context (--context-stride >= 1)")
     if cfg.context_episodes and not cfg.context_stride:
         raise UsageError(f"context_episodes={cfg.context_episodes} needs the compact context (context_stride >= 1)")
     for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every", "eval_tasks"):

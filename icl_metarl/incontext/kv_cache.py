@@ -33,15 +33,22 @@ class KVCache:
         """Forget every token; the memory stays allocated for the next trial."""
         self.length = 0
 
-    def keep(self, start: int, offsets: list[int]) -> None:
+    def keep(self, start: int, offsets) -> None:
         """Keep, of the tokens from ``start`` on, only those at ``offsets`` (ascending, relative to
         ``start``), moved up to follow the tokens before ``start``: how the compact context forgets a
         finished episode's other steps. The kept keys and values are the ones computed when the episode
-        was current, exactly what training's compact mask gives them."""
+        was current, exactly what training's compact mask gives them. ``offsets``: a list shared by the
+        batch, or a (B, n) tensor, each row's own (as many per row)."""
         index = torch.as_tensor(offsets, dtype=torch.long, device=self.keys.device) + start
-        end = start + len(offsets)
-        self.keys[:, :, :, start:end] = self.keys.index_select(3, index)
-        self.values[:, :, :, start:end] = self.values.index_select(3, index)
+        end = start + index.shape[-1]
+        if index.dim() == 1:
+            self.keys[:, :, :, start:end] = self.keys.index_select(3, index)
+            self.values[:, :, :, start:end] = self.values.index_select(3, index)
+        else:  # (B, n): gather each row's own steps
+            n_layer, _, n_head, _, head_dim = self.keys.shape
+            index = index[None, :, None, :, None].expand(n_layer, -1, n_head, -1, head_dim)
+            self.keys[:, :, :, start:end] = self.keys.gather(3, index)
+            self.values[:, :, :, start:end] = self.values.gather(3, index)
         self.length = end
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,7 +217,8 @@ class ICLPolicy(PreTrainedModel):
 
         Compact context (``context_stride`` >= 1): the new tokens lay out whole episodes end to end (the
         last may be the current, unfinished one) and attend under ``compact_mask``; every cached token is
-        visible to them (the caller keeps only kept tokens of finished episodes there: ``KVCache.keep``).
+        visible to them (the caller keeps only kept tokens of finished episodes there: ``KVCache.keep``);
+        under ``context_keep_best`` the kept tokens differ by row, chosen from ``prev_rewards``.
         ``episode_index`` (B,T): each token's episode in the trial; None: counted from the new tokens'
         episode starts, the first new token in episode 0. The lockstep batch shares its layout (row 0's).
         """
@@ -252,9 +253,12 @@ class ICLPolicy(PreTrainedModel):
             if episode_index is None:
                 episode_index = episode_start.long().cumsum(1) - episode_start[:, :1].long()  # (B, T)
             layout = episode_index[0]  # (T,), shared by the lockstep batch
-            mask = compact_mask(layout, step_in_episode[0].long(), c.context_stride)  # (T, T)
+            best = prev_rewards if getattr(c, "context_keep_best", False) else None  # each row keeps its own best step
+            mask = compact_mask(layout, step_in_episode[0].long(), c.context_stride, best)  # (T, T) or (B, T, T)
             if past:
-                mask = torch.cat([mask.new_ones(t, past), mask], dim=1)  # (T, past + T)
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], past), mask], dim=-1)  # (..., T, past + T)
+            if mask.dim() == 3:
+                mask = rearrange(mask, "b t s -> b 1 t s")  # one mask per row, shared by the heads
             where = self.episode_emb(layout.clamp(max=c.max_context_episodes - 1))  # (T, d)
         else:
             positions = torch.arange(past, past + t, device=obs.device)  # (T,), shared by the lockstep batch

@@ -46,6 +46,10 @@ class ICLPolicyConfig(PretrainedConfig):
             summary of it); positions are then the step in the episode and the episode's index in the
             trial, of which ``max_context_episodes`` are embedded (later ones share the last). Training
             reads whole trials under this mask, so every token trains on exactly the context it acts on.
+        context_keep_best: compact context only: each earlier episode also keeps one more token, its step
+            of highest previous reward among those the stride drops (``attention.best_step``): the
+            observation where the episode's reward peaked, which a hidden goal otherwise leaves between
+            two strided tokens.
         action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
             step, the action held in between); an evaluation at another interval is refused.
         obs_mean, obs_std: per-dimension statistics of the training data's observations (``train icl
@@ -71,6 +75,7 @@ class ICLPolicyConfig(PretrainedConfig):
         explore_scale: float = 0.0,
         explore_kind: str = "offset",
         context_stride: int = 0,
+        context_keep_best: bool = False,
         action_repeat: int = 1,
         obs_mean: list[float] | None = None,
         obs_std: list[float] | None = None,
@@ -97,6 +102,10 @@ class ICLPolicyConfig(PretrainedConfig):
             raise UsageError(f"explore_episodes must be an integer >= 0, got {explore_episodes!r}")
         if not isinstance(context_stride, int) or isinstance(context_stride, bool) or context_stride < 0:
             raise UsageError(f"context_stride must be an integer >= 0 (0: full context), got {context_stride!r}")
+        if not isinstance(context_keep_best, bool):
+            raise UsageError(f"context_keep_best must be true or false, got {context_keep_best!r}")
+        if context_keep_best and context_stride < 1:
+            raise UsageError("context_keep_best needs the compact context (context_stride >= 1), got context_stride 0")
         if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
             raise UsageError(f"action_repeat (decision interval) must be an integer >= 1, got {action_repeat!r}")
         if (obs_mean is None) != (obs_std is None) or (obs_mean is not None and not (
@@ -124,6 +133,7 @@ class ICLPolicyConfig(PretrainedConfig):
         self.explore_scale = float(explore_scale)
         self.explore_kind = explore_kind
         self.context_stride = context_stride
+        self.context_keep_best = context_keep_best
         self.action_repeat = action_repeat
         self.obs_mean = None if obs_mean is None else [float(v) for v in obs_mean]
         self.obs_std = None if obs_std is None else [float(v) for v in obs_std]
@@ -134,10 +144,16 @@ class ICLPolicyConfig(PretrainedConfig):
         return self.context_stride > 0
 
     @property
+    def kept_per_episode(self) -> int:
+        """Compact context: the most tokens a finished episode keeps (its strided steps, its last, and
+        under ``context_keep_best`` its best-rewarded other step)."""
+        kept = len(kept_steps(self.max_episode_length, self.context_stride))
+        return kept + int(self.context_keep_best and kept < self.max_episode_length - 1)
+
+    @property
     def max_positions(self) -> int:
         """Tokens in the trained context: whole episodes of the longest allowed length (full context);
         for the compact one, the tokens of a trial of ``max_context_episodes`` episodes (KV-cache size)."""
         if self.compact:
-            return (self.max_context_episodes - 1) * len(kept_steps(self.max_episode_length, self.context_stride)) \
-                + self.max_episode_length
+            return (self.max_context_episodes - 1) * self.kept_per_episode + self.max_episode_length
         return self.max_context_episodes * self.max_episode_length

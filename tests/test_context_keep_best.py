@@ -1,0 +1,150 @@
+"""The compact context that also keeps each earlier episode's best-rewarded step (``context_keep_best``).
+
+The kept step differs by row (it is chosen from each trial's own rewards), so the cache is compacted row by
+row and the training mask is one per row: compared, as the plain compact context is, three ways (cached
+acting, full recomputation, the training forward) and against hand-made cases.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.incontext.agent import InContextAgent
+from icl_metarl.incontext.attention import best_step, compact_mask, kept_offsets, kept_steps
+from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
+from icl_metarl.incontext.tokens import episode_inputs
+
+L, K, B = 7, 3, 2  # steps per episode, episodes, trials
+
+
+def tiny(n_layer=2, **kw) -> ICLPolicy:
+    torch.manual_seed(0)
+    cfg = ICLPolicyConfig(obs_dim=5, act_dim=2, d_model=16, n_layer=n_layer, n_head=2, max_episode_length=L,
+                          max_context_episodes=4, context_stride=3, context_keep_best=True, **kw)
+    return ICLPolicy(cfg).eval()
+
+
+def trial(seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(B, K, L, 5)).astype(np.float32), rng.normal(size=(B, K, L)).astype(np.float32)
+
+
+def play(agent, obs, rewards) -> np.ndarray:
+    agent.start_trials(B, seed=0)
+    out = np.zeros((B, K, L, 2), np.float32)
+    for e in range(K):
+        for t in range(L):
+            out[:, e, t] = agent.act(obs[:, e, t])
+            agent.observe(rewards[:, e, t], np.zeros(B))
+        agent.end_episode()
+    return out
+
+
+def training_forward(model, obs, actions, rewards) -> np.ndarray:
+    x = episode_inputs(obs, actions, rewards)
+    with torch.no_grad():
+        out = model(x["obs"], x["prev_actions"], x["prev_rewards"], x["episode_start"], x["step_in_episode"])
+    return out.action.reshape(B, K, L, 2).numpy()
+
+
+def best_token(rewards: np.ndarray, e: int) -> np.ndarray:
+    """(B,) the step of episode ``e`` each row keeps as its best: its token reads reward t - 1."""
+    prev = np.concatenate([np.zeros((B, 1), np.float32), rewards[:, e, :-1]], axis=1)
+    return best_step(torch.as_tensor(prev), 3).numpy()
+
+
+def test_best_step_by_hand():
+    # 7 steps, stride 3: steps 2, 5 (strided) and 6 (last) are kept anyway, step 0 reads no reward
+    r = torch.tensor([[9.0, 1.0, 8.0, 0.0, 3.0, 8.0, 9.0],
+                      [9.0, 2.0, 0.0, 2.0, 1.0, 0.0, 0.0]])
+    assert best_step(r, 3).tolist() == [4, 1]  # the highest among steps 1, 3, 4; the first on ties
+    assert kept_offsets(r, 3, keep_best=True).tolist() == [[2, 4, 5, 6], [1, 2, 5, 6]]
+    assert kept_offsets(r, 3, keep_best=False).tolist() == [kept_steps(7, 3)] * 2
+    assert best_step(r, 1) is None  # every step kept: nothing to add
+
+
+def test_the_mask_keeps_each_rows_best_step():
+    ep = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    step = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    prev = torch.tensor([[0.0, 5.0, 9.0, 1.0, 0.0, 0.0, 0.0],
+                         [0.0, 1.0, 0.0, 7.0, 0.0, 0.0, 0.0]])
+    m = compact_mask(ep, step, 3, prev).int()  # stride 3 keeps step 2 and the last (4); the best of 1 and 3 too
+    assert m.shape == (2, 7, 7)
+    assert m[0, 5].tolist() == [0, 1, 1, 0, 1, 1, 0]  # row 0 keeps step 1 (step 2's 9 is kept anyway)
+    assert m[1, 5].tolist() == [0, 0, 1, 1, 1, 1, 0]  # row 1 keeps step 3
+    plain = compact_mask(ep, step, 3).int()
+    assert torch.equal(m[:, :5, :5], plain[None, :5, :5].expand(2, -1, -1))  # within an episode: as before
+
+
+def test_cached_acting_equals_recomputation_and_the_training_forward():
+    model = tiny()
+    obs, rewards = trial()
+    assert (best_token(rewards, 0)[0] != best_token(rewards, 0)[1])  # the rows keep different steps
+    cached = play(InContextAgent(model, use_cache=True), obs, rewards)
+    np.testing.assert_allclose(cached, play(InContextAgent(model, use_cache=False), obs, rewards), atol=1e-5)
+    np.testing.assert_allclose(cached, training_forward(model, obs, cached, rewards), atol=1e-5)
+
+
+def test_the_cache_holds_one_more_token_per_earlier_episode():
+    model = tiny()
+    agent = InContextAgent(model)
+    obs, rewards = trial()
+    agent.start_trials(B, 0)
+    for e in range(K):
+        for t in range(L):
+            agent.act(obs[:, e, t])
+            agent.observe(rewards[:, e, t], np.zeros(B))
+            assert agent._cache.length == e * (len(kept_steps(L, 3)) + 1) + t + 1
+        agent.end_episode()
+    assert model.config.max_positions == 3 * (len(kept_steps(L, 3)) + 1) + L
+
+
+def test_the_best_step_reaches_later_episodes_and_another_dropped_step_does_not():
+    """One layer, actions held fixed: a later episode reads episode 0's kept tokens only, the best one included."""
+    model = tiny(n_layer=1)
+    obs, rewards = trial()
+    actions = np.random.default_rng(2).uniform(-1, 1, (B, K, L, 2)).astype(np.float32)
+    base = training_forward(model, obs, actions, rewards)
+    best = best_token(rewards, 0)
+    for row in range(B):
+        moved = obs.copy()
+        moved[row, 0, best[row]] += 5.0
+        assert not np.allclose(training_forward(model, moved, actions, rewards)[row, 1:], base[row, 1:])
+        other = next(s for s in range(1, L) if s not in kept_steps(L, 3) and s != best[row])
+        dropped = obs.copy()
+        dropped[row, 0, other] += 5.0
+        np.testing.assert_allclose(training_forward(model, dropped, actions, rewards)[:, 1:], base[:, 1:], atol=1e-6)
+
+
+def test_nothing_depends_on_a_later_step():
+    model = tiny()
+    obs, rewards = trial()
+    base = play(InContextAgent(model), obs, rewards)
+    later = rewards.copy()
+    later[:, 1, 5] += 50.0  # episode 1's reward at step 5: read from step 6 on, and it may move episode 1's best
+    out = play(InContextAgent(model), obs, later)
+    np.testing.assert_array_equal(out[:, 0], base[:, 0])
+    np.testing.assert_array_equal(out[:, 1, :6], base[:, 1, :6])
+    assert not np.allclose(out[:, 2], base[:, 2])
+
+
+def test_primed_context_equals_played_one_and_save_load_keeps_the_form(tmp_path):
+    model = tiny()
+    obs, rewards = trial()
+    played = play(InContextAgent(model), obs, rewards)
+    agent = InContextAgent(model)
+    agent.start_trials(B, 0)
+    agent.prime(obs[:, :2], played[:, :2], rewards[:, :2], episode_index=2)
+    for t in range(L):
+        np.testing.assert_allclose(agent.act(obs[:, 2, t]), played[:, 2, t], atol=1e-5)
+        agent.observe(rewards[:, 2, t], np.zeros(B))
+    model.save_pretrained(tmp_path)
+    back = ICLPolicy.from_pretrained(tmp_path)
+    assert back.config.context_keep_best is True
+    np.testing.assert_array_equal(play(InContextAgent(back), obs, rewards), played)
+
+
+def test_keep_best_without_the_compact_context_is_a_one_line_error():
+    with pytest.raises(UsageError, match="context_keep_best needs the compact context"):
+        ICLPolicyConfig(context_keep_best=True)
