@@ -1,0 +1,131 @@
+"""Does the in-context agent go back where it succeeded? Positions, not success flags (docs/ml10.md, session 31).
+
+On goal-hidden environments the agent often *finds* a success in its adaptation episodes and then fails in the
+evaluation episodes (the reports' "found / kept"). This plays an agent's 10 + 3 episode trials on chosen
+environments, records where the effector was (the hand for reach, the object for push and pick-place), and asks,
+per trial that found a success:
+
+- where the adaptation episodes' reward peaked (the best step), and how far that was from the true goal;
+- how close each evaluation episode came to that best position, and to the goal.
+
+An agent that keeps what it found comes back near its best position; one that ignores its context goes where its
+prior takes it (``--wiped``: the same agent with its context wiped every episode, the control). The trials are this
+script's own (env seed 0 of the batch, the evaluator's task order), not the evaluator's; the figures describe the
+agent, they are not a validation score. Positions are the observation's (the hand's end-effector point, the
+object's), not the finger centre that reach's success rule measures, so a few centimetres separate them.
+
+    python scripts/keep_check.py studies/ml10-cpu-s0/pretrain-norm-dagger4 --out results/keep-check-...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.evaluation import first_per_env
+from icl_metarl.harness.files import atomic_write_json, atomic_write_text
+from icl_metarl.harness.rollout import play_trials
+from icl_metarl.harness.suites import decisions_per_episode, get_suite
+from icl_metarl.incontext.agent import InContextAgent
+
+#: which observation slice is the effector that must reach the goal
+EFFECTOR = {"reach-v3": slice(0, 3), "push-v3": slice(4, 7), "pick-place-v3": slice(4, 7)}
+
+
+def check(agent_dir: str, envs: list[str], tasks_per_env: int, adaptation: int, evaluation: int, seed: int,
+          explore: tuple[int, str, float], wiped: bool = False) -> dict:
+    unknown = [e for e in envs if e not in EFFECTOR]
+    if unknown:
+        raise UsageError(f"--envs {unknown}: allowed {', '.join(EFFECTOR)}")
+    agent = InContextAgent.from_pretrained(agent_dir, explore_episodes=explore[0], explore_kind=explore[1],
+                                           explore_scale=explore[2], wipe_context_each_episode=wiped)
+    tasks = [t for t in get_suite("ML10").tasks("validation", 0) if t.env_name in envs]
+    tasks = first_per_env(tasks, tasks_per_env, "validation split of ML10")
+    k = agent.action_repeat
+    steps = decisions_per_episode(500, k)
+    episodes = adaptation + evaluation
+    pos = np.zeros((len(tasks), episodes, steps, 3))
+    reward = np.zeros((len(tasks), episodes, steps))
+    goal = np.zeros((len(tasks), 3))
+    success = np.zeros((len(tasks), episodes), bool)
+
+    def on_step(episode, t, obs, info, actions, r, s):
+        for i, task in enumerate(tasks):
+            pos[i, episode, t] = obs[i, EFFECTOR[task.env_name]]
+        reward[:, episode, t] = r
+        goal[:] = np.asarray(info["goal"])
+
+    for records in play_trials(agent, tasks, env_seed=seed, agent_seed=seed, adaptation_episodes=adaptation,
+                               evaluation_episodes=evaluation, episode_length=500, on_step=on_step,
+                               action_repeat=k):
+        for i, rec in enumerate(records):
+            success[i, rec["episode"]] = rec["success"]
+
+    rows = []
+    for i, task in enumerate(tasks):
+        found = bool(success[i, :adaptation].any())
+        e, t = np.unravel_index(reward[i, :adaptation].argmax(), (adaptation, steps))
+        best = pos[i, e, min(t + 1, steps - 1)]  # where the best-rewarded decision led
+        ev = pos[i, adaptation:]  # (E, T, 3)
+        rows.append({
+            "env": task.env_name, "found": found, "kept": float(success[i, adaptation:].mean()),
+            "best_to_goal_cm": 100 * float(np.linalg.norm(best - goal[i])),
+            "eval_closest_to_best_cm": 100 * float(np.linalg.norm(ev - best, axis=-1).min(axis=-1).mean()),
+            "eval_closest_to_goal_cm": 100 * float(np.linalg.norm(ev - goal[i], axis=-1).min(axis=-1).mean()),
+            "adapt_closest_to_goal_cm": 100 * float(np.linalg.norm(pos[i, :adaptation] - goal[i], axis=-1)
+                                                    .min(axis=-1).mean()),
+        })
+    return {"agent": agent_dir, "envs": envs, "tasks_per_env": tasks_per_env, "adaptation": adaptation,
+            "evaluation": evaluation, "seed": seed, "explore": list(explore), "wiped": wiped, "trials": rows}
+
+
+def table(result: dict) -> str:
+    keys = ("best_to_goal_cm", "eval_closest_to_best_cm", "eval_closest_to_goal_cm", "adapt_closest_to_goal_cm")
+    out = ["| environment | trials that found a success | kept (evaluation success) | best step to goal, cm | "
+           "evaluation episodes' closest approach to the best step, cm | ... to the goal, cm | adaptation episodes' "
+           "closest approach to the goal, cm |", "|---|---|---|---|---|---|---|"]
+    for env in result["envs"]:
+        rows = [r for r in result["trials"] if r["env"] == env]
+        found = [r for r in rows if r["found"]]
+        med = lambda key: f"{np.median([r[key] for r in found]):.1f}" if found else "-"  # noqa: E731
+        kept = f"{np.mean([r['kept'] for r in found]):.2f}" if found else "-"
+        out.append(f"| {env} | {len(found)} of {len(rows)} | {kept} | " + " | ".join(med(k) for k in keys) + " |")
+    return "\n".join(out) + "\n\nMedians over the trials that found a success (closest approach: per episode, then " \
+        "the mean over the evaluation episodes)."
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("agent", help="an in-context checkpoint directory")
+    p.add_argument("--envs", nargs="+", default=list(EFFECTOR))
+    p.add_argument("--tasks-per-env", type=int, default=10)
+    p.add_argument("-K", "--adaptation-episodes", type=int, default=10)
+    p.add_argument("-E", "--evaluation-episodes", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--explore", nargs=3, default=["10", "step", "0.5"], metavar=("EPISODES", "KIND", "SCALE"),
+                   help="the acting rule of the adaptation episodes (default: the test split's, 10 step 0.5)")
+    p.add_argument("--wiped", action="store_true", help="the agent's context wiped every episode (the control)")
+    p.add_argument("--out", required=True, help="directory for keep_check.json and keep_check.md")
+    a = p.parse_args(argv)
+    try:
+        result = check(a.agent, a.envs, a.tasks_per_env, a.adaptation_episodes, a.evaluation_episodes, a.seed,
+                       (int(a.explore[0]), a.explore[1], float(a.explore[2])), a.wiped)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "keep_check.json", result)
+    what = "its context wiped every episode (the control)" if a.wiped else "with its context"
+    text = f"# Does the agent go back where it succeeded?\n\n`{a.agent}`, {what}, ML10 validation split\n\n{table(result)}\n"
+    atomic_write_text(out / "keep_check.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
