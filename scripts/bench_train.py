@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--context-stride", type=int, default=0, help="0: full context; s: the compact one")
     p.add_argument("--acting-trials", type=int, default=0, help="also time acting with N trials (0: no)")
+    p.add_argument("--keep-best-too", action="store_true",
+                   help="compact context: also time the same model keeping each episode's best step (per-row mask)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,6 +145,15 @@ def main() -> None:
     print(f"  ICLPolicy (ours, {n(ours) / 1e6:.2f}M params): {max(a):8.0f} tokens/s, {max(a) / T:6.1f} windows/s")
     print(f"  GPT-2 backbone ({n(gpt2) / 1e6:.2f}M params):  {max(b):8.0f} tokens/s, {max(b) / T:6.1f} windows/s")
     print(f"  ratio ours / GPT-2: {max(a) / max(b):.2f}x   (GPT-2 attention: {gpt2.backbone.config._attn_implementation})")
+    if args.keep_best_too and c.compact:
+        kb = ICLPolicy(ICLPolicyConfig(**{**c.to_dict(), "context_keep_best": True}))
+        kb.load_state_dict(ours.state_dict())
+        plain, best = [], []
+        for _ in range(2):  # interleaved, as above
+            plain.append(tokens_per_second(ours, batch, args.steps))
+            best.append(tokens_per_second(kb, batch, args.steps))
+        print(f"  keeping each episode's best step too: {max(best):8.0f} tokens/s against {max(plain):8.0f} "
+              f"without, ratio {max(best) / max(plain):.2f}x")
     if args.acting_trials:
         ours_act = acting_steps_per_second(c, args.acting_trials, args.context_episodes)
         gpt2_act = gpt2_acting_steps_per_second(gpt2, c, args.acting_trials, args.context_episodes)
