@@ -8,14 +8,12 @@ acting, full recomputation, the training forward) and against hand-made cases.
 import numpy as np
 import pytest
 import torch
+from test_compact_context import B, K, L, play, training_forward, trial  # the same trials and paths
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.agent import InContextAgent
 from icl_metarl.incontext.attention import best_step, compact_mask, kept_offsets, kept_steps
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
-from icl_metarl.incontext.tokens import episode_inputs
-
-L, K, B = 7, 3, 2  # steps per episode, episodes, trials
 
 
 def tiny(n_layer=2, **kw) -> ICLPolicy:
@@ -23,29 +21,6 @@ def tiny(n_layer=2, **kw) -> ICLPolicy:
     cfg = ICLPolicyConfig(obs_dim=5, act_dim=2, d_model=16, n_layer=n_layer, n_head=2, max_episode_length=L,
                           max_context_episodes=4, context_stride=3, context_keep_best=True, **kw)
     return ICLPolicy(cfg).eval()
-
-
-def trial(seed=1):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(B, K, L, 5)).astype(np.float32), rng.normal(size=(B, K, L)).astype(np.float32)
-
-
-def play(agent, obs, rewards) -> np.ndarray:
-    agent.start_trials(B, seed=0)
-    out = np.zeros((B, K, L, 2), np.float32)
-    for e in range(K):
-        for t in range(L):
-            out[:, e, t] = agent.act(obs[:, e, t])
-            agent.observe(rewards[:, e, t], np.zeros(B))
-        agent.end_episode()
-    return out
-
-
-def training_forward(model, obs, actions, rewards) -> np.ndarray:
-    x = episode_inputs(obs, actions, rewards)
-    with torch.no_grad():
-        out = model(x["obs"], x["prev_actions"], x["prev_rewards"], x["episode_start"], x["step_in_episode"])
-    return out.action.reshape(B, K, L, 2).numpy()
 
 
 def best_token(rewards: np.ndarray, e: int) -> np.ndarray:
