@@ -77,17 +77,24 @@ def test_cached_acting_equals_recomputation_and_the_training_forward():
     np.testing.assert_allclose(cached, training_forward(model, obs, cached, rewards), atol=1e-5)
 
 
-def test_the_cache_holds_kept_steps_of_earlier_episodes_and_the_current_one():
-    model = tiny(stride=3)
+def cache_lengths(model) -> np.ndarray:
+    """(K, L) the agent's cache length after each step of a played trial."""
     agent = InContextAgent(model)
     obs, rewards = trial()
     agent.start_trials(B, 0)
+    lengths = np.zeros((K, L), int)
     for e in range(K):
         for t in range(L):
             agent.act(obs[:, e, t])
             agent.observe(rewards[:, e, t], np.zeros(B))
-            assert agent._cache.length == e * len(kept_steps(L, 3)) + t + 1
+            lengths[e, t] = agent._cache.length
         agent.end_episode()
+    return lengths
+
+
+def test_the_cache_holds_kept_steps_of_earlier_episodes_and_the_current_one():
+    e, t = np.indices((K, L))
+    np.testing.assert_array_equal(cache_lengths(tiny(stride=3)), e * len(kept_steps(L, 3)) + t + 1)
 
 
 def test_nothing_depends_on_a_later_step():
@@ -123,17 +130,22 @@ def test_a_dropped_step_reaches_later_episodes_only_through_kept_ones():
     assert not np.allclose(training_forward(model, kept, actions, rewards)[:, 1:], base[:, 1:])
 
 
-def test_primed_context_equals_played_one():
-    model = tiny()
+def assert_primed_equals_played(model) -> np.ndarray:
+    """A trial's first two episodes primed into a fresh agent: its third episode acts as the played one did.
+    Returns the played trial's actions."""
     obs, rewards = trial()
     played = play(InContextAgent(model), obs, rewards)
     agent = InContextAgent(model)
     agent.start_trials(B, 0)
     agent.prime(obs[:, :2], played[:, :2], rewards[:, :2], episode_index=2)
     for t in range(L):
-        a = agent.act(obs[:, 2, t])
-        np.testing.assert_allclose(a, played[:, 2, t], atol=1e-5)
+        np.testing.assert_allclose(agent.act(obs[:, 2, t]), played[:, 2, t], atol=1e-5)
         agent.observe(rewards[:, 2, t], np.zeros(B))
+    return played
+
+
+def test_primed_context_equals_played_one():
+    assert_primed_equals_played(tiny())
 
 
 def test_wiped_variant_reads_only_its_episode():

@@ -8,7 +8,16 @@ acting, full recomputation, the training forward) and against hand-made cases.
 import numpy as np
 import pytest
 import torch
-from test_compact_context import B, K, L, play, training_forward, trial  # the same trials and paths
+from test_compact_context import (  # the same trials and paths
+    B,
+    K,
+    L,
+    assert_primed_equals_played,
+    cache_lengths,
+    play,
+    training_forward,
+    trial,
+)
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.agent import InContextAgent
@@ -63,15 +72,8 @@ def test_cached_acting_equals_recomputation_and_the_training_forward():
 
 def test_the_cache_holds_one_more_token_per_earlier_episode():
     model = tiny()
-    agent = InContextAgent(model)
-    obs, rewards = trial()
-    agent.start_trials(B, 0)
-    for e in range(K):
-        for t in range(L):
-            agent.act(obs[:, e, t])
-            agent.observe(rewards[:, e, t], np.zeros(B))
-            assert agent._cache.length == e * (len(kept_steps(L, 3)) + 1) + t + 1
-        agent.end_episode()
+    e, t = np.indices((K, L))
+    np.testing.assert_array_equal(cache_lengths(model), e * (len(kept_steps(L, 3)) + 1) + t + 1)
     assert model.config.max_positions == 3 * (len(kept_steps(L, 3)) + 1) + L
 
 
@@ -106,14 +108,8 @@ def test_nothing_depends_on_a_later_step():
 
 def test_primed_context_equals_played_one_and_save_load_keeps_the_form(tmp_path):
     model = tiny()
+    played = assert_primed_equals_played(model)
     obs, rewards = trial()
-    played = play(InContextAgent(model), obs, rewards)
-    agent = InContextAgent(model)
-    agent.start_trials(B, 0)
-    agent.prime(obs[:, :2], played[:, :2], rewards[:, :2], episode_index=2)
-    for t in range(L):
-        np.testing.assert_allclose(agent.act(obs[:, 2, t]), played[:, 2, t], atol=1e-5)
-        agent.observe(rewards[:, 2, t], np.zeros(B))
     model.save_pretrained(tmp_path)
     back = ICLPolicy.from_pretrained(tmp_path)
     assert back.config.context_keep_best is True
