@@ -11,6 +11,9 @@ SEED=${SEED:-0}
 K=3            # decision interval: the expert keeps its success best at 3 (results/expert-ml10-k)
 OUT=${OUT:-studies/ml10-cpu-s$SEED}
 export OMP_NUM_THREADS=1
+# RELABEL_WORKERS=2 plays each relabelling round's trials in two processes (the same data, byte for byte; session
+# 32): for a run that has the machine to itself
+RW="--relabel-workers ${RELABEL_WORKERS:-1}"
 
 # 1. histories: 800 trials x 4 episodes of 500 simulator steps on ML10-holdout's 8 train environments,
 #    a new task per trial, the expert told a goal perturbed by up to 15 cm (a level drawn per episode)
@@ -33,7 +36,7 @@ icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm$B" --resu
 # 3. two relabelling rounds: the agent plays 320 trials of new train tasks exploring in episode 1, the
 #    expert labels every step, 400 steps on base + rounds after each (session 18: 0.52, context +0.08)
 icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm-dagger$B" --resume --seed $SEED $MODEL \
-  --init-from "$OUT/pretrain-norm$B" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+  --init-from "$OUT/pretrain-norm$B" --relabel-rounds 2 $RW --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 20 --log-every 20 --threads 1
 
@@ -45,7 +48,7 @@ icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm-dagger$B"
 D="$OUT/pretrain-norm-dagger$B"
 [ "${STEP_ROUNDS:-0}" = 1 ] || icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
   --out "$OUT/pretrain-norm-dagger4$B" --resume --seed $SEED $MODEL \
-  --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+  --init-from "$D" --relabel-rounds 2 $RW --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
   --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
   --keep-checkpoints 20 --log-every 20 --threads 1
 
@@ -55,7 +58,7 @@ D="$OUT/pretrain-norm-dagger$B"
 if [ "${SELF_IMITATION:-0}" = 1 ]; then
   icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
     --out "$OUT/pretrain-norm-dagger-si" --resume --seed $SEED $MODEL \
-    --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks --relabel-self-imitation \
+    --init-from "$D" --relabel-rounds 2 $RW --relabel-from-init --relabel-trials 320 --relabel-new-tasks --relabel-self-imitation \
     --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
     --keep-checkpoints 20 --log-every 20 --threads 1
 fi
@@ -68,7 +71,7 @@ fi
 if [ "${STEP_ROUNDS:-0}" = 1 ]; then
   icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
     --out "$OUT/pretrain-norm-dagger-step" --resume --seed $SEED $MODEL \
-    --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-init-explores --relabel-trials 320 \
+    --init-from "$D" --relabel-rounds 2 $RW --relabel-from-init --relabel-init-explores --relabel-trials 320 \
     --relabel-new-tasks --explore-episodes 3 --explore-kind step --explore-scale 0.5 --steps 800 --lr 5e-4 \
     --warmup-steps 20 --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
 fi
@@ -79,9 +82,26 @@ fi
 if [ "${BEST_ROUNDS:-0}" = 1 ]; then
   icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
     --out "$OUT/pretrain-norm-dagger4-bestrounds" --resume --seed $SEED $MODEL --context-keep-best \
-    --init-from "$D" --relabel-rounds 2 --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+    --init-from "$D" --relabel-rounds 2 $RW --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
     --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
     --keep-checkpoints 20 --log-every 20 --threads 1
+fi
+# 3f (MORE_ROUNDS=1, session 32; tried on validation): rounds 5-6 from the recipe's 4-round agent, as rounds 3-4 were
+#    played and trained, on tasks no earlier round drew (--relabel-first-round 5: seeds + 5000 and + 6000; rounds 3-4
+#    replayed rounds 1-2's draws). Beside it (3g, STEPS_ONLY=1) the control: the 4-round agent trained 800 more
+#    steps on its own data, no new trials. Then EVAL_K10=1 AGENT=pretrain-norm-dagger6 (and -dagger4-steps)
+D4="$OUT/pretrain-norm-dagger4$B"
+DATA4=("$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" "$D4/round-1/relabelled" "$D4/round-2/relabelled")
+if [ "${MORE_ROUNDS:-0}" = 1 ]; then
+  icl-metarl train icl --data "${DATA4[@]}" --out "$OUT/pretrain-norm-dagger6$B" --resume --seed $SEED $MODEL \
+    --init-from "$D4" --relabel-rounds 2 $RW --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+    --relabel-first-round 5 --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 \
+    --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
+fi
+if [ "${STEPS_ONLY:-0}" = 1 ]; then
+  icl-metarl train icl --data "${DATA4[@]}" --out "$OUT/pretrain-norm-dagger4-steps$B" --resume --seed $SEED $MODEL \
+    --init-from "$D4" --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 \
+    --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
 fi
 # 4b (EVAL_K10=1): the test protocol's 10 adaptation + 3 evaluation episodes on the validation split, acting as the
 #    second set of test seeds does (exploring at every decision of episodes 1-10, scale 0.5); context wiped beside it

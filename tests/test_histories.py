@@ -429,6 +429,57 @@ def test_relabel_new_tasks_draws_other_train_tasks_each_round(tmp_path):
         pretrain(TrainConfig(data=[str(bench)], out=str(tmp_path / "x"), relabel_new_tasks=True, **tiny))
 
 
+def test_relabel_first_round_numbers_the_new_task_draws(tmp_path):
+    """--relabel-first-round 3: the run's round 1 draws the tasks a run numbered from 1 would draw in its round 3
+    (seed + 3000), not those of its round 1; it needs --relabel-new-tasks and must be >= 1."""
+    from icl_metarl.incontext.train import TrainConfig, pretrain
+
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=2,
+                            workers=1, seed=7), data, progress=False)
+    tiny = dict(steps=2, batch_size=2, d_model=16, n_layer=1, n_head=2, episodes_per_window=2, relabel_rounds=1,
+                relabel_trials=2, relabel_new_tasks=True, progress=False, checkpoint_every=0, tensorboard=False)
+    tasks = {}
+    for first in (1, 3):
+        out = tmp_path / f"first{first}"
+        pretrain(TrainConfig(data=[str(data)], out=str(out), relabel_first_round=first, **tiny))
+        assert json.loads((out / "training.json").read_text())["relabel_rounds"][0]["task_seed"] == 7 + 1000 * first
+        m = load_histories(out / "round-1" / "relabelled").manifest
+        assert m["settings"]["seed"] == 7 + 1000 * first
+        tasks[first] = {json.dumps(t, sort_keys=True) for t in m["tasks"]}
+    assert not (tasks[1] & tasks[3])
+    for bad, new in ((0, True), (3, False)):
+        with pytest.raises(UsageError, match=f"relabel_first_round={bad}"):
+            pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "x"), **{**tiny, "relabel_first_round": bad,
+                                                                                 "relabel_new_tasks": new}))
+
+
+def test_relabel_workers_play_the_same_round(tmp_path, monkeypatch):
+    """--relabel-workers 2 plays a round's trials in two processes and writes the same bytes as one process,
+    so the next phase trains on the same data and ends with the same weights."""
+    from icl_metarl.incontext import train as train_module
+    from icl_metarl.incontext.train import TrainConfig, pretrain
+
+    asked = []
+    monkeypatch.setattr(train_module, "generate", lambda cfg, *a, **k: asked.append(cfg.workers) or generate(cfg, *a, **k))
+
+    data = tmp_path / "d"
+    generate(GenerateConfig(task_pool="fresh", trials=2, episodes_per_trial=2, episode_length=10, trials_per_shard=1,
+                            workers=1), data, progress=False)
+    tiny = dict(steps=2, batch_size=2, d_model=16, n_layer=1, n_head=2, episodes_per_window=2, relabel_rounds=1,
+                relabel_trials=2, relabel_new_tasks=True, progress=False, checkpoint_every=0, tensorboard=False)
+    for workers in (1, 2):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / f"w{workers}"), relabel_workers=workers, **tiny))
+    assert asked == [1, 2]
+    rounds = [tmp_path / f"w{w}" / "round-1" / "relabelled" / "shards" for w in (1, 2)]
+    files = [sorted(p.relative_to(r) for p in r.rglob("*") if p.is_file()) for r in rounds]
+    assert files[0] == files[1] and len({p.parts[0] for p in files[0]}) == 2
+    assert all((rounds[0] / f).read_bytes() == (rounds[1] / f).read_bytes() for f in files[0])
+    assert (tmp_path / "w1" / "model.safetensors").read_bytes() == (tmp_path / "w2" / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="relabel_workers=0"):
+        pretrain(TrainConfig(data=[str(data)], out=str(tmp_path / "x"), relabel_workers=0, **tiny))
+
+
 # ------------------------------------------------------------------------------------- processes
 # 4 shards of one ML10 trial, 2 episodes of 10 steps: several environments, quick to play in two processes.
 TINY_ML10 = GenerateConfig(suite="ML10", trials=4, episodes_per_trial=2, episode_length=10, trials_per_shard=1,

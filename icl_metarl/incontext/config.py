@@ -251,6 +251,14 @@ class TrainConfig:
     relabel_new_tasks: bool = False
     """relabelling rounds draw new tasks each round (the base data's seed + 1000 x round; pools of new
     tasks only, not 'benchmark'); off: every round replays the tasks of the base data's first trials"""
+    relabel_first_round: int = 1
+    """with relabel_new_tasks: the number of this run's first round, so round r draws its tasks with the base
+    data's seed + 1000 x r; set it past an --init-from run's rounds (3 after a 2-round agent) and this run's
+    rounds play tasks those rounds did not (1: rounds numbered from 1, as the committed ML10 recipe's rounds 3-4,
+    which replayed rounds 1-2's draws)"""
+    relabel_workers: int = 1
+    """processes that play each relabelling round's trials (the round's data is byte-identical whatever the
+    count; training stays in this process)"""
     relabel_from_init: bool = False
     """relabelling rounds: round 1 is played by the --init-from policy itself (no phase on the base data
     alone first); the steps are cut into relabel_rounds phases, one after each round"""
@@ -311,6 +319,11 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
     if cfg.relabel_from_init and not (cfg.init_from and cfg.relabel_rounds):
         raise UsageError(f"relabel_from_init needs --init-from and relabel_rounds >= 1, got init_from={cfg.init_from!r} "
                          f"and relabel_rounds={cfg.relabel_rounds}")
+    if cfg.relabel_first_round < 1 or (cfg.relabel_first_round != 1 and not cfg.relabel_new_tasks):
+        raise UsageError(f"relabel_first_round={cfg.relabel_first_round} must be >= 1, and other than 1 only with "
+                         f"relabel_new_tasks (it numbers the rounds' task draws)")
+    if cfg.relabel_workers < 1:
+        raise UsageError(f"relabel_workers={cfg.relabel_workers} must be >= 1")
     if cfg.relabel_init_explores and not cfg.relabel_from_init:
         raise UsageError("relabel_init_explores needs relabel_from_init (only then does the init play a round)")
     if cfg.relabel_rounds and cfg.steps < cfg.relabel_rounds + 1:

@@ -433,8 +433,8 @@ def pretrain(cfg: TrainConfig) -> dict:
                 trials=cfg.relabel_trials or base["trials"], episodes_per_trial=base["episodes_per_trial"],
                 episode_length=base["episode_length"], action_repeat=int(base.get("action_repeat", 1)),
                 trials_per_shard=base["trials_per_shard"],
-                seed=base["seed"] + (1000 * r if cfg.relabel_new_tasks else 0), suite_seed=base["suite_seed"],
-                workers=1, policy=str(init),
+                seed=base["seed"] + (1000 * (r + cfg.relabel_first_round - 1) if cfg.relabel_new_tasks else 0),
+                suite_seed=base["suite_seed"], workers=cfg.relabel_workers, policy=str(init),
                 handover=cfg.relabel_handover, self_imitation=cfg.relabel_self_imitation,
                 expert_goal_offsets=tuple(base.get("expert_goal_offsets", ())),
                 **({k: base[k] for k in ("noise_kind", "noise_schedule", "noise_max")} if cfg.relabel_handover else {}),
@@ -445,7 +445,7 @@ def pretrain(cfg: TrainConfig) -> dict:
             manifest = generate(gen, relabelled, progress=cfg.progress)
             data.append(str(relabelled))
             per_episode = np.sum([s["successful_trials_per_episode"] for s in manifest["shards"].values()], 0)
-            rounds.append({"round": r, "data": str(relabelled),
+            rounds.append({"round": r, "data": str(relabelled), "task_seed": gen.seed,
                            "policy_success_per_episode": (per_episode / gen.trials).round(3).tolist()})
         if r == 0 and cfg.relabel_from_init:  # the --init-from policy plays round 1 as it is
             init = Path(cfg.init_from)
@@ -459,7 +459,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         steps = cfg.steps // trained + (cfg.steps % trained if r == phases - 1 else 0)
         phase_cfg = dataclasses.replace(cfg, data=data, out=str(phase / "train"), steps=steps,
                                         relabel_rounds=0, relabel_handover=0, relabel_from_init=False, relabel_init_explores=False,
-                                        relabel_self_imitation=False,
+                                        relabel_self_imitation=False, relabel_first_round=1, relabel_workers=1,
                                         init_from=str(init) if init else "",
                                         resume=True, warmup_steps=min(cfg.warmup_steps, steps))
         if not (phase / "train" / "model.safetensors").is_file():
