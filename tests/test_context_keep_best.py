@@ -21,7 +21,7 @@ from test_compact_context import (  # the same trials and paths
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.agent import InContextAgent
-from icl_metarl.incontext.attention import best_step, compact_mask, kept_offsets, kept_steps
+from icl_metarl.incontext.attention import best_candidates, best_step, compact_mask, kept_offsets, kept_steps
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
 
@@ -46,6 +46,20 @@ def test_best_step_by_hand():
     assert kept_offsets(r, 3, keep_best=True).tolist() == [[2, 4, 5, 6], [1, 2, 5, 6]]
     assert kept_offsets(r, 3, keep_best=False).tolist() == [kept_steps(7, 3)] * 2
     assert best_step(r, 1) is None  # every step kept: nothing to add
+
+
+@pytest.mark.parametrize("length,stride", [(1, 1), (2, 2), (3, 3), (7, 1), (7, 3), (10, 10), (11, 10), (167, 10)])
+def test_the_cache_size_counts_what_the_cache_keeps(length, stride):
+    """``kept_per_episode`` (the cache's size) and ``kept_offsets`` (what it keeps) read one candidate rule: step 0,
+    the kept steps and the candidates cover an episode once each, and a row keeps as many tokens as sized."""
+    kept, extra = kept_steps(length, stride), best_candidates(length, stride)
+    assert sorted(set(kept) | set(extra) | {0}) == list(range(length))
+    assert not set(kept) & set(extra) and 0 not in extra
+    rewards = torch.rand(4, length)
+    for keep_best in (False, True):
+        cfg = ICLPolicyConfig(obs_dim=5, act_dim=2, max_episode_length=length, context_stride=stride,
+                              context_keep_best=keep_best)
+        assert kept_offsets(rewards, stride, keep_best).shape == (4, cfg.kept_per_episode)
 
 
 def test_the_mask_keeps_each_rows_best_step():

@@ -41,6 +41,13 @@ def kept_steps(length: int, stride: int) -> list[int]:
     return [t for t in range(length) if (t + 1) % stride == 0 or t == length - 1]
 
 
+def best_candidates(length: int, stride: int) -> list[int]:
+    """The steps of a finished episode of ``length`` steps among which ``context_keep_best`` picks the one more it
+    keeps: those ``kept_steps`` drops, except step 0 (it reads no reward of the episode). Empty: it keeps none."""
+    kept = set(kept_steps(length, stride))
+    return [t for t in range(1, length) if t not in kept]
+
+
 def best_step(prev_rewards: torch.Tensor, stride: int) -> torch.Tensor | None:
     """The extra step a finished episode keeps under ``context_keep_best``: of its steps that
     ``kept_steps`` does not keep (and not step 0, which reads no reward of the episode), the one whose token
@@ -49,10 +56,11 @@ def best_step(prev_rewards: torch.Tensor, stride: int) -> torch.Tensor | None:
     ``prev_rewards`` (..., T), the tokens' previous-reward inputs of one episode; returns (...) long, or
     None when the episode has no such step (every step kept)."""
     t = prev_rewards.shape[-1]
-    steps = torch.arange(t, device=prev_rewards.device)
-    candidate = ((steps + 1) % stride != 0) & (steps != t - 1) & (steps != 0)
-    if not bool(candidate.any()):
+    steps = best_candidates(t, stride)
+    if not steps:
         return None
+    candidate = torch.zeros(t, dtype=torch.bool, device=prev_rewards.device)
+    candidate[steps] = True
     # float32 in both paths (training's stored rewards, acting's observed ones), so ties break alike
     return prev_rewards.float().masked_fill(~candidate, float("-inf")).argmax(-1)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from icl_metarl.harness.errors import UsageError, choice_error
-from icl_metarl.incontext.attention import ATTN_IMPLEMENTATIONS, kept_steps
+from icl_metarl.incontext.attention import ATTN_IMPLEMENTATIONS, best_candidates, kept_steps
 from icl_metarl.incontext.config import EXPLORE_KINDS, MODEL_TYPE
 
 ACTION_HEADS = ("deterministic", "tanh_gaussian")
@@ -148,7 +148,7 @@ class ICLPolicyConfig(PretrainedConfig):
         """Compact context: the most tokens a finished episode keeps (its strided steps, its last, and
         under ``context_keep_best`` its best-rewarded other step)."""
         kept = len(kept_steps(self.max_episode_length, self.context_stride))
-        return kept + int(self.context_keep_best and kept < self.max_episode_length - 1)
+        return kept + int(self.context_keep_best and bool(best_candidates(self.max_episode_length, self.context_stride)))
 
     @property
     def max_positions(self) -> int:
