@@ -212,3 +212,19 @@ def test_keep_best_trains_from_a_plain_compact_init_and_needs_the_compact_contex
     with pytest.raises(UsageError, match="context-keep-best needs the compact context"):
         train(TrainConfig(data=[str(data)], out=str(tmp_path / "bad"), **{**tiny, "context_stride": 0},
                           context_keep_best=True))
+
+
+def test_heldout_loss_reads_windows_shaped_as_the_runs_training(data, tmp_path):
+    """A compact model acting on 5 episodes but trained on 2-episode windows is scored on 2-episode windows from a
+    trial's start (the data's trials hold 3 episodes: 5-episode windows do not exist)."""
+    from icl_metarl.incontext.train import heldout_loss
+
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=2, episodes_per_window=2, context_episodes=5,
+                      batch_size=2, d_model=16, n_layer=1, n_head=2, progress=False, tensorboard=False,
+                      context_stride=5))
+    loss = heldout_loss(tmp_path / "run", [str(data)])
+    assert np.isfinite(loss) and loss > 0
+    assert loss == heldout_loss(tmp_path / "run", [str(data)], episodes_per_window=2)
+    assert loss != heldout_loss(tmp_path / "run", [str(data)], episodes_per_window=1)
+    with pytest.raises(UsageError, match="no trial has 5 episodes"):
+        heldout_loss(tmp_path / "run", [str(data)], episodes_per_window=5)

@@ -381,12 +381,16 @@ def _scalars(record: dict) -> dict:
 
 
 def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert", max_windows: int = 512,
-                 batch_size: int = 16) -> float:
-    """Mean action loss of a trained policy on histories it never saw (e.g. the test split's tasks)."""
-
-
+                 batch_size: int = 16, episodes_per_window: int | None = None) -> float:
+    """Mean action loss of a trained policy on histories it never saw (e.g. the test split's tasks), on windows
+    shaped as its training's: ``episodes_per_window`` episodes (None: the run's train_config.json says, else the
+    model's context length), starting at a trial's first episode under the compact context."""
     model = ICLPolicy.from_pretrained(model_dir).eval()
-    ds = WindowDataset(data, model.config.max_context_episodes, splits=("train", "test"))
+    if episodes_per_window is None:
+        trained = Path(model_dir) / "train_config.json"
+        episodes_per_window = (json.loads(trained.read_text())["episodes_per_window"] if trained.is_file()
+                               else model.config.max_context_episodes)
+    ds = WindowDataset(data, episodes_per_window, splits=("train", "test"), from_trial_start=model.config.compact)
     n = min(max_windows, len(ds))
     total = 0.0
     with torch.no_grad():
