@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _scripts import load_script
 from conftest import run_cli
 from safetensors.torch import load_file
 
@@ -228,3 +229,9 @@ def test_heldout_loss_reads_windows_shaped_as_the_runs_training(data, tmp_path):
     assert loss != heldout_loss(tmp_path / "run", [str(data)], episodes_per_window=1)
     with pytest.raises(UsageError, match="no trial has 5 episodes"):
         heldout_loss(tmp_path / "run", [str(data)], episodes_per_window=5)
+    # scripts/heldout_loss.py prints and keeps the same figure; a directory that is not a run is one line, exit 2
+    script = load_script("heldout_loss")
+    out = tmp_path / "h.json"
+    assert script.main([str(tmp_path / "run"), "--data", str(data), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["loss"] == loss
+    assert script.main([str(tmp_path), "--data", str(data)]) == 2
