@@ -235,3 +235,17 @@ def test_heldout_loss_reads_windows_shaped_as_the_runs_training(data, tmp_path):
     assert script.main([str(tmp_path / "run"), "--data", str(data), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"][0]["loss"] == loss
     assert script.main([str(tmp_path), "--data", str(data)]) == 2
+
+
+def test_resuming_a_finished_run_leaves_its_record_and_budget_as_they_were(data, tmp_path):
+    """--resume on a run that already reached its steps trains nothing: its budget.json, training.json (final loss
+    included) and weights are left byte for byte, so rerunning a reproduce script does not inflate a run's cost."""
+    cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=2, episodes_per_window=2, batch_size=2,
+                      d_model=16, n_layer=1, n_head=2, progress=False, tensorboard=False, log_every=1)
+    first = train(cfg)
+    names = ("budget.json", "training.json", "model.safetensors")
+    before = {n: (tmp_path / "run" / n).read_bytes() for n in names}
+    assert json.loads(before["training.json"])["final_loss"] == first["loss"]
+    again = train(TrainConfig(**{**cfg.__dict__, "resume": True}))
+    assert {n: (tmp_path / "run" / n).read_bytes() for n in names} == before
+    assert again["loss"] == first["loss"]

@@ -335,6 +335,10 @@ def train(cfg: TrainConfig) -> dict:
     for tracker in accelerator.trackers:  # close the TensorBoard writer; end_training() would also
         tracker.finish()                  # destroy the process group that the barrier below needs
 
+    if start >= cfg.steps and all((run / n).is_file() for n in ("model.safetensors", "budget.json", "training.json")):
+        # a finished run resumed: nothing was trained, so its budget and final loss stay as they were written
+        accelerator.wait_for_everyone()
+        return {"step": start, "loss": json.loads((run / "training.json").read_text()).get("final_loss")}
     spent = _spent(accelerator, spent, cpu0, wall0)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
