@@ -52,10 +52,10 @@ def check(agent_dir: str, envs: list[str], tasks_per_env: int, adaptation: int, 
     reward = np.zeros((len(tasks), episodes, steps))
     goal = np.zeros((len(tasks), 3))
     success = np.zeros((len(tasks), episodes), bool)
+    columns = np.stack([np.arange(EFFECTOR[task.env_name].start, EFFECTOR[task.env_name].stop) for task in tasks])
 
     def on_step(episode, t, obs, info, actions, r, s):
-        for i, task in enumerate(tasks):
-            pos[i, episode, t] = obs[i, EFFECTOR[task.env_name]]
+        pos[:, episode, t] = np.take_along_axis(np.asarray(obs), columns, axis=1)
         reward[:, episode, t] = r
         goal[:] = np.asarray(info["goal"])
 
