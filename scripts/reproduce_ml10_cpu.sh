@@ -30,6 +30,9 @@ icl-metarl generate --suite ML10-holdout --split train --task-pool fresh --trial
 MODEL="--context-stride 10 --episodes-per-window 4 --context-episodes 13 --d-model 96 --n-layer 3 --n-head 4 --batch-size 16 --normalize-obs"
 B=""
 if [ "${KEEP_BEST:-0}" = 1 ]; then MODEL="$MODEL --context-keep-best"; B="-best"; fi
+#    WIDE=1 (session 32 pretraining, session 33 rounds; tried on validation): d = 128, 4 layers (0.82M parameters
+#    against 0.35M); every agent of steps 2-4 gets the suffix -d128, the histories are shared
+if [ "${WIDE:-0}" = 1 ]; then MODEL="${MODEL/--d-model 96 --n-layer 3/--d-model 128 --n-layer 4}"; B="$B-d128"; fi
 icl-metarl train icl --data "$OUT/histories" --out "$OUT/pretrain-norm$B" --resume --seed $SEED $MODEL \
   --steps 1200 --lr 1e-3 --warmup-steps 50 --checkpoint-every 100 --keep-checkpoints 20 --log-every 20 --threads 1
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.histories import GenerateConfig, generate
 from icl_metarl.incontext.shards import load_histories
-from icl_metarl.incontext.train import TrainConfig, lr_factor, train
+from icl_metarl.incontext.train import TrainConfig, lr_factor, train, train_checkpoint
 
 TINY = ["--episodes-per-window", "2", "--d-model", "16", "--n-layer", "1", "--n-head", "2", "--batch-size", "4", "--log-every", "1", "--no-progress"]
 
@@ -237,7 +237,7 @@ def test_heldout_loss_reads_windows_shaped_as_the_runs_training(data, tmp_path):
     assert script.main([str(tmp_path), "--data", str(data)]) == 2
 
 
-def test_resuming_a_finished_run_leaves_its_record_and_budget_as_they_were(data, tmp_path):
+def test_resuming_a_finished_run_leaves_its_record_and_budget_as_they_were(data, tmp_path, capsys):
     """--resume on a run that already reached its steps trains nothing: its budget.json, training.json (final loss
     included) and weights are left byte for byte, so rerunning a reproduce script does not inflate a run's cost."""
     cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=2, episodes_per_window=2, batch_size=2,
@@ -249,3 +249,7 @@ def test_resuming_a_finished_run_leaves_its_record_and_budget_as_they_were(data,
     again = train(TrainConfig(**{**cfg.__dict__, "resume": True}))
     assert {n: (tmp_path / "run" / n).read_bytes() for n in names} == before
     assert again["loss"] == first["loss"]
+    # the command line's entry point says so instead of failing on the missing throughput (session 33's bug)
+    train_checkpoint(TrainConfig(**{**cfg.__dict__, "resume": True}), tmp_path / "run")
+    assert "nothing trained" in capsys.readouterr().out
+    assert {n: (tmp_path / "run" / n).read_bytes() for n in names} == before

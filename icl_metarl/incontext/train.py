@@ -496,5 +496,9 @@ def train_checkpoint(cfg: TrainConfig, out) -> dict:
     """Pretrain (with its relabelling rounds) into ``out``: the learner registry's entry point."""
     record = pretrain(dataclasses.replace(cfg, out=str(out)))
     if record and int(os.environ.get("RANK", "0")) == 0:
-        print(f"step {record['step']}: loss {record['loss']:.5f}, {record['tokens_per_s']:.0f} tokens/s")
+        if "tokens_per_s" in record:
+            print(f"step {record['step']}: loss {record['loss']:.5f}, {record['tokens_per_s']:.0f} tokens/s")
+        else:  # a finished run resumed: nothing was trained
+            loss = "not recorded" if record["loss"] is None else f"{record['loss']:.5f}"
+            print(f"{out} had finished at step {record['step']} (final loss {loss}); nothing trained")
     return record
