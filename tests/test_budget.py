@@ -253,3 +253,33 @@ def test_relabelling_rounds_play_with_the_runs_exploration_kind(data, icl_run, t
         generate(GenerateConfig(trials=1, policy_explore_kind="step"), tmp_path / "x", progress=False)
     with pytest.raises(UsageError, match="unknown policy_explore_kind 'x'"):
         generate(GenerateConfig(trials=1, policy=str(icl_run), policy_explore_kind="x"), tmp_path / "x", progress=False)
+
+
+def test_a_run_from_an_init_counts_its_loops_and_the_union_of_the_two_runs_data(data, icl_run, tmp_path):
+    """A plain run started from another (--init-from) pays for the init too: the init's training loops, and the
+    data the init trained on that the run does not (the union, so the base data both read counts once)."""
+    init = read_budget(icl_run)  # trained on the base data and its own relabelled round
+    out = tmp_path / "more-steps"
+    cfg = TrainConfig(data=[str(data)], out=str(out), steps=3, batch_size=2, d_model=16, n_layer=1, n_head=2,
+                      episodes_per_window=2, progress=False, log_every=1, tensorboard=False, seed=3,
+                      init_from=str(icl_run))
+    pretrain(cfg)
+    b = read_budget(out)
+    assert b["optimizer_steps"] == 3 + init["optimizer_steps"]
+    assert (b["env_steps"], b["expert_labels"]) == (init["env_steps"], init["expert_labels"])  # the union
+    assert b["data_cpu_minutes"] == pytest.approx(init["data_cpu_minutes"], abs=1e-3)
+    assert init["train_cpu_minutes"] < b["train_cpu_minutes"]
+    # its checkpoints carry the same accounting as the run
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    assert json.loads((last / "trainer_state.json").read_text())["budget"]["optimizer_steps"] == 3
+    assert read_budget(last)["optimizer_steps"] == 3 + init["optimizer_steps"]
+    # the init's data gone from the disk: said, and the rest still counted
+    moved = tmp_path / "init"
+    moved.mkdir()
+    for name in ("budget.json", "config.json", "model.safetensors", "training.json"):
+        (moved / name).write_bytes((icl_run / name).read_bytes())
+    record = json.loads((moved / "training.json").read_text())
+    (moved / "training.json").write_text(json.dumps({**record, "data": [*record["data"], str(tmp_path / "gone")]}))
+    with pytest.warns(UserWarning, match="gone"):
+        pretrain(dataclasses.replace(cfg, out=str(tmp_path / "from-moved"), init_from=str(moved)))
+    assert read_budget(tmp_path / "from-moved")["env_steps"] == init["env_steps"]

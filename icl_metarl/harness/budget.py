@@ -82,6 +82,13 @@ def read_budget(checkpoint_dir: str | Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
+def is_round_phase(checkpoint_dir: str | Path) -> bool:
+    """Whether a directory is one phase of an in-context run with relabelling rounds (``RUN/round-r/train``),
+    whose budget.json holds its own training loop only (``run_budget`` sums the phases')."""
+    path = Path(checkpoint_dir)
+    return path.name == "train" and re.fullmatch(r"round-(\d+)", path.parent.name) is not None
+
+
 def run_budget(checkpoint_dir: str | Path) -> dict | None:
     """What it cost to reach this checkpoint. Its own ``budget.json``, except for one phase of an in-context
     run with relabelling rounds (``RUN/round-r/train``): that phase recorded its data (all of the run's data
@@ -89,10 +96,9 @@ def run_budget(checkpoint_dir: str | Path) -> dict | None:
     them has no budget (trained before budgets were recorded)."""
     path = Path(checkpoint_dir)
     own = read_budget(path)
-    phase = re.fullmatch(r"round-(\d+)", path.parent.name)
-    if own is None or phase is None or path.name != "train":
+    if own is None or not is_round_phase(path):
         return own
-    earlier = [read_budget(path.parent.parent / f"round-{r}" / "train") for r in range(int(phase.group(1)))]
+    earlier = [read_budget(path.parent.parent / f"round-{r}" / "train") for r in range(int(path.parent.name[6:]))]
     if None in earlier:
         return None
     loops = Budget()

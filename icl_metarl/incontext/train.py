@@ -28,7 +28,7 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from icl_metarl.harness import checkpoint
-from icl_metarl.harness.budget import Budget, run_budget, write_budget
+from icl_metarl.harness.budget import Budget, is_round_phase, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
@@ -161,6 +161,39 @@ def data_budget(manifests: list[dict], target: str) -> Budget:
     return total
 
 
+def init_cost(init_from: str, data: list[str], target: str, out: str | Path, loops: bool = True) -> Budget:
+    """What a run started from another (``--init-from``) inherits besides its own data: the init's training
+    loops (unless ``loops`` is False), and the data the init trained on that ``data`` does not hold (the union
+    of the two runs' data, so data they share counts once). Budget() with a warning where the init records no
+    budget."""
+    init = Path(init_from)
+    spent = run_budget(init)
+    if spent is None:
+        warnings.warn(f"--init-from {init} records no budget.json (trained before budgets were): the budget of "
+                      f"{out} counts its own data and training only", stacklevel=2)
+        return Budget()
+    ours = {str(Path(d).resolve()) for d in data}
+    record = init / "training.json"
+    theirs = json.loads(record.read_text()).get("data", []) if record.is_file() else []
+    extra = [d for d in dict.fromkeys(theirs) if str(Path(d).resolve()) not in ours]
+    missing = [d for d in extra if not Path(d).is_dir()]
+    if missing:
+        warnings.warn(f"the data {init} trained on is gone from {', '.join(missing)}: the budget of {out} "
+                      f"does not count what it cost", stacklevel=2)
+    extra = data_budget([load_histories(d, verify=False).manifest for d in extra if d not in missing], target)
+    return extra.add(Budget.from_json(spent).training_loop()) if loops else extra
+
+
+def upfront_cost(cfg: TrainConfig, manifests: list[dict]) -> Budget:
+    """Everything a run's budget counts besides its own training loop: its data and what its ``--init-from``
+    cost (``init_cost``). A phase of a relabelling run (``RUN/round-r/train``) counts its data only:
+    ``run_budget`` sums the phases' loops and ``pretrain`` adds the init's."""
+    cost = data_budget(manifests, cfg.target)
+    if not cfg.init_from or is_round_phase(cfg.out):
+        return cost
+    return cost.add(init_cost(cfg.init_from, cfg.data, cfg.target, cfg.out))
+
+
 def _spent(accelerator, before: Budget, cpu0: float, wall0: float) -> Budget:
     """``before`` plus this process group's CPU and wall time since (cpu0, wall0); every process calls it."""
     cpu = accelerator.reduce(torch.tensor(time.process_time() - cpu0, dtype=torch.float64, device=accelerator.device),
@@ -204,7 +237,7 @@ def train(cfg: TrainConfig) -> dict:
 
     stream = WindowStream(cfg.data, episodes_per_window=cfg.episodes_per_window, seed=cfg.seed,
                           from_trial_start=cfg.context_stride > 0)
-    data_cost = data_budget([h.manifest for h in stream.dataset.sources], cfg.target)  # every checkpoint's share
+    upfront = upfront_cost(cfg, [h.manifest for h in stream.dataset.sources])  # every checkpoint's share
     set_seed(cfg.seed)
     model_config = ICLPolicyConfig(
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, action_head=cfg.action_head,
@@ -328,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
             so_far = _spent(accelerator, spent, cpu0, wall0)
             save_checkpoint(accelerator, run, done, cfg.keep_checkpoints, so_far, accelerator.unwrap_model(model).config,
-                            data_cost.add(so_far))
+                            upfront.add(so_far))
         if cfg.kill_after and done - start >= cfg.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
@@ -343,7 +376,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         final.save_pretrained(run)
-        write_budget(run, data_cost.add(spent))
+        write_budget(run, upfront.add(spent))
         atomic_write_json(run / "training.json", {
             "data": [str(Path(d).resolve()) for d in cfg.data],
             "task_pools": stream.task_pools(),
@@ -487,7 +520,10 @@ def pretrain(cfg: TrainConfig) -> dict:
             warnings.warn(f"a round of {run} was trained before budget accounting: no budget.json for the run",
                           stacklevel=2)
         else:
-            write_budget(run, Budget.from_json(total))
+            total = Budget.from_json(total)
+            if cfg.init_from:  # under relabel_from_init, phase 0's stand-in already counts the init's loops
+                total = total.add(init_cost(cfg.init_from, data, cfg.target, run, loops=not cfg.relabel_from_init))
+            write_budget(run, total)
     return record
 
 
