@@ -33,8 +33,9 @@ def main(argv=None) -> int:
             if not (Path(run) / "config.json").is_file():
                 raise UsageError(f"{run} is not an in-context checkpoint directory (no config.json)")
             t0 = time.process_time()
-            loss = heldout_loss(run, args.data, max_windows=args.windows)
-            params = sum(p.numel() for p in ICLPolicy.from_pretrained(run).parameters())
+            model = ICLPolicy.from_pretrained(run)
+            loss = heldout_loss(run, args.data, max_windows=args.windows, model=model)
+            params = sum(p.numel() for p in model.parameters())
             rows.append({"run": run, "parameters": params, "loss": loss, "cpu_s": time.process_time() - t0})
             print(f"{run}: {params:,} parameters, held-out loss {loss:.4f} ({rows[-1]['cpu_s']:.0f} CPU-s)", flush=True)
     except UsageError as e:

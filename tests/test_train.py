@@ -243,7 +243,7 @@ def test_resuming_a_finished_run_leaves_its_record_and_budget_as_they_were(data,
     cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=2, episodes_per_window=2, batch_size=2,
                       d_model=16, n_layer=1, n_head=2, progress=False, tensorboard=False, log_every=1)
     first = train(cfg)
-    names = ("budget.json", "training.json", "model.safetensors")
+    names = ("budget.json", "training.json", "model.safetensors", "train_config.json")
     before = {n: (tmp_path / "run" / n).read_bytes() for n in names}
     assert json.loads(before["training.json"])["final_loss"] == first["loss"]
     again = train(TrainConfig(**{**cfg.__dict__, "resume": True}))

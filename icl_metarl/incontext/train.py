@@ -209,11 +209,17 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) pretraining; returns the final log record."""
-
-
     check_train(cfg)
     cpu0, wall0 = time.process_time(), time.perf_counter()  # this piece of the run's cost, for its budget
     run = Path(cfg.out)
+    checkpoints = complete_checkpoints(run)
+    if checkpoints and not cfg.resume:
+        raise UsageError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
+    done = checkpoint.load_json(checkpoints[-1] / STATE_NAME, "training checkpoint")["step"] if checkpoints else 0
+    if done >= cfg.steps and all((run / n).is_file() for n in ("model.safetensors", "budget.json", "training.json")):
+        # a finished run resumed: nothing is built or trained, and its budget, final loss, configuration and
+        # weights stay as they were written
+        return {"step": done, "loss": json.loads((run / "training.json").read_text()).get("final_loss")}
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
@@ -231,9 +237,6 @@ def train(cfg: TrainConfig) -> dict:
         raise UsageError(
             f"batch size {cfg.batch_size} must divide among {world} processes x {cfg.grad_accum} accumulation steps"
         )
-    checkpoints = complete_checkpoints(run)
-    if checkpoints and not cfg.resume:
-        raise UsageError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
 
     stream = WindowStream(cfg.data, episodes_per_window=cfg.episodes_per_window, seed=cfg.seed,
                           from_trial_start=cfg.context_stride > 0)
@@ -368,10 +371,6 @@ def train(cfg: TrainConfig) -> dict:
     for tracker in accelerator.trackers:  # close the TensorBoard writer; end_training() would also
         tracker.finish()                  # destroy the process group that the barrier below needs
 
-    if start >= cfg.steps and all((run / n).is_file() for n in ("model.safetensors", "budget.json", "training.json")):
-        # a finished run resumed: nothing was trained, so its budget and final loss stay as they were written
-        accelerator.wait_for_everyone()
-        return {"step": start, "loss": json.loads((run / "training.json").read_text()).get("final_loss")}
     spent = _spent(accelerator, spent, cpu0, wall0)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
@@ -418,11 +417,12 @@ def _scalars(record: dict) -> dict:
 
 
 def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert", max_windows: int = 512,
-                 batch_size: int = 16, episodes_per_window: int | None = None) -> float:
+                 batch_size: int = 16, episodes_per_window: int | None = None, model: ICLPolicy | None = None) -> float:
     """Mean action loss of a trained policy on histories it never saw (e.g. the test split's tasks), on windows
     shaped as its training's: ``episodes_per_window`` episodes (None: the run's train_config.json says, else the
-    model's context length), starting at a trial's first episode under the compact context."""
-    model = ICLPolicy.from_pretrained(model_dir).eval()
+    model's context length), starting at a trial's first episode under the compact context. ``model``: the
+    policy already loaded from ``model_dir`` (None: loaded here)."""
+    model = (model or ICLPolicy.from_pretrained(model_dir)).eval()
     if episodes_per_window is None:
         trained = Path(model_dir) / "train_config.json"
         episodes_per_window = (json.loads(trained.read_text())["episodes_per_window"] if trained.is_file()
