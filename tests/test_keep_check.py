@@ -32,3 +32,16 @@ def test_one_reach_trial_is_measured(tmp_path):
     # the best step lies on the adaptation episode's path, so that path came at least as close to the goal
     assert row["adapt_closest_to_goal_cm"] <= row["best_to_goal_cm"] + 1e-9
     assert "| reach-v3 |" in (tmp_path / "out" / "keep_check.md").read_text()
+
+
+def test_the_top_steps_centroid_averages_every_step_at_the_top_reward():
+    """Two decisions tie at the top reward: the centroid is the mean of where each led (the next step's position),
+    and a lower reward anywhere does not count."""
+    pos = np.zeros((2, 4, 3))
+    pos[0, 2] = [1.0, 0.0, 0.0]  # where episode 0's decision 1 led
+    pos[1, 3] = [0.0, 1.0, 0.0]  # episode 1's decision 3 is its last: its own position counts
+    reward = np.full((2, 4), 5.0)
+    reward[0, 1] = reward[1, 3] = 30.0
+    reward[1, 0] = 29.97
+    centre, n = keep_check.top_centroid(pos, reward)
+    assert n == 2 and np.allclose(centre, [0.5, 0.5, 0.0])
