@@ -82,11 +82,12 @@ def read_budget(checkpoint_dir: str | Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def is_round_phase(checkpoint_dir: str | Path) -> bool:
-    """Whether a directory is one phase of an in-context run with relabelling rounds (``RUN/round-r/train``),
-    whose budget.json holds its own training loop only (``run_budget`` sums the phases')."""
+def round_phase(checkpoint_dir: str | Path) -> int | None:
+    """r where a directory is one phase of an in-context run with relabelling rounds (``RUN/round-r/train``),
+    whose budget.json holds its own training loop only (``run_budget`` sums the phases'); None otherwise."""
     path = Path(checkpoint_dir)
-    return path.name == "train" and re.fullmatch(r"round-(\d+)", path.parent.name) is not None
+    phase = re.fullmatch(r"round-(\d+)", path.parent.name)
+    return int(phase.group(1)) if phase and path.name == "train" else None
 
 
 def run_budget(checkpoint_dir: str | Path) -> dict | None:
@@ -96,9 +97,10 @@ def run_budget(checkpoint_dir: str | Path) -> dict | None:
     them has no budget (trained before budgets were recorded)."""
     path = Path(checkpoint_dir)
     own = read_budget(path)
-    if own is None or not is_round_phase(path):
+    phase = round_phase(path)
+    if own is None or phase is None:
         return own
-    earlier = [read_budget(path.parent.parent / f"round-{r}" / "train") for r in range(int(path.parent.name[6:]))]
+    earlier = [read_budget(path.parent.parent / f"round-{r}" / "train") for r in range(phase)]
     if None in earlier:
         return None
     loops = Budget()

@@ -28,7 +28,7 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from icl_metarl.harness import checkpoint
-from icl_metarl.harness.budget import Budget, is_round_phase, run_budget, write_budget
+from icl_metarl.harness.budget import Budget, round_phase, run_budget, write_budget
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.harness.files import atomic_write_bytes, atomic_write_json, trim_log, versions
 from icl_metarl.harness.rollout import play_trials
@@ -189,7 +189,7 @@ def upfront_cost(cfg: TrainConfig, manifests: list[dict]) -> Budget:
     cost (``init_cost``). A phase of a relabelling run (``RUN/round-r/train``) counts its data only:
     ``run_budget`` sums the phases' loops and ``pretrain`` adds the init's."""
     cost = data_budget(manifests, cfg.target)
-    if not cfg.init_from or is_round_phase(cfg.out):
+    if not cfg.init_from or round_phase(cfg.out) is not None:
         return cost
     return cost.add(init_cost(cfg.init_from, cfg.data, cfg.target, cfg.out))
 
@@ -215,7 +215,8 @@ def train(cfg: TrainConfig) -> dict:
     checkpoints = complete_checkpoints(run)
     if checkpoints and not cfg.resume:
         raise UsageError(f"{run} already holds checkpoints; pass --resume to continue it, or choose another --out")
-    done = checkpoint.load_json(checkpoints[-1] / STATE_NAME, "training checkpoint")["step"] if checkpoints else 0
+    state = checkpoint.load_json(checkpoints[-1] / STATE_NAME, "training checkpoint") if checkpoints else None
+    done = state["step"] if state else 0
     if done >= cfg.steps and all((run / n).is_file() for n in ("model.safetensors", "budget.json", "training.json")):
         # a finished run resumed: nothing is built or trained, and its budget, final loss, configuration and
         # weights stay as they were written
@@ -279,8 +280,7 @@ def train(cfg: TrainConfig) -> dict:
 
     start, spent = 0, Budget(seeds={"train": [cfg.seed], "data": []})  # optimizer steps, CPU and wall time
     if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        state = checkpoint.load_json(checkpoints[-1] / STATE_NAME, "training checkpoint")
+        accelerator.load_state(str(checkpoints[-1]))  # the training state read above, before any set-up
         start = state["step"]
         if "budget" in state:
             spent = Budget.from_json(state["budget"])
@@ -422,7 +422,7 @@ def heldout_loss(model_dir: str | Path, data: list[str], target: str = "expert",
     shaped as its training's: ``episodes_per_window`` episodes (None: the run's train_config.json says, else the
     model's context length), starting at a trial's first episode under the compact context. ``model``: the
     policy already loaded from ``model_dir`` (None: loaded here)."""
-    model = (model or ICLPolicy.from_pretrained(model_dir)).eval()
+    model = (ICLPolicy.from_pretrained(model_dir) if model is None else model).eval()
     if episodes_per_window is None:
         trained = Path(model_dir) / "train_config.json"
         episodes_per_window = (json.loads(trained.read_text())["episodes_per_window"] if trained.is_file()
