@@ -89,6 +89,18 @@ if [ "${BEST_ROUNDS:-0}" = 1 ]; then
     --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
     --keep-checkpoints 20 --log-every 20 --threads 1
 fi
+# 3h (SPREAD_ROUNDS=1, session 34; tried on validation): rounds 3-4 as the recipe's (3b), from the same 2-round agent,
+#    trained and played with each earlier episode keeping 4 more steps, its highest-rewarded ones spread in time over
+#    ties at the top (--context-keep-best --context-best-steps 4): reach, push and pick-place pay a flat maximum inside
+#    the success region, so these span it and carry its centre (session 33). Round 3 is played by the 2-round agent
+#    as in 3b. Then EVAL_K10=1 AGENT=pretrain-norm-dagger4-spread4 bash scripts/reproduce_ml10_cpu.sh
+if [ "${SPREAD_ROUNDS:-0}" = 1 ]; then
+  icl-metarl train icl --data "$OUT/histories" "$D/round-1/relabelled" "$D/round-2/relabelled" \
+    --out "$OUT/pretrain-norm-dagger4-spread4" --resume --seed $SEED $MODEL --context-keep-best --context-best-steps 4 \
+    --init-from "$D" --relabel-rounds 2 $RW --relabel-from-init --relabel-trials 320 --relabel-new-tasks \
+    --explore-episodes 1 --explore-scale 0.25 --steps 800 --lr 5e-4 --warmup-steps 20 --checkpoint-every 100 \
+    --keep-checkpoints 20 --log-every 20 --threads 1
+fi
 # 3f (MORE_ROUNDS=1, session 32; tried on validation): rounds 5-6 from the recipe's 4-round agent, as rounds 3-4 were
 #    played and trained, on tasks no earlier round drew (--relabel-first-round 5: seeds + 5000 and + 6000; rounds 3-4
 #    replayed rounds 1-2's draws). Beside it (3g, STEPS_ONLY=1) the control: the 4-round agent trained 800 more

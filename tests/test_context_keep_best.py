@@ -5,6 +5,8 @@ row and the training mask is one per row: compared, as the plain compact context
 acting, full recomputation, the training forward) and against hand-made cases.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -21,31 +23,54 @@ from test_compact_context import (  # the same trials and paths
 
 from icl_metarl.harness.errors import UsageError
 from icl_metarl.incontext.agent import InContextAgent
-from icl_metarl.incontext.attention import best_candidates, best_step, compact_mask, kept_offsets, kept_steps
+from icl_metarl.incontext.attention import best_candidates, best_steps, compact_mask, kept_offsets, kept_steps
 from icl_metarl.incontext.model import ICLPolicy, ICLPolicyConfig
 
 
 def tiny(n_layer=2, **kw) -> ICLPolicy:
     torch.manual_seed(0)
+    kw = {"context_keep_best": True, **kw}
     cfg = ICLPolicyConfig(obs_dim=5, act_dim=2, d_model=16, n_layer=n_layer, n_head=2, max_episode_length=L,
-                          max_context_episodes=4, context_stride=3, context_keep_best=True, **kw)
+                          max_context_episodes=4, context_stride=3, **kw)
     return ICLPolicy(cfg).eval()
 
 
 def best_token(rewards: np.ndarray, e: int) -> np.ndarray:
     """(B,) the step of episode ``e`` each row keeps as its best: its token reads reward t - 1."""
     prev = np.concatenate([np.zeros((B, 1), np.float32), rewards[:, e, :-1]], axis=1)
-    return best_step(torch.as_tensor(prev), 3).numpy()
+    return best_steps(torch.as_tensor(prev), 3)[:, 0].numpy()
 
 
 def test_best_step_by_hand():
     # 7 steps, stride 3: steps 2, 5 (strided) and 6 (last) are kept anyway, step 0 reads no reward
     r = torch.tensor([[9.0, 1.0, 8.0, 0.0, 3.0, 8.0, 9.0],
                       [9.0, 2.0, 0.0, 2.0, 1.0, 0.0, 0.0]])
-    assert best_step(r, 3).tolist() == [4, 1]  # the highest among steps 1, 3, 4; the first on ties
-    assert kept_offsets(r, 3, keep_best=True).tolist() == [[2, 4, 5, 6], [1, 2, 5, 6]]
-    assert kept_offsets(r, 3, keep_best=False).tolist() == [kept_steps(7, 3)] * 2
-    assert best_step(r, 1) is None  # every step kept: nothing to add
+    assert best_steps(r, 3).tolist() == [[4], [1]]  # the highest among steps 1, 3, 4; the first on ties
+    assert kept_offsets(r, 3, keep_best=1).tolist() == [[2, 4, 5, 6], [1, 2, 5, 6]]
+    assert kept_offsets(r, 3, keep_best=0).tolist() == [kept_steps(7, 3)] * 2
+    assert best_steps(r, 1) is None  # every step kept: nothing to add
+    assert best_steps(r, 3, 0) is None
+    assert best_steps(r, 3, 2).tolist() == [[1, 4], [1, 3]]  # the two highest, in time order
+    assert best_steps(r, 3, 5).tolist() == [[1, 3, 4], [1, 3, 4]]  # only three candidates
+
+
+def test_best_steps_spread_over_ties_at_the_top():
+    """A flat top (reward 10 everywhere inside a success region): the kept steps span the tied run, first to last."""
+    inside = torch.tensor([[0.0, 1.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 2.0, 0.0]])  # stride 100: all candidates
+    assert best_steps(inside, 100, 1).tolist() == [[2]]  # the first, as a single best step always was
+    assert best_steps(inside, 100, 2).tolist() == [[2, 8]]
+    assert best_steps(inside, 100, 3).tolist() == [[2, 5, 8]]
+    assert best_steps(inside, 100, 4).tolist() == [[2, 4, 6, 8]]  # ranks 0, 2, 4, 6 of 7 tied steps
+    assert best_steps(inside, 100, 7).tolist() == [[2, 3, 4, 5, 6, 7, 8]]
+    assert best_steps(inside, 100, 8).tolist() == [[2, 3, 4, 5, 6, 7, 8, 9]]  # all tied ones, then the next best
+    # a strict best is always kept; the rest spread over the ties below it
+    peak = torch.tensor([[0.0, 5.0, 5.0, 5.0, 9.0, 5.0, 5.0, 0.0]])
+    assert best_steps(peak, 100, 1).tolist() == [[4]]
+    assert best_steps(peak, 100, 3).tolist() == [[1, 4, 6]]
+    # rows pick independently, and leading dimensions pass through
+    both = torch.stack([inside[0, :8], peak[0]])
+    assert best_steps(both, 100, 3).tolist() == [[2, 4, 6], [1, 4, 6]]
+    assert best_steps(both[None], 100, 3).shape == (1, 2, 3)
 
 
 @pytest.mark.parametrize("length,stride", [(1, 1), (2, 2), (3, 3), (7, 1), (7, 3), (10, 10), (11, 10), (167, 10)])
@@ -56,10 +81,12 @@ def test_the_cache_size_counts_what_the_cache_keeps(length, stride):
     assert sorted(set(kept) | set(extra) | {0}) == list(range(length))
     assert not set(kept) & set(extra) and 0 not in extra
     rewards = torch.rand(4, length)
-    for keep_best in (False, True):
+    for keep_best, count in ((False, 1), (True, 1), (True, 4)):
         cfg = ICLPolicyConfig(obs_dim=5, act_dim=2, max_episode_length=length, context_stride=stride,
-                              context_keep_best=keep_best)
-        assert kept_offsets(rewards, stride, keep_best).shape == (4, cfg.kept_per_episode)
+                              context_keep_best=keep_best, context_best_steps=count)
+        offsets = kept_offsets(rewards, stride, cfg.kept_best)
+        assert offsets.shape == (4, cfg.kept_per_episode)
+        assert all(len(set(row)) == len(row) for row in offsets.tolist())  # no step kept twice
 
 
 def test_the_mask_keeps_each_rows_best_step():
@@ -75,8 +102,9 @@ def test_the_mask_keeps_each_rows_best_step():
     assert torch.equal(m[:, :5, :5], plain[None, :5, :5].expand(2, -1, -1))  # within an episode: as before
 
 
-def test_cached_acting_equals_recomputation_and_the_training_forward():
-    model = tiny()
+@pytest.mark.parametrize("count", [1, 2])
+def test_cached_acting_equals_recomputation_and_the_training_forward(count):
+    model = tiny(context_best_steps=count)
     obs, rewards = trial()
     assert (best_token(rewards, 0)[0] != best_token(rewards, 0)[1])  # the rows keep different steps
     cached = play(InContextAgent(model, use_cache=True), obs, rewards)
@@ -84,11 +112,12 @@ def test_cached_acting_equals_recomputation_and_the_training_forward():
     np.testing.assert_allclose(cached, training_forward(model, obs, cached, rewards), atol=1e-5)
 
 
-def test_the_cache_holds_one_more_token_per_earlier_episode():
-    model = tiny()
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_cache_holds_count_more_tokens_per_earlier_episode(count):
+    model = tiny(context_best_steps=count)
     e, t = np.indices((K, L))
-    np.testing.assert_array_equal(cache_lengths(model), e * (len(kept_steps(L, 3)) + 1) + t + 1)
-    assert model.config.max_positions == 3 * (len(kept_steps(L, 3)) + 1) + L
+    np.testing.assert_array_equal(cache_lengths(model), e * (len(kept_steps(L, 3)) + count) + t + 1)
+    assert model.config.max_positions == 3 * (len(kept_steps(L, 3)) + count) + L
 
 
 def test_the_best_step_reaches_later_episodes_and_another_dropped_step_does_not():
@@ -133,3 +162,18 @@ def test_primed_context_equals_played_one_and_save_load_keeps_the_form(tmp_path)
 def test_keep_best_without_the_compact_context_is_a_one_line_error():
     with pytest.raises(UsageError, match="context_keep_best needs the compact context"):
         ICLPolicyConfig(context_keep_best=True)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match=f"context_best_steps must be an integer >= 1, got {bad!r}"):
+            ICLPolicyConfig(context_stride=3, context_keep_best=True, context_best_steps=bad)
+
+
+def test_a_checkpoint_saved_before_best_steps_existed_keeps_one(tmp_path):
+    """Older keep-best checkpoints have no ``context_best_steps`` in config.json: they keep their single best step."""
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    cfg = tmp_path / "config.json"
+    d = json.loads(cfg.read_text())
+    del d["context_best_steps"]
+    cfg.write_text(json.dumps(d))
+    back = ICLPolicy.from_pretrained(tmp_path)
+    assert (back.config.kept_best, back.config.kept_per_episode) == (1, len(kept_steps(L, 3)) + 1)

@@ -282,7 +282,8 @@ class InContextAgent(Agent):
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",
                                               "max_context_episodes", "action_head", "reward_scale",
-                                              "context_stride", "context_keep_best", "action_repeat")},
+                                              "context_stride", "context_keep_best", "context_best_steps",
+                                              "action_repeat")},
                 "attn_implementation": self.model.attn_implementation,
             },
         }
@@ -323,10 +324,9 @@ class InContextAgent(Agent):
     def _keep_episode(self, start: int, t: int) -> None:
         """Compact context: drop from the cache all but the kept steps of the episode just encoded, whose
         ``t`` tokens sit at ``start`` in the window (``attention.kept_offsets``: the strided steps, the
-        last, and each row's best-rewarded step if the model keeps it)."""
+        last, and each row's best-rewarded steps if the model keeps them)."""
         c = self.model.config
-        offsets = kept_offsets(self._prev_rewards[:, start:start + t], c.context_stride,
-                               getattr(c, "context_keep_best", False))
+        offsets = kept_offsets(self._prev_rewards[:, start:start + t], c.context_stride, c.kept_best)
         self._cache.keep(self._cache.length - t, offsets)
 
     def _make_room_for_episode(self) -> None:

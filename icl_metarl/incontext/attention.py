@@ -42,48 +42,66 @@ def kept_steps(length: int, stride: int) -> list[int]:
 
 
 def best_candidates(length: int, stride: int) -> list[int]:
-    """The steps of a finished episode of ``length`` steps among which ``context_keep_best`` picks the one more it
+    """The steps of a finished episode of ``length`` steps among which ``context_keep_best`` picks the ones more it
     keeps: those ``kept_steps`` drops, except step 0 (it reads no reward of the episode). Empty: it keeps none."""
     kept = set(kept_steps(length, stride))
     return [t for t in range(1, length) if t not in kept]
 
 
-def best_step(prev_rewards: torch.Tensor, stride: int) -> torch.Tensor | None:
-    """The extra step a finished episode keeps under ``context_keep_best``: of its steps that
-    ``kept_steps`` does not keep (and not step 0, which reads no reward of the episode), the one whose token
-    reads the highest previous reward, the first on ties. That token holds the observation the episode's
-    best-rewarded decision led to (where the hand or the object was when the hidden goal paid most).
-    ``prev_rewards`` (..., T), the tokens' previous-reward inputs of one episode; returns (...) long, or
-    None when the episode has no such step (every step kept)."""
+def best_steps(prev_rewards: torch.Tensor, stride: int, count: int = 1) -> torch.Tensor | None:
+    """The extra steps a finished episode keeps under ``context_keep_best``: ``count`` of its steps that
+    ``kept_steps`` does not keep (and not step 0, which reads no reward of the episode), those whose tokens read
+    the highest previous rewards. Ties at the lowest reward kept are broken by spreading the picks evenly in time
+    over the tied steps (first and last tied step, and between them); for ``count`` 1, the first of them.
+
+    Why spread: Meta-World's reach, push and pick-place pay a flat maximum everywhere inside the goal's success
+    region, so an episode that enters it has many decisions tied at the top; a spread of them spans the region,
+    whose centre is the goal, where the first one of them only marks its edge (docs/ml10.md, session 33).
+    Each token holds the observation its decision led to. ``prev_rewards`` (..., T), the tokens' previous-reward
+    inputs of one episode; returns (..., n) long, ascending, n = min(count, candidates), or None when the
+    episode has no candidate step or ``count`` is 0. Integer arithmetic on float32 rewards, so acting and
+    training (stored rewards, observed ones) pick alike."""
     t = prev_rewards.shape[-1]
     steps = best_candidates(t, stride)
-    if not steps:
+    n = min(count, len(steps))
+    if n < 1:
         return None
     candidate = torch.zeros(t, dtype=torch.bool, device=prev_rewards.device)
     candidate[steps] = True
-    # float32 in both paths (training's stored rewards, acting's observed ones), so ties break alike
-    return prev_rewards.float().masked_fill(~candidate, float("-inf")).argmax(-1)
+    r = prev_rewards.float().masked_fill(~candidate, float("-inf"))  # (..., T)
+    lowest = r.topk(n, dim=-1).values[..., -1:]  # (..., 1): the lowest reward kept; finite (n <= candidates)
+    above = r > lowest  # kept whatever the ties: fewer than n
+    tied = r == lowest
+    need = n - above.sum(-1, keepdim=True)  # (..., 1) >= 1 picks among the tied
+    n_tied = tied.sum(-1, keepdim=True)  # (..., 1) >= need
+    j = torch.arange(n, device=r.device)  # (n,)
+    # the j-th of ``need`` picks is the tied step of rank round(j (n_tied - 1) / (need - 1)), in integers
+    spread = (2 * j * (n_tied - 1) + (need - 1)) // (2 * (need - 1)).clamp(min=1)  # (..., n)
+    rank = tied.long().cumsum(-1) - 1  # (..., T): the rank of each tied step in time
+    picked = (rank[..., None, :] == spread[..., :, None]) & (j < need)[..., :, None] & tied[..., None, :]
+    chosen = above | picked.any(-2)  # (..., T), n per row
+    return chosen.long().sort(dim=-1, descending=True, stable=True).indices[..., :n].sort(-1).values
 
 
-def kept_offsets(prev_rewards: torch.Tensor, stride: int, keep_best: bool) -> torch.Tensor:
+def kept_offsets(prev_rewards: torch.Tensor, stride: int, keep_best: int) -> torch.Tensor:
     """(B, n) long, ascending: the steps a finished episode keeps in the cache, per row. ``prev_rewards``
-    (B, T): its tokens' previous-reward inputs. Every row keeps ``kept_steps``, and under ``keep_best``
-    its ``best_step`` too (one more, so every row keeps as many)."""
+    (B, T): its tokens' previous-reward inputs. Every row keeps ``kept_steps``, and its ``keep_best``
+    ``best_steps`` too (as many more in every row)."""
     b, t = prev_rewards.shape
     base = torch.as_tensor(kept_steps(t, stride), dtype=torch.long, device=prev_rewards.device).expand(b, -1)
-    best = best_step(prev_rewards, stride) if keep_best else None
+    best = best_steps(prev_rewards, stride, keep_best)
     if best is None:
         return base
-    return torch.cat([base, best[:, None]], dim=1).sort(dim=1).values
+    return torch.cat([base, best], dim=1).sort(dim=1).values
 
 
 def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int,
-                 prev_rewards: torch.Tensor | None = None) -> torch.Tensor:
+                 prev_rewards: torch.Tensor | None = None, keep_best: int = 1) -> torch.Tensor:
     """(T, T) bool, True where token i may attend token j under the compact context: j <= i, and j in
     i's episode or a kept token (``kept_steps``) of an earlier one. ``episode_index`` and ``step`` (T,) lay
     out whole episodes end to end (the last token of the sequence ends its episode, or is in the episode
     of every later query). ``prev_rewards`` (B, T) (``context_keep_best``): each row's episodes also keep
-    their ``best_step``, and the mask is (B, T, T)."""
+    their ``keep_best`` ``best_steps``, and the mask is (B, T, T)."""
     t = step.shape[0]
     last = torch.ones(t, dtype=torch.bool, device=step.device)
     last[:-1] = episode_index[1:] != episode_index[:-1]
@@ -96,9 +114,9 @@ def compact_mask(episode_index: torch.Tensor, step: torch.Tensor, stride: int,
     ends = torch.nonzero(last).flatten().tolist()
     start = 0
     for end in ends:  # one episode at a time: a handful per trial
-        best = best_step(prev_rewards[:, start:end + 1], stride)
+        best = best_steps(prev_rewards[:, start:end + 1], stride, keep_best)
         if best is not None:
-            kept[torch.arange(kept.shape[0], device=kept.device), start + best] = True
+            kept.scatter_(1, start + best, True)
         start = end + 1
     return causal & (same | kept[:, None, :])
 

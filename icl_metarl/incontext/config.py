@@ -174,6 +174,10 @@ class TrainConfig:
     context_keep_best: bool = False
     """compact context: each earlier episode also keeps its step of highest previous reward among those
     the stride drops (where its reward peaked), one token more per episode"""
+    context_best_steps: int = 1
+    """compact context with --context-keep-best: how many of the highest-rewarded dropped steps each earlier
+    episode keeps (ties at the top spread evenly in time: where the reward is flat inside a success region,
+    they span it)"""
     context_episodes: int = 0
     """compact context: the most episodes of a trial the model reads when acting (its episode-index table
     and KV cache); 0: episodes_per_window. Set it to the evaluation's K + E (e.g. 13)"""
@@ -300,6 +304,10 @@ def check_train(cfg: TrainConfig) -> TrainConfig:
                          f"{cfg.context_episodes}")
     if cfg.context_keep_best and not cfg.context_stride:
         raise UsageError("context-keep-best needs the compact context (--context-stride >= 1)")
+    if cfg.context_best_steps < 1:
+        raise UsageError(f"context-best-steps must be >= 1, got {cfg.context_best_steps}")
+    if cfg.context_best_steps > 1 and not cfg.context_keep_best:
+        raise UsageError(f"context-best-steps {cfg.context_best_steps} needs --context-keep-best")
     if cfg.context_episodes and not cfg.context_stride:
         raise UsageError(f"context_episodes={cfg.context_episodes} needs the compact context (context_stride >= 1)")
     for name in ("episodes_per_window", "batch_size", "grad_accum", "steps", "log_every", "eval_tasks"):

@@ -253,8 +253,8 @@ class ICLPolicy(PreTrainedModel):
             if episode_index is None:
                 episode_index = episode_start.long().cumsum(1) - episode_start[:, :1].long()  # (B, T)
             layout = episode_index[0]  # (T,), shared by the lockstep batch
-            best = prev_rewards if getattr(c, "context_keep_best", False) else None  # each row keeps its own best step
-            mask = compact_mask(layout, step_in_episode[0].long(), c.context_stride, best)  # (T, T) or (B, T, T)
+            best = prev_rewards if c.kept_best else None  # each row keeps its own best steps
+            mask = compact_mask(layout, step_in_episode[0].long(), c.context_stride, best, c.kept_best)  # (T, T) or (B, T, T)
             if past:
                 mask = torch.cat([mask.new_ones(*mask.shape[:-1], past), mask], dim=-1)  # (..., T, past + T)
             if mask.dim() == 3:

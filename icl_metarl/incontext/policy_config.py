@@ -47,9 +47,12 @@ class ICLPolicyConfig(PretrainedConfig):
             trial, of which ``max_context_episodes`` are embedded (later ones share the last). Training
             reads whole trials under this mask, so every token trains on exactly the context it acts on.
         context_keep_best: compact context only: each earlier episode also keeps one more token, its step
-            of highest previous reward among those the stride drops (``attention.best_step``): the
+            of highest previous reward among those the stride drops (``attention.best_steps``): the
             observation where the episode's reward peaked, which a hidden goal otherwise leaves between
             two strided tokens.
+        context_best_steps: under ``context_keep_best``, how many such steps each earlier episode keeps
+            (the highest rewards; ties at the top spread evenly in time, so where the reward is flat
+            inside a goal's success region the kept steps span that region). 1: the single best step.
         action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
             step, the action held in between); an evaluation at another interval is refused.
         obs_mean, obs_std: per-dimension statistics of the training data's observations (``train icl
@@ -76,6 +79,7 @@ class ICLPolicyConfig(PretrainedConfig):
         explore_kind: str = "offset",
         context_stride: int = 0,
         context_keep_best: bool = False,
+        context_best_steps: int = 1,
         action_repeat: int = 1,
         obs_mean: list[float] | None = None,
         obs_std: list[float] | None = None,
@@ -104,6 +108,8 @@ class ICLPolicyConfig(PretrainedConfig):
             raise UsageError(f"context_stride must be an integer >= 0 (0: full context), got {context_stride!r}")
         if not isinstance(context_keep_best, bool):
             raise UsageError(f"context_keep_best must be true or false, got {context_keep_best!r}")
+        if not isinstance(context_best_steps, int) or isinstance(context_best_steps, bool) or context_best_steps < 1:
+            raise UsageError(f"context_best_steps must be an integer >= 1, got {context_best_steps!r}")
         if context_keep_best and context_stride < 1:
             raise UsageError("context_keep_best needs the compact context (context_stride >= 1), got context_stride 0")
         if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
@@ -134,6 +140,7 @@ class ICLPolicyConfig(PretrainedConfig):
         self.explore_kind = explore_kind
         self.context_stride = context_stride
         self.context_keep_best = context_keep_best
+        self.context_best_steps = context_best_steps
         self.action_repeat = action_repeat
         self.obs_mean = None if obs_mean is None else [float(v) for v in obs_mean]
         self.obs_std = None if obs_std is None else [float(v) for v in obs_std]
@@ -144,11 +151,17 @@ class ICLPolicyConfig(PretrainedConfig):
         return self.context_stride > 0
 
     @property
+    def kept_best(self) -> int:
+        """How many best-rewarded steps each earlier episode keeps beside its strided ones: 0 without
+        ``context_keep_best``, else ``context_best_steps``."""
+        return self.context_best_steps if self.context_keep_best else 0
+
+    @property
     def kept_per_episode(self) -> int:
         """Compact context: the most tokens a finished episode keeps (its strided steps, its last, and
-        under ``context_keep_best`` its best-rewarded other step)."""
+        under ``context_keep_best`` its best-rewarded other steps)."""
         kept = len(kept_steps(self.max_episode_length, self.context_stride))
-        return kept + int(self.context_keep_best and bool(best_candidates(self.max_episode_length, self.context_stride)))
+        return kept + min(self.kept_best, len(best_candidates(self.max_episode_length, self.context_stride)))
 
     @property
     def max_positions(self) -> int:

@@ -249,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
         max_context_episodes=cfg.context_episodes or cfg.episodes_per_window, obs_dim=stream.obs_dim,
         act_dim=stream.act_dim, explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
         explore_kind=cfg.explore_kind, context_stride=cfg.context_stride, context_keep_best=cfg.context_keep_best,
-        action_repeat=stream.action_repeat,
+        context_best_steps=cfg.context_best_steps, action_repeat=stream.action_repeat,
     )
     start_model = ICLPolicy.from_pretrained(cfg.init_from) if cfg.init_from else None
     if start_model is not None:  # the init's weights read its observation statistics
@@ -259,7 +259,7 @@ def train(cfg: TrainConfig) -> dict:
     model = ICLPolicy(model_config)
     if start_model is not None:
         shape = ("obs_dim", "act_dim", "d_model", "n_layer", "n_head", "action_head", "max_episode_length",
-                 "max_context_episodes", "context_stride", "action_repeat")  # not context_keep_best: a mask, no weight
+                 "max_context_episodes", "context_stride", "action_repeat")  # not the kept best steps: a mask, no weight
         differ = [k for k in shape if getattr(start_model.config, k) != getattr(model_config, k)]
         if differ:
             raise UsageError(f"--init-from {cfg.init_from} differs from this run's model in {', '.join(differ)}")
