@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--acting-trials", type=int, default=0, help="also time acting with N trials (0: no)")
     p.add_argument("--keep-best-too", action="store_true",
                    help="compact context: also time the same model keeping each episode's best step (per-row mask)")
+    p.add_argument("--best-steps", type=int, default=1,
+                   help="with --keep-best-too: how many best steps each episode keeps (context_best_steps)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,13 +148,14 @@ def main() -> None:
     print(f"  GPT-2 backbone ({n(gpt2) / 1e6:.2f}M params):  {max(b):8.0f} tokens/s, {max(b) / T:6.1f} windows/s")
     print(f"  ratio ours / GPT-2: {max(a) / max(b):.2f}x   (GPT-2 attention: {gpt2.backbone.config._attn_implementation})")
     if args.keep_best_too and c.compact:
-        kb = ICLPolicy(ICLPolicyConfig(**{**c.to_dict(), "context_keep_best": True}))
+        kb = ICLPolicy(ICLPolicyConfig(**{**c.to_dict(), "context_keep_best": True,
+                                          "context_best_steps": args.best_steps}))
         kb.load_state_dict(ours.state_dict())
         plain, best = [], []
         for _ in range(2):  # interleaved, as above
             plain.append(tokens_per_second(ours, batch, args.steps))
             best.append(tokens_per_second(kb, batch, args.steps))
-        print(f"  keeping each episode's best step too: {max(best):8.0f} tokens/s against {max(plain):8.0f} "
+        print(f"  keeping each episode's {args.best_steps} best step(s) too: {max(best):8.0f} tokens/s against {max(plain):8.0f} "
               f"without, ratio {max(best) / max(plain):.2f}x")
     if args.acting_trials:
         ours_act = acting_steps_per_second(c, args.acting_trials, args.context_episodes)

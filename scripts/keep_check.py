@@ -11,7 +11,11 @@ per trial that found a success:
   success region, so the best step is any point inside it; session 33).
 
 An agent that keeps what it found comes back near its best position; one that ignores its context goes where its
-prior takes it (``--wiped``: the same agent with its context wiped every episode, the control). The trials are this
+prior takes it (``--wiped``: the same agent with its context wiped every episode, the control). ``--context expert``
+asks whether the agent can return from a context that shows the goal plainly: the scripted expert, told the goal,
+plays the adaptation episodes (it goes to the goal and stays), the agent reads them as its own context (primed) and
+plays the evaluation episodes. An agent that returns precisely from that context but not from its own is held back
+by what its own episodes show; one that misses from both, by how it maps a context to a position. The trials are this
 script's own (env seed 0 of the batch, the evaluator's task order), not the evaluator's; the figures describe the
 agent, they are not a validation score. Positions are the observation's (the hand's end-effector point, the
 object's), not the finger centre that reach's success rule measures, so a few centimetres separate them.
@@ -27,15 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_metarl.harness.errors import UsageError
+from icl_metarl.harness.baselines import make_baseline
+from icl_metarl.harness.errors import UsageError, choice_error
 from icl_metarl.harness.evaluation import first_per_env
 from icl_metarl.harness.files import atomic_write_json, atomic_write_text
 from icl_metarl.harness.rollout import play_trials
-from icl_metarl.harness.suites import decisions_per_episode, get_suite
+from icl_metarl.harness.suites import decisions_per_episode, get_suite, make_trial_envs
 from icl_metarl.incontext.agent import InContextAgent
 
 #: which observation slice is the effector that must reach the goal
 EFFECTOR = {"reach-v3": slice(0, 3), "push-v3": slice(4, 7), "pick-place-v3": slice(4, 7)}
+#: who plays the adaptation episodes: the agent itself, or the scripted expert told the goal (the agent reads them)
+CONTEXTS = ("own", "expert")
 
 
 def top_centroid(pos: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, int]:
@@ -49,10 +56,14 @@ def top_centroid(pos: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def check(agent_dir: str, envs: list[str], tasks_per_env: int, adaptation: int, evaluation: int, seed: int,
-          explore: tuple[int, str, float], wiped: bool = False) -> dict:
+          explore: tuple[int, str, float], wiped: bool = False, context: str = "own") -> dict:
     unknown = [e for e in envs if e not in EFFECTOR]
     if unknown:
         raise UsageError(f"--envs {unknown}: allowed {', '.join(EFFECTOR)}")
+    if context not in CONTEXTS:
+        raise choice_error("--context", context, CONTEXTS)
+    if context == "expert" and wiped:
+        raise UsageError("--context expert with --wiped: a wiped agent reads no context (use one or the other)")
     agent = InContextAgent.from_pretrained(agent_dir, explore_episodes=explore[0], explore_kind=explore[1],
                                            explore_scale=explore[2], wipe_context_each_episode=wiped)
     tasks = [t for t in get_suite("ML10").tasks("validation", 0) if t.env_name in envs]
@@ -66,16 +77,36 @@ def check(agent_dir: str, envs: list[str], tasks_per_env: int, adaptation: int, 
     success = np.zeros((len(tasks), episodes), bool)
     columns = np.stack([np.arange(EFFECTOR[task.env_name].start, EFFECTOR[task.env_name].stop) for task in tasks])
 
-    def on_step(episode, t, obs, info, actions, r, s):
-        pos[:, episode, t] = np.take_along_axis(np.asarray(obs), columns, axis=1)
-        reward[:, episode, t] = r
-        goal[:] = np.asarray(info["goal"])
+    obs_seen = np.zeros((len(tasks), adaptation, steps, agent.model.config.obs_dim), np.float32)
+    actions_taken = np.zeros((len(tasks), adaptation, steps, agent.model.config.act_dim), np.float32)
 
-    for records in play_trials(agent, tasks, env_seed=seed, agent_seed=seed, adaptation_episodes=adaptation,
-                               evaluation_episodes=evaluation, episode_length=500, on_step=on_step,
-                               action_repeat=k):
-        for i, rec in enumerate(records):
-            success[i, rec["episode"]] = rec["success"]
+    def on_step(episode, t, obs, info, actions, r, s, first=0):
+        e = first + episode
+        pos[:, e, t] = np.take_along_axis(np.asarray(obs), columns, axis=1)
+        reward[:, e, t] = r
+        goal[:] = np.asarray(info["goal"])
+        if e < adaptation:  # what the agent reads when it is primed with another player's episodes
+            obs_seen[:, e, t], actions_taken[:, e, t] = obs, actions
+
+    def play(player, first, adapt, start_trials=True, envs=None):
+        hook = lambda *a: on_step(*a, first=first)  # noqa: E731
+        for records in play_trials(player, tasks, env_seed=seed, agent_seed=seed, adaptation_episodes=adapt,
+                                   evaluation_episodes=episodes - first - adapt, episode_length=500, on_step=hook,
+                                   action_repeat=k, envs=envs, start_trials=start_trials):
+            for i, rec in enumerate(records):
+                success[i, first + rec["episode"]] = rec["success"]
+
+    if context == "own":
+        play(agent, 0, adaptation)
+    else:  # the expert's adaptation episodes, then the agent primed with them plays on, on the same environments
+        trial_envs = make_trial_envs(tasks, 500, seed=seed, action_repeat=k)
+        try:
+            play(make_baseline("oracle"), 0, adaptation, envs=trial_envs)
+            agent.start_trials(len(tasks), seed)
+            agent.prime(obs_seen, actions_taken, reward[:, :adaptation].astype(np.float32), episode_index=adaptation)
+            play(agent, adaptation, 0, start_trials=False, envs=trial_envs)
+        finally:
+            trial_envs.close()
 
     rows = []
     for i, task in enumerate(tasks):
@@ -94,7 +125,8 @@ def check(agent_dir: str, envs: list[str], tasks_per_env: int, adaptation: int, 
                                                     .min(axis=-1).mean()),
         })
     return {"agent": agent_dir, "envs": envs, "tasks_per_env": tasks_per_env, "adaptation": adaptation,
-            "evaluation": evaluation, "seed": seed, "explore": list(explore), "wiped": wiped, "trials": rows}
+            "evaluation": evaluation, "seed": seed, "explore": list(explore), "wiped": wiped, "context": context,
+            "trials": rows}
 
 
 def table(result: dict) -> str:
@@ -125,18 +157,21 @@ def main(argv=None) -> int:
     p.add_argument("--explore", nargs=3, default=["10", "step", "0.5"], metavar=("EPISODES", "KIND", "SCALE"),
                    help="the acting rule of the adaptation episodes (default: the test split's, 10 step 0.5)")
     p.add_argument("--wiped", action="store_true", help="the agent's context wiped every episode (the control)")
+    p.add_argument("--context", default="own", help="who plays the adaptation episodes: own (the agent) or expert "
+                   "(the scripted expert told the goal; the agent reads them as its context)")
     p.add_argument("--out", required=True, help="directory for keep_check.json and keep_check.md")
     a = p.parse_args(argv)
     try:
         result = check(a.agent, a.envs, a.tasks_per_env, a.adaptation_episodes, a.evaluation_episodes, a.seed,
-                       (int(a.explore[0]), a.explore[1], float(a.explore[2])), a.wiped)
+                       (int(a.explore[0]), a.explore[1], float(a.explore[2])), a.wiped, a.context)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "keep_check.json", result)
-    what = "its context wiped every episode (the control)" if a.wiped else "with its context"
+    what = ("its context wiped every episode (the control)" if a.wiped else "with its context" if a.context == "own"
+            else "primed with the scripted expert's adaptation episodes (told the goal)")
     text = f"# Does the agent go back where it succeeded?\n\n`{a.agent}`, {what}, ML10 validation split\n\n{table(result)}\n"
     atomic_write_text(out / "keep_check.md", text)
     print(text)

@@ -34,6 +34,25 @@ def test_one_reach_trial_is_measured(tmp_path):
     assert "| reach-v3 |" in (tmp_path / "out" / "keep_check.md").read_text()
 
 
+def test_an_expert_context_is_played_by_the_expert_and_read_by_the_agent(tmp_path, capsys):
+    """--context expert: the scripted expert (told the goal) plays the adaptation episode and reaches the goal; the
+    agent, primed with it, plays the evaluation episode from its first step (an untrained agent does not reach)."""
+    torch.manual_seed(0)
+    ICLPolicy(ICLPolicyConfig(obs_dim=39, act_dim=4, d_model=16, n_layer=1, n_head=2, max_episode_length=167,
+                              max_context_episodes=2, context_stride=10, action_repeat=3)).save_pretrained(tmp_path / "a")
+    args = [str(tmp_path / "a"), "--envs", "reach-v3", "--tasks-per-env", "1", "-K", "1", "-E", "1"]
+    assert keep_check.main(args + ["--context", "expert", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "keep_check.json").read_text())
+    (row,) = result["trials"]
+    assert result["context"] == "expert" and row["found"]
+    assert row["adapt_closest_to_goal_cm"] < 2.0 and row["eval_closest_to_goal_cm"] > 5.0
+    assert "scripted expert" in (tmp_path / "out" / "keep_check.md").read_text()
+    for bad, message in ((["--context", "teacher"], "teacher"), (["--context", "expert", "--wiped"], "--wiped")):
+        assert keep_check.main(args + bad + ["--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_top_steps_centroid_averages_every_step_at_the_top_reward():
     """Two decisions tie at the top reward: the centroid is the mean of where each led (the next step's position),
     and a lower reward anywhere does not count."""
