@@ -219,3 +219,29 @@ def test_normalised_observations_act_the_same_cached_recomputed_trained_and_relo
 def test_bad_observation_statistics_are_one_line_errors(bad):
     with pytest.raises(UsageError, match="obs_mean and obs_std"):
         ICLPolicyConfig(obs_dim=5, **bad)
+
+
+@pytest.mark.parametrize("trained", [1, 2])
+def test_episodes_beyond_the_trained_ones_share_the_last_trained_embedding(trained):
+    """``trained_episodes`` n: episode i reads embedding row min(i, n - 1), in cached acting, recomputation and the
+    training forward alike: the same as a model whose rows n.. are copies of row n - 1, and unlike the model that
+    reads its own (untrained) rows."""
+    model = tiny(trained_episodes=trained)
+    copied = tiny()
+    with torch.no_grad():
+        copied.episode_emb.weight[trained:] = copied.episode_emb.weight[trained - 1]
+    obs, rewards = trial()
+    cached = play(InContextAgent(model, use_cache=True), obs, rewards)
+    np.testing.assert_allclose(cached, play(InContextAgent(model, use_cache=False), obs, rewards), atol=1e-5)
+    np.testing.assert_allclose(cached, training_forward(model, obs, cached, rewards), atol=1e-5)
+    np.testing.assert_allclose(cached, play(InContextAgent(copied), obs, rewards), atol=1e-5)
+    own = play(InContextAgent(tiny()), obs, rewards)
+    np.testing.assert_array_equal(own[:, :trained], cached[:, :trained])  # trained indices: as before
+    assert not np.allclose(own[:, trained:], cached[:, trained:])
+
+
+def test_trained_episodes_outside_the_table_is_a_one_line_error():
+    for bad in (-1, 5, 1.5):
+        with pytest.raises(UsageError, match=r"trained_episodes must be an integer in \[0, max_context_episodes=4\]"):
+            tiny(trained_episodes=bad)
+    assert tiny().config.embedded_episodes == 4 and tiny(trained_episodes=2).config.embedded_episodes == 2

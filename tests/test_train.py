@@ -210,6 +210,13 @@ def test_keep_best_trains_from_a_plain_compact_init_and_needs_the_compact_contex
     cfg = json.loads((tmp_path / "best" / "config.json").read_text())
     assert (cfg["context_stride"], cfg["context_keep_best"]) == (5, True)
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["context_keep_best"] is False
+    # a compact run trained on 2-episode windows and acting on 5 episodes embeds only the 2 episode indices it trained
+    assert (cfg["max_context_episodes"], cfg["trained_episodes"]) == (2, 2)
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "long"), context_episodes=5, **tiny))
+    long = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert (long["max_context_episodes"], long["trained_episodes"]) == (5, 2)
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "full"), **{**tiny, "context_stride": 0}))
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["trained_episodes"] == 0
     with pytest.raises(UsageError, match="context-keep-best needs the compact context"):
         train(TrainConfig(data=[str(data)], out=str(tmp_path / "bad"), **{**tiny, "context_stride": 0},
                           context_keep_best=True))

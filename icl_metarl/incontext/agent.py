@@ -283,7 +283,7 @@ class InContextAgent(Agent):
                 **{k: getattr(c, k) for k in ("d_model", "n_layer", "n_head", "max_episode_length",
                                               "max_context_episodes", "action_head", "reward_scale",
                                               "context_stride", "context_keep_best", "context_best_steps",
-                                              "action_repeat")},
+                                              "trained_episodes", "action_repeat")},
                 "attn_implementation": self.model.attn_implementation,
             },
         }

@@ -259,7 +259,7 @@ class ICLPolicy(PreTrainedModel):
                 mask = torch.cat([mask.new_ones(*mask.shape[:-1], past), mask], dim=-1)  # (..., T, past + T)
             if mask.dim() == 3:
                 mask = rearrange(mask, "b t s -> b 1 t s")  # one mask per row, shared by the heads
-            where = self.episode_emb(layout.clamp(max=c.max_context_episodes - 1))  # (T, d)
+            where = self.episode_emb(layout.clamp(max=c.embedded_episodes - 1))  # (T, d)
         else:
             positions = torch.arange(past, past + t, device=obs.device)  # (T,), shared by the lockstep batch
             where = self.pos_emb(positions)
@@ -307,8 +307,9 @@ class ICLPolicy(PreTrainedModel):
             reward_scale=float(c.reward_scale), gaussian=c.action_head == "tanh_gaussian",
             obs_norm=self._obs_norm(self.token_in.weight.dtype, self.token_in.weight.device),
             token_w_t=self.token_in.weight.t(), token_b=self.token_in.bias, step_emb=self.step_emb.weight,
-            pos_emb=(self.episode_emb if c.compact else self.pos_emb).weight, layers=layers, ln_f=ln(self.ln_f), head_w=self.head.weight,
-            head_b=self.head.bias,
+            # compact: the trained episode rows only (decode_step reads the last for every later episode)
+            pos_emb=self.episode_emb.weight[:c.embedded_episodes] if c.compact else self.pos_emb.weight,
+            layers=layers, ln_f=ln(self.ln_f), head_w=self.head.weight, head_b=self.head.bias,
         )
 
     def decode_step(

@@ -53,6 +53,10 @@ class ICLPolicyConfig(PretrainedConfig):
         context_best_steps: under ``context_keep_best``, how many such steps each earlier episode keeps
             (the highest rewards; ties at the top spread evenly in time, so where the reward is flat
             inside a goal's success region the kept steps span that region). 1: the single best step.
+        trained_episodes: compact context only: how many episode indices of a trial training showed (its
+            windows' episodes); later episodes share the last of their embeddings, as earlier ones were
+            trained, instead of reading embedding rows no gradient ever reached. 0: every one of the
+            ``max_context_episodes`` indices has its own (checkpoints from before session 34).
         action_repeat: the decision interval the policy was trained at (it acts every k-th simulator
             step, the action held in between); an evaluation at another interval is refused.
         obs_mean, obs_std: per-dimension statistics of the training data's observations (``train icl
@@ -80,6 +84,7 @@ class ICLPolicyConfig(PretrainedConfig):
         context_stride: int = 0,
         context_keep_best: bool = False,
         context_best_steps: int = 1,
+        trained_episodes: int = 0,
         action_repeat: int = 1,
         obs_mean: list[float] | None = None,
         obs_std: list[float] | None = None,
@@ -110,6 +115,10 @@ class ICLPolicyConfig(PretrainedConfig):
             raise UsageError(f"context_keep_best must be true or false, got {context_keep_best!r}")
         if not isinstance(context_best_steps, int) or isinstance(context_best_steps, bool) or context_best_steps < 1:
             raise UsageError(f"context_best_steps must be an integer >= 1, got {context_best_steps!r}")
+        if (not isinstance(trained_episodes, int) or isinstance(trained_episodes, bool)
+                or not 0 <= trained_episodes <= max_context_episodes):
+            raise UsageError(f"trained_episodes must be an integer in [0, max_context_episodes={max_context_episodes}] "
+                             f"(0: all), got {trained_episodes!r}")
         if context_keep_best and context_stride < 1:
             raise UsageError("context_keep_best needs the compact context (context_stride >= 1), got context_stride 0")
         if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
@@ -141,6 +150,7 @@ class ICLPolicyConfig(PretrainedConfig):
         self.context_stride = context_stride
         self.context_keep_best = context_keep_best
         self.context_best_steps = context_best_steps
+        self.trained_episodes = trained_episodes
         self.action_repeat = action_repeat
         self.obs_mean = None if obs_mean is None else [float(v) for v in obs_mean]
         self.obs_std = None if obs_std is None else [float(v) for v in obs_std]
@@ -149,6 +159,12 @@ class ICLPolicyConfig(PretrainedConfig):
     def compact(self) -> bool:
         """Whether earlier episodes are read compactly (``context_stride`` >= 1)."""
         return self.context_stride > 0
+
+    @property
+    def embedded_episodes(self) -> int:
+        """Compact context: the episode indices with an embedding of their own (``trained_episodes``, or all
+        ``max_context_episodes``); episode i reads row min(i, this - 1)."""
+        return self.trained_episodes or self.max_context_episodes
 
     @property
     def kept_best(self) -> int:

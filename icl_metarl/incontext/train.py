@@ -249,7 +249,11 @@ def train(cfg: TrainConfig) -> dict:
         max_context_episodes=cfg.context_episodes or cfg.episodes_per_window, obs_dim=stream.obs_dim,
         act_dim=stream.act_dim, explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
         explore_kind=cfg.explore_kind, context_stride=cfg.context_stride, context_keep_best=cfg.context_keep_best,
-        context_best_steps=cfg.context_best_steps, action_repeat=stream.action_repeat,
+        context_best_steps=cfg.context_best_steps,
+        # compact windows are a trial's first episodes_per_window episodes: later indices never trained
+        trained_episodes=min(cfg.episodes_per_window, cfg.context_episodes or cfg.episodes_per_window)
+        if cfg.context_stride else 0,
+        action_repeat=stream.action_repeat,
     )
     start_model = ICLPolicy.from_pretrained(cfg.init_from) if cfg.init_from else None
     if start_model is not None:  # the init's weights read its observation statistics
