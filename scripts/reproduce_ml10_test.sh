@@ -16,6 +16,10 @@
 # rule chosen on validation then (docs/ml10.md, "Session 25"): a fresh pre-squash perturbation of scale 0.5 at every
 # decision of the 10 adaptation episodes, replay-best read from the same records:
 #   SEED=3 ICL_ACT="--explore-episodes 10 --explore-kind step --explore-scale 0.5" bash scripts/reproduce_ml10_test.sh
+# The third set (6, 7, 8, fixed in session 34 before any of their figures) is trained by the same commands with the
+# code of session 34 on: its checkpoints give episodes 5-13 of a trial the 4th episode's embedding (trained_episodes,
+# chosen on validation: docs/ml10.md, "Session 34"); maml-imitate's seeds 3-5 are its comparison:
+#   SEED=6 GRADIENT_LEARNER=0 ICL_ACT="--explore-episodes 10 --explore-kind step --explore-scale 0.5" bash scripts/reproduce_ml10_test.sh
 # Sizes can be shrunk for a smoke test (TRIALS=8 RELABEL=4 STEPS=20 ROUND_STEPS=20 ITERS=2 TASKS=1 SEEDS=0 K_EP=2 E_EP=1);
 # the recipe is the defaults. Per-environment budget as on ML10-holdout (100 trials and 40 relabelled trials
 # per train environment, the same passes over the data): 1,000 trials, 4 x 400 relabelled, 1,500 + 2 x 1,000 steps.
@@ -60,9 +64,13 @@ gradient() {
   cp "$OUT/maml-imitate/budget.json" "$RESULTS-maml-imitate/maml-imitate-budget.json"
   cp "$OUT/maml-imitate/config.json" "$RESULTS-maml-imitate/maml-imitate-config.json"
 }
-mkdir -p "$OUT/maml-imitate"
-gradient > "$OUT/maml-imitate/stdout.log" 2>&1 &
-GRADIENT=$!
+# GRADIENT_LEARNER=0 (session 34, seeds 6-8): no gradient learner for this seed; its comparison is maml-imitate's seeds 3-5
+GRADIENT=""
+if [ "${GRADIENT_LEARNER:-1}" = 1 ]; then
+  mkdir -p "$OUT/maml-imitate"
+  gradient > "$OUT/maml-imitate/stdout.log" 2>&1 &
+  GRADIENT=$!
+fi
 
 icl-metarl generate --suite "$SUITE" --split train --task-pool fresh --trials "$TRIALS" --episodes 4 \
   --episode-length 500 --action-repeat $K --noise-kind goal --noise-schedule random --noise-max 0.15 \
@@ -93,7 +101,7 @@ if [ "${STAGE:-all}" != train ]; then
   cp "$AGENT/budget.json" "$RESULTS/icl-budget.json"
   cp "$AGENT/config.json" "$RESULTS/icl-config.json"
 fi
-wait $GRADIENT || { echo "maml-imitate failed: see $OUT/maml-imitate/stdout.log" >&2; exit 1; }
+[ -z "$GRADIENT" ] || wait $GRADIENT || { echo "maml-imitate failed: see $OUT/maml-imitate/stdout.log" >&2; exit 1; }
 if [ "${STAGE:-all}" = train ]; then exit 0; fi
 
 if [ "${BASELINES:-$([ "$SEED" = 0 ] && echo 1 || echo 0)}" = 1 ]; then baselines; fi
