@@ -44,8 +44,9 @@ class ICLPolicyConfig(PretrainedConfig):
             cross-episode context: the current episode in full and each earlier episode of the trial by
             its tokens at steps s-1, 2s-1, ... and its last step (which has read its whole episode: a
             summary of it); positions are then the step in the episode and the episode's index in the
-            trial, of which ``max_context_episodes`` are embedded (later ones share the last). Training
-            reads whole trials under this mask, so every token trains on exactly the context it acts on.
+            trial, of which ``max_context_episodes`` are embedded (later ones share the last; see
+            ``trained_episodes``). Training reads a trial's first episodes whole under this mask, so every
+            token trains on exactly the context it acts on, up to the episodes its windows hold.
         context_keep_best: compact context only: each earlier episode also keeps one more token, its step
             of highest previous reward among those the stride drops (``attention.best_steps``): the
             observation where the episode's reward peaked, which a hidden goal otherwise leaves between
