@@ -10,6 +10,15 @@ cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
 K=3            # decision interval: the expert keeps its success best at 3 (results/expert-ml10-k)
 OUT=${OUT:-studies/ml10-cpu-s$SEED}
+# REACH_FIX=1 (session 34; to try on validation): the scripted expert of reach-v3 is told the goal raised by the
+#    hand-TCP offset (suites.MEASURED_GOAL_OFFSETS), so its labels park the finger centre at the goal instead of
+#    4.5 mm inside the 5 cm success radius; the histories carry the setting and the relabelling rounds inherit it.
+#    Everything goes to its own directory (default studies/ml10-cpu-sSEED-reach)
+GEN_EXTRA=""
+if [ "${REACH_FIX:-0}" = 1 ]; then
+  GEN_EXTRA="--expert-goal-offsets reach-v3=0,0,0.045"
+  [ "$OUT" = "studies/ml10-cpu-s$SEED" ] && OUT="studies/ml10-cpu-s$SEED-reach"
+fi
 export OMP_NUM_THREADS=1
 # RELABEL_WORKERS=2 plays each relabelling round's trials in two processes (the same data, byte for byte; session
 # 32): for a run that has the machine to itself
@@ -20,7 +29,7 @@ RW="--relabel-workers ${RELABEL_WORKERS:-1}"
 #    and every executed action perturbed by Gaussian noise of sd 0.3 (DART; the labels stay the expert's)
 icl-metarl generate --suite ML10-holdout --split train --task-pool fresh --trials 800 --episodes 4 \
   --episode-length 500 --action-repeat $K --noise-kind goal --noise-schedule random --noise-max 0.15 \
-  --action-noise 0.3 --trials-per-shard 25 --workers 2 --seed $SEED --out "$OUT/histories"
+  --action-noise 0.3 --trials-per-shard 25 --workers 2 --seed $SEED $GEN_EXTRA --out "$OUT/histories"
 
 # 2. pretraining: the compact context (earlier episodes by every 10th decision and their last), whole
 #    4-episode trials as windows, acting on trials of up to 13 episodes, observations standardised by
