@@ -47,8 +47,8 @@ class ICLPolicyConfig(PretrainedConfig):
             trial, of which ``max_context_episodes`` are embedded (later ones share the last; see
             ``trained_episodes``). Training reads a trial's first episodes whole under this mask, so every
             token trains on exactly the context it acts on, up to the episodes its windows hold.
-        context_keep_best: compact context only: each earlier episode also keeps one more token, its step
-            of highest previous reward among those the stride drops (``attention.best_steps``): the
+        context_keep_best: compact context only: each earlier episode also keeps ``context_best_steps`` more
+            tokens, its steps of highest previous reward among those the stride drops (``attention.best_steps``): the
             observation where the episode's reward peaked, which a hidden goal otherwise leaves between
             two strided tokens.
         context_best_steps: under ``context_keep_best``, how many such steps each earlier episode keeps

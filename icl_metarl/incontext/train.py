@@ -243,16 +243,16 @@ def train(cfg: TrainConfig) -> dict:
                           from_trial_start=cfg.context_stride > 0)
     upfront = upfront_cost(cfg, [h.manifest for h in stream.dataset.sources])  # every checkpoint's share
     set_seed(cfg.seed)
+    context_episodes = cfg.context_episodes or cfg.episodes_per_window
     model_config = ICLPolicyConfig(
         d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, action_head=cfg.action_head,
         dropout=cfg.dropout, max_episode_length=stream.episode_length,
-        max_context_episodes=cfg.context_episodes or cfg.episodes_per_window, obs_dim=stream.obs_dim,
+        max_context_episodes=context_episodes, obs_dim=stream.obs_dim,
         act_dim=stream.act_dim, explore_episodes=cfg.explore_episodes, explore_scale=cfg.explore_scale,
         explore_kind=cfg.explore_kind, context_stride=cfg.context_stride, context_keep_best=cfg.context_keep_best,
         context_best_steps=cfg.context_best_steps,
         # compact windows are a trial's first episodes_per_window episodes: later indices never trained
-        trained_episodes=min(cfg.episodes_per_window, cfg.context_episodes or cfg.episodes_per_window)
-        if cfg.context_stride else 0,
+        trained_episodes=min(cfg.episodes_per_window, context_episodes) if cfg.context_stride else 0,
         action_repeat=stream.action_repeat,
     )
     start_model = ICLPolicy.from_pretrained(cfg.init_from) if cfg.init_from else None
