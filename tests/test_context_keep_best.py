@@ -63,6 +63,10 @@ def test_best_steps_spread_over_ties_at_the_top():
     assert best_steps(inside, 100, 4).tolist() == [[2, 4, 6, 8]]  # ranks 0, 2, 4, 6 of 7 tied steps
     assert best_steps(inside, 100, 7).tolist() == [[2, 3, 4, 5, 6, 7, 8]]
     assert best_steps(inside, 100, 8).tolist() == [[2, 3, 4, 5, 6, 7, 8, 9]]  # all tied ones, then the next best
+    # six tied steps: ranks round(j * 5 / (count - 1)), halves rounded up (2.5 -> 3, 1.67 -> 2, 3.33 -> 3)
+    six = torch.tensor([[0.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 0.0]])
+    assert best_steps(six, 100, 3).tolist() == [[1, 4, 6]]
+    assert best_steps(six, 100, 4).tolist() == [[1, 3, 4, 6]]
     # a strict best is always kept; the rest spread over the ties below it
     peak = torch.tensor([[0.0, 5.0, 5.0, 5.0, 9.0, 5.0, 5.0, 0.0]])
     assert best_steps(peak, 100, 1).tolist() == [[4]]
