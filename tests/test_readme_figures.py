@@ -143,6 +143,7 @@ def test_every_recomputable_readme_figure_equals_its_recomputation(section):
                            "results/ml10-cpu-s0-norm-dagger-validation-k10-step05",
                            "results/ml10-cpu-s0-norm-dagger-validation-k10-step05-seed1",
                            "results/ml10-test-s3", "results/ml10-test-s3-maml-imitate",
+                           "results/ml10-test-s6", "results/ml10-test-s7", "results/ml10-test-s8",
                            "results/ml10-test-s4", "results/ml10-test-s4-maml-imitate",
                            "results/ml10-test-s5", "results/ml10-test-s5-maml-imitate",
                            "results/ml1-reach-confirm-test-s0", "results/ml1-reach-confirm-test-s1",
